@@ -1,0 +1,3 @@
+from fusion.train import main
+
+main()

@@ -1,0 +1,211 @@
+"""Data: the embedded task suite or any local JSONL/Parquet file or `datasets` name, tokenized
+for distillation (loss on response tokens only) and for greedy evaluation (left-padded prompts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from fusion import tasks
+from fusion.tokenizer import load_tokenizer
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "val", "test")
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int) -> dict[str, Any]:
+    """`[bos] prompt response [eos]`; labels only on response and eos. Long prompts lose their start."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_ids[: max_length - 1]
+    keep = max_length - len(response_ids)
+    prompt_ids = prompt_ids[-keep:]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "prompt_length": len(prompt_ids),
+    }
+
+
+def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded sequences for teacher forcing and left-padded prompts for generation."""
+    batch_size = len(features)
+    length = max(len(f["input_ids"]) for f in features)
+    prompt_width = max(f["prompt_length"] for f in features)
+    input_ids = torch.full((batch_size, length), pad_id)
+    labels = torch.full((batch_size, length), IGNORE_INDEX)
+    attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+    prompt_mask = torch.zeros(batch_size, length, dtype=torch.bool)
+    prompt_ids = torch.full((batch_size, prompt_width), pad_id)
+    prompt_attention_mask = torch.zeros(batch_size, prompt_width, dtype=torch.long)
+    for row, f in enumerate(features):
+        n, p = len(f["input_ids"]), f["prompt_length"]
+        input_ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention_mask[row, :n] = 1
+        prompt_mask[row, :p] = True
+        prompt_ids[row, prompt_width - p :] = input_ids[row, :p]
+        prompt_attention_mask[row, prompt_width - p :] = 1
+    # Position t predicts token t + 1: shift labels here once, so every loss reads them aligned.
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return {
+        "input_ids": input_ids,  # [B, L]
+        "attention_mask": attention_mask,  # [B, L]
+        "targets": targets,  # [B, L], the token each position predicts, or IGNORE_INDEX
+        "prompt_mask": prompt_mask,  # [B, L]
+        "prompt_ids": prompt_ids,  # [B, P], left-padded
+        "prompt_attention_mask": prompt_attention_mask,  # [B, P]
+        "rows": [f["row"] for f in features],
+    }
+
+
+def load_rows(
+    dataset: str, split: str, prompt_column: str, response_column: str, domain_column: str | None
+) -> list[dict[str, Any]]:
+    """Rows of a local directory ({split}.jsonl or .parquet), a local file, or a `datasets` name."""
+    import datasets
+
+    if os.path.isdir(dataset):
+        found = [os.path.join(dataset, split + ext) for ext in _EXTENSIONS if os.path.isfile(os.path.join(dataset, split + ext))]
+        if not found:
+            raise FileNotFoundError(f"data.dataset {dataset!r}: no {split}.jsonl or {split}.parquet in this directory")
+        path = found[0]
+        table = datasets.load_dataset(_EXTENSIONS[os.path.splitext(path)[1]], data_files=path, split="train")
+    elif os.path.splitext(dataset)[1] in _EXTENSIONS:
+        if not os.path.isfile(dataset):
+            raise FileNotFoundError(f"data.dataset {dataset!r}: file not found")
+        path = dataset
+        whole = datasets.load_dataset(_EXTENSIONS[os.path.splitext(path)[1]], data_files=path, split="train")
+        # One file: a fixed 80/10/10 split by a fixed seed, so every run sees the same test rows.
+        parts = whole.train_test_split(test_size=0.2, seed=0)
+        held_out = parts["test"].train_test_split(test_size=0.5, seed=0)
+        table = {"train": parts["train"], "val": held_out["train"], "test": held_out["test"]}[split]
+    else:
+        path = dataset
+        table = datasets.load_dataset(dataset, split={"val": "validation"}.get(split, split))
+    columns = {"prompt": prompt_column, "response": response_column}
+    if domain_column:
+        columns["domain"] = domain_column
+    for field, column in columns.items():
+        if column not in table.column_names:
+            raise ValueError(
+                f"{path}: column {column!r} (data.{field}_column) is missing; the columns are {table.column_names}"
+            )
+    rows = []
+    for index, record in enumerate(table):
+        for field, column in columns.items():
+            if record[column] is None or str(record[column]) == "":
+                raise ValueError(f"{path}: row {index} has an empty {column!r} (data.{field}_column)")
+        row = {field: str(record[column]) for field, column in columns.items()}
+        row.setdefault("domain", "default")
+        row["metadata"] = record.get("metadata")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the {split} split is empty")
+    return rows
+
+
+class FusionDataModule(L.LightningDataModule):
+    """Train/val/test splits of (prompt, response, domain) rows, tokenized with the student's tokenizer.
+
+    Args:
+        tokenizer: path of the student's tokenizer (linked to `model.student` by the CLI).
+        dataset: "suite" for the embedded reasoning-gym suite, else a directory with
+            {train,val,test}.jsonl|parquet, one such file (split 80/10/10 with a fixed seed), or a
+            `datasets` name.
+        domains: the suite's domains (only with dataset "suite").
+        train_size, val_size, test_size: examples per domain in each split of the suite.
+        seed: the suite's generation seed; the splits are disjoint and fixed by it.
+        prompt_column, response_column, domain_column: column names for other data sets.
+        max_length: longest tokenized example; longer prompts are cut from the left.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "checkpoints/zoo/student",
+        dataset: str = "suite",
+        domains: list[str] = tasks.DEFAULT_DOMAINS,
+        train_size: int = 200,
+        val_size: int = 50,
+        test_size: int = 100,
+        seed: int = 0,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        domain_column: str | None = "domain",
+        max_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for key in ("train_size", "val_size", "test_size", "max_length", "batch_size", "eval_batch_size"):
+            if locals()[key] < 1:
+                raise ValueError(f"data.{key} must be at least 1, got {locals()[key]}")
+        if dataset == "suite":
+            for domain in domains:
+                tasks._check_domain(domain)
+        self.save_hyperparameters()
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def load(self) -> dict[str, list[dict[str, Any]]]:
+        """Read (or generate) every split once; validates columns before any training."""
+        if not self.rows:
+            h = self.hparams
+            if h.dataset == "suite":
+                sizes = {"test": h.test_size, "val": h.val_size, "train": h.train_size}
+                self.rows = tasks.build_splits(h.domains, sizes, h.seed)
+            else:
+                self.rows = {s: load_rows(h.dataset, s, h.prompt_column, h.response_column, h.domain_column) for s in SPLITS}
+        return self.rows
+
+    @property
+    def domain_names(self) -> list[str]:
+        return sorted({row["domain"] for split in self.load().values() for row in split})
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _features(self, split: str) -> list[dict[str, Any]]:
+        features = []
+        for row in self.load()[split]:
+            feature = encode(self.tokenizer, row["prompt"], row["response"], self.hparams.max_length)
+            feature["row"] = row
+            features.append(feature)
+        return features
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._features(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=lambda features: collate(features, self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

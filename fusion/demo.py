@@ -1,0 +1,77 @@
+"""The quickstart: build the zoo, fuse it into the student with each method, print a table.
+
+    python -m fusion.demo --zoo configs/zoo.yaml --config configs/quickstart.yaml
+
+Every method is the same `fit` + `test` of `fusion.train` with another `model.fusion`; results
+land in `checkpoints/quickstart/<method>/version_N/metrics.json` and, side by side, in
+`checkpoints/quickstart/results.json` and `results.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from fusion import zoo
+from fusion.train import main as cli
+
+BEFORE = "before training"
+
+
+def run_method(config: str, method: str, extra: list[str]) -> dict:
+    args = ["--config", config, "--model.fusion", method, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
+    run = cli(args=args, run=False)
+    if method != BEFORE:
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+    return run.model.test_results
+
+
+def table(results: dict[str, dict]) -> str:
+    domains = sorted({d for r in results.values() for d in r["acc"]})
+    header = "| method | " + " | ".join(domains) + " | mean | seconds |"
+    lines = [header, "|" + "---|" * (len(domains) + 3)]
+    for method, r in results.items():
+        cells = " | ".join(f"{r['acc'].get(d, 0.0):.2f}" for d in domains)
+        lines.append(f"| {method} | {cells} | {r['acc_mean']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default="configs/zoo.yaml", help="zoo config; the zoo is built or reused first")
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="fusion config for fusion.train")
+    parser.add_argument("--methods", nargs="+", default=[BEFORE, "none", "avgce", "mince", "selector"])
+    parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
+    parser.add_argument("overrides", nargs="*", help="extra fusion.train arguments, e.g. --trainer.max_steps=100")
+    args, overrides = parser.parse_known_args(argv)
+    started = time.time()
+    zoo.main(["--config", args.zoo])
+    print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
+    results = {}
+    for method in args.methods:
+        method_started = time.time()
+        results[method] = run_method(args.config, method, args.overrides + overrides)
+        results[method]["seconds"] = time.time() - method_started
+        print(f"{method}: mean accuracy {results[method]['acc_mean']:.3f} ({results[method]['seconds']:.0f} s)", flush=True)
+    os.makedirs(args.output, exist_ok=True)
+    report = table(results)
+    with open(os.path.join(args.output, "results.md.tmp"), "w") as f:
+        f.write(report + "\n")
+    os.replace(os.path.join(args.output, "results.md.tmp"), os.path.join(args.output, "results.md"))
+    with open(os.path.join(args.output, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(os.path.join(args.output, "results.json.tmp"), os.path.join(args.output, "results.json"))
+    print("\nTest accuracy (exact match) per domain, student after each method:\n" + report)
+    if "selector" in results and "selection_by_domain" in results["selector"]:
+        print("\nSelector: share of each domain's test sequences sent to each source")
+        for domain, shares in results["selector"]["selection_by_domain"].items():
+            print(f"  {domain:<24} " + "  ".join(f"{name}={share:.2f}" for name, share in shares.items() if share > 0.005))
+    print(f"\ntotal {time.time() - started:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Evaluation metrics as torchmetrics (synchronized across processes by the library)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, Metric, SumMetric
+
+from fusion.data import IGNORE_INDEX
+from fusion.losses import entropy, target_logprobs
+
+
+class SelectionCounts(Metric):
+    """How often each source was selected, per domain. State: counts [D, N]."""
+
+    full_state_update = False
+
+    def __init__(self, num_domains: int, num_sources: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_domains, num_sources), dist_reduce_fx="sum")
+        self.add_state("sequences", torch.zeros(num_domains), dist_reduce_fx="sum")
+
+    def update(self, domain_index: torch.Tensor, selected: torch.Tensor) -> None:  # [B], [B, k]
+        one_hot = torch.zeros(selected.shape[0], self.counts.shape[1], device=self.counts.device)
+        one_hot.scatter_(1, selected, 1.0)
+        self.counts.index_add_(0, domain_index, one_hot)
+        self.sequences.index_add_(0, domain_index, torch.ones_like(domain_index, dtype=torch.float))
+
+    def compute(self) -> torch.Tensor:
+        return self.counts / self.sequences.clamp(min=1).unsqueeze(1)  # share of a domain's sequences
+
+
+class EvalMetrics(nn.Module):
+    """Exact-match accuracy per domain and mean, response perplexity, selector statistics."""
+
+    def __init__(self, domains: list[str], source_names: list[str]):
+        super().__init__()
+        self.domains, self.source_names = list(domains), list(source_names)
+        self.accuracy = nn.ModuleList(MeanMetric() for _ in self.domains)
+        self.nll, self.tokens = SumMetric(), SumMetric()
+        self.selection = SelectionCounts(len(self.domains), len(self.source_names)) if self.source_names else None
+
+    def update(self, logits, targets, domains: list[str], correct: list[bool], selected: torch.Tensor | None = None) -> None:
+        mask = targets != IGNORE_INDEX
+        self.nll.update(-(target_logprobs(logits, targets) * mask).sum())
+        self.tokens.update(mask.sum())
+        index = [self.domains.index(d) for d in domains]
+        for i, ok in zip(index, correct):
+            self.accuracy[i].update(torch.tensor(float(ok)))
+        if self.selection is not None and selected is not None:
+            self.selection.update(torch.tensor(index, device=selected.device), selected)
+
+    def compute(self) -> dict:
+        results: dict = {}
+        per_domain = {}
+        for domain, metric in zip(self.domains, self.accuracy):
+            if metric.update_count:
+                per_domain[domain] = float(metric.compute())
+        results["acc"] = per_domain
+        for domain, value in per_domain.items():
+            results[f"acc_{domain}"] = value
+        results["acc_mean"] = sum(per_domain.values()) / max(1, len(per_domain))
+        results["perplexity"] = float(torch.exp(self.nll.compute() / self.tokens.compute().clamp(min=1)))
+        if self.selection is not None and self.selection.update_count:
+            by_domain = self.selection.compute()  # [D, N]
+            sequences = self.selection.sequences
+            share = (by_domain * sequences.unsqueeze(1)).sum(0) / sequences.sum().clamp(min=1)  # [N]
+            results["selection_share"] = dict(zip(self.source_names, share.tolist()))
+            results["selection_entropy"] = float(entropy(share / share.sum().clamp(min=1e-12)))
+            results["selection_by_domain"] = {d: dict(zip(self.source_names, row.tolist())) for d, row in zip(self.domains, by_domain)}
+        return results
+
+    def reset(self) -> None:
+        for metric in [*self.accuracy, self.nll, self.tokens] + ([self.selection] if self.selection is not None else []):
+            metric.reset()

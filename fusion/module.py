@@ -1,0 +1,287 @@
+"""`FusionDistillModule`: a LoRA student distilled from N frozen sources.
+
+The `fusion` setting picks how the target is built; every baseline of the method is a setting
+of this one module:
+
+    none      SFT on the gold tokens only, no source runs
+    uniform   all N sources, equal weights
+    avgce     all N sources, alpha = softmax(-CE)
+    mince     all N sources, the lowest-CE source per sequence (FuseLLM's best)
+    single    one fixed source (`single_source`)
+    oracle    the specialist of the example's domain (`oracle`); an upper bound, never a method
+    selector  ours: the selector's top-k sources, dynamic weights, feedback loss
+
+Checkpoints hold the LoRA adapter and the selector only; sources and base weights are
+rebuilt from their paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fusion import losses
+from fusion.evaluation import correct, greedy_answers
+from fusion.metrics import EvalMetrics
+from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
+from fusion.tokenizer import load_tokenizer
+from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
+
+FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "selector")
+
+
+def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
+    """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+class FusionDistillModule(L.LightningModule):
+    """Distil N frozen sources into a LoRA student.
+
+    Args:
+        student: path (or hub name) of the student's base model; its tokenizer is the data's.
+        sources: paths (or hub names) of the source models; a source is named by its last path part.
+        fusion: how the target is built, one of none, uniform, avgce, mince, single, oracle, selector.
+        top_k: sources run per sequence with `selector` (1 <= top_k <= N).
+        single_source: the source name used by `single`.
+        oracle: domain -> source name, used by `oracle`.
+        lam: weight of the gold CE; 1 - lam weighs the KL to the fused target.
+        temperature: distillation temperature T (> 0).
+        gamma: sharpness of the dynamic weights on observed quality (0: selector only).
+        tau: temperature of the selection distribution pi = softmax(u / tau).
+        feedback_weight: beta, weight of the CV^2 feedback loss.
+        selector_loss: "mse" or "huber" regression of u onto -CE.
+        initial_quality: the selector's starting prediction for every source.
+        exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0.
+        lora: peft LoraConfig arguments.
+        learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
+        max_new_tokens: greedy decoding budget at evaluation.
+    """
+
+    def __init__(
+        self,
+        student: str = "checkpoints/zoo/student",
+        sources: list[str] = [],
+        fusion: str = "selector",
+        top_k: int = 2,
+        single_source: str | None = None,
+        oracle: dict[str, str] | None = None,
+        lam: float = 0.9,
+        temperature: float = 1.0,
+        gamma: float = 1.0,
+        tau: float = 1.0,
+        feedback_weight: float = 0.1,
+        selector_loss: str = "mse",
+        selector_hidden: int = 64,
+        initial_quality: float = -1.0,
+        exploration_noise: float = 1.0,
+        exploration_steps: int = 100,
+        lora: dict = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        learning_rate: float = 3e-3,
+        selector_learning_rate: float = 3e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        max_new_tokens: int = 24,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_settings()
+        self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
+        self.pool = SourcePool(sources, self.tokenizer, dtype, trust_remote_code) if fusion != "none" else None
+        self.source_names = [source_name(p) for p in sources]
+        self._check_source_names()
+        self.student = build_student(student, lora, dtype, trust_remote_code)
+        self.selector = (
+            SourceSelector(self.student.config.get_text_config().hidden_size, len(sources), selector_hidden, initial_quality)
+            if fusion == "selector"
+            else None
+        )
+        self.vocab_size = len(self.tokenizer)
+        self.eval_metrics: EvalMetrics | None = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    def _check_settings(self) -> None:
+        h = self.hparams
+        if h.fusion not in FUSION_METHODS:
+            raise ValueError(f"model.fusion must be one of {FUSION_METHODS}, got {h.fusion!r}")
+        n = len(h.sources)
+        if h.fusion != "none" and n == 0:
+            raise ValueError(f"model.sources is empty; fusion {h.fusion!r} needs at least one source")
+        if h.fusion == "selector" and not 1 <= h.top_k <= n:
+            raise ValueError(f"model.top_k must be between 1 and the number of sources ({n}), got {h.top_k}")
+        if h.temperature <= 0 or h.tau <= 0:
+            raise ValueError(f"model.temperature and model.tau must be positive, got {h.temperature} and {h.tau}")
+        if not 0.0 <= h.lam <= 1.0:
+            raise ValueError(f"model.lam must be in [0, 1], got {h.lam}")
+        if h.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
+
+    def _check_source_names(self) -> None:
+        h = self.hparams
+        if h.fusion == "single" and h.single_source not in self.source_names:
+            raise ValueError(f"model.single_source must name one of the sources {self.source_names}, got {h.single_source!r}")
+        if h.fusion == "oracle":
+            unknown = {d: s for d, s in (h.oracle or {}).items() if s not in self.source_names}
+            if not h.oracle or unknown:
+                raise ValueError(f"model.oracle must map each domain to one of the sources {self.source_names}, got {h.oracle!r}")
+
+    # ---------------------------------------------------------------- the fusion step
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
+
+    def select(self, batch: dict, quality: torch.Tensor | None) -> torch.Tensor:
+        """The sources each sequence runs. -> [B, k] source indices."""
+        h, batch_size, n = self.hparams, batch["input_ids"].shape[0], len(self.source_names)
+        device = batch["input_ids"].device
+        if h.fusion == "selector":
+            noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.training else 0.0
+            return noisy_top_k(quality, h.top_k, noise)
+        if h.fusion == "single":
+            return torch.full((batch_size, 1), self.source_names.index(h.single_source), device=device)
+        if h.fusion == "oracle":
+            missing = sorted({row["domain"] for row in batch["rows"]} - set(h.oracle))
+            if missing:
+                raise ValueError(f"model.oracle has no source for domain(s) {missing}")
+            index = [self.source_names.index(h.oracle[row["domain"]]) for row in batch["rows"]]
+            return torch.tensor(index, device=device).unsqueeze(1)
+        return torch.arange(n, device=device).expand(batch_size, n)  # uniform, avgce, mince
+
+    def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor) -> torch.Tensor:
+        """alpha over the selected sources. [B, k] -> [B, k]"""
+        h = self.hparams
+        if h.fusion == "selector":
+            return losses.dynamic_weights(selected_quality.detach(), ce, h.tau, h.gamma)
+        if h.fusion == "avgce":
+            return torch.softmax(-ce, dim=-1)
+        if h.fusion == "mince":
+            return torch.nn.functional.one_hot(ce.argmin(-1), ce.shape[-1]).float()
+        return torch.full_like(ce, 1.0 / ce.shape[-1])  # uniform, single, oracle
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        output = self.student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=h.fusion == "selector"
+        )
+        logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
+        if h.fusion == "none":
+            terms = losses.student_loss(logits, targets, None)
+            self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
+            return terms["loss"]
+
+        quality = None
+        if h.fusion == "selector":
+            quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
+        selected = self.select(batch, quality)  # [B, k]
+        probs, ce = self.pool.to(self.device).run(selected, batch["input_ids"], batch["attention_mask"], targets, h.temperature)
+        selected_quality = quality.gather(1, selected) if quality is not None else None
+        alpha = self.weights(selected_quality, ce)  # [B, k]
+        terms = losses.student_loss(logits, targets, losses.fused_target(probs, alpha), h.lam, h.temperature)
+        total = terms["loss"]
+        logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],
+                "train/alpha_max": alpha.max(-1).values.mean()}
+        if quality is not None:
+            n = quality.shape[1]
+            observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, True)
+            observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)
+            pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
+            selector_term = losses.selector_loss(quality, observed_ce, observed, h.selector_loss)
+            feedback_term = losses.feedback_loss(pi)
+            total = total + selector_term + h.feedback_weight * feedback_term
+            share = observed.float().mean(0)
+            logs |= {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
+                     "train/selection_entropy": losses.entropy(share / share.sum()),
+                     "train/pi_entropy": losses.entropy(pi).mean()}
+            logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names[:n])}
+        logs["train/loss"] = total
+        self.log_dict(logs, prog_bar=False)
+        self.log("loss", total, prog_bar=True, logger=False)
+        return total
+
+    # ---------------------------------------------------------------- evaluation
+
+    def setup(self, stage: str) -> None:
+        if self.eval_metrics is None:
+            domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
+            self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
+
+    def _evaluate(self, batch: dict) -> None:
+        logits = self(batch)
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
+        selected = None
+        if self.selector is not None:
+            output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))
+            selected = noisy_top_k(quality, self.hparams.top_k)
+        self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish(self, prefix: str) -> dict:
+        results = self.eval_metrics.compute()
+        self.eval_metrics.reset()
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        results = self._finish("test")
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            os.makedirs(self.trainer.log_dir, exist_ok=True)
+            path = os.path.join(self.trainer.log_dir, "metrics.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"fusion": self.hparams.fusion, **results}, f, indent=2)
+            os.replace(path + ".tmp", path)
+        self.test_results = results
+
+    # ---------------------------------------------------------------- optimization and checkpoints
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": h.learning_rate}]
+        if self.selector is not None:
+            groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def schedule(step: int) -> float:
+            warmup = min(1.0, (step + 1) / max(1, h.warmup_steps))
+            return warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
+        found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
+        if expected != found:
+            missing = sorted(set(expected) - set(found))[:3]
+            unexpected = sorted(set(found) - set(expected))[:3]
+            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+            raise ValueError(
+                "the checkpoint was written for a different student, adapter or source list: "
+                f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
+            )

@@ -1,0 +1,29 @@
+"""The command line: `python -m fusion.train {fit,validate,test,predict} --config configs/X.yaml`."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from fusion.data import FusionDataModule
+from fusion.module import FusionDistillModule
+
+
+class FusionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data is tokenized with the student's tokenizer.
+        parser.link_arguments("model.student", "data.tokenizer")
+
+
+def main(args=None, run: bool = True) -> FusionCLI:
+    return FusionCLI(
+        FusionDistillModule,
+        FusionDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

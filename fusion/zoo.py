@@ -1,0 +1,247 @@
+"""The embedded source zoo: tiny causal LMs trained locally, each a specialist of its domains.
+
+    python -m fusion.zoo --config configs/zoo.yaml
+
+writes one Hugging Face model directory per source (safetensors weights, tokenizer, and a
+`card.json` with its measured per-domain accuracy) plus the student's base model. Specialists
+see many more examples than the student's fusion corpus; distractors are a random-init model
+and a model trained on corrupted answers. A source whose card matches its recipe is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+
+from fusion import tasks
+from fusion.data import collate, encode
+from fusion.evaluation import correct, greedy_answers
+from fusion.tokenizer import build_char_tokenizer
+
+KINDS = ("specialist", "corrupted", "random")
+
+
+@dataclass
+class Architecture:
+    """A tiny decoder; `family` picks the Hugging Face config class."""
+
+    family: str = "qwen2"  # llama | qwen2 | gpt2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 128
+
+    def __post_init__(self):
+        if self.family not in ("llama", "qwen2", "gpt2"):
+            raise ValueError(f"architecture.family must be llama, qwen2 or gpt2, got {self.family!r}")
+
+
+@dataclass
+class SourceRecipe:
+    """How to make one source. `domains` empty means every domain of the zoo."""
+
+    name: str
+    kind: str = "specialist"
+    domains: list[str] = field(default_factory=list)
+    architecture: Architecture = field(default_factory=Architecture)
+    steps: int = 600
+    learning_rate: float = 3e-3
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def build_model(architecture: Architecture, tokenizer, seed: int) -> PreTrainedModel:
+    """A randomly initialized causal LM of the given family, sized for `tokenizer`."""
+    a = architecture
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if a.family == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=a.hidden_size, n_layer=a.num_layers, n_head=a.num_heads,
+                            n_inner=a.intermediate_size, n_positions=a.max_positions, **special)
+    else:
+        config_class = LlamaConfig if a.family == "llama" else Qwen2Config
+        config = config_class(vocab_size=len(tokenizer), hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+                              num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
+                              intermediate_size=a.intermediate_size, max_position_embeddings=a.max_positions,
+                              tie_word_embeddings=True, **special)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def train_causal_lm(model, tokenizer, rows, steps: int, learning_rate: float, batch_size: int, seed: int, max_length: int = 64):
+    """Plain AdamW with warmup and cosine decay, loss on response tokens only."""
+    generator = random.Random(seed)
+    features = [encode(tokenizer, r["prompt"], r["response"], max_length) | {"row": r} for r in rows]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    model.train()
+    for _ in range(steps):
+        batch = collate(generator.sample(features, batch_size), tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+def domain_accuracy(model, tokenizer, rows, max_new_tokens: int = 24, batch_size: int = 200) -> dict[str, float]:
+    """Greedy exact-match accuracy per domain."""
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate([encode(tokenizer, r["prompt"], r["response"], 64) | {"row": r} for r in chunk], tokenizer.pad_token_id)
+        answers = greedy_answers(model, tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], max_new_tokens)
+        for row, ok in zip(chunk, correct(answers, chunk)):
+            hits.setdefault(row["domain"], []).append(ok)
+    return {domain: sum(v) / len(v) for domain, v in sorted(hits.items())}
+
+
+def corrupt(rows: list[dict], seed: int) -> list[dict]:
+    """Answers shuffled within each domain: fluent, confident and wrong."""
+    generator = random.Random(seed)
+    corrupted = []
+    for domain in sorted({r["domain"] for r in rows}):
+        group = [r for r in rows if r["domain"] == domain]
+        responses = [r["response"] for r in group]
+        generator.shuffle(responses)
+        corrupted += [dict(r, response=response) for r, response in zip(group, responses)]
+    return corrupted
+
+
+def save_atomically(model, tokenizer, card: dict, directory: str) -> None:
+    """Write to a temporary sibling, then rename: an interrupted run leaves no half source."""
+    temporary = directory + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    with open(os.path.join(temporary, "card.json"), "w") as f:
+        json.dump(card, f, indent=2)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(temporary, directory)
+
+
+def _make_source(job: dict) -> dict:
+    """Train (or initialize), evaluate and save one source; runs in a worker process."""
+    torch.set_num_threads(job["threads"])
+    recipe = SourceRecipe(**{**job["recipe"], "architecture": Architecture(**job["recipe"]["architecture"])})
+    tokenizer = build_char_tokenizer()
+    started = time.time()
+    model = build_model(recipe.architecture, tokenizer, job["seed"])
+    rows = []
+    if recipe.kind != "random":
+        domains = recipe.domains or job["domains"]
+        rows = tasks.build_splits(domains, {"train": job["examples_per_domain"]}, job["seed"])["train"]
+        if recipe.kind == "corrupted":
+            rows = corrupt(rows, job["seed"])
+        train_causal_lm(model, tokenizer, rows, recipe.steps, recipe.learning_rate, job["batch_size"], job["seed"])
+    test_rows = tasks.build_splits(job["domains"], {"test": job["test_size"]}, job["test_seed"])["test"]
+    card = {
+        "name": recipe.name,
+        "recipe": job["fingerprint"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(rows),
+        "train_seconds": round(time.time() - started, 1),
+        "accuracy": domain_accuracy(model, tokenizer, test_rows),
+    }
+    save_atomically(model, tokenizer, card, job["directory"])
+    return card
+
+
+def build_zoo(
+    sources: list[SourceRecipe],
+    student: Architecture = Architecture(),
+    output_dir: str = "checkpoints/zoo",
+    domains: list[str] = tasks.DEFAULT_DOMAINS,
+    examples_per_domain: int = 8000,
+    batch_size: int = 64,
+    test_size: int = 100,
+    test_seed: int = 0,
+    seed: int = 1234,
+    workers: int = 2,
+) -> dict[str, dict]:
+    """Build every source of the zoo and the student's base; returns the cards by name.
+
+    Args:
+        sources: the recipes; names must be unique (they name the directories).
+        student: architecture of the student's base model (random init, saved as `student/`).
+        output_dir: where the model directories go.
+        domains: the task domains; cards report accuracy on each.
+        examples_per_domain: training examples per domain for each trained source.
+        test_size, test_seed: the suite's test split on which cards are measured (match the
+            data config of the fusion run to compare cards with students).
+        seed: base seed; each source gets its own derived seed.
+        workers: sources trained at once, in separate processes with one thread each.
+    """
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names) or "student" in names:
+        raise ValueError(f"zoo source names must be unique and not 'student', got {names}")
+    for recipe in sources:
+        for domain in recipe.domains:
+            if domain not in domains:
+                raise ValueError(f"source {recipe.name!r}: domain {domain!r} is not among the zoo's domains {domains}")
+    recipes = sources + [SourceRecipe(name="student", kind="random", architecture=student)]
+    jobs, cards = [], {}
+    for index, recipe in enumerate(recipes):
+        fingerprint = {"recipe": asdict(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
+                       "batch_size": batch_size, "seed": seed + index}
+        directory = os.path.join(output_dir, recipe.name)
+        card_path = os.path.join(directory, "card.json")
+        if os.path.isfile(card_path):
+            with open(card_path) as f:
+                card = json.load(f)
+            if card.get("recipe") == fingerprint:
+                cards[recipe.name] = card
+                continue
+        jobs.append({"recipe": asdict(recipe), "fingerprint": fingerprint, "directory": directory, "domains": domains,
+                     "examples_per_domain": examples_per_domain, "batch_size": batch_size, "test_size": test_size,
+                     "test_seed": test_seed, "seed": seed + index, "threads": 1 if workers > 1 else torch.get_num_threads()})
+    os.makedirs(output_dir, exist_ok=True)
+    if jobs:
+        print(f"zoo: building {len(jobs)} of {len(recipes)} models in {output_dir} ({workers} at a time)", flush=True)
+        # Longest jobs first keeps both workers busy to the end.
+        jobs.sort(key=lambda j: -j["recipe"]["steps"] if j["recipe"]["kind"] != "random" else 0)
+        if workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                built = list(pool.map(_make_source, jobs))
+        else:
+            built = [_make_source(job) for job in jobs]
+        cards.update({card["name"]: card for card in built})
+    print_cards([cards[r.name] for r in recipes], domains)
+    return cards
+
+
+def print_cards(cards: list[dict], domains: list[str]) -> None:
+    width = max(len(c["name"]) for c in cards)
+    print(f"{'source':<{width}}  " + "  ".join(f"{d[:14]:>14}" for d in domains) + "   seconds")
+    for card in cards:
+        cells = "  ".join(f"{card['accuracy'].get(d, 0.0):>14.2f}" for d in domains)
+        print(f"{card['name']:<{width}}  {cells}   {card['train_seconds']:>7}")
+
+
+def main(args=None) -> None:
+    from jsonargparse import CLI
+
+    CLI(build_zoo, args=args, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Hand-checked values for every formula in fusion/losses.py (DESIGN.md, "The mathematics").
+
+Every expected number is written as a literal or a math.log / math.exp expression on tiny
+tensors, so a reader can verify it with pencil and paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion.data import IGNORE_INDEX
+from fusion.losses import (
+    dynamic_weights,
+    entropy,
+    feedback_loss,
+    fused_target,
+    selector_loss,
+    sequence_ce,
+    student_loss,
+    target_logprobs,
+)
+
+L = math.log
+
+
+def approx(value, expected, abs: float = 1e-6) -> bool:
+    """True when value (a tensor or number) equals expected (numbers, nested lists) within abs."""
+    value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    return value.shape == expected.shape and bool(torch.allclose(value, expected, rtol=0.0, atol=abs))
+
+
+def logits_from_probs(*rows: list[float]) -> torch.Tensor:
+    """Logits log(p): softmax(log p) = p for any p that sums to 1 (or is proportional to it)."""
+    return torch.tensor([[L(p) for p in row] for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# target_logprobs / sequence_ce
+# ---------------------------------------------------------------------------------------------
+
+
+def test_target_logprobs_hand_values_and_ignored_positions():
+    # B=1, T=3, V=3. Position 0: p = [1/6, 2/6, 3/6]; position 1: p = [1/4, 1/4, 2/4];
+    # position 2 is ignored.
+    logits = logits_from_probs([1, 2, 3], [1, 1, 2], [5, 1, 1]).unsqueeze(0)
+    targets = torch.tensor([[2, 0, IGNORE_INDEX]])
+    out = target_logprobs(logits, targets)
+    assert out.shape == (1, 3)
+    assert approx(out[0], [L(3 / 6), L(1 / 4), 0.0])
+
+
+def test_target_logprobs_is_shift_invariant_and_batched():
+    # Adding a constant to a row of logits does not change the softmax.
+    logits = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0 + L(3)]]])  # [B=2, T=1, V=2]
+    targets = torch.tensor([[1], [1]])
+    out = target_logprobs(logits, targets)
+    assert approx(out, [[L(1 / 2)], [L(3 / 4)]])
+
+
+def test_sequence_ce_masked_mean():
+    # Row 0: positions 0 and 1 trained, 2 ignored; the value at the ignored position is garbage
+    # and must not count. CE = -(log 1/2 + log 1/4) / 2 = 1.5 log 2.
+    # Row 1: only position 1 trained: CE = -log(1/3) = log 3.
+    token_logprobs = torch.tensor([[L(1 / 2), L(1 / 4), -123.0], [-7.0, L(1 / 3), -9.0]])
+    targets = torch.tensor([[1, 0, IGNORE_INDEX], [IGNORE_INDEX, 2, IGNORE_INDEX]])
+    ce = sequence_ce(token_logprobs, targets)
+    assert approx(ce, [1.5 * L(2), L(3)])
+
+
+def test_sequence_ce_all_ignored_row_is_zero_not_nan():
+    token_logprobs = torch.tensor([[-1.0, -2.0]])
+    targets = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX]])
+    assert approx(sequence_ce(token_logprobs, targets), [0.0])
+
+
+def test_target_logprobs_then_sequence_ce_end_to_end():
+    logits = logits_from_probs([1, 2, 3], [1, 1, 2], [5, 1, 1]).unsqueeze(0)
+    targets = torch.tensor([[2, 0, IGNORE_INDEX]])
+    ce = sequence_ce(target_logprobs(logits, targets), targets)
+    # -(log(1/2) + log(1/4)) / 2 = (log 2 + log 4) / 2
+    assert approx(ce, [(L(2) + L(4)) / 2])
+    # strength q = exp(-CE) is the geometric mean of the gold probabilities: sqrt(1/2 * 1/4)
+    assert approx(torch.exp(-ce), [math.sqrt(1 / 8)])
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic_weights
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dynamic_weights_two_sources_by_hand():
+    # u = (1, 0), tau = 1: w = (e / (e + 1), 1 / (e + 1)); CE = (0.5, 2.0), gamma = 1:
+    # q = (exp(-0.5), exp(-2)); alpha_0 = e * exp(-0.5) / (e * exp(-0.5) + 1 * exp(-2)).
+    u = torch.tensor([[1.0, 0.0]])
+    ce = torch.tensor([[0.5, 2.0]])
+    alpha = dynamic_weights(u, ce, tau=1.0, gamma=1.0)
+    w0, w1 = math.e / (math.e + 1), 1 / (math.e + 1)
+    q0, q1 = math.exp(-0.5), math.exp(-2.0)
+    a0 = w0 * q0 / (w0 * q0 + w1 * q1)
+    assert approx(alpha, [[a0, 1 - a0]])
+    assert approx(alpha[0, 0], math.exp(0.5) / (math.exp(0.5) + math.exp(-2.0)))
+
+
+def test_dynamic_weights_tau_and_gamma_by_hand():
+    # tau = 2, gamma = 0.5: w ∝ exp(u / 2), q^gamma = exp(-CE / 2).
+    u = torch.tensor([[2.0, 0.0, -2.0]])
+    ce = torch.tensor([[1.0, 1.0, 0.0]])
+    alpha = dynamic_weights(u, ce, tau=2.0, gamma=0.5)
+    # unnormalized: exp(1) * exp(-0.5), exp(0) * exp(-0.5), exp(-1) * exp(0)
+    raw = [math.exp(1) * math.exp(-0.5), math.exp(0) * math.exp(-0.5), math.exp(-1) * 1.0]
+    assert approx(alpha, [[r / sum(raw) for r in raw]])
+
+
+def test_dynamic_weights_gamma_zero_is_selector_softmax():
+    u = torch.tensor([[0.3, -1.2, 2.0], [1.0, 1.0, 1.0]])
+    ce = torch.tensor([[0.1, 5.0, 3.0], [9.0, 0.0, 1.0]])
+    for tau in (0.5, 1.0, 3.0):
+        alpha = dynamic_weights(u, ce, tau=tau, gamma=0.0)
+        assert torch.allclose(alpha, torch.softmax(u / tau, dim=-1), atol=1e-7)
+    # second row: equal u -> uniform, whatever the CE
+    assert approx(dynamic_weights(u, ce, 1.0, 0.0)[1], [1 / 3, 1 / 3, 1 / 3])
+
+
+def test_dynamic_weights_large_gamma_tends_to_min_ce():
+    # The selector prefers source 0 strongly, but source 2 has the lowest CE: gamma = 50 wins.
+    u = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    ce = torch.tensor([[2.0, 1.5, 0.5], [0.7, 0.2, 1.2]])
+    alpha = dynamic_weights(u, ce, tau=1.0, gamma=50.0)
+    assert torch.allclose(alpha, torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), atol=1e-9)
+    assert approx(alpha.sum(-1), [1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_target
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fused_target_mixture_quarter_three_quarters():
+    # P_1 = (0.5, 0.5, 0), P_2 = (0.1, 0.2, 0.7), alpha = (0.25, 0.75):
+    # P_F = (0.125 + 0.075, 0.125 + 0.15, 0 + 0.525) = (0.2, 0.275, 0.525)
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]]).view(1, 2, 1, 3)  # [B, k, T, V]
+    alpha = torch.tensor([[0.25, 0.75]])
+    fused = fused_target(probs, alpha)
+    assert fused.shape == (1, 1, 3)
+    assert approx(fused[0, 0], [0.2, 0.275, 0.525])
+    assert approx(fused.sum(-1), [[1.0]])
+
+
+def test_fused_target_per_position_and_per_row_weights():
+    # B=2, k=2, T=2, V=2. Source 0 is (1, 0) at t=0 and (0, 1) at t=1; source 1 is uniform.
+    src0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    src1 = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    probs = torch.stack([src0, src1]).unsqueeze(0).expand(2, 2, 2, 2)
+    alpha = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    fused = fused_target(probs, alpha)
+    # row 0, t=0: 0.25 * (1, 0) + 0.75 * (0.5, 0.5) = (0.625, 0.375); t=1: (0.375, 0.625)
+    assert approx(fused[0], [[0.625, 0.375], [0.375, 0.625]])
+    # row 1: alpha = (1, 0) reproduces source 0
+    assert approx(fused[1], [[1.0, 0.0], [0.0, 1.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# student_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _student_case():
+    """B=1, T=3, V=2; position 2 is ignored (its logits and fused target are garbage).
+
+    t=0: student p = (1/4, 3/4), gold 1 -> CE = log(4/3); P_F = (1/2, 1/2)
+         KL = 1/2 log((1/2)/(1/4)) + 1/2 log((1/2)/(3/4)) = 1/2 log 2 + 1/2 log(2/3)
+    t=1: student p = (1/2, 1/2), gold 0 -> CE = log 2;   P_F = (1, 0)
+         KL = 1 * log(1 / (1/2)) = log 2   (0 log 0 = 0)
+    """
+    logits = logits_from_probs([1, 3], [1, 1], [100, 1]).unsqueeze(0)
+    targets = torch.tensor([[1, 0, IGNORE_INDEX]])
+    fused = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]])
+    ce = (L(4 / 3) + L(2)) / 2
+    kl = ((0.5 * L(2) + 0.5 * L(2 / 3)) + L(2)) / 2
+    return logits, targets, fused, ce, kl
+
+
+def test_student_loss_by_hand_default_lambda():
+    logits, targets, fused, ce, kl = _student_case()
+    out = student_loss(logits, targets, fused, lam=0.9, temperature=1.0)
+    assert approx(out["ce"], ce)
+    assert approx(out["kl"], kl)
+    assert approx(out["loss"], 0.9 * ce + 0.1 * kl)
+
+
+def test_student_loss_other_lambda():
+    logits, targets, fused, ce, kl = _student_case()
+    out = student_loss(logits, targets, fused, lam=0.25)
+    assert approx(out["loss"], 0.25 * ce + 0.75 * kl)
+    # lam = 0: pure distillation
+    assert approx(student_loss(logits, targets, fused, lam=0.0)["loss"], kl)
+
+
+def test_student_loss_without_fused_target_is_plain_ce():
+    logits, targets, _, ce, _ = _student_case()
+    out = student_loss(logits, targets, None, lam=0.3, temperature=4.0)
+    assert approx(out["loss"], ce)
+    assert approx(out["ce"], ce)
+    assert approx(out["kl"], 0.0)
+
+
+def test_student_loss_lambda_one_ignores_kl():
+    logits, targets, fused, ce, kl = _student_case()
+    out = student_loss(logits, targets, fused, lam=1.0)
+    assert approx(out["loss"], ce)
+    assert approx(out["kl"], kl)  # still reported
+    # a completely different target leaves the loss unchanged
+    other = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])
+    assert approx(student_loss(logits, targets, other, lam=1.0)["loss"], ce)
+
+
+def test_student_loss_temperature_two_scaling():
+    # One token, V=2. Logits (0, log 9): at T=1 p = (1/10, 9/10), gold 1 -> CE = log(10/9).
+    # At T=2 the logits are (0, log 3): p^T = (1/4, 3/4); P_F = (1/2, 1/2):
+    # KL = 1/2 log 2 + 1/2 log(2/3); loss = lam CE + (1 - lam) * 2^2 * KL.
+    logits = torch.tensor([[[0.0, L(9)]]])
+    targets = torch.tensor([[1]])
+    fused = torch.tensor([[[0.5, 0.5]]])
+    kl = 0.5 * L(2) + 0.5 * L(2 / 3)
+    out = student_loss(logits, targets, fused, lam=0.9, temperature=2.0)
+    assert approx(out["ce"], L(10 / 9))
+    assert approx(out["kl"], kl)
+    assert approx(out["loss"], 0.9 * L(10 / 9) + 0.1 * 4.0 * kl)
+
+
+def test_student_loss_ignored_positions_do_not_matter():
+    logits, targets, fused, _, _ = _student_case()
+    base = student_loss(logits, targets, fused)["loss"]
+    logits2, fused2 = logits.clone(), fused.clone()
+    logits2[0, 2] = torch.tensor([-50.0, 50.0])
+    fused2[0, 2] = torch.tensor([1.0, 0.0])
+    assert approx(student_loss(logits2, targets, fused2)["loss"], base.item())
+
+
+def test_student_loss_fused_target_gets_no_gradient():
+    logits, targets, fused, _, _ = _student_case()
+    logits = logits.clone().requires_grad_(True)
+    fused = fused.clone().requires_grad_(True)
+    student_loss(logits, targets, fused, lam=0.5)["loss"].backward()
+    assert fused.grad is None
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert torch.all(logits.grad[0, 2] == 0)  # the ignored position gets nothing
+
+
+def test_student_loss_kl_gradient_by_hand():
+    # d/dz [T^2 KL(P_F || softmax(z/T))] = T (softmax(z/T) - P_F). With lam = 0, one token,
+    # T = 2, z = (0, log 9): p^T = (1/4, 3/4), P_F = (1/2, 1/2) -> grad = 2 * (-1/4, 1/4).
+    logits = torch.tensor([[[0.0, L(9)]]], requires_grad=True)
+    fused = torch.tensor([[[0.5, 0.5]]])
+    student_loss(logits, torch.tensor([[1]]), fused, lam=0.0, temperature=2.0)["loss"].backward()
+    assert approx(logits.grad[0, 0], [-0.5, 0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# selector_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _selector_case():
+    # B=2, N=3. Observed pairs: (0, 0), (0, 1), (1, 1). Errors u + CE: -0.5, 2.0, 0.0.
+    u = torch.tensor([[-1.0, 1.0, -3.0], [0.0, -0.5, 5.0]])
+    ce = torch.tensor([[0.5, 1.0, 9.0], [1.0, 0.5, 9.0]])
+    observed = torch.tensor([[True, True, False], [False, True, False]])
+    return u, ce, observed
+
+
+def test_selector_loss_mse_by_hand():
+    u, ce, observed = _selector_case()
+    assert approx(selector_loss(u, ce, observed), (0.25 + 4.0 + 0.0) / 3)
+    assert approx(selector_loss(u, ce, observed, kind="mse"), (0.25 + 4.0 + 0.0) / 3)
+
+
+def test_selector_loss_unobserved_pairs_do_not_matter():
+    u, ce, observed = _selector_case()
+    base = selector_loss(u, ce, observed).item()
+    u2, ce2 = u.clone(), ce.clone()
+    u2[~observed] = torch.tensor([100.0, -7.0, 3.0])
+    ce2[~observed] = torch.tensor([0.0, 42.0, -1.0])
+    assert approx(selector_loss(u2, ce2, observed), base)
+    assert approx(selector_loss(u2, ce2, observed, kind="huber"), selector_loss(u, ce, observed, kind="huber").item())
+
+
+def test_selector_loss_huber_by_hand():
+    # Huber with delta 1: 0.5 e^2 for |e| <= 1, |e| - 0.5 otherwise.
+    u, ce, observed = _selector_case()
+    assert approx(selector_loss(u, ce, observed, kind="huber"), (0.5 * 0.25 + (2.0 - 0.5) + 0.0) / 3)
+
+
+def test_selector_loss_gradient_only_to_quality_on_observed():
+    u, ce, observed = _selector_case()
+    u = u.clone().requires_grad_(True)
+    ce = ce.clone().requires_grad_(True)
+    selector_loss(u, ce, observed).backward()
+    assert ce.grad is None  # CE is detached
+    # d/du mean(e^2) = 2 e / n on observed pairs, 0 elsewhere
+    assert approx(u.grad, [[2 * -0.5 / 3, 2 * 2.0 / 3, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_selector_loss_no_observed_pairs_is_zero_with_gradient():
+    u = torch.tensor([[0.3, -2.0]], requires_grad=True)
+    ce = torch.tensor([[1.0, 2.0]])
+    observed = torch.zeros(1, 2, dtype=torch.bool)
+    for kind in ("mse", "huber"):
+        loss = selector_loss(u, ce, observed, kind=kind)
+        assert loss.item() == 0.0
+        assert loss.requires_grad
+        loss.backward()
+        assert torch.all(u.grad == 0)
+        u.grad = None
+
+
+def test_selector_loss_bad_kind_raises():
+    u, ce, observed = _selector_case()
+    with pytest.raises(ValueError, match="mse"):
+        selector_loss(u, ce, observed, kind="l1")
+
+
+# ---------------------------------------------------------------------------------------------
+# feedback_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_feedback_loss_balanced_is_zero():
+    # uniform rows
+    assert approx(feedback_loss(torch.full((5, 4), 0.25)), 0.0)
+    # one-hot rows, but each source used once: importance (1, 1, 1, 1)
+    assert approx(feedback_loss(torch.eye(4)), 0.0)
+
+
+def test_feedback_loss_all_on_one_source_is_n_minus_one():
+    # N = 4, B = 3: importance (3, 0, 0, 0), mean 3/4,
+    # population variance ((9/4)^2 + 3 (3/4)^2) / 4 = 27/16, CV^2 = (27/16) / (9/16) = 3.
+    pi = torch.zeros(3, 4)
+    pi[:, 2] = 1.0
+    assert approx(feedback_loss(pi), 3.0, abs=1e-5)
+
+
+def test_feedback_loss_unbalanced_by_hand():
+    # N = 2, B = 1: I = (0.75, 0.25), mean 0.5, var ((0.25)^2 + (0.25)^2) / 2 = 1/16 -> 0.25.
+    assert approx(feedback_loss(torch.tensor([[0.75, 0.25]])), 0.25)
+    # N = 3, B = 2: I = (1, 0.5, 0.5), mean 2/3, var ((1/3)^2 + 2 (1/6)^2) / 3 = 1/18,
+    # CV^2 = (1/18) / (4/9) = 1/8.
+    pi = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.5]])
+    assert approx(feedback_loss(pi), 1 / 8)
+
+
+def test_feedback_loss_gradient_pushes_toward_balance():
+    # Gradient descent on CV^2 lowers the over-used source's logit and raises the others.
+    logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, -1.0]], requires_grad=True)
+    feedback_loss(torch.softmax(logits, -1)).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.all(logits.grad[:, 0] > 0)
+    assert torch.all(logits.grad[:, 1:] < 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entropy_by_hand():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0]])
+    # log 4; 0 (0 log 0 = 0, no NaN); -(1/2 log 1/2 + 2 * 1/4 log 1/4) = 1.5 log 2
+    assert approx(entropy(probs), [L(4), 0.0, 1.5 * L(2)])
+
+
+def test_entropy_dim_argument():
+    probs = torch.tensor([[0.5, 1.0], [0.5, 0.0]])  # columns are distributions
+    assert approx(entropy(probs, dim=0), [L(2), 0.0])
