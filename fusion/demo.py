@@ -21,7 +21,8 @@ BEFORE = "before training"
 
 
 def run_method(config: str, method: str, extra: list[str]) -> dict:
-    args = ["--config", config, "--model.fusion", method, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
+    fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
+    args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
     run = cli(args=args, run=False)
     if method != BEFORE:
         run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--config", default="configs/quickstart.yaml", help="fusion config for fusion.train")
     parser.add_argument("--methods", nargs="+", default=[BEFORE, "none", "avgce", "mince", "selector"])
     parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
-    parser.add_argument("overrides", nargs="*", help="extra fusion.train arguments, e.g. --trainer.max_steps=100")
+    # Anything else goes to fusion.train for every method, e.g. --trainer.max_steps=100.
     args, overrides = parser.parse_known_args(argv)
     started = time.time()
     zoo.main(["--config", args.zoo])
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results = {}
     for method in args.methods:
         method_started = time.time()
-        results[method] = run_method(args.config, method, args.overrides + overrides)
+        results[method] = run_method(args.config, method, overrides)
         results[method]["seconds"] = time.time() - method_started
         print(f"{method}: mean accuracy {results[method]['acc_mean']:.3f} ({results[method]['seconds']:.0f} s)", flush=True)
     os.makedirs(args.output, exist_ok=True)

@@ -16,7 +16,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """log p(y_t) of each position's target, 0 where untrained. [B, T, V], [B, T] -> [B, T]"""
     mask = targets != IGNORE_INDEX
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
+    return torch.where(mask, picked, torch.zeros_like(picked))
 
 
 def sequence_ce(token_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,14 +68,14 @@ def selector_loss(quality: torch.Tensor, ce: torch.Tensor, observed: torch.Tenso
 
     [B, N] predictions, [B, N] CE (detached), [B, N] bool -> scalar
     """
+    if kind not in ("mse", "huber"):
+        raise ValueError(f"selector loss must be 'mse' or 'huber', got {kind!r}")
     error = (quality - (-ce.detach()))[observed]
     if error.numel() == 0:
         return quality.sum() * 0.0
     if kind == "mse":
         return error.pow(2).mean()
-    if kind == "huber":
-        return F.huber_loss(error, torch.zeros_like(error))
-    raise ValueError(f"selector loss must be 'mse' or 'huber', got {kind!r}")
+    return F.huber_loss(error, torch.zeros_like(error))
 
 
 def feedback_loss(selection_probs: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -168,7 +168,7 @@ def _make_source(job: dict) -> dict:
 
 def build_zoo(
     sources: list[SourceRecipe],
-    student: Architecture = Architecture(),
+    student: SourceRecipe = SourceRecipe(name="student", kind="random"),
     output_dir: str = "checkpoints/zoo",
     domains: list[str] = tasks.DEFAULT_DOMAINS,
     examples_per_domain: int = 8000,
@@ -182,7 +182,8 @@ def build_zoo(
 
     Args:
         sources: the recipes; names must be unique (they name the directories).
-        student: architecture of the student's base model (random init, saved as `student/`).
+        student: recipe of the student's base model, saved as `student/` (by default a random
+            init; a few steps on every domain make it a weak generalist, like a small pretrained LM).
         output_dir: where the model directories go.
         domains: the task domains; cards report accuracy on each.
         examples_per_domain: training examples per domain for each trained source.
@@ -198,7 +199,7 @@ def build_zoo(
         for domain in recipe.domains:
             if domain not in domains:
                 raise ValueError(f"source {recipe.name!r}: domain {domain!r} is not among the zoo's domains {domains}")
-    recipes = sources + [SourceRecipe(name="student", kind="random", architecture=student)]
+    recipes = sources + [SourceRecipe(**{**asdict(student), "name": "student", "architecture": student.architecture})]
     jobs, cards = [], {}
     for index, recipe in enumerate(recipes):
         fingerprint = {"recipe": asdict(recipe), "domains": domains, "examples_per_domain": examples_per_domain,

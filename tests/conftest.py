@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny zoo built from config in a temporary directory (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+from fusion.zoo import Architecture, SourceRecipe, build_zoo
+
+TINY = Architecture(family="qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+DOMAINS = ["spell_backward", "chain_sum"]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> str:
+    """A student and three sources: two briefly trained specialists (Qwen2, GPT-2) and a random Llama."""
+    torch.set_num_threads(2)
+    root = str(tmp_path_factory.mktemp("zoo"))
+    build_zoo(
+        sources=[
+            SourceRecipe("spell", domains=["spell_backward"], architecture=TINY, steps=30, learning_rate=1e-2),
+            SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2),
+            SourceRecipe("noise", kind="random", architecture=Architecture(family="llama", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
+        ],
+        student=SourceRecipe("student", kind="random", architecture=TINY),
+        output_dir=root,
+        domains=DOMAINS,
+        examples_per_domain=300,
+        batch_size=16,
+        test_size=8,
+        workers=1,
+    )
+    return root
+
+
+def tiny_config(zoo: str, run_dir: str, **model) -> dict:
+    """A complete fusion.train config for a few steps on the tiny zoo."""
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 4,
+            "accelerator": "cpu",
+            "devices": 1,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": run_dir,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": run_dir, "name": "run"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "save_top_k": 0}}],
+        },
+        "model": {
+            "student": os.path.join(zoo, "student"),
+            "sources": [os.path.join(zoo, name) for name in ("spell", "sum", "noise")],
+            "fusion": "selector",
+            "top_k": 1,
+            "max_new_tokens": 6,
+            "exploration_steps": 2,
+            "oracle": {"spell_backward": "spell", "chain_sum": "sum"},
+            **model,
+        },
+        "data": {"domains": DOMAINS, "train_size": 16, "val_size": 4, "test_size": 4, "batch_size": 8, "eval_batch_size": 8},
+    }
+
+
+@pytest.fixture
+def write_config(tiny_zoo, tmp_path):
+    def write(**model) -> str:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(tiny_zoo, str(tmp_path / "runs"), **model)))
+        return str(path)
+
+    return write

@@ -1,0 +1,163 @@
+"""The fusion module's wiring on the tiny zoo: which sources run, baseline weights, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fusion.data import FusionDataModule, collate, encode
+from fusion.module import FusionDistillModule
+from fusion.tokenizer import build_char_tokenizer
+from fusion.train import main
+from fusion.zoo import Architecture, build_model
+
+
+def _module(zoo: str, **kwargs) -> FusionDistillModule:
+    sources = [os.path.join(zoo, n) for n in ("spell", "sum", "noise")]
+    settings = {"oracle": {"spell_backward": "spell", "chain_sum": "sum"}, **kwargs}
+    return FusionDistillModule(student=os.path.join(zoo, "student"), sources=sources, **settings)
+
+
+def _batch(module: FusionDistillModule) -> dict:
+    rows = [
+        {"prompt": "backward abc=", "response": "cba", "domain": "spell_backward"},
+        {"prompt": "3 + 4=", "response": "7", "domain": "chain_sum"},
+        {"prompt": "backward dog=", "response": "god", "domain": "spell_backward"},
+    ]
+    return collate([encode(module.tokenizer, r["prompt"], r["response"], 32) | {"row": r} for r in rows], module.tokenizer.pad_token_id)
+
+
+def test_only_selected_sources_run(tiny_zoo):
+    """Online, each source runs once, on exactly the sequences that selected it."""
+    module = _module(tiny_zoo, top_k=1)
+    batch = _batch(module)
+    seen = []
+    for index, model in enumerate(module.pool.models):
+        model.register_forward_hook(lambda m, args, kwargs, out, i=index: seen.append((i, kwargs["input_ids"].shape[0])), with_kwargs=True)
+    selected = torch.tensor([[0], [1], [0]])  # [B, k]
+    probs, ce = module.pool.run(selected, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    assert sorted(seen) == [(0, 2), (1, 1)]  # the random source never ran; 3 sequence forwards in all
+    assert probs.shape == (3, 1, batch["input_ids"].shape[1], len(module.tokenizer))
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 1, batch["input_ids"].shape[1]), atol=1e-5)
+    assert (ce > 0).all()
+
+
+def test_baseline_selection_and_weights(tiny_zoo):
+    batch = _batch(_module(tiny_zoo, fusion="none"))
+    ce = torch.tensor([[1.0, 2.0, 4.0]] * 3)
+    expectations = {
+        "uniform": torch.full((3, 3), 1 / 3),
+        "avgce": torch.softmax(-ce, -1),
+        "mince": torch.tensor([[1.0, 0.0, 0.0]] * 3),
+    }
+    for fusion, alpha in expectations.items():
+        module = _module(tiny_zoo, fusion=fusion)
+        assert module.select(batch, None).tolist() == [[0, 1, 2]] * 3
+        assert torch.allclose(module.weights(None, ce), alpha)
+    assert _module(tiny_zoo, fusion="oracle").select(batch, None).tolist() == [[0], [1], [0]]
+    assert _module(tiny_zoo, fusion="single", single_source="noise").select(batch, None).tolist() == [[2]] * 3
+    selector = _module(tiny_zoo, fusion="selector", top_k=2, gamma=0.0, tau=1.0)
+    quality = torch.tensor([[0.0, -1.0, -5.0], [-5.0, 0.0, -1.0], [0.0, -5.0, -1.0]])
+    selector.eval()
+    assert selector.select(batch, quality).tolist() == [[0, 1], [1, 2], [0, 2]]
+    # gamma = 0: the weights are the selector's softmax over the selected.
+    assert torch.allclose(selector.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
+
+
+def test_training_step_logs_every_term(tiny_zoo):
+    module = _module(tiny_zoo, fusion="selector", top_k=2)
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda *a, **kw: None
+    loss = module.training_step(_batch(module), 0)
+    assert torch.isfinite(loss)
+    for key in ("train/loss_student", "train/ce", "train/kl", "train/loss_selector", "train/loss_feedback", "train/selection_entropy", "train/alpha_max"):
+        assert key in logged
+    shares = [logged[f"select/{n}"] for n in ("spell", "sum", "noise")]
+    assert sum(shares) == pytest.approx(2.0)  # two of three sources per sequence
+    assert logged["train/loss"] == pytest.approx(float(loss))
+
+
+# ------------------------------------------------------------------ bad input, before any training
+
+
+@pytest.mark.parametrize(
+    "settings, error, message",
+    [
+        ({"top_k": 4}, ValueError, "model.top_k must be between 1 and the number of sources (3), got 4"),
+        ({"top_k": 0}, ValueError, "model.top_k must be between 1"),
+        ({"fusion": "moe"}, ValueError, "model.fusion must be one of"),
+        ({"lam": 1.5}, ValueError, "model.lam must be in [0, 1]"),
+        ({"temperature": 0.0}, ValueError, "model.temperature and model.tau must be positive"),
+        ({"fusion": "single", "single_source": "nope"}, ValueError, "model.single_source must name one of the sources"),
+    ],
+)
+def test_bad_settings_fail_early(tiny_zoo, settings, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        _module(tiny_zoo, **settings)
+
+
+def test_missing_source_path(tiny_zoo):
+    missing = os.path.join(tiny_zoo, "not-there")
+    with pytest.raises(FileNotFoundError, match=r"model.sources\[1\]: .*not-there' does not exist"):
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), missing])
+
+
+def test_directory_that_is_not_a_model(tiny_zoo, tmp_path):
+    with pytest.raises(ValueError, match=r"model.sources\[0\]: .* is a directory but not a model"):
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)])
+
+
+def test_source_with_another_vocabulary(tiny_zoo, tmp_path):
+    """A source whose tokenizer differs from the student's is refused, naming the source."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *"0123456789+-= "])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    digits = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    model = build_model(Architecture(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), digits, seed=0)
+    model.save_pretrained(tmp_path / "digits")
+    digits.save_pretrained(tmp_path / "digits")
+    with pytest.raises(ValueError, match=r"model.sources\[1\]: the source's vocabulary \(18 tokens\) differs from the student's \(99 tokens"):
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), str(tmp_path / "digits")])
+
+
+def test_data_file_without_configured_column(tiny_zoo, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(20)))
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), prompt_column="question", response_column="reply", domain_column=None)
+    with pytest.raises(ValueError, match=r"mine.jsonl: column 'reply' \(data.response_column\) is missing; the columns are \['question', 'answer'\]"):
+        data.setup("fit")
+
+
+def test_data_file_with_empty_values(tiny_zoo, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": "" if i == 3 else "a"}) for i in range(20)))
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), domain_column=None)
+    with pytest.raises(ValueError, match=r"mine.jsonl: row \d+ has an empty 'response' \(data.response_column\)"):
+        data.setup("fit")
+
+
+def test_local_file_with_own_columns_trains(tiny_zoo, tmp_path):
+    """Any JSONL with configured column names loads into fixed, disjoint splits."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"backward {w}=", "a": w[::-1]}) for w in ["abc", "dog", "cat", "sun", "pen", "map", "cup", "hat", "box", "fan"]))
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), prompt_column="q", response_column="a", domain_column=None)
+    rows = data.load()
+    assert [len(rows[s]) for s in ("train", "val", "test")] == [8, 1, 1]
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test"]}
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and (batch["targets"] != -100).sum() == 8 * 4  # 3 letters + eos
+
+
+def test_bad_config_fails_before_training(write_config, tmp_path):
+    """Through the CLI: an unknown fusion value stops before any checkpoint is written."""
+    config = write_config(fusion="bogus")
+    with pytest.raises(ValueError, match="model.fusion must be one of"):
+        main(["fit", "--config", config])
+    assert not os.path.exists(tmp_path / "runs" / "run")
