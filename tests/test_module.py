@@ -108,7 +108,7 @@ def test_missing_source_path(tiny_zoo):
 
 def test_directory_that_is_not_a_model(tiny_zoo, tmp_path):
     with pytest.raises(ValueError, match=r"model.sources\[0\]: .* is a directory but not a model"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)])
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)], top_k=1)
 
 
 def test_source_with_another_vocabulary(tiny_zoo, tmp_path):
