@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from fusion import zoo
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
     # Anything else goes to fusion.train for every method, e.g. --trainer.max_steps=100.
     args, overrides = parser.parse_known_args(argv)
+    sys.argv = sys.argv[:1]  # each method's arguments are handed to the CLI explicitly
     started = time.time()
     zoo.main(["--config", args.zoo])
     print(f"zoo ready after {time.time() - started:.0f} s", flush=True)

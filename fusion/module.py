@@ -217,13 +217,14 @@ class FusionDistillModule(L.LightningModule):
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
 
     def _evaluate(self, batch: dict) -> None:
-        logits = self(batch)
+        output = self.student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.selector is not None
+        )
         answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
         selected = None
-        if self.selector is not None:
-            output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-            quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))
-            selected = noisy_top_k(quality, self.hparams.top_k)
+        if self.selector is not None:  # which sources the trained selector would run for these prompts
+            selected = noisy_top_k(self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"])), self.hparams.top_k)
+        logits = output.logits[..., : self.vocab_size]
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
