@@ -43,7 +43,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", default="configs/zoo.yaml", help="zoo config; the zoo is built or reused first")
+    parser.add_argument("--zoo", default="configs/zoo.yaml", help="zoo config, built or reused first ('' to skip)")
     parser.add_argument("--config", default="configs/quickstart.yaml", help="fusion config for fusion.train")
     parser.add_argument("--methods", nargs="+", default=[BEFORE, "none", "avgce", "mince", "selector"])
     parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args, overrides = parser.parse_known_args(argv)
     sys.argv = sys.argv[:1]  # each method's arguments are handed to the CLI explicitly
     started = time.time()
-    zoo.main(["--config", args.zoo])
-    print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
+    if args.zoo:
+        zoo.main(["--config", args.zoo])
+        print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
     results = {}
     for method in args.methods:
         method_started = time.time()

@@ -22,6 +22,7 @@ import math
 import os
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -97,6 +98,8 @@ class FusionDistillModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self._check_settings()
+        if trust_remote_code:
+            rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self.pool = SourcePool(sources, self.tokenizer, dtype, trust_remote_code) if fusion != "none" else None
         self.source_names = [source_name(p) for p in sources]
@@ -191,6 +194,9 @@ class FusionDistillModule(L.LightningModule):
         total = terms["loss"]
         logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],
                 "train/alpha_max": alpha.max(-1).values.mean()}
+        # The dynamic weights' mean per source over the batch (0 where a source was not run).
+        mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
+        logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
         if quality is not None:
             n = quality.shape[1]
             observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, True)

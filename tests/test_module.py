@@ -79,6 +79,7 @@ def test_training_step_logs_every_term(tiny_zoo):
     shares = [logged[f"select/{n}"] for n in ("spell", "sum", "noise")]
     assert sum(shares) == pytest.approx(2.0)  # two of three sources per sequence
     assert logged["train/loss"] == pytest.approx(float(loss))
+    assert sum(logged[f"weight/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0)  # alpha sums to 1 per sequence
 
 
 # ------------------------------------------------------------------ bad input, before any training
