@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
+from transformers.utils.logging import disable_progress_bar
 
 from fusion.data import FusionDataModule
 from fusion.module import FusionDistillModule
@@ -15,6 +16,7 @@ class FusionCLI(LightningCLI):
 
 
 def main(args=None, run: bool = True) -> FusionCLI:
+    disable_progress_bar()  # per-file weight-loading bars of transformers; Lightning shows progress
     return FusionCLI(
         FusionDistillModule,
         FusionDataModule,

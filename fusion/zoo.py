@@ -22,6 +22,7 @@ from multiprocessing import get_context
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers.utils.logging import disable_progress_bar
 
 from fusion import tasks
 from fusion.data import collate, encode
@@ -142,6 +143,7 @@ def save_atomically(model, tokenizer, card: dict, directory: str) -> None:
 def _make_source(job: dict) -> dict:
     """Train (or initialize), evaluate and save one source; runs in a worker process."""
     torch.set_num_threads(job["threads"])
+    disable_progress_bar()
     recipe = SourceRecipe(**{**job["recipe"], "architecture": Architecture(**job["recipe"]["architecture"])})
     tokenizer = build_char_tokenizer()
     started = time.time()
@@ -241,6 +243,7 @@ def print_cards(cards: list[dict], domains: list[str]) -> None:
 def main(args=None) -> None:
     from jsonargparse import CLI
 
+    disable_progress_bar()
     CLI(build_zoo, args=args, as_positional=False)
 
 
