@@ -198,7 +198,6 @@ class FusionDistillModule(L.LightningModule):
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
         if quality is not None:
-            n = quality.shape[1]
             observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, True)
             observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
@@ -209,7 +208,7 @@ class FusionDistillModule(L.LightningModule):
             logs |= {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
                      "train/selection_entropy": losses.entropy(share / share.sum()),
                      "train/pi_entropy": losses.entropy(pi).mean()}
-            logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names[:n])}
+            logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
         logs["train/loss"] = total
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
