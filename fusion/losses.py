@@ -52,13 +52,13 @@ def student_loss(
     """
     mask = (targets != IGNORE_INDEX).float()
     tokens = mask.sum().clamp(min=1.0)
-    ce = -(target_logprobs(student_logits, targets) * mask).sum() / tokens
+    ce = -target_logprobs(student_logits, targets).sum() / tokens  # zero at untrained positions
     if fused is None:
         return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce)}
     fused = fused.detach()
     student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     kl_per_token = (torch.xlogy(fused, fused) - fused * student_logp).sum(-1)  # [B, T]
-    kl = (kl_per_token * mask).sum() / tokens
+    kl = torch.where(mask.bool(), kl_per_token, torch.zeros_like(kl_per_token)).sum() / tokens
     loss = lam * ce + (1.0 - lam) * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
 

@@ -180,6 +180,8 @@ class FusionDistillModule(L.LightningModule):
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
         if h.fusion == "none":
             terms = losses.student_loss(logits, targets, None)
+            if not torch.isfinite(terms["loss"]):
+                self._stop_on_nonfinite(terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
@@ -187,9 +189,12 @@ class FusionDistillModule(L.LightningModule):
         if h.fusion == "selector":
             quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
-        probs, ce = self.pool.to(self.device).run(selected, batch["input_ids"], batch["attention_mask"], targets, h.temperature)
+        probs, ce, valid = self.pool.to(self.device).run(selected, batch["input_ids"], batch["attention_mask"], targets, h.temperature)
         selected_quality = quality.gather(1, selected) if quality is not None else None
-        alpha = self.weights(selected_quality, ce)  # [B, k]
+        # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
+        # A sequence left with no usable source gets an all-zero target, so no KL, only gold CE.
+        alpha = self.weights(selected_quality, ce.masked_fill(~valid, 1e4)) * valid  # [B, k]
+        alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
         terms = losses.student_loss(logits, targets, losses.fused_target(probs, alpha), h.lam, h.temperature)
         total = terms["loss"]
         logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],
@@ -197,8 +202,10 @@ class FusionDistillModule(L.LightningModule):
         # The dynamic weights' mean per source over the batch (0 where a source was not run).
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
+        self.log("faults/source_skipped", (~valid).sum().float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        logs["train/source_skipped"] = (~valid).sum().float()
         if quality is not None:
-            observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, True)
+            observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, valid)
             observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
             selector_term = losses.selector_loss(quality, observed_ce, observed, h.selector_loss)
@@ -210,9 +217,21 @@ class FusionDistillModule(L.LightningModule):
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
         logs["train/loss"] = total
+        if not torch.isfinite(total):
+            self._stop_on_nonfinite(total, terms)
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
         return total
+
+    def _stop_on_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
+        """Save the last finite state (this step has not updated the weights yet) and stop."""
+        path = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "checkpoints", "nonfinite.ckpt")
+        self.trainer.save_checkpoint(path)
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        raise FloatingPointError(
+            f"the training loss is {float(total)} at step {self.global_step} ({parts}); "
+            f"saved the last finite state to {path} and stopped"
+        )
 
     # ---------------------------------------------------------------- evaluation
 

@@ -80,17 +80,24 @@ class SourcePool:
     def run(self, selected: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
         """Run each source only on the sequences that selected it.
 
-        selected [B, k] source indices -> (probs [B, k, T, V] at `temperature`, ce [B, k] at T = 1).
+        selected [B, k] source indices -> probs [B, k, T, V] at `temperature`, ce [B, k] at T = 1,
+        and valid [B, k]: False where a source's logits were not finite (NaN or inf) on a trained
+        position; such a pair has zero probs and zero ce and must not be used.
         Output rows past the tokenizer's length (padded embeddings) are dropped.
         """
         batch, k = selected.shape
         probs = torch.zeros(batch, k, input_ids.shape[1], self.vocab_size, device=input_ids.device)
         ce = torch.zeros(batch, k, device=input_ids.device)
+        valid = torch.ones(batch, k, dtype=torch.bool, device=input_ids.device)
         for index, model in enumerate(self.models):
             rows, slots = (selected == index).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
             logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits[..., : self.vocab_size].float()
-            ce[rows, slots] = sequence_ce(target_logprobs(logits, targets[rows]), targets[rows])
-            probs[rows, slots] = torch.softmax(logits / temperature, dim=-1)
-        return probs, ce
+            trained = targets[rows] != -100  # [R, T]
+            finite = (torch.isfinite(logits).all(-1) | ~trained).all(-1)  # [R]
+            logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+            ce[rows, slots] = torch.where(finite, sequence_ce(target_logprobs(logits, targets[rows]), targets[rows]), 0.0)
+            probs[rows, slots] = torch.softmax(logits / temperature, dim=-1) * finite[:, None, None]
+            valid[rows, slots] = finite
+        return probs, ce, valid

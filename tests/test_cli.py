@@ -80,3 +80,25 @@ def test_every_baseline_trains(write_config, tmp_path, fusion):
     checkpoint = torch.load(_last(str(tmp_path / "runs"), 0), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert not any(k.startswith("selector.") for k in checkpoint["state_dict"])
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint(write_config, tmp_path, monkeypatch):
+    """A non-finite training loss saves the last finite state and stops with a message."""
+    from fusion import losses
+
+    calls = {"n": 0}
+    real = losses.student_loss
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        return terms if calls["n"] < 3 else {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(losses, "student_loss", failing)
+    config = write_config(fusion="none")
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 2 .*saved the last finite state to"):
+        main(["fit", "--config", config, "--trainer.limit_val_batches", "0"])
+    saved = os.path.join(str(tmp_path / "runs"), "run", "version_0", "checkpoints", "nonfinite.ckpt")
+    checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())

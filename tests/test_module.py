@@ -38,7 +38,8 @@ def test_only_selected_sources_run(tiny_zoo):
     for index, model in enumerate(module.pool.models):
         model.register_forward_hook(lambda m, args, kwargs, out, i=index: seen.append((i, kwargs["input_ids"].shape[0])), with_kwargs=True)
     selected = torch.tensor([[0], [1], [0]])  # [B, k]
-    probs, ce = module.pool.run(selected, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    probs, ce, valid = module.pool.run(selected, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    assert valid.all()
     assert sorted(seen) == [(0, 2), (1, 1)]  # the random source never ran; 3 sequence forwards in all
     assert probs.shape == (3, 1, batch["input_ids"].shape[1], len(module.tokenizer))
     assert torch.allclose(probs.sum(-1), torch.ones(3, 1, batch["input_ids"].shape[1]), atol=1e-5)
@@ -162,3 +163,49 @@ def test_bad_config_fails_before_training(write_config, tmp_path):
     with pytest.raises(ValueError, match="model.fusion must be one of"):
         main(["fit", "--config", config])
     assert not os.path.exists(tmp_path / "runs" / "run")
+
+
+# ------------------------------------------------------------------ numerical faults
+
+
+def test_source_with_nonfinite_logits_is_skipped(tiny_zoo):
+    """A source returning NaN/inf logits gets weight 0 and is not observed; the loss stays finite."""
+    module = _module(tiny_zoo, fusion="avgce")
+    module.pool.models[2].register_forward_hook(lambda m, args, out: out.__class__(logits=out.logits * float("nan")))
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda *a, **kw: None
+    loss = module.training_step(_batch(module), 0)
+    assert torch.isfinite(loss)
+    assert logged["train/source_skipped"] == 3.0  # the faulty source, on each of the 3 sequences
+    assert logged["weight/noise"] == 0.0
+    assert logged["weight/spell"] + logged["weight/sum"] == pytest.approx(1.0)
+
+
+def test_selector_does_not_learn_from_a_faulty_source(tiny_zoo):
+    module = _module(tiny_zoo, fusion="selector", top_k=3, exploration_noise=0.0, feedback_weight=0.0)
+    module.pool.models[0].register_forward_hook(lambda m, args, out: out.__class__(logits=out.logits + float("inf")))
+    module.log_dict = lambda values, **kw: None
+    module.log = lambda *a, **kw: None
+    module.training_step(_batch(module), 0).backward()
+    # The faulty source was not observed: its output unit gets no regression gradient at all.
+    grads = module.selector.net[-1].bias.grad
+    assert float(grads[0]) == 0.0 and abs(float(grads[1])) > 0.1 and abs(float(grads[2])) > 0.1
+
+
+def test_nonfinite_logits_on_untrained_positions_are_harmless(tiny_zoo):
+    """inf on prompt positions (never trained) keeps the source usable and the loss finite."""
+    module = _module(tiny_zoo, fusion="uniform")
+
+    def poison_prompt(m, args, out):
+        logits = out.logits.clone()
+        logits[:, 0, :] = float("inf")  # position 0 predicts a prompt token
+        return out.__class__(logits=logits)
+
+    module.pool.models[0].register_forward_hook(poison_prompt)
+    batch = _batch(module)
+    probs, ce, valid = module.pool.run(module.select(batch, None), batch["input_ids"], batch["attention_mask"], batch["targets"])
+    assert valid.all() and torch.isfinite(probs).all() and torch.isfinite(ce).all()
+    module.log_dict = lambda values, **kw: None
+    module.log = lambda *a, **kw: None
+    assert torch.isfinite(module.training_step(batch, 0))
