@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -27,11 +28,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_l
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response_ids = response_ids[: max_length - 1]
     keep = max_length - len(response_ids)
+    truncated = len(prompt_ids) > keep
     prompt_ids = prompt_ids[-keep:]
     return {
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
         "prompt_length": len(prompt_ids),
+        "truncated": truncated,
     }
 
 
@@ -68,6 +71,20 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     }
 
 
+def _read_file(path: str):
+    """One local JSONL/Parquet file as a `datasets.Dataset`, or an error naming the file."""
+    import datasets
+
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty")
+    kind = _EXTENSIONS[os.path.splitext(path)[1]]
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as error:  # datasets wraps parse errors in its own generation error
+        expected = "JSON lines (one object per line)" if kind == "json" else "a Parquet file"
+        raise ValueError(f"{path}: could not be read as {expected}: {error}") from error
+
+
 def load_rows(
     dataset: str, split: str, prompt_column: str, response_column: str, domain_column: str | None
 ) -> list[dict[str, Any]]:
@@ -79,12 +96,12 @@ def load_rows(
         if not found:
             raise FileNotFoundError(f"data.dataset {dataset!r}: no {split}.jsonl or {split}.parquet in this directory")
         path = found[0]
-        table = datasets.load_dataset(_EXTENSIONS[os.path.splitext(path)[1]], data_files=path, split="train")
+        table = _read_file(path)
     elif os.path.splitext(dataset)[1] in _EXTENSIONS:
         if not os.path.isfile(dataset):
             raise FileNotFoundError(f"data.dataset {dataset!r}: file not found")
         path = dataset
-        whole = datasets.load_dataset(_EXTENSIONS[os.path.splitext(path)[1]], data_files=path, split="train")
+        whole = _read_file(path)
         # One file: a fixed 80/10/10 split by a fixed seed, so every run sees the same test rows.
         parts = whole.train_test_split(test_size=0.2, seed=0)
         held_out = parts["test"].train_test_split(test_size=0.5, seed=0)
@@ -126,7 +143,9 @@ class FusionDataModule(L.LightningDataModule):
         train_size, val_size, test_size: examples per domain in each split of the suite.
         seed: the suite's generation seed; the splits are disjoint and fixed by it.
         prompt_column, response_column, domain_column: column names for other data sets.
-        max_length: longest tokenized example; longer prompts are cut from the left.
+        max_length: longest tokenized example.
+        overlong: what happens to a longer example: "truncate" cuts its prompt from the left,
+            "drop" leaves it out; either way the count is reported per split.
     """
 
     def __init__(
@@ -142,6 +161,7 @@ class FusionDataModule(L.LightningDataModule):
         response_column: str = "response",
         domain_column: str | None = "domain",
         max_length: int = 64,
+        overlong: str = "truncate",
         batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
@@ -150,11 +170,14 @@ class FusionDataModule(L.LightningDataModule):
         for key in ("train_size", "val_size", "test_size", "max_length", "batch_size", "eval_batch_size"):
             if locals()[key] < 1:
                 raise ValueError(f"data.{key} must be at least 1, got {locals()[key]}")
+        if overlong not in ("truncate", "drop"):
+            raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
         if dataset == "suite":
             for domain in domains:
                 tasks._check_domain(domain)
         self.save_hyperparameters()
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.overlong_counts: dict[str, int] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @property
@@ -187,6 +210,15 @@ class FusionDataModule(L.LightningDataModule):
             feature = encode(self.tokenizer, row["prompt"], row["response"], self.hparams.max_length)
             feature["row"] = row
             features.append(feature)
+        overlong = sum(f["truncated"] for f in features)
+        self.overlong_counts[split] = overlong
+        if overlong:
+            action = "truncated from the left" if self.hparams.overlong == "truncate" else "dropped"
+            rank_zero_info(f"data: {overlong} of {len(features)} {split} rows are longer than data.max_length={self.hparams.max_length} and were {action} (data.overlong)")
+            if self.hparams.overlong == "drop":
+                features = [f for f in features if not f["truncated"]]
+                if not features:
+                    raise ValueError(f"data: every {split} row is longer than data.max_length={self.hparams.max_length}")
         return features
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

@@ -102,3 +102,38 @@ def test_nonfinite_loss_stops_with_a_checkpoint(write_config, tmp_path, monkeypa
     checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+class NotATensor:
+    """Any pickled object: a checkpoint holding one can run code when unpickled."""
+
+
+def test_pickle_bearing_checkpoint_is_refused(write_config, tmp_path):
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": NotATensor()}}, evil)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+        export.export(str(evil), str(tmp_path / "out"))
+    config = write_config(fusion="none")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+        main(["test", "--config", config, "--ckpt_path", str(evil)])
+
+
+def test_checkpoint_from_another_setup_is_refused(tiny_zoo, write_config, tmp_path):
+    """The CLI rebuilds a checkpoint's own module from its hyperparameters; a module built
+    otherwise (another adapter rank, no selector) refuses it, naming the keys."""
+    main(["fit", "--config", write_config(fusion="selector"), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    checkpoint = torch.load(_last(str(tmp_path / "runs"), 0), map_location="cpu", weights_only=True)
+    student = os.path.join(tiny_zoo, "student")
+    other_rank = FusionDistillModule(student=student, fusion="none", lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    with pytest.raises(ValueError, match=r"the checkpoint was written for a different student, adapter or source list: .*wrong shape \['student"):
+        other_rank.on_load_checkpoint(checkpoint)
+    no_selector = FusionDistillModule(student=student, fusion="none")
+    with pytest.raises(ValueError, match=r"unexpected \['selector"):
+        no_selector.on_load_checkpoint(checkpoint)
+
+
+def test_unknown_config_key_fails(write_config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", write_config(), "--model.feedback_wieght", "0.1"])
+    assert exit_info.value.code != 0
+    assert "feedback_wieght" in capsys.readouterr().err

@@ -209,3 +209,38 @@ def test_nonfinite_logits_on_untrained_positions_are_harmless(tiny_zoo):
     module.log_dict = lambda values, **kw: None
     module.log = lambda *a, **kw: None
     assert torch.isfinite(module.training_step(batch, 0))
+
+
+@pytest.mark.parametrize("policy, kept", [("truncate", 10), ("drop", 9)])
+def test_overlong_rows_are_truncated_or_dropped_and_counted(tiny_zoo, tmp_path, policy, kept):
+    words = ["abc", "dog", "cat", "sun", "pen", "map", "cup", "hat", "box", "fan"]
+    rows = [{"prompt": f"backward {w}=", "response": w[::-1]} for w in words]
+    rows[0]["prompt"] = "x" * 100 + rows[0]["prompt"]  # longer than max_length
+    for split, part in (("train", rows), ("val", rows[1:3]), ("test", rows[3:5])):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path), domain_column=None, max_length=32, overlong=policy)
+    features = data._features("train")
+    assert data.overlong_counts["train"] == 1
+    assert len(features) == kept
+    assert all(len(f["input_ids"]) <= 32 for f in features)
+    if policy == "truncate":  # the prompt lost its start, the response is whole
+        assert data.tokenizer.decode(features[0]["input_ids"][-4:-1]) == "cba"
+
+
+def test_unknown_overlong_policy(tiny_zoo):
+    with pytest.raises(ValueError, match="data.overlong must be 'truncate' or 'drop', got 'cut'"):
+        FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), overlong="cut")
+
+
+def test_empty_data_file(tiny_zoo, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match=r"empty.jsonl: the file is empty"):
+        data.setup("fit")
+
+
+def test_data_file_that_is_not_json(tiny_zoo, tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "resp\n')
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "broken.jsonl"))
+    with pytest.raises(ValueError, match=r"broken.jsonl: could not be read as JSON lines"):
+        data.setup("fit")
