@@ -137,3 +137,37 @@ def test_unknown_config_key_fails(write_config, capsys):
         main(["fit", "--config", write_config(), "--model.feedback_wieght", "0.1"])
     assert exit_info.value.code != 0
     assert "feedback_wieght" in capsys.readouterr().err
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_zoo, tmp_path):
+    """SIGTERM mid-fit: Lightning stops at the next step, OnExceptionCheckpoint saves, exit code 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    runs = tmp_path / "runs"
+    config = tiny_config(tiny_zoo, str(runs), fusion="none")
+    config["trainer"]["max_steps"] = 100_000
+    config["trainer"]["limit_val_batches"] = 0
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 5}},
+        {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(runs)}},
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "fusion.train", "fit", "--config", str(path)], cwd=os.path.dirname(os.path.dirname(__file__)))
+    last = runs / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no checkpoint was written within 120 s"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    saved = torch.load(runs / "on_exception.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] >= 5
+    assert all("lora_" in k for k in saved["state_dict"])
