@@ -202,8 +202,8 @@ class FusionDistillModule(L.LightningModule):
         # The dynamic weights' mean per source over the batch (0 where a source was not run).
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
-        self.log("faults/source_skipped", (~valid).sum().float(), reduce_fx="sum", on_step=False, on_epoch=True)
         logs["train/source_skipped"] = (~valid).sum().float()
+        self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True)
         if quality is not None:
             observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, valid)
             observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)

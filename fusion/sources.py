@@ -10,6 +10,7 @@ import re
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from fusion.data import IGNORE_INDEX
 from fusion.losses import sequence_ce, target_logprobs
 from fusion.tokenizer import load_tokenizer
 
@@ -94,9 +95,10 @@ class SourcePool:
             if rows.numel() == 0:
                 continue
             logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits[..., : self.vocab_size].float()
-            trained = targets[rows] != -100  # [R, T]
-            finite = (torch.isfinite(logits).all(-1) | ~trained).all(-1)  # [R]
-            logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+            trained = targets[rows] != IGNORE_INDEX  # [R, T]
+            is_finite = torch.isfinite(logits)  # [R, T, V]
+            finite = (is_finite.all(-1) | ~trained).all(-1)  # [R]: usable where it is trained
+            logits = torch.where(is_finite, logits, torch.zeros_like(logits))
             ce[rows, slots] = torch.where(finite, sequence_ce(target_logprobs(logits, targets[rows]), targets[rows]), 0.0)
             probs[rows, slots] = torch.softmax(logits / temperature, dim=-1) * finite[:, None, None]
             valid[rows, slots] = finite
