@@ -6,6 +6,8 @@ A position is trained where `targets != IGNORE_INDEX` (the response tokens and e
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -34,31 +36,115 @@ def dynamic_weights(quality: torch.Tensor, ce: torch.Tensor, tau: float, gamma: 
     return torch.softmax(quality / tau - gamma * ce, dim=-1)
 
 
-def fused_target(source_probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """P_F = sum_i alpha_i P_i, an arithmetic mixture. [B, k, T, V], [B, k] -> [B, T, V]"""
-    return torch.einsum("bktv,bk->btv", source_probs, alpha)
+class SparseTarget(NamedTuple):
+    """A distribution over the student vocabulary kept on a small support per position.
+
+    ids [B, T, M] student token ids, -1 for an empty slot (each id at most once per position);
+    probs [B, T, M] their probabilities, 0 on empty slots. The mass missing from 1 is the
+    *tail*: the probability the target puts on every token outside the support. A position
+    whose support is empty has no target (no KL there).
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, probs: torch.Tensor) -> "SparseTarget":
+        """The whole vocabulary as the support: [B, T, V] -> ids [B, T, V], no tail."""
+        ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+        return cls(ids, probs)
+
+    @property
+    def has_target(self) -> torch.Tensor:
+        return (self.ids >= 0).any(-1)  # [B, T]
+
+
+def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> SparseTarget:
+    """Sum the probabilities of repeated ids along the last axis. [..., M] -> SparseTarget [..., M]
+
+    The ids are sorted and each run of equal ids is summed into its first slot; the other slots
+    become empty (-1, 0). Empty slots (-1) in the input stay empty.
+    """
+    probs = torch.where(ids >= 0, probs, torch.zeros_like(probs))
+    ids_sorted, order = ids.sort(-1)
+    probs_sorted = probs.gather(-1, order)
+    first = torch.ones_like(ids_sorted, dtype=torch.bool)
+    first[..., 1:] = ids_sorted[..., 1:] != ids_sorted[..., :-1]
+    group = first.long().cumsum(-1) - 1  # the slot of each id's first occurrence, in run order
+    merged = torch.zeros_like(probs_sorted).scatter_add(-1, group, probs_sorted)
+    merged_ids = torch.full_like(ids_sorted, -1).scatter(-1, group, ids_sorted)
+    # The run of -1 (empty slots) sorts first; keep it empty.
+    return SparseTarget(merged_ids, torch.where(merged_ids >= 0, merged, torch.zeros_like(merged)))
+
+
+def fused_target(ids: torch.Tensor, logprobs: torch.Tensor, alpha: torch.Tensor, aligned: torch.Tensor | None = None) -> SparseTarget:
+    """P_F = sum_i alpha_i P_i on the union of the selected sources' top-K supports.
+
+    ids [B, k, T, K] student ids (-1 empty), logprobs [B, k, T, K] at temperature T, alpha [B, k],
+    aligned [B, k, T] (False where source i has no distribution at position t: its alpha is
+    renormalized over the sources that do). -> SparseTarget [B, T, k * K]
+    A position where no source has weight has no target; a row whose alpha is all zero (every
+    source skipped) has none anywhere.
+
+    Each source's own tail (the mass beyond its top-K) is carried by the fused tail, so the
+    support and the tail together are a distribution: sum_i alpha_i (top-K_i + tail_i) = 1.
+    Never builds a [B, k, T, V] tensor.
+    """
+    batch, k, length, top = ids.shape
+    weight = alpha[:, :, None].expand(batch, k, length)  # [B, k, T]
+    if aligned is not None:
+        weight = weight * aligned
+        weight = weight / weight.sum(1, keepdim=True).clamp(min=1e-12)
+    probs = logprobs.exp().nan_to_num(0.0) * weight[..., None]  # exp(-inf) = 0 on empty slots
+    ids = torch.where(weight[..., None] > 0, ids, -1)  # a source with no weight adds no support
+    ids = ids.permute(0, 2, 1, 3).reshape(batch, length, k * top)
+    probs = probs.permute(0, 2, 1, 3).reshape(batch, length, k * top)
+    return merge_duplicates(ids, probs)
+
+
+def sparse_kl(target: SparseTarget, student_logp: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """KL(P_F || P_S) on the partition {support ids} + {tail}, per position. -> [B, T]
+
+    sum_{v in support} P_F(v) log(P_F(v) / P_S(v)) + tail_F log(tail_F / tail_S), with
+    tail = 1 - the mass on the support. This is the exact KL between the two distributions
+    coarsened to that partition: a lower bound of the full KL, equal to it when the target has
+    no tail (a full-vocabulary support). Only [B, T, M] values of the student are gathered.
+    """
+    present = target.ids >= 0
+    p_f = target.probs * present
+    logp_s = student_logp.gather(-1, target.ids.clamp(min=0)) * present  # [B, T, M]
+    support = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1)
+    tail_f = (1.0 - p_f.sum(-1)).clamp(min=0.0)
+    tail_s = (1.0 - (logp_s.exp() * present).sum(-1)).clamp(min=eps)
+    tail = torch.xlogy(tail_f, tail_f) - tail_f * tail_s.log()
+    return torch.where(target.has_target, support + tail, torch.zeros_like(support))
 
 
 def student_loss(
     student_logits: torch.Tensor,  # [B, T, V]
     targets: torch.Tensor,  # [B, T]
-    fused: torch.Tensor | None,  # [B, T, V] probabilities at temperature T, or None (plain SFT)
+    fused: SparseTarget | None,  # P_F at temperature T on a sparse support, or None (plain SFT)
     lam: float = 0.9,
     temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """L = lam * CE(y | student) + (1 - lam) * T^2 * KL(sg(P_F^T) || P_student^T), token mean.
 
-    With no fused target this is the plain CE of SFT (lam taken as 1).
+    The KL is `sparse_kl` and counts zero where a position has no target (an unaligned
+    position); both terms are divided by the number of trained tokens. With no fused target
+    this is the plain CE of SFT (lam taken as 1).
     """
-    mask = (targets != IGNORE_INDEX).float()
-    tokens = mask.sum().clamp(min=1.0)
-    ce = -target_logprobs(student_logits, targets).sum() / tokens  # zero at untrained positions
+    mask = targets != IGNORE_INDEX
+    tokens = mask.sum().clamp(min=1).float()
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    picked = student_logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ce = -torch.where(mask, picked, torch.zeros_like(picked)).sum() / tokens
     if fused is None:
         return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce)}
-    fused = fused.detach()
-    student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl_per_token = (torch.xlogy(fused, fused) - fused * student_logp).sum(-1)  # [B, T]
-    kl = torch.where(mask.bool(), kl_per_token, torch.zeros_like(kl_per_token)).sum() / tokens
+    if temperature != 1.0:
+        student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    fused = SparseTarget(fused.ids, fused.probs.detach())
+    kl_per_token = sparse_kl(fused, student_logp)
+    kl = torch.where(mask, kl_per_token, torch.zeros_like(kl_per_token)).sum() / tokens
     loss = lam * ce + (1.0 - lam) * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
 

@@ -57,6 +57,8 @@ class FusionDistillModule(L.LightningModule):
         oracle: domain -> source name, used by `oracle`.
         lam: weight of the gold CE; 1 - lam weighs the KL to the fused target.
         temperature: distillation temperature T (> 0).
+        source_top_k: K, the support kept of each source's distribution per position (the fused
+            target lives on the union of the selected sources' top-K, plus a tail bucket).
         gamma: sharpness of the dynamic weights on observed quality (0: selector only).
         tau: temperature of the selection distribution pi = softmax(u / tau).
         feedback_weight: beta, weight of the CV^2 feedback loss.
@@ -78,6 +80,7 @@ class FusionDistillModule(L.LightningModule):
         oracle: dict[str, str] | None = None,
         lam: float = 0.9,
         temperature: float = 1.0,
+        source_top_k: int = 10,
         gamma: float = 1.0,
         tau: float = 1.0,
         feedback_weight: float = 0.1,
@@ -101,7 +104,7 @@ class FusionDistillModule(L.LightningModule):
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
-        self.pool = SourcePool(sources, self.tokenizer, dtype, trust_remote_code) if fusion != "none" else None
+        self.pool = SourcePool(sources, self.tokenizer, dtype, trust_remote_code, source_top_k) if fusion != "none" else None
         self.source_names = [source_name(p) for p in sources]
         self._check_source_names()
         self.student = build_student(student, lora, dtype, trust_remote_code)
@@ -125,6 +128,8 @@ class FusionDistillModule(L.LightningModule):
             raise ValueError(f"model.top_k must be between 1 and the number of sources ({n}), got {h.top_k}")
         if h.temperature <= 0 or h.tau <= 0:
             raise ValueError(f"model.temperature and model.tau must be positive, got {h.temperature} and {h.tau}")
+        if h.source_top_k < 1:
+            raise ValueError(f"model.source_top_k must be at least 1, got {h.source_top_k}")
         if not 0.0 <= h.lam <= 1.0:
             raise ValueError(f"model.lam must be in [0, 1], got {h.lam}")
         if h.dtype not in DTYPES:
@@ -189,13 +194,15 @@ class FusionDistillModule(L.LightningModule):
         if h.fusion == "selector":
             quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
-        probs, ce, valid = self.pool.to(self.device).run(selected, batch["input_ids"], batch["attention_mask"], targets, h.temperature)
+        out = self.pool.to(self.device).run(selected, batch, h.temperature)
+        ce, valid = out.ce, out.valid
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
-        # A sequence left with no usable source gets an all-zero target, so no KL, only gold CE.
+        # A sequence left with no usable source gets no target, so no KL, only gold CE.
         alpha = self.weights(selected_quality, ce.masked_fill(~valid, 1e4)) * valid  # [B, k]
         alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
-        terms = losses.student_loss(logits, targets, losses.fused_target(probs, alpha), h.lam, h.temperature)
+        fused = losses.fused_target(out.ids, out.logprobs, alpha, out.aligned)
+        terms = losses.student_loss(logits, targets, fused, h.lam, h.temperature)
         total = terms["loss"]
         logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],
                 "train/alpha_max": alpha.max(-1).values.mean()}

@@ -4,14 +4,16 @@ sources each sequence selected.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fusion.data import IGNORE_INDEX
-from fusion.losses import sequence_ce, target_logprobs
+from fusion.losses import sequence_ce
 from fusion.tokenizer import load_tokenizer
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -49,14 +51,44 @@ def load_frozen(path: str, dtype: str, trust_remote_code: bool):
     return model
 
 
-class SourcePool:
-    """N frozen sources, kept out of the LightningModule's state dict (checkpoints never hold them)."""
+class SourceOutputs(NamedTuple):
+    """What the selected sources said about a batch, over the student's vocabulary, sparse.
 
-    def __init__(self, paths: list[str], student_tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", trust_remote_code: bool = False):
+    ids [B, k, T, K]: each source's top-K student token ids per student position (-1 empty);
+    logprobs [B, k, T, K]: their log-probabilities at the distillation temperature;
+    ce [B, k]: the source's CE on the gold response at T = 1, per student trained token;
+    valid [B, k]: False where the source's logits were not finite on a trained position (such
+    a pair has zero ce and no support, and must not be used);
+    aligned [B, k, T]: True where the source has a distribution for that student position.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    ce: torch.Tensor
+    valid: torch.Tensor
+    aligned: torch.Tensor
+
+
+class SourcePool:
+    """N frozen sources, kept out of the LightningModule's state dict (checkpoints never hold them).
+
+    Each source's outputs are expressed over the student's vocabulary as top-K sparse
+    distributions; a source with the student's own tokenizer is read position by position.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        student_tokenizer: PreTrainedTokenizerBase,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        top_k: int = 10,
+    ):
         self.names = [source_name(p) for p in paths]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"model.sources: source directory names must be unique, got {self.names}")
         self.vocab_size = len(student_tokenizer)
+        self.top_k = min(top_k, self.vocab_size)
         self.models = []
         for index, path in enumerate(paths):
             key = f"model.sources[{index}]"
@@ -78,28 +110,36 @@ class SourcePool:
         return self
 
     @torch.no_grad()
-    def run(self, selected: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
-        """Run each source only on the sequences that selected it.
+    def run(self, selected: torch.Tensor, batch: dict, temperature: float = 1.0) -> SourceOutputs:
+        """Run each source only on the sequences that selected it. selected [B, k] source indices.
 
-        selected [B, k] source indices -> probs [B, k, T, V] at `temperature`, ce [B, k] at T = 1,
-        and valid [B, k]: False where a source's logits were not finite (NaN or inf) on a trained
-        position; such a pair has zero probs and zero ce and must not be used.
         Output rows past the tokenizer's length (padded embeddings) are dropped.
         """
-        batch, k = selected.shape
-        probs = torch.zeros(batch, k, input_ids.shape[1], self.vocab_size, device=input_ids.device)
-        ce = torch.zeros(batch, k, device=input_ids.device)
-        valid = torch.ones(batch, k, dtype=torch.bool, device=input_ids.device)
+        input_ids, targets = batch["input_ids"], batch["targets"]
+        (size, k), length, device = selected.shape, input_ids.shape[1], input_ids.device
+        ids = torch.full((size, k, length, self.top_k), -1, device=device)
+        logprobs = torch.full((size, k, length, self.top_k), -math.inf, device=device)
+        ce = torch.zeros(size, k, device=device)
+        valid = torch.ones(size, k, dtype=torch.bool, device=device)
+        aligned = torch.zeros(size, k, length, dtype=torch.bool, device=device)
         for index, model in enumerate(self.models):
             rows, slots = (selected == index).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits[..., : self.vocab_size].float()
+            logits = model(input_ids=input_ids[rows], attention_mask=batch["attention_mask"][rows]).logits[..., : self.vocab_size].float()
             trained = targets[rows] != IGNORE_INDEX  # [R, T]
-            is_finite = torch.isfinite(logits)  # [R, T, V]
-            finite = (is_finite.all(-1) | ~trained).all(-1)  # [R]: usable where it is trained
-            logits = torch.where(is_finite, logits, torch.zeros_like(logits))
-            ce[rows, slots] = torch.where(finite, sequence_ce(target_logprobs(logits, targets[rows]), targets[rows]), 0.0)
-            probs[rows, slots] = torch.softmax(logits / temperature, dim=-1) * finite[:, None, None]
+            # NaN or +inf anywhere in a row's logits makes its log-normalizer non-finite; a -inf
+            # logit alone is a legitimate zero probability.
+            normalizer = torch.logsumexp(logits, dim=-1)  # [R, T]
+            finite = (torch.isfinite(normalizer) | ~trained).all(-1)  # [R]: usable where it is trained
+            gold = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
+            ce[rows, slots] = torch.where(finite, sequence_ce(torch.where(trained, gold, 0.0), targets[rows]), 0.0)
+            scaled = logits if temperature == 1.0 else logits / temperature
+            top = scaled.topk(self.top_k, dim=-1)
+            top_logprobs = top.values - (normalizer[..., None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True))
+            usable = finite[:, None] & trained  # [R, T]
+            ids[rows, slots] = torch.where(usable[..., None], top.indices, -1)
+            logprobs[rows, slots] = torch.where(usable[..., None], top_logprobs, -math.inf)
+            aligned[rows, slots] = usable
             valid[rows, slots] = finite
-        return probs, ce, valid
+        return SourceOutputs(ids, logprobs, ce, valid, aligned)

@@ -16,8 +16,11 @@ from fusion.losses import (
     dynamic_weights,
     entropy,
     feedback_loss,
+    SparseTarget,
     fused_target,
+    merge_duplicates,
     selector_loss,
+    sparse_kl,
     sequence_ce,
     student_loss,
     target_logprobs,
@@ -139,28 +142,94 @@ def test_dynamic_weights_large_gamma_tends_to_min_ce():
 # ---------------------------------------------------------------------------------------------
 
 
+def dense(target: SparseTarget, vocab: int) -> torch.Tensor:
+    """The sparse target scattered back to [B, T, V], for checking against hand values."""
+    out = torch.zeros(*target.ids.shape[:-1], vocab)
+    present = target.ids >= 0
+    return out.scatter_add(-1, target.ids.clamp(min=0), target.probs * present)
+
+
+def logp(*values: float) -> list[float]:
+    return [L(v) if v > 0 else -math.inf for v in values]
+
+
 def test_fused_target_mixture_quarter_three_quarters():
-    # P_1 = (0.5, 0.5, 0), P_2 = (0.1, 0.2, 0.7), alpha = (0.25, 0.75):
+    # Full-vocabulary supports. P_1 = (0.5, 0.5, 0), P_2 = (0.1, 0.2, 0.7), alpha = (0.25, 0.75):
     # P_F = (0.125 + 0.075, 0.125 + 0.15, 0 + 0.525) = (0.2, 0.275, 0.525)
-    probs = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]]).view(1, 2, 1, 3)  # [B, k, T, V]
-    alpha = torch.tensor([[0.25, 0.75]])
-    fused = fused_target(probs, alpha)
-    assert fused.shape == (1, 1, 3)
-    assert approx(fused[0, 0], [0.2, 0.275, 0.525])
-    assert approx(fused.sum(-1), [[1.0]])
+    ids = torch.arange(3).expand(1, 2, 1, 3)
+    logprobs = torch.tensor([logp(0.5, 0.5, 0.0), logp(0.1, 0.2, 0.7)]).view(1, 2, 1, 3)
+    fused = fused_target(ids, logprobs, torch.tensor([[0.25, 0.75]]))
+    assert fused.ids.shape == (1, 1, 6)  # the union of two supports of 3, duplicates merged
+    assert approx(dense(fused, 3)[0, 0], [0.2, 0.275, 0.525])
+    assert sorted(fused.ids[0, 0].tolist()) == [-1, -1, -1, 0, 1, 2]
 
 
-def test_fused_target_per_position_and_per_row_weights():
-    # B=2, k=2, T=2, V=2. Source 0 is (1, 0) at t=0 and (0, 1) at t=1; source 1 is uniform.
-    src0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    src1 = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
-    probs = torch.stack([src0, src1]).unsqueeze(0).expand(2, 2, 2, 2)
-    alpha = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
-    fused = fused_target(probs, alpha)
-    # row 0, t=0: 0.25 * (1, 0) + 0.75 * (0.5, 0.5) = (0.625, 0.375); t=1: (0.375, 0.625)
-    assert approx(fused[0], [[0.625, 0.375], [0.375, 0.625]])
-    # row 1: alpha = (1, 0) reproduces source 0
-    assert approx(fused[1], [[1.0, 0.0], [0.0, 1.0]])
+def test_fused_target_union_of_different_top_k_supports_keeps_tails():
+    # K=2, V=5. Source 0's top-2 is {3: 0.6, 1: 0.3} (tail 0.1); source 1's is {1: 0.5, 4: 0.25}
+    # (tail 0.25). alpha = (0.5, 0.5): P_F(3) = 0.3, P_F(1) = 0.15 + 0.25 = 0.4, P_F(4) = 0.125;
+    # fused tail = 0.5 * 0.1 + 0.5 * 0.25 = 0.175 = 1 - 0.825.
+    ids = torch.tensor([[3, 1], [1, 4]]).view(1, 2, 1, 2)
+    logprobs = torch.tensor([logp(0.6, 0.3), logp(0.5, 0.25)]).view(1, 2, 1, 2)
+    fused = fused_target(ids, logprobs, torch.tensor([[0.5, 0.5]]))
+    assert approx(dense(fused, 5)[0, 0], [0.0, 0.4, 0.0, 0.3, 0.125])
+    assert approx(fused.probs.sum(-1), [[0.825]])
+    assert (fused.ids >= 0).sum().item() == 3  # id 1 appears once
+
+
+def test_fused_target_renormalizes_alpha_over_aligned_sources():
+    # T=2. At t=0 both sources are aligned: alpha (0.25, 0.75). At t=1 source 1 is not:
+    # source 0 alone carries the target. A position where neither is aligned has no target.
+    ids = torch.tensor([0, 1]).expand(1, 2, 3, 2)
+    logprobs = torch.tensor([[logp(1.0, 0.0)] * 3, [logp(0.0, 1.0)] * 3]).view(1, 2, 3, 2)
+    aligned = torch.tensor([[[True, True, False], [True, False, False]]])
+    fused = fused_target(ids, logprobs, torch.tensor([[0.25, 0.75]]), aligned)
+    assert approx(dense(fused, 2)[0], [[0.25, 0.75], [1.0, 0.0], [0.0, 0.0]])
+    assert fused.has_target.tolist() == [[True, True, False]]
+
+
+def test_fused_target_per_row_weights():
+    # B=2: alpha = (1, 0) reproduces source 0; (0.5, 0.5) averages.
+    ids = torch.arange(2).expand(2, 2, 1, 2)
+    logprobs = torch.tensor([logp(1.0, 0.0), logp(0.5, 0.5)]).view(1, 2, 1, 2).expand(2, 2, 1, 2)
+    fused = fused_target(ids, logprobs, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    assert approx(dense(fused, 2)[:, 0], [[1.0, 0.0], [0.75, 0.25]])
+
+
+def test_merge_duplicates_sums_repeated_ids_and_keeps_empty_slots_empty():
+    ids = torch.tensor([[2, -1, 2, 0, 2]])
+    probs = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.05]])  # the 0.9 sits on an empty slot: dropped
+    merged = merge_duplicates(ids, probs)
+    pairs = sorted((i, round(p, 6)) for i, p in zip(merged.ids[0].tolist(), merged.probs[0].tolist()) if i >= 0)
+    assert pairs == [(0, 0.3), (2, 0.35)]
+    assert merged.probs[merged.ids < 0].abs().sum() == 0
+
+
+def test_sparse_kl_with_a_tail_by_hand():
+    # V=4. Target support {0: 0.5, 2: 0.3}, tail 0.2. Student p = (0.25, 0.25, 0.25, 0.25):
+    # support terms 0.5 log(0.5/0.25) + 0.3 log(0.3/0.25); tail_S = 0.5 -> 0.2 log(0.2/0.5).
+    target = SparseTarget(torch.tensor([[[0, 2]]]), torch.tensor([[[0.5, 0.3]]]))
+    student_logp = torch.full((1, 1, 4), L(0.25))
+    expected = 0.5 * L(2) + 0.3 * L(0.3 / 0.25) + 0.2 * L(0.2 / 0.5)
+    assert approx(sparse_kl(target, student_logp), [[expected]])
+
+
+def test_sparse_kl_with_full_support_equals_the_dense_kl():
+    torch.manual_seed(0)
+    p_f = torch.softmax(torch.randn(2, 3, 7), -1)
+    student_logp = torch.log_softmax(torch.randn(2, 3, 7), -1)
+    dense_kl = (p_f * (p_f.log() - student_logp)).sum(-1)
+    assert torch.allclose(sparse_kl(SparseTarget.from_dense(p_f), student_logp), dense_kl, atol=1e-6)
+
+
+def test_sparse_kl_is_a_lower_bound_of_the_dense_kl_on_top_k():
+    # Coarsening to {top-3} + tail can only lose information (data-processing inequality).
+    torch.manual_seed(1)
+    p_f = torch.softmax(2 * torch.randn(4, 5, 50), -1)
+    student_logp = torch.log_softmax(torch.randn(4, 5, 50), -1)
+    top = p_f.topk(3, -1)
+    coarse = sparse_kl(SparseTarget(top.indices, top.values), student_logp)
+    full = (p_f * (p_f.log() - student_logp)).sum(-1)
+    assert torch.all(coarse <= full + 1e-6) and torch.all(coarse > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +250,7 @@ def _student_case():
     fused = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]])
     ce = (L(4 / 3) + L(2)) / 2
     kl = ((0.5 * L(2) + 0.5 * L(2 / 3)) + L(2)) / 2
-    return logits, targets, fused, ce, kl
+    return logits, targets, SparseTarget.from_dense(fused), ce, kl
 
 
 def test_student_loss_by_hand_default_lambda():
@@ -214,7 +283,7 @@ def test_student_loss_lambda_one_ignores_kl():
     assert approx(out["loss"], ce)
     assert approx(out["kl"], kl)  # still reported
     # a completely different target leaves the loss unchanged
-    other = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])
+    other = SparseTarget.from_dense(torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]]))
     assert approx(student_loss(logits, targets, other, lam=1.0)["loss"], ce)
 
 
@@ -224,7 +293,7 @@ def test_student_loss_temperature_two_scaling():
     # KL = 1/2 log 2 + 1/2 log(2/3); loss = lam CE + (1 - lam) * 2^2 * KL.
     logits = torch.tensor([[[0.0, L(9)]]])
     targets = torch.tensor([[1]])
-    fused = torch.tensor([[[0.5, 0.5]]])
+    fused = SparseTarget.from_dense(torch.tensor([[[0.5, 0.5]]]))
     kl = 0.5 * L(2) + 0.5 * L(2 / 3)
     out = student_loss(logits, targets, fused, lam=0.9, temperature=2.0)
     assert approx(out["ce"], L(10 / 9))
@@ -235,18 +304,19 @@ def test_student_loss_temperature_two_scaling():
 def test_student_loss_ignored_positions_do_not_matter():
     logits, targets, fused, _, _ = _student_case()
     base = student_loss(logits, targets, fused)["loss"]
-    logits2, fused2 = logits.clone(), fused.clone()
+    logits2, probs2 = logits.clone(), fused.probs.clone()
     logits2[0, 2] = torch.tensor([-50.0, 50.0])
-    fused2[0, 2] = torch.tensor([1.0, 0.0])
+    probs2[0, 2] = torch.tensor([1.0, 0.0])
+    fused2 = SparseTarget(fused.ids, probs2)
     assert approx(student_loss(logits2, targets, fused2)["loss"], base.item())
 
 
 def test_student_loss_fused_target_gets_no_gradient():
     logits, targets, fused, _, _ = _student_case()
     logits = logits.clone().requires_grad_(True)
-    fused = fused.clone().requires_grad_(True)
-    student_loss(logits, targets, fused, lam=0.5)["loss"].backward()
-    assert fused.grad is None
+    probs = fused.probs.clone().requires_grad_(True)
+    student_loss(logits, targets, SparseTarget(fused.ids, probs), lam=0.5)["loss"].backward()
+    assert probs.grad is None
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert torch.all(logits.grad[0, 2] == 0)  # the ignored position gets nothing
 
@@ -255,7 +325,7 @@ def test_student_loss_kl_gradient_by_hand():
     # d/dz [T^2 KL(P_F || softmax(z/T))] = T (softmax(z/T) - P_F). With lam = 0, one token,
     # T = 2, z = (0, log 9): p^T = (1/4, 3/4), P_F = (1/2, 1/2) -> grad = 2 * (-1/4, 1/4).
     logits = torch.tensor([[[0.0, L(9)]]], requires_grad=True)
-    fused = torch.tensor([[[0.5, 0.5]]])
+    fused = SparseTarget.from_dense(torch.tensor([[[0.5, 0.5]]]))
     student_loss(logits, torch.tensor([[1]]), fused, lam=0.0, temperature=2.0)["loss"].backward()
     assert approx(logits.grad[0, 0], [-0.5, 0.5])
 

@@ -38,12 +38,23 @@ def test_only_selected_sources_run(tiny_zoo):
     for index, model in enumerate(module.pool.models):
         model.register_forward_hook(lambda m, args, kwargs, out, i=index: seen.append((i, kwargs["input_ids"].shape[0])), with_kwargs=True)
     selected = torch.tensor([[0], [1], [0]])  # [B, k]
-    probs, ce, valid = module.pool.run(selected, batch["input_ids"], batch["attention_mask"], batch["targets"])
-    assert valid.all()
+    out = module.pool.run(selected, batch)
+    assert out.valid.all()
     assert sorted(seen) == [(0, 2), (1, 1)]  # the random source never ran; 3 sequence forwards in all
-    assert probs.shape == (3, 1, batch["input_ids"].shape[1], len(module.tokenizer))
-    assert torch.allclose(probs.sum(-1), torch.ones(3, 1, batch["input_ids"].shape[1]), atol=1e-5)
-    assert (ce > 0).all()
+    # Sparse top-K over the student vocabulary, only on trained positions.
+    assert out.ids.shape == (3, 1, batch["input_ids"].shape[1], 10)
+    trained = batch["targets"] != -100
+    assert torch.equal(out.aligned[:, 0], trained)
+    assert (out.ids[:, 0][~trained] == -1).all()
+    # They are the source's own top-10, with its log-probabilities, and its CE on the gold tokens.
+    logits = module.pool.models[0](input_ids=batch["input_ids"][:1]).logits[0, :, :99]
+    dense = torch.log_softmax(logits, -1)
+    expected = dense.topk(10, -1)
+    positions = trained[0]
+    assert torch.equal(out.ids[0, 0][positions], expected.indices[positions])
+    assert torch.allclose(out.logprobs[0, 0][positions], expected.values[positions], atol=1e-5)
+    gold = dense.gather(-1, batch["targets"][0].clamp(min=0)[:, None])[:, 0][positions]
+    assert torch.allclose(out.ce[0, 0], -gold.mean(), atol=1e-5)
 
 
 def test_baseline_selection_and_weights(tiny_zoo):
@@ -204,8 +215,9 @@ def test_nonfinite_logits_on_untrained_positions_are_harmless(tiny_zoo):
 
     module.pool.models[0].register_forward_hook(poison_prompt)
     batch = _batch(module)
-    probs, ce, valid = module.pool.run(module.select(batch, None), batch["input_ids"], batch["attention_mask"], batch["targets"])
-    assert valid.all() and torch.isfinite(probs).all() and torch.isfinite(ce).all()
+    out = module.pool.run(module.select(batch, None), batch)
+    assert out.valid.all() and torch.isfinite(out.ce).all()
+    assert torch.isfinite(out.logprobs[out.ids >= 0]).all()
     module.log_dict = lambda values, **kw: None
     module.log = lambda *a, **kw: None
     assert torch.isfinite(module.training_step(batch, 0))
