@@ -240,4 +240,5 @@ class FusionDataModule(L.LightningDataModule):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The fusion corpus in a fixed order: `predict` caches the sources' outputs on it."""
+        return self._loader("train", self.hparams.eval_batch_size, shuffle=False)

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
 from fusion.metrics import EvalMetrics
+from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
@@ -68,6 +69,9 @@ class FusionDistillModule(L.LightningModule):
         lora: peft LoraConfig arguments.
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
         max_new_tokens: greedy decoding budget at evaluation.
+        source_mode: "online" runs the selected sources every step; "cached" reads their outputs
+            from `cache_dir`, written beforehand by `predict` (see fusion/cache.py).
+        cache_dir: the offline cache's directory (written by `predict`, read when cached).
     """
 
     def __init__(
@@ -97,6 +101,8 @@ class FusionDistillModule(L.LightningModule):
         max_new_tokens: int = 24,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        source_mode: str = "online",
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -104,7 +110,8 @@ class FusionDistillModule(L.LightningModule):
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
-        self.pool = SourcePool(sources, self.tokenizer, dtype, trust_remote_code, source_top_k) if fusion != "none" else None
+        self.pool = self._load_pool() if fusion != "none" and source_mode == "online" else None
+        self.cache: SourceCache | None = None
         self.source_names = [source_name(p) for p in sources]
         self._check_source_names()
         self.student = build_student(student, lora, dtype, trust_remote_code)
@@ -132,6 +139,10 @@ class FusionDistillModule(L.LightningModule):
             raise ValueError(f"model.source_top_k must be at least 1, got {h.source_top_k}")
         if not 0.0 <= h.lam <= 1.0:
             raise ValueError(f"model.lam must be in [0, 1], got {h.lam}")
+        if h.source_mode not in ("online", "cached"):
+            raise ValueError(f"model.source_mode must be 'online' or 'cached', got {h.source_mode!r}")
+        if h.source_mode == "cached" and not h.cache_dir:
+            raise ValueError("model.source_mode is 'cached' but model.cache_dir is not set")
         if h.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
 
@@ -143,6 +154,30 @@ class FusionDistillModule(L.LightningModule):
             unknown = {d: s for d, s in (h.oracle or {}).items() if s not in self.source_names}
             if not h.oracle or unknown:
                 raise ValueError(f"model.oracle must map each domain to one of the sources {self.source_names}, got {h.oracle!r}")
+
+    def _load_pool(self) -> SourcePool:
+        h = self.hparams
+        return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k)
+
+    # ---------------------------------------------------------------- the offline cache
+
+    def cache_fingerprint(self) -> dict:
+        """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K and T."""
+        h, data = self.hparams, self.trainer.datamodule
+        paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(self.source_names, h.sources))}
+        tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
+        settings = {"top_k": h.source_top_k, "temperature": h.temperature, "max_length": data.hparams.max_length}
+        return cache_fingerprint(paths, self.tokenizer, tokenizers, data.load()["train"], settings)
+
+    def configure_callbacks(self):
+        if self.hparams.cache_dir and self.hparams.fusion != "none":
+            return [CacheWriter(self.hparams.cache_dir, self.vocab_size)]  # acts in `predict` only
+        return []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Every source on every row of the fusion corpus, as cache records."""
+        selected = torch.arange(len(self.source_names), device=self.device).expand(batch["input_ids"].shape[0], -1)
+        return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.hparams.temperature))
 
     # ---------------------------------------------------------------- the fusion step
 
@@ -194,7 +229,12 @@ class FusionDistillModule(L.LightningModule):
         if h.fusion == "selector":
             quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
-        out = self.pool.to(self.device).run(selected, batch, h.temperature)
+        if self.cache is not None:  # every source's CE is known: the selector observes all N
+            out, all_ce, all_valid = self.cache.lookup(batch, selected)
+        else:
+            out = self.pool.to(self.device).run(selected, batch, h.temperature)
+            all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
+            all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
         ce, valid = out.ce, out.valid
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
@@ -212,13 +252,11 @@ class FusionDistillModule(L.LightningModule):
         logs["train/source_skipped"] = (~valid).sum().float()
         self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True)
         if quality is not None:
-            observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, valid)
-            observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
-            selector_term = losses.selector_loss(quality, observed_ce, observed, h.selector_loss)
+            selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
             feedback_term = losses.feedback_loss(pi)
             total = total + selector_term + h.feedback_weight * feedback_term
-            share = observed.float().mean(0)
+            share = torch.zeros_like(quality).scatter(1, selected, valid.float()).mean(0)
             logs |= {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
                      "train/selection_entropy": losses.entropy(share / share.sum()),
                      "train/pi_entropy": losses.entropy(pi).mean()}
@@ -243,6 +281,13 @@ class FusionDistillModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
 
     def setup(self, stage: str) -> None:
+        h = self.hparams
+        if stage == "predict" and self.pool is None:
+            if h.fusion == "none" or not h.cache_dir:
+                raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")
+            self.pool = self._load_pool()
+        if stage == "fit" and h.source_mode == "cached" and h.fusion != "none" and self.cache is None:
+            self.cache = SourceCache(h.cache_dir, self.cache_fingerprint(), len(self.source_names))
         if self.eval_metrics is None:
             domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
