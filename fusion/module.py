@@ -161,13 +161,17 @@ class FusionDistillModule(L.LightningModule):
 
     # ---------------------------------------------------------------- the offline cache
 
-    def cache_fingerprint(self) -> dict:
+    def cache_fingerprint(self, data=None) -> dict:
         """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K and T."""
-        h, data = self.hparams, self.trainer.datamodule
+        h, data = self.hparams, data or self.trainer.datamodule
         paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(self.source_names, h.sources))}
         tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
         settings = {"top_k": h.source_top_k, "temperature": h.temperature, "max_length": data.hparams.max_length}
         return cache_fingerprint(paths, self.tokenizer, tokenizers, data.load()["train"], settings)
+
+    def attach_cache(self, data=None) -> None:
+        """Read the offline cache of `cache_dir`, after checking it was computed for this run."""
+        self.cache = SourceCache(self.hparams.cache_dir, self.cache_fingerprint(data), len(self.source_names))
 
     def configure_callbacks(self):
         if self.hparams.cache_dir and self.hparams.fusion != "none":
@@ -287,7 +291,7 @@ class FusionDistillModule(L.LightningModule):
                 raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")
             self.pool = self._load_pool()
         if stage == "fit" and h.source_mode == "cached" and h.fusion != "none" and self.cache is None:
-            self.cache = SourceCache(h.cache_dir, self.cache_fingerprint(), len(self.source_names))
+            self.attach_cache()
         if self.eval_metrics is None:
             domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])

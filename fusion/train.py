@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 from lightning.pytorch.cli import LightningCLI
 from transformers.utils.logging import disable_progress_bar
 
@@ -17,6 +18,7 @@ class FusionCLI(LightningCLI):
 
 def main(args=None, run: bool = True) -> FusionCLI:
     disable_progress_bar()  # per-file weight-loading bars of transformers; Lightning shows progress
+    datasets.disable_progress_bars()  # and the per-split bars of datasets (data files, cache shards)
     return FusionCLI(
         FusionDistillModule,
         FusionDataModule,

@@ -1,0 +1,97 @@
+"""Training steps per second of each way to get the fusion target, next to plain SFT, in one run.
+
+    python -m fusion.bench throughput [--vocab 32000] [--steps 20] [--batch_size 16]
+
+One student and N = 4 sources of the same size (tiny Qwen2 built from config, one vocabulary),
+the same batches for every method, and the same optimizer step:
+    sft              plain SFT (`fusion: none`), the reference;
+    selector-cached  the selector (k = 2) reading every source's top-K from the offline cache;
+    selector-online  the selector running k = 2 of the N = 4 sources for each sequence;
+    avgce-online     all N = 4 sources run for every sequence (AvgCE weights).
+Methods take turns step by step, so a slow moment of the machine hits them alike. The ideal
+ratios come from the parts timed alone: t_sft / (t_sft + k * t_source) with t_source one source
+forward over the whole batch (k = 2 for the selector, N = 4 for avgce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+METHODS = ("sft", "selector-cached", "selector-online", "avgce-online")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fusion.bench throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method (after 2 warm-up steps)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--output", default="checkpoints/bench/throughput.json")
+    args = parser.parse_args(argv)
+
+    import datasets
+
+    from fusion.bench import _synthetic as syn
+
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        paths = syn.make_setup(root, args.vocab, rows=args.batch_size * 4)
+        data = syn.data_module(paths, args.batch_size)
+        cache_dir = os.path.join(root, "cache")
+        modules = {
+            "sft": syn.fusion_module(paths, "none"),
+            "selector-cached": syn.fusion_module(paths, "selector", top_k=2, source_mode="cached", cache_dir=cache_dir),
+            "selector-online": syn.fusion_module(paths, "selector", top_k=2, cache_dir=cache_dir),
+            "avgce-online": syn.fusion_module(paths, "avgce"),
+        }
+        syn.write_cache(modules["selector-online"], data)
+        modules["selector-cached"].attach_cache(data)
+        for name, module in modules.items():
+            module.load_state_dict(modules["sft"].state_dict(), strict=False)  # the same student start
+        optimizers = {name: syn.optimizer_for(m) for name, m in modules.items()}
+        batches = list(data.train_dataloader())
+        seconds = {name: 0.0 for name in METHODS}
+        for step in range(args.steps + 2):
+            batch = batches[step % len(batches)]
+            for name in METHODS:
+                started = time.perf_counter()
+                syn.train_step(modules[name], batch, optimizers[name])
+                if step >= 2:
+                    seconds[name] += time.perf_counter() - started
+        # The parts alone: the student's step and one source's forward over the whole batch.
+        source = modules["avgce-online"].pool.models[0]
+        source_seconds = 0.0
+        with torch.no_grad():
+            for step in range(args.steps + 2):
+                batch = batches[step % len(batches)]
+                started = time.perf_counter()
+                source(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                if step >= 2:
+                    source_seconds += time.perf_counter() - started
+    per_step = {name: s / args.steps for name, s in seconds.items()}
+    t_sft, t_source = per_step["sft"], source_seconds / args.steps
+    ideal = {"selector-online": t_sft / (t_sft + 2 * t_source), "avgce-online": t_sft / (t_sft + 4 * t_source)}
+    print(f"\nvocabulary {args.vocab}, batch {args.batch_size}, {args.steps} timed steps per method, N = 4, k = 2, K = 10")
+    print("| method | steps/s | ratio to sft | ideal ratio |")
+    print("|---|---|---|---|")
+    for name in METHODS:
+        ideal_cell = f"{ideal[name]:.2f}" if name in ideal else "1.00" if name == "selector-cached" else "-"
+        print(f"| {name} | {1 / per_step[name]:.2f} | {t_sft / per_step[name]:.2f} | {ideal_cell} |")
+    print(f"\nselector-online is {per_step['avgce-online'] / per_step['selector-online']:.2f}x faster than avgce-online "
+          f"(ideal {(t_sft + 4 * t_source) / (t_sft + 2 * t_source):.2f}x); one source forward {t_source * 1000:.0f} ms, the SFT step {t_sft * 1000:.0f} ms")
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    report = {"vocab": args.vocab, "batch_size": args.batch_size, "steps": args.steps, "seconds_per_step": per_step,
+              "source_forward_seconds": t_source, "ratio_to_sft": {n: t_sft / per_step[n] for n in METHODS}, "ideal_ratio": ideal}
+    with open(args.output + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(args.output + ".tmp", args.output)
+
+
+if __name__ == "__main__":
+    main()
