@@ -26,7 +26,6 @@ The rule (DESIGN.md, "Alignment across tokenizers"), exact and linear in length:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 import re
@@ -132,26 +131,19 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
 
 
 @dataclass(frozen=True)
-class SequenceAlignment:
-    source_ids: list[int]  # [S] the source's tokens of the text, with its bos/eos
-    source_targets: list[int]  # [S] source token j+1 on the trained span, else IGNORE_INDEX
-    position_map: list[int]  # [T] source position aligned with each student position, or -1
-    aligned: int  # trained student positions that are aligned
-    trained: int  # trained student positions
-
-
-@dataclass(frozen=True)
 class AlignedBatch:
-    input_ids: torch.Tensor  # [B, S] the source's tokens, right-padded
+    """The source's side of a student batch; CPU tensors."""
+
+    input_ids: torch.Tensor  # [B, S] the source's tokens of each row's text with its bos/eos, right-padded
     attention_mask: torch.Tensor  # [B, S]
-    targets: torch.Tensor  # [B, S] pre-shifted like fusion.data.collate's, IGNORE_INDEX off the trained span
-    position_map: torch.Tensor  # [B, T] long: source position for each student position, -1 unaligned
-    aligned: int
-    trained: int
+    targets: torch.Tensor  # [B, S] pre-shifted like fusion.data.collate's; IGNORE_INDEX off the trained span
+    position_map: torch.Tensor  # [B, T] source position aligned with each student position, -1 unaligned
+    aligned: torch.Tensor  # [B] trained student positions that are aligned
+    trained: torch.Tensor  # [B] trained student positions
 
     @property
     def coverage(self) -> float:
-        return self.aligned / max(self.trained, 1)
+        return int(self.aligned.sum()) / max(int(self.trained.sum()), 1)
 
 
 def _utf8_span(data: bytes) -> tuple[int, int]:
@@ -170,10 +162,12 @@ def _utf8_span(data: bytes) -> tuple[int, int]:
 
 
 class Aligner:
-    """Aligns the student's rows with one source's tokenization of the same text (rule: module docstring).
+    """Aligns the student's batches with one source's tokenization of the same texts (rule: module docstring).
 
-    The source's tokenization of each text is cached (up to `cache_size` texts), so epochs after
-    the first tokenize nothing.
+    `aligner(input_ids, attention_mask, targets)` takes a batch from fusion.data.collate. Each
+    row's text is rebuilt from the student's tokens; the source's tokenization of each text is
+    cached (up to `cache_size` texts), so epochs after the first tokenize nothing. Everything else
+    is vectorized over the batch.
     """
 
     def __init__(self, student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase, cache_size: int = 200_000):
@@ -186,114 +180,109 @@ class Aligner:
             piece if piece is not None else ("\ufffd" if i == student.unk_token_id else student.convert_ids_to_tokens(i)).encode()
             for i, piece in enumerate(token_bytes(student))
         ]
+        self.student_size = np.array([len(piece) for piece in self.student_text], dtype=np.int64)
         self.source_bytes = token_bytes(source)
         # A copy of the source's backend that reads special-token strings in the text as plain text.
         self.backend = Tokenizer.from_str(fast_backend(source).to_str())
         self.backend.no_truncation()
         self.backend.no_padding()
         self.backend.encode_special_tokens = True
-        self.cache: dict[str, tuple[list[int], np.ndarray, np.ndarray]] = {}
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.cache_size = cache_size
 
-    def _tokenize(self, texts: list[str]) -> None:
-        """Source ids and byte [start, end) of each token for the uncached texts."""
+    def source_tokens(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per text: the source's ids and each token's byte start and end in the text."""
         todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if len(self.cache) + len(todo) > self.cache_size:
             self.cache.clear()
         for text, encoding in zip(todo, self.backend.encode_batch_fast(todo, add_special_tokens=False)):
             ids = encoding.ids
             pieces = [self.source_bytes[i] for i in ids]
+            if None in pieces:  # unknown tokens: the text they stand for, read from the offsets
+                offsets = self.backend.encode(text, add_special_tokens=False).offsets
+                pieces = [p if p is not None else text[s:e].encode() for p, (s, e) in zip(pieces, offsets)]
             data = text.encode()
-            spelled = b"".join(p for p in pieces if p is not None)
-            if None in pieces or spelled not in (data, b" " + data):
+            spelled = b"".join(pieces)
+            if spelled not in (data, b" " + data):
                 raise ValueError(
-                    f"source tokenizer {self.source_name!r}: its tokens of {text!r} spell "
-                    f"{b''.join(p if p is not None else b'<special>' for p in pieces)!r}; alignment needs a source "
-                    "whose tokens spell the text (no unknown tokens, no normalizer that changes it)"
+                    f"source tokenizer {self.source_name!r}: its tokens of {text!r} spell {spelled!r}; alignment "
+                    "needs a source whose tokens spell the text (no normalizer that changes it)"
                 )
             ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
-            # A dummy prefix space (SentencePiece, add_prefix_space) is not part of the text.
-            ends -= len(spelled) - len(data)
-            starts = np.maximum(np.concatenate(([0], ends[:-1])), 0)
-            self.cache[text] = (ids, starts, np.maximum(ends, 0))
-
-    def align_sequences(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[SequenceAlignment]:
-        """Align unpadded student rows, each (input_ids, targets) as built by fusion.data.encode/collate."""
-        prepared = []
-        for ids, targets in rows:
-            has_bos = len(ids) > 1 and ids[0] == self.student_bos
-            has_eos = len(ids) > 1 and ids[-1] == self.student_eos
-            pieces = [self.student_text[i] for i in ids[int(has_bos) : len(ids) - int(has_eos)]]
-            data = b"".join(pieces)
-            lo, hi = _utf8_span(data)
-            # Byte where each student token starts, relative to the decoded text (bos at 0, eos at the end).
-            starts = np.zeros(len(ids), dtype=np.int64)
-            starts[int(has_bos) : int(has_bos) + len(pieces)] = np.cumsum([0] + [len(p) for p in pieces[:-1]]) - lo
-            if has_eos:
-                starts[-1] = hi - lo
-            prepared.append((data[lo:hi].decode(), starts, has_eos, np.asarray(targets) != IGNORE_INDEX))
-        self._tokenize([text for text, *_ in prepared])
-        return [self._align(*row) for row in prepared]
-
-    def _align(self, text: str, starts: np.ndarray, has_eos: bool, trained: np.ndarray) -> SequenceAlignment:
-        text_ids, source_starts, source_ends = self.cache[text]
-        size = len(text.encode())
-        offset = int(self.source_bos is not None)
-        source_ids = [self.source_bos] * offset + text_ids
-        add_eos = has_eos and self.source_eos is not None
-        if add_eos:
-            source_ids.append(self.source_eos)
-        # first[c] = the source index of the first text token starting at byte c, or -1.
-        first = np.full(size + 1, -1, dtype=np.int64)
-        indices = np.arange(offset, offset + len(text_ids))
-        first[source_starts[::-1]] = indices[::-1]
-        # Student position t predicts token t+1 at byte next[t].
-        length = len(starts)
-        nxt = starts[1:]
-        inside = (nxt >= 0) & (nxt < size)
-        source_next = np.where(inside, first[np.clip(nxt, 0, size)], -1)
-        if has_eos:
-            source_next[-1] = len(source_ids) - 1 if add_eos else -1
-        position_map = np.full(length, UNALIGNED, dtype=np.int64)
-        position_map[:-1] = np.where(source_next >= 1, source_next - 1, UNALIGNED)
-        # Source token j+1 is trained when it overlaps [first trained student token, end].
-        source_targets = [IGNORE_INDEX] * len(source_ids)
-        if trained.any():
-            response_start = starts[int(np.argmax(trained)) + 1]
-            for j in np.flatnonzero(source_ends > response_start):
-                if offset + j >= 1:  # without a bos, nothing predicts the first source token
-                    source_targets[offset + j - 1] = text_ids[j]
-            if add_eos and trained[-2]:
-                source_targets[-2] = self.source_eos
-        return SequenceAlignment(
-            source_ids=source_ids,
-            source_targets=source_targets,
-            position_map=position_map.tolist(),
-            aligned=int((trained & (position_map >= 0)).sum()),
-            trained=int(trained.sum()),
-        )
+            ends -= len(spelled) - len(data)  # a dummy prefix space (SentencePiece, add_prefix_space) is not text
+            starts = np.concatenate(([0], ends[:-1])).astype(np.int64)
+            self.cache[text] = (np.array(ids, dtype=np.int64), np.maximum(starts, 0), np.maximum(ends, 0))
+        return [self.cache[text] for text in texts]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> AlignedBatch:
-        """The source's side of a collated student batch ([B, T] tensors from fusion.data.collate)."""
-        lengths = attention_mask.sum(1).tolist()
-        ids, tgt = input_ids.tolist(), targets.tolist()
-        rows = self.align_sequences([(ids[b][:n], tgt[b][:n]) for b, n in enumerate(lengths)])
-        batch, width = len(rows), max(len(r.source_ids) for r in rows)
-        source_ids = torch.full((batch, width), self.source_pad, dtype=torch.long)
-        source_mask = torch.zeros(batch, width, dtype=torch.long)
-        source_targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        position_map = torch.full(input_ids.shape, UNALIGNED, dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = len(row.source_ids)
-            source_ids[b, :n] = torch.tensor(row.source_ids)
-            source_mask[b, :n] = 1
-            source_targets[b, :n] = torch.tensor(row.source_targets)
-            position_map[b, : lengths[b]] = torch.tensor(row.position_map)
+        ids = input_ids.cpu().numpy()  # [B, T]
+        batch, length = ids.shape
+        rows = np.arange(batch)
+        lengths = attention_mask.cpu().numpy().sum(1)
+        valid = np.arange(length) < lengths[:, None]  # [B, T]
+        last = np.maximum(lengths - 1, 0)
+        has_bos = (lengths > 1) & (ids[:, 0] == (-1 if self.student_bos is None else self.student_bos))
+        has_eos = (lengths > 1) & (ids[rows, last] == (-1 if self.student_eos is None else self.student_eos))
+        is_text = valid.copy()  # [B, T] tokens that spell text: not the leading bos, not the final eos
+        is_text[:, 0] &= ~has_bos
+        is_text[rows, last] &= ~has_eos
+
+        # The student's side: each row's text and the byte where each of its tokens starts.
+        sizes = np.where(is_text, self.student_size[ids], 0)  # [B, T]
+        starts = sizes.cumsum(1) - sizes  # [B, T]
+        texts, trim, text_size = [], np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
+        id_rows = ids.tolist()
+        for b in range(batch):
+            data = b"".join([self.student_text[i] for i in id_rows[b][int(has_bos[b]) : int(last[b]) + 1 - int(has_eos[b])]])
+            trim[b], end = _utf8_span(data)
+            text_size[b] = end - trim[b]
+            texts.append(data[trim[b] : end].decode())
+        starts -= trim[:, None]
+        starts[rows[has_eos], last[has_eos]] = text_size[has_eos]
+
+        # The source's side: [bos] text tokens [eos], flattened over the batch ([M] arrays).
+        entries = self.source_tokens(texts)
+        offset = int(self.source_bos is not None)
+        counts = np.array([len(e[0]) for e in entries], dtype=np.int64)
+        add_eos = has_eos & (self.source_eos is not None)
+        source_length = offset + counts + add_eos  # [B]
+        token_row = np.repeat(rows, counts)  # [M]
+        token_col = offset + np.arange(counts.sum()) - np.repeat(counts.cumsum() - counts, counts)  # [M]
+        token_ids, token_starts, token_ends = (np.concatenate([e[n] for e in entries] + [np.zeros(0, np.int64)]) for n in range(3))
+
+        # first[base[b] + c]: the source column of row b's first token starting at byte c, or -1.
+        base = np.concatenate(([0], (text_size + 1).cumsum()[:-1]))
+        first = np.full(int((text_size + 1).sum()), -1, dtype=np.int64)
+        first[(base[token_row] + token_starts)[::-1]] = token_col[::-1]
+        following = starts[:, 1:]  # [B, T-1] byte where the token each position predicts starts
+        inside = is_text[:, 1:] & (following >= 0) & (following < text_size[:, None])
+        source_next = np.where(inside, first[base[:, None] + np.clip(following, 0, text_size[:, None])], -1)
+        eos_rows = rows[has_eos]  # the position predicting eos: the one predicting the source's eos
+        source_next[eos_rows, last[eos_rows] - 1] = np.where(add_eos[eos_rows], source_length[eos_rows] - 1, -1)
+        position_map = np.full((batch, length), UNALIGNED, dtype=np.int64)
+        position_map[:, :-1] = np.where(source_next >= 1, source_next - 1, UNALIGNED)
+
+        # Source targets: the tokens overlapping [first trained student token, end], eos included.
+        trained = valid & (targets.cpu().numpy() != IGNORE_INDEX)  # [B, T]
+        first_trained = trained.argmax(1)
+        response_start = np.where(trained.any(1), starts[rows, np.minimum(first_trained + 1, length - 1)], np.iinfo(np.int64).max)
+        width = int(source_length.max())
+        source_ids = np.full((batch, width), self.source_pad, dtype=np.int64)
+        source_targets = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        source_ids[token_row, token_col] = token_ids
+        keep = (token_ends > response_start[token_row]) & (token_col >= 1)  # column 0 is predicted by nothing
+        source_targets[token_row[keep], token_col[keep] - 1] = token_ids[keep]
+        if offset:
+            source_ids[:, 0] = self.source_bos
+        eos_rows = rows[add_eos]
+        source_ids[eos_rows, source_length[eos_rows] - 1] = self.source_eos
+        eos_trained = eos_rows[trained[eos_rows, last[eos_rows] - 1]]
+        source_targets[eos_trained, source_length[eos_trained] - 2] = self.source_eos
         return AlignedBatch(
-            input_ids=source_ids,
-            attention_mask=source_mask,
-            targets=source_targets,
-            position_map=position_map,
-            aligned=sum(r.aligned for r in rows),
-            trained=sum(r.trained for r in rows),
+            input_ids=torch.from_numpy(source_ids),
+            attention_mask=torch.from_numpy((np.arange(width) < source_length[:, None]).astype(np.int64)),
+            targets=torch.from_numpy(source_targets),
+            position_map=torch.from_numpy(position_map),
+            aligned=torch.from_numpy((trained & (position_map >= 0)).sum(1)),
+            trained=torch.from_numpy(trained.sum(1)),
         )
