@@ -21,14 +21,20 @@ The rule (DESIGN.md, "Alignment across tokenizers"), exact and linear in length:
   end, eos included; other positions get IGNORE_INDEX. So the source's NLL over its targets is
   its NLL of the response text in its own tokens.
 - coverage = aligned trained student positions / trained student positions.
+
+Edge cases, each with one rule: a special token inside the student's text spells its content
+(the student's unk spells U+FFFD); special-token strings in the text are plain text to the
+source; a source's unknown token stands for the text its offsets cover; a dummy prefix space a
+source adds (SentencePiece, add_prefix_space) is not part of the text; a row truncated inside a
+multi-byte character loses the split character, and positions predicting it are unaligned.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
-import re
 
 import numpy as np
 import torch

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from fusion.alignment import BYTE_PIECE, fast_backend, special_ids, token_bytes, tokenizer_name
 
 METHODS = ("exact+med", "exact+prefix", "exact")
+RULES_VERSION = 1  # part of the fingerprint: a change to the rules above invalidates cached maps
 DROPPED = -1
 _ROLES = ("pad", "bos", "eos")  # assignment order: a later role overrides an earlier one on a shared id
 
@@ -51,7 +53,7 @@ def _exact_index(student: PreTrainedTokenizerBase, pieces: list[bytes | None]) -
     return index
 
 
-def _med(queries: list[bytes], student: PreTrainedTokenizerBase, pieces: list[bytes | None], chunk: int = 1024) -> list[int]:
+def _med(queries: list[bytes], student: PreTrainedTokenizerBase, pieces: list[bytes | None], chunk: int = 256) -> list[int]:
     """Nearest student token by Levenshtein distance over bytes; ties: longest common prefix, lowest id."""
     choice_ids = np.array([i for i, piece in enumerate(pieces) if piece])
     choices = [pieces[i] for i in choice_ids]
@@ -59,8 +61,8 @@ def _med(queries: list[bytes], student: PreTrainedTokenizerBase, pieces: list[by
     found = []
     for begin in range(0, len(queries), chunk):
         part = queries[begin : begin + chunk]
-        distance = process.cdist(part, choices, scorer=Levenshtein.distance, workers=-1).astype(np.int64)  # [Q, C]
-        shared = process.cdist(part, choices, scorer=Prefix.similarity, workers=-1).astype(np.int64)  # [Q, C]
+        distance = process.cdist(part, choices, scorer=Levenshtein.distance, workers=-1)  # [Q, C] int32
+        shared = process.cdist(part, choices, scorer=Prefix.similarity, workers=-1)  # [Q, C] int32
         found.extend(choice_ids[np.argmin(distance * longest - shared, axis=1)].tolist())  # argmin: first = lowest id
     return found
 
@@ -136,7 +138,7 @@ def fingerprint(source: PreTrainedTokenizerBase, student: PreTrainedTokenizerBas
     for tokenizer in (source, student):
         digest.update(fast_backend(tokenizer).to_str().encode())
         digest.update(json.dumps([getattr(tokenizer, f"{role}_token_id") for role in _ROLES]).encode())
-    digest.update(f"{method}/{source_rows}".encode())
+    digest.update(f"{method}/{source_rows}/{RULES_VERSION}".encode())
     return digest.hexdigest()
 
 
@@ -186,7 +188,7 @@ def build_vocab_map(
         "source_rows": source_rows,
         "counts": vocab_map_counts(vocab_map, source, student),
     }
-    _write_atomically(path + ".json", lambda p: open(p, "w").write(json.dumps(summary, indent=2)))
+    _write_atomically(path + ".json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     _write_atomically(path + ".safetensors", lambda p: save_file({"vocab_map": vocab_map}, p, metadata={"fingerprint": key}))
     return vocab_map
 
@@ -194,7 +196,7 @@ def build_vocab_map(
 def project_topk(source_logprobs: torch.Tensor, vocab_map: torch.Tensor, k: int, oversample: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's distribution carried onto the student's vocabulary, as its k most likely student ids.
 
-    Takes the source's top k*oversample tokens, maps them through `vocab_map`, drops unmapped ones,
+    `source_logprobs` are log-probabilities (log_softmax of the source's logits). Takes the source's top k*oversample tokens, maps them through `vocab_map`, drops unmapped ones,
     adds up (logsumexp) the probabilities of source tokens landing on the same student id, and
     returns the k most likely student ids ([..., k] long) with their log-probs ([..., k] float),
     padded with id -1 and log-prob -inf where fewer exist. No [..., V_student] tensor is built.

@@ -47,8 +47,12 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
         "gpt2": build_gpt2_tokenizer(),
         f"bpe{bpe_vocab_size}": train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows], bpe_vocab_size),
     }
-    features = [dict(encode(student, r["prompt"], r["response"], max_length), row=r) for r in rows]
-    batches = [collate(features[i : i + batch_size], student.pad_token_id) for i in range(0, len(features), batch_size)]
+
+    def batches_of(tokenizer) -> list[dict]:
+        features = [dict(encode(tokenizer, r["prompt"], r["response"], max_length), row=r) for r in rows]
+        return [collate(features[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(features), batch_size)]
+
+    batches = batches_of(student)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"{len(rows)} rows, {tokens} student tokens, batches of {batch_size}\n")
 
@@ -83,10 +87,11 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
     print(f"{'pair':>16} {'method':>13} {'special':>8} {'exact':>7} {'fallback':>9} {'dropped':>8} {'gold agreement':>15}")
     for source_name, student_name in pairs:
         source, pair_student = sources[source_name], sources[student_name]
+        pair_batches, aligner = batches_of(pair_student), Aligner(pair_student, source)
         for method in METHODS:
             vocab_map = build_vocab_map(source, pair_student, len(source), method)
             counts = vocab_map_counts(vocab_map, source, pair_student)
-            agreement = gold_agreement(batches, Aligner(student, source), vocab_map) if student_name == "char" else float("nan")
+            agreement = gold_agreement(pair_batches, aligner, vocab_map)
             print(
                 f"{source_name + '->' + student_name:>16} {method:>13} {counts['special']:>8} {counts['exact']:>7} "
                 f"{counts['fallback']:>9} {counts['dropped']:>8} {agreement:>15.1%}"
