@@ -53,7 +53,7 @@ def _exact_index(student: PreTrainedTokenizerBase, pieces: list[bytes | None]) -
     return index
 
 
-def _med(queries: list[bytes], student: PreTrainedTokenizerBase, pieces: list[bytes | None], chunk: int = 256) -> list[int]:
+def _med(queries: list[bytes], pieces: list[bytes | None], chunk: int = 256) -> list[int]:
     """Nearest student token by Levenshtein distance over bytes; ties: longest common prefix, lowest id."""
     choice_ids = np.array([i for i, piece in enumerate(pieces) if piece])
     choices = [pieces[i] for i in choice_ids]
@@ -95,7 +95,7 @@ def map_vocabulary(source: PreTrainedTokenizerBase, student: PreTrainedTokenizer
     """The map of the module docstring, built from scratch ([source_rows] long, -1 dropped)."""
     if method not in METHODS:
         raise ValueError(f"vocabulary map method must be one of {METHODS}, got {method!r}")
-    vocab_map = torch.full((source_rows,), DROPPED, dtype=torch.long)
+    vocab_map = [DROPPED] * source_rows
     for role in _ROLES:
         source_id, student_id = getattr(source, f"{role}_token_id"), getattr(student, f"{role}_token_id")
         if source_id is not None and student_id is not None and source_id < source_rows:
@@ -110,9 +110,11 @@ def map_vocabulary(source: PreTrainedTokenizerBase, student: PreTrainedTokenizer
         elif piece:
             rest.append(i)
     if rest and method != "exact":
-        fallback = _med if method == "exact+med" else _prefix
-        vocab_map[rest] = torch.tensor(fallback([pieces[i] for i in rest], student, student_pieces))
-    return vocab_map
+        queries = [pieces[i] for i in rest]
+        found = _med(queries, student_pieces) if method == "exact+med" else _prefix(queries, student, student_pieces)
+        for i, student_id in zip(rest, found):
+            vocab_map[i] = student_id
+    return torch.tensor(vocab_map, dtype=torch.long)
 
 
 def vocab_map_counts(vocab_map: torch.Tensor, source: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> dict[str, int]:

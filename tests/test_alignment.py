@@ -4,6 +4,7 @@ vocabulary-map counts and the sparse projection against a dense reference."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 
@@ -15,7 +16,7 @@ from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 from fusion import vocab_map as vocab_map_module
 from fusion.alignment import Aligner, token_bytes
 from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, build_gpt2_tokenizer
+from fusion.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 from fusion.vocab_map import build_vocab_map, fingerprint, project_topk, vocab_map_counts
 
 X = IGNORE_INDEX
@@ -77,6 +78,9 @@ def test_token_bytes_normalize_every_scheme(gpt2, char):
     assert [meta_bytes[meta.convert_tokens_to_ids(p)] for p in ("▁", "▁c", "é")] == [b" ", b" c", "é".encode()]
     char_bytes = token_bytes(char)
     assert char_bytes[:4] == [None] * 4 and char_bytes[4] == b" " and char_bytes[char.convert_tokens_to_ids("a")] == b"a"
+    bpe = train_bpe_tokenizer(["backward cat=tac", "sort< cat, act=act, cat"] * 10, 280)
+    ids = bpe("sort< cat, tac=", add_special_tokens=False)["input_ids"]
+    assert 260 < len(bpe) <= 280 and len(ids) < 15 and b"".join(token_bytes(bpe)[i] for i in ids) == b"sort< cat, tac="
 
 
 def test_slow_tokenizer_is_refused_by_name(char):
@@ -232,6 +236,8 @@ def test_vocab_map_cache_is_reused_and_keyed_by_fingerprint(char, tmp_path, monk
     first = build_vocab_map(source, char, 300, "exact+med", cache_dir=str(tmp_path))
     second = build_vocab_map(source, char, 300, "exact+med", cache_dir=str(tmp_path))
     assert builds == ["exact+med"] and torch.equal(first, second)
+    summary = json.loads((tmp_path / f"vocab_map-{fingerprint(source, char, 300, 'exact+med')[:16]}.json").read_text())
+    assert summary["counts"] == {"special": 3, "exact": 95, "fallback": 162, "dropped": 40}
     build_vocab_map(source, char, 300, "exact+prefix", cache_dir=str(tmp_path))
     assert builds == ["exact+med", "exact+prefix"]
     assert sorted(os.listdir(tmp_path)) == sorted(
