@@ -60,6 +60,13 @@ class FusionDistillModule(L.LightningModule):
         temperature: distillation temperature T (> 0).
         source_top_k: K, the support kept of each source's distribution per position (the fused
             target lives on the union of the selected sources' top-K, plus a tail bucket).
+        unaligned: a student position where a source with another tokenizer has no token
+            boundary gets no distribution from it ("mask") or a one-hot of the gold token
+            ("gold_onehot").
+        vocab_map: how source tokens map to student tokens: "exact+med" (exact string, else
+            minimum edit distance), "exact+prefix" (exact, else the first student token of the
+            source token's text) or "exact" (else dropped).
+        vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers.
         gamma: sharpness of the dynamic weights on observed quality (0: selector only).
         tau: temperature of the selection distribution pi = softmax(u / tau).
         feedback_weight: beta, weight of the CV^2 feedback loss.
@@ -85,6 +92,9 @@ class FusionDistillModule(L.LightningModule):
         lam: float = 0.9,
         temperature: float = 1.0,
         source_top_k: int = 10,
+        unaligned: str = "mask",
+        vocab_map: str = "exact+med",
+        vocab_map_dir: str | None = "checkpoints/cache/vocab_maps",
         gamma: float = 1.0,
         tau: float = 1.0,
         feedback_weight: float = 0.1,
@@ -157,7 +167,7 @@ class FusionDistillModule(L.LightningModule):
 
     def _load_pool(self) -> SourcePool:
         h = self.hparams
-        return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k)
+        return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k, h.unaligned, h.vocab_map, h.vocab_map_dir)
 
     # ---------------------------------------------------------------- the offline cache
 
@@ -166,7 +176,8 @@ class FusionDistillModule(L.LightningModule):
         h, data = self.hparams, data or self.trainer.datamodule
         paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(self.source_names, h.sources))}
         tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
-        settings = {"top_k": h.source_top_k, "temperature": h.temperature, "max_length": data.hparams.max_length}
+        settings = {"top_k": h.source_top_k, "temperature": h.temperature, "unaligned": h.unaligned,
+                    "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
         return cache_fingerprint(paths, self.tokenizer, tokenizers, data.load()["train"], settings)
 
     def attach_cache(self, data=None) -> None:
@@ -237,6 +248,7 @@ class FusionDistillModule(L.LightningModule):
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
         else:
             out = self.pool.to(self.device).run(selected, batch, h.temperature)
+            self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # exact-boundary coverage
             all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
             all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
         ce, valid = out.ce, out.valid

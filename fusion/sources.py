@@ -12,9 +12,12 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from fusion.alignment import Aligner
 from fusion.data import IGNORE_INDEX
-from fusion.losses import sequence_ce
 from fusion.tokenizer import load_tokenizer
+from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_topk
+
+UNALIGNED_POLICIES = ("mask", "gold_onehot")
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,14 +38,9 @@ def source_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def check_same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase, key: str) -> None:
-    """Sources must share the student's tokenizer until cross-tokenizer alignment is configured."""
-    if student.get_vocab() != source.get_vocab():
-        only_source = len(set(source.get_vocab()) - set(student.get_vocab()))
-        raise ValueError(
-            f"{key}: the source's vocabulary ({len(source)} tokens) differs from the student's ({len(student)} "
-            f"tokens, {only_source} source tokens not in the student's); sources must use the student's tokenizer"
-        )
+def same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase) -> bool:
+    """Same tokens with the same ids and special tokens: no alignment needed."""
+    return student.get_vocab() == source.get_vocab() and (student.bos_token_id, student.eos_token_id) == (source.bos_token_id, source.eos_token_id)
 
 
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):
@@ -73,7 +71,11 @@ class SourcePool:
     """N frozen sources, kept out of the LightningModule's state dict (checkpoints never hold them).
 
     Each source's outputs are expressed over the student's vocabulary as top-K sparse
-    distributions; a source with the student's own tokenizer is read position by position.
+    distributions. A source with the student's own tokenizer is read position by position; any
+    other is aligned by byte offsets (`fusion.alignment`) and its tokens mapped onto the
+    student's vocabulary (`fusion.vocab_map`). Student positions where such a source has no
+    exact boundary are either left without its distribution (`unaligned="mask"`) or given a
+    one-hot of the gold token (`"gold_onehot"`).
     """
 
     def __init__(
@@ -83,22 +85,41 @@ class SourcePool:
         dtype: str = "float32",
         trust_remote_code: bool = False,
         top_k: int = 10,
+        unaligned: str = "mask",
+        vocab_map: str = "exact+med",
+        vocab_map_dir: str | None = None,
     ):
+        if unaligned not in UNALIGNED_POLICIES:
+            raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
+        if vocab_map not in VOCAB_MAP_METHODS:
+            raise ValueError(f"model.vocab_map must be one of {VOCAB_MAP_METHODS}, got {vocab_map!r}")
         self.names = [source_name(p) for p in paths]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"model.sources: source directory names must be unique, got {self.names}")
         self.vocab_size = len(student_tokenizer)
         self.top_k = min(top_k, self.vocab_size)
-        self.models = []
+        self.unaligned = unaligned
+        self.models, self.aligners, self.vocab_maps = [], [], []
         for index, path in enumerate(paths):
             key = f"model.sources[{index}]"
             path = resolve_model_path(path, key)
-            check_same_vocabulary(student_tokenizer, load_tokenizer(path, trust_remote_code), key)
+            tokenizer = load_tokenizer(path, trust_remote_code)
             model = load_frozen(path, dtype, trust_remote_code)
-            if model.get_output_embeddings().weight.shape[0] < self.vocab_size:
-                raise ValueError(f"{key}: the model has {model.get_output_embeddings().weight.shape[0]} output rows, fewer than the {self.vocab_size} tokens of its tokenizer")
+            rows = model.get_output_embeddings().weight.shape[0]
+            if rows < len(tokenizer):
+                raise ValueError(f"{key}: the model has {rows} output rows, fewer than the {len(tokenizer)} tokens of its tokenizer")
+            if same_vocabulary(student_tokenizer, tokenizer):
+                self.aligners.append(None)
+                self.vocab_maps.append(None)
+            else:
+                try:
+                    self.aligners.append(Aligner(student_tokenizer, tokenizer))
+                    self.vocab_maps.append(build_vocab_map(tokenizer, student_tokenizer, rows, vocab_map, vocab_map_dir))
+                except ValueError as error:
+                    raise ValueError(f"{key}: {error}") from error
             self.models.append(model)
         self.device = torch.device("cpu")
+        self.coverage: dict[str, float] = {}  # aligned / trained student positions in the last run
 
     def __len__(self) -> int:
         return len(self.models)
@@ -106,15 +127,13 @@ class SourcePool:
     def to(self, device: torch.device) -> "SourcePool":
         if device != self.device:
             self.models = [m.to(device) for m in self.models]
+            self.vocab_maps = [m.to(device) if m is not None else None for m in self.vocab_maps]
             self.device = device
         return self
 
     @torch.no_grad()
     def run(self, selected: torch.Tensor, batch: dict, temperature: float = 1.0) -> SourceOutputs:
-        """Run each source only on the sequences that selected it. selected [B, k] source indices.
-
-        Output rows past the tokenizer's length (padded embeddings) are dropped.
-        """
+        """Run each source only on the sequences that selected it. selected [B, k] source indices."""
         input_ids, targets = batch["input_ids"], batch["targets"]
         (size, k), length, device = selected.shape, input_ids.shape[1], input_ids.device
         ids = torch.full((size, k, length, self.top_k), -1, device=device)
@@ -122,24 +141,61 @@ class SourcePool:
         ce = torch.zeros(size, k, device=device)
         valid = torch.ones(size, k, dtype=torch.bool, device=device)
         aligned = torch.zeros(size, k, length, dtype=torch.bool, device=device)
+        trained = targets != IGNORE_INDEX  # [B, T] student positions that carry a target
         for index, model in enumerate(self.models):
             rows, slots = (selected == index).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            logits = model(input_ids=input_ids[rows], attention_mask=batch["attention_mask"][rows]).logits[..., : self.vocab_size].float()
-            trained = targets[rows] != IGNORE_INDEX  # [R, T]
-            # NaN or +inf anywhere in a row's logits makes its log-normalizer non-finite; a -inf
-            # logit alone is a legitimate zero probability.
-            normalizer = torch.logsumexp(logits, dim=-1)  # [R, T]
-            finite = (torch.isfinite(normalizer) | ~trained).all(-1)  # [R]: usable where it is trained
-            gold = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
-            ce[rows, slots] = torch.where(finite, sequence_ce(torch.where(trained, gold, 0.0), targets[rows]), 0.0)
+            one = self._run_one(index, model, input_ids[rows], batch["attention_mask"][rows], targets[rows], temperature)
+            ids[rows, slots], logprobs[rows, slots], aligned[rows, slots] = one.ids, one.logprobs, one.aligned
+            ce[rows, slots], valid[rows, slots] = one.ce, one.valid
+            self.coverage[self.names[index]] = float(one.aligned.sum() / trained[rows].sum().clamp(min=1))
+        if self.unaligned == "gold_onehot":  # the gold token, certain, where a source has no boundary
+            fill = trained[:, None, :] & ~aligned & valid[:, :, None]  # [B, k, T]
+            ids[..., 0] = torch.where(fill, targets[:, None, :].expand(-1, k, -1), ids[..., 0])
+            logprobs[..., 0] = torch.where(fill, 0.0, logprobs[..., 0])
+            ids[..., 1:] = torch.where(fill[..., None], -1, ids[..., 1:])
+            logprobs[..., 1:] = torch.where(fill[..., None], -math.inf, logprobs[..., 1:])
+            aligned = aligned | fill
+        return SourceOutputs(ids, logprobs, ce, valid, aligned)
+
+    def _run_one(self, index: int, model, input_ids, attention_mask, targets, temperature: float) -> SourceOutputs:
+        """One source on its rows ([R, T] student tensors) -> SourceOutputs without the k axis."""
+        aligner, vocab_map = self.aligners[index], self.vocab_maps[index]
+        trained = targets != IGNORE_INDEX  # [R, T]
+        if aligner is None:  # the student's tokenizer: position t is position t
+            source_ids, source_mask, source_targets, position_map = input_ids, attention_mask, targets, None
+        else:
+            side = aligner(input_ids, attention_mask, targets)
+            source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
+            position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
+        logits = model(input_ids=source_ids, attention_mask=source_mask).logits.float()
+        if aligner is None:
+            logits = logits[..., : self.vocab_size]  # rows past the tokenizer (padded embeddings)
+        source_trained = source_targets != IGNORE_INDEX  # [R, S]
+        # NaN or +inf anywhere in a position's logits makes its log-normalizer non-finite; a -inf
+        # logit alone is a legitimate zero probability.
+        normalizer = torch.logsumexp(logits, dim=-1)  # [R, S]
+        finite = (torch.isfinite(normalizer) | ~source_trained).all(-1)  # [R]: usable where it is trained
+        gold = logits.gather(-1, source_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
+        # CE of the response text in the source's own tokens, per student trained token: the
+        # same number as the token-mean CE when the tokenizers agree, comparable when they do not.
+        nll = -torch.where(source_trained & finite[:, None], gold, 0.0).sum(-1)
+        ce = torch.where(finite, nll / trained.sum(-1).clamp(min=1), 0.0)
+        if position_map is None:
+            usable = trained & finite[:, None]  # [R, T]
             scaled = logits if temperature == 1.0 else logits / temperature
             top = scaled.topk(self.top_k, dim=-1)
-            top_logprobs = top.values - (normalizer[..., None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True))
-            usable = finite[:, None] & trained  # [R, T]
-            ids[rows, slots] = torch.where(usable[..., None], top.indices, -1)
-            logprobs[rows, slots] = torch.where(usable[..., None], top_logprobs, -math.inf)
-            aligned[rows, slots] = usable
-            valid[rows, slots] = finite
-        return SourceOutputs(ids, logprobs, ce, valid, aligned)
+            lse = normalizer[..., None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True)
+            top_ids, top_logprobs = top.indices, top.values - lse
+        else:
+            usable = trained & (position_map >= 0) & finite[:, None]
+            rows, positions = usable.nonzero(as_tuple=True)
+            picked = logits[rows, position_map[rows, positions]]  # [P, V_source], aligned positions only
+            picked_ids, picked_logprobs = project_topk(torch.log_softmax(picked / temperature, -1), vocab_map, self.top_k)
+            top_ids = torch.full((*usable.shape, self.top_k), -1, device=logits.device)
+            top_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=logits.device)
+            top_ids[rows, positions], top_logprobs[rows, positions] = picked_ids, picked_logprobs
+        top_ids = torch.where(usable[..., None], top_ids, -1)
+        top_logprobs = torch.where(usable[..., None], top_logprobs, -math.inf)
+        return SourceOutputs(top_ids, top_logprobs, ce, finite, usable)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -21,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 from transformers.utils.logging import disable_progress_bar
 
 from fusion import tasks
 from fusion.data import collate, encode
 from fusion.evaluation import correct, greedy_answers
-from fusion.tokenizer import build_char_tokenizer
+from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 
 KINDS = ("specialist", "corrupted", "random")
 
@@ -42,15 +43,22 @@ class Architecture:
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 128
+    pad_vocab_to: int = 1  # output rows rounded up to a multiple of this, as many released models do
 
     def __post_init__(self):
         if self.family not in ("llama", "qwen2", "gpt2"):
             raise ValueError(f"architecture.family must be llama, qwen2 or gpt2, got {self.family!r}")
+        if self.pad_vocab_to < 1:
+            raise ValueError(f"architecture.pad_vocab_to must be at least 1, got {self.pad_vocab_to}")
 
 
 @dataclass
 class SourceRecipe:
-    """How to make one source. `domains` empty means every domain of the zoo."""
+    """How to make one source. `domains` empty means every domain of the zoo.
+
+    `tokenizer`: "char" (one token per character, 99 tokens), "gpt2" (the real GPT-2 byte-level
+    BPE, 50257 tokens) or "bpe-N" (a byte-level BPE of N tokens trained on this source's data).
+    """
 
     name: str
     kind: str = "specialist"
@@ -58,22 +66,35 @@ class SourceRecipe:
     architecture: Architecture = field(default_factory=Architecture)
     steps: int = 600
     learning_rate: float = 3e-3
+    tokenizer: str = "char"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not (self.tokenizer in ("char", "gpt2") or re.fullmatch(r"bpe-\d+", self.tokenizer)):
+            raise ValueError(f"source {self.name!r}: tokenizer must be 'char', 'gpt2' or 'bpe-N', got {self.tokenizer!r}")
+
+
+def make_tokenizer(spec: str, texts: list[str]) -> PreTrainedTokenizerFast:
+    """The tokenizer a recipe names; a BPE is trained on `texts`."""
+    if spec == "char":
+        return build_char_tokenizer()
+    if spec == "gpt2":
+        return build_gpt2_tokenizer()
+    return train_bpe_tokenizer(texts, int(spec.split("-")[1]))
 
 
 def build_model(architecture: Architecture, tokenizer, seed: int) -> PreTrainedModel:
     """A randomly initialized causal LM of the given family, sized for `tokenizer`."""
     a = architecture
+    rows = -(-len(tokenizer) // a.pad_vocab_to) * a.pad_vocab_to
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if a.family == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=a.hidden_size, n_layer=a.num_layers, n_head=a.num_heads,
+        config = GPT2Config(vocab_size=rows, n_embd=a.hidden_size, n_layer=a.num_layers, n_head=a.num_heads,
                             n_inner=a.intermediate_size, n_positions=a.max_positions, **special)
     else:
         config_class = LlamaConfig if a.family == "llama" else Qwen2Config
-        config = config_class(vocab_size=len(tokenizer), hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+        config = config_class(vocab_size=rows, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
                               num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
                               intermediate_size=a.intermediate_size, max_position_embeddings=a.max_positions,
                               tie_word_embeddings=True, **special)
@@ -145,13 +166,14 @@ def _make_source(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     disable_progress_bar()
     recipe = SourceRecipe(**{**job["recipe"], "architecture": Architecture(**job["recipe"]["architecture"])})
-    tokenizer = build_char_tokenizer()
     started = time.time()
+    domains = recipe.domains or job["domains"]
+    rows = tasks.build_splits(domains, {"train": job["examples_per_domain"]}, job["seed"])["train"]
+    tokenizer = make_tokenizer(recipe.tokenizer, [r["prompt"] + r["response"] for r in rows])
     model = build_model(recipe.architecture, tokenizer, job["seed"])
-    rows = []
-    if recipe.kind != "random":
-        domains = recipe.domains or job["domains"]
-        rows = tasks.build_splits(domains, {"train": job["examples_per_domain"]}, job["seed"])["train"]
+    if recipe.kind == "random":
+        rows = []
+    else:
         if recipe.kind == "corrupted":
             rows = corrupt(rows, job["seed"])
         train_causal_lm(model, tokenizer, rows, recipe.steps, recipe.learning_rate, job["batch_size"], job["seed"])
@@ -160,6 +182,7 @@ def _make_source(job: dict) -> dict:
         "name": recipe.name,
         "recipe": job["fingerprint"],
         "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer": {"kind": recipe.tokenizer, "tokens": len(tokenizer), "output_rows": model.get_output_embeddings().weight.shape[0]},
         "train_examples": len(rows),
         "train_seconds": round(time.time() - started, 1),
         "accuracy": domain_accuracy(model, tokenizer, test_rows),

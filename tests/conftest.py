@@ -16,14 +16,16 @@ DOMAINS = ["spell_backward", "chain_sum"]
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> str:
-    """A student and three sources: two briefly trained specialists (Qwen2, GPT-2) and a random Llama."""
+    """A char-level student and three sources with three tokenizers: two briefly trained specialists
+    (Qwen2 with the student's char tokenizer; GPT-2 with a 300-token BPE) and a random Llama with
+    the real GPT-2 tokenizer (50257 tokens in 50304 output rows)."""
     torch.set_num_threads(2)
     root = str(tmp_path_factory.mktemp("zoo"))
     build_zoo(
         sources=[
             SourceRecipe("spell", domains=["spell_backward"], architecture=TINY, steps=30, learning_rate=1e-2),
-            SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2),
-            SourceRecipe("noise", kind="random", architecture=Architecture(family="llama", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)),
+            SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2, tokenizer="bpe-300"),
+            SourceRecipe("noise", kind="random", architecture=Architecture(family="llama", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, pad_vocab_to=64), tokenizer="gpt2"),
         ],
         student=SourceRecipe("student", kind="random", architecture=TINY),
         output_dir=root,

@@ -94,7 +94,7 @@ def test_cache_from_other_data_is_refused(cached_run):
 
 def test_cache_from_another_source_is_refused(cached_run, tiny_zoo):
     sources = [os.path.join(tiny_zoo, n) for n in ("spell", "sum", "student")]
-    with pytest.raises(ValueError, match=r"\(source 2 weights, sources differ\): source 2 weights: cache has '\w+', this run has '\w+'"):
+    with pytest.raises(ValueError, match=r"\(source 2 tokenizer, source 2 weights, sources differ\): source 2 tokenizer: cache has '\w+', this run has '\w+'"):
         main(["fit", "--config", cached_run["config"], "--model.sources", json.dumps(sources), "--trainer.max_steps=1"])
 
 

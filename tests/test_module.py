@@ -124,20 +124,39 @@ def test_directory_that_is_not_a_model(tiny_zoo, tmp_path):
         FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)], top_k=1)
 
 
-def test_source_with_another_vocabulary(tiny_zoo, tmp_path):
-    """A source whose tokenizer differs from the student's is refused, naming the source."""
+def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):
+    """A source with its own 18-token tokenizer is aligned and mapped onto the student's 99 tokens."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *"0123456789+-= "])}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>", "<bos>", *"0123456789+-= "])}  # other ids
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     digits = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
-    model = build_model(Architecture(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), digits, seed=0)
+    model = build_model(Architecture(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, pad_vocab_to=8), digits, seed=0)
     model.save_pretrained(tmp_path / "digits")
     digits.save_pretrained(tmp_path / "digits")
-    with pytest.raises(ValueError, match=r"model.sources\[1\]: the source's vocabulary \(18 tokens\) differs from the student's \(99 tokens"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), str(tmp_path / "digits")])
+    module = FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), str(tmp_path / "digits")],
+                                 fusion="uniform", vocab_map_dir=str(tmp_path / "maps"))
+    assert module.pool.aligners[0] is None and module.pool.aligners[1] is not None
+    student = module.tokenizer
+    vocab_map = module.pool.vocab_maps[1]
+    assert vocab_map.shape == (24,)  # 18 tokens padded to 24 output rows; the padding maps nowhere
+    assert vocab_map[digits.convert_tokens_to_ids("7")] == student.convert_tokens_to_ids("7")
+    assert vocab_map[digits.eos_token_id] == student.eos_token_id and (vocab_map[18:] == -1).all()
+    batch = _batch(module)
+    out = module.pool.run(torch.tensor([[0, 1]] * 3), batch)
+    trained = batch["targets"] != -100
+    # Both are character-level on digits: the sum row ("7" and eos) is aligned at every trained position.
+    assert torch.equal(out.aligned[1, 1], trained[1])
+    # Its distributions live on the student's ids of digits, operators, space and the specials
+    # (mapped by role: the source's pad, bos and eos to the student's); never on letters.
+    allowed = {student.convert_tokens_to_ids(c) for c in "0123456789+-= "} | {student.eos_token_id, student.bos_token_id, student.pad_token_id, -1}
+    assert set(out.ids[:, 1].unique().tolist()) <= allowed
+    assert module.pool.coverage["digits"] == 1.0  # the letters of the other rows are single <unk> tokens
+    module.log_dict = lambda values, **kw: None
+    module.log = lambda *a, **kw: None
+    assert torch.isfinite(module.training_step(batch, 0))
 
 
 def test_data_file_without_configured_column(tiny_zoo, tmp_path):
