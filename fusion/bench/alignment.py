@@ -8,7 +8,10 @@ and a byte-level BPE trained on the suite's train split. Printed:
 - coverage of exact alignment (aligned / trained student positions) per source and domain;
 - vocabulary-map counts per method and pair, and, per method, the share of aligned trained
   positions where the source's gold next token maps to the student's gold next token (the mass
-  a perfectly confident source would put on the right student token).
+  a perfectly confident source would put on the right student token);
+- the offline cache's size on disk in bytes per trained token per source at K = 10, written by
+  `fusion.cache.write_shard` for these rows, for a small and a large student vocabulary
+  (FuseLLM stores 60: K float16 log-probs and K int32 ids for every token).
 """
 
 from __future__ import annotations
@@ -96,6 +99,34 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
                 f"{source_name + '->' + student_name:>16} {method:>13} {counts['special']:>8} {counts['exact']:>7} "
                 f"{counts['fallback']:>9} {counts['dropped']:>8} {agreement:>15.1%}"
             )
+
+
+    print("\noffline cache on disk, K = 10, 3 sources, these rows")
+    for vocab_size in (len(student), 151_936):
+        per_token = cache_bytes_per_token(batches, vocab_size, sources=3, top_k=10)
+        print(f"  student vocabulary {vocab_size:>7}: {per_token:.1f} bytes per trained token per source ({per_token / 60:.2f} x FuseLLM's 60)")
+
+
+def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, top_k: int) -> float:
+    """Write a cache of random top-K entries for every trained position and measure its Arrow files."""
+    import tempfile
+
+    from fusion.cache import cache_size, rows_to_records, write_shard
+    from fusion.sources import SourceOutputs
+
+    generator = torch.Generator().manual_seed(0)
+    records, trained = [], 0
+    for batch in batches:
+        size, length = batch["input_ids"].shape
+        shape = (size, sources, length, top_k)
+        out = SourceOutputs(torch.randint(0, vocab_size, shape, generator=generator), -torch.rand(shape, generator=generator) * 10,
+                            torch.rand(size, sources, generator=generator), torch.ones(size, sources, dtype=torch.bool),
+                            torch.ones(size, sources, length, dtype=torch.bool))
+        records += rows_to_records(batch, out)
+        trained += int((batch["targets"] != IGNORE_INDEX).sum())
+    with tempfile.TemporaryDirectory() as directory:
+        write_shard(directory, "shard-r0-00000", records, vocab_size)
+        return cache_size(directory) / (trained * sources)
 
 
 def main(argv: list[str]) -> None:
