@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     names = available()
     if not argv or argv[0] not in names:
         sys.exit(f"usage: python -m fusion.bench {{{','.join(names)}}} [options]")
+    import datasets
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # weight loading and saving bars; each benchmark prints its own table
+    datasets.disable_progress_bars()
     importlib.import_module(f"fusion.bench.{argv[0]}").main(argv[1:])
 
 
