@@ -17,7 +17,6 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -29,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
+from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.tokenizer import load_tokenizer
@@ -269,11 +269,7 @@ class FusionDistillModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         results = self._finish("test")
         if self.trainer.is_global_zero and self.trainer.log_dir:
-            os.makedirs(self.trainer.log_dir, exist_ok=True)
-            path = os.path.join(self.trainer.log_dir, "metrics.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump({"fusion": self.hparams.fusion, **results}, f, indent=2)
-            os.replace(path + ".tmp", path)
+            atomic_write_json(os.path.join(self.trainer.log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
         self.test_results = results
 
     # ---------------------------------------------------------------- optimization and checkpoints
