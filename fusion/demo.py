@@ -3,7 +3,8 @@
     python -m fusion.demo --zoo configs/zoo.yaml --config configs/quickstart.yaml
 
 Every method is the same `fit` + `test` of `fusion.train` with another `model.fusion`; results
-land in `checkpoints/quickstart/<method>/version_N/metrics.json` and, side by side, in
+land in `checkpoints/quickstart/<method>/version_N/metrics.json` (checkpoints in
+`checkpoints/quickstart/<method>/checkpoints/`) and, side by side, in
 `checkpoints/quickstart/results.json` and `results.md`.
 """
 
@@ -25,6 +26,8 @@ def run_method(config: str, method: str, extra: list[str]) -> dict:
     fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
     args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
     run = cli(args=args, run=False)
+    if run.trainer.checkpoint_callback is not None and run.trainer.logger is not None:  # each method its own last.ckpt
+        run.trainer.checkpoint_callback.dirpath = os.path.realpath(os.path.join(run.trainer.logger.root_dir, "checkpoints"))
     if method != BEFORE:
         run.trainer.fit(run.model, datamodule=run.datamodule)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)

@@ -30,6 +30,7 @@ from fusion import losses
 from fusion.evaluation import correct, greedy_answers
 from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
+from fusion.resume import run_seed, step_seed
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
@@ -180,8 +181,7 @@ class FusionDistillModule(L.LightningModule):
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
         if h.fusion == "none":
             terms = losses.student_loss(logits, targets, None)
-            if not torch.isfinite(terms["loss"]):
-                self._stop_on_nonfinite(terms["loss"], terms)
+            self._stop_if_nonfinite(terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
@@ -203,7 +203,7 @@ class FusionDistillModule(L.LightningModule):
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
         logs["train/source_skipped"] = (~valid).sum().float()
-        self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True)
+        self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
         if quality is not None:
             observed = torch.zeros_like(quality, dtype=torch.bool).scatter(1, selected, valid)
             observed_ce = torch.zeros_like(quality).scatter(1, selected, ce)
@@ -217,21 +217,29 @@ class FusionDistillModule(L.LightningModule):
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
         logs["train/loss"] = total
-        if not torch.isfinite(total):
-            self._stop_on_nonfinite(total, terms)
+        self._stop_if_nonfinite(total, terms)
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
-    def _stop_on_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
-        """Save the last finite state (this step has not updated the weights yet) and stop."""
+    def _stop_if_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
+        """On a non-finite loss, save the last finite state (this step has not updated the weights
+        yet) and stop. Under DDP one process's non-finite loss stops every process, before its
+        backward pass could spread NaN gradients to the others."""
+        here = not bool(torch.isfinite(total))
+        anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False) if self._trainer is not None else here
+        if not anywhere:
+            return
         path = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "checkpoints", "nonfinite.ckpt")
         self.trainer.save_checkpoint(path)
         parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise FloatingPointError(
-            f"the training loss is {float(total)} at step {self.global_step} ({parts}); "
-            f"saved the last finite state to {path} and stopped"
-        )
+        loss = f"the training loss is {float(total)}" if here else "the training loss of another process is not finite"
+        raise FloatingPointError(f"{loss} at step {self.global_step} ({parts}); saved the last finite state to {path} and stopped")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Every random draw of this step (exploration noise, dropout) comes from the global RNG
+        # reseeded here, so a run resumed mid-epoch draws exactly what the uninterrupted run drew.
+        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
 
     # ---------------------------------------------------------------- evaluation
 
@@ -260,6 +268,7 @@ class FusionDistillModule(L.LightningModule):
     def _finish(self, prefix: str) -> dict:
         results = self.eval_metrics.compute()
         self.eval_metrics.reset()
+        # The values are the whole split's already (torchmetrics synchronized the states).
         self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
         return results
 

@@ -1,0 +1,69 @@
+"""Exact resume: a run killed mid-epoch and resumed from its last checkpoint ends where the
+uninterrupted run ends.
+
+Lightning restores the weights, optimizer, scheduler and loop progress, but not the global RNG
+and not the position inside a shuffled epoch. So nothing here keeps RNG state: the training
+order is a function of (seed, epoch), the loader records how many batches of the epoch it
+handed out (Lightning saves a loader's `state_dict` in the checkpoint), and every random draw
+of a training step comes from the global RNG reseeded from (seed, process, step, batch).
+The seed is the run's `seed_everything` value, which Lightning keeps in `PL_GLOBAL_SEED`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def run_seed() -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def step_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:
+    """A well-mixed 63-bit seed for one training batch of one process."""
+    return int(np.random.SeedSequence([seed, rank, step, batch_idx]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ResumableSampler(DistributedSampler):
+    """This process's shard of an order that depends only on (seed, epoch); an epoch can start
+    part-way, leaving out its first `start` indices (those consumed before an interruption)."""
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+
+class ResumableLoader(DataLoader):
+    """A shuffled training DataLoader that Lightning resumes mid-epoch.
+
+    Its state is the epoch and the number of batches handed out in it; on resume the rest of
+    that epoch comes in the uninterrupted order. One process of `num_replicas` gets every
+    `num_replicas`-th index of the epoch's order, as with Lightning's own DistributedSampler.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, **kwargs):
+        sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.epoch, self.batches = 0, 0
+        self._resume: dict[str, int] = {}
+
+    def __iter__(self):
+        # A generator: the body runs at the first batch, after Lightning has set the sampler's epoch.
+        self.epoch = self.sampler.epoch
+        self.batches = self._resume.get("batches", 0) if self._resume.get("epoch") == self.epoch else 0
+        self._resume = {}
+        self.sampler.start = self.batches * self.batch_size
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
