@@ -41,7 +41,7 @@ FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "sele
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
     """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
 
@@ -268,8 +268,9 @@ class FusionDistillModule(L.LightningModule):
     def _finish(self, prefix: str) -> dict:
         results = self.eval_metrics.compute()
         self.eval_metrics.reset()
-        # The values are the whole split's already (torchmetrics synchronized the states).
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
+        # The values are the whole split's on every process already (torchmetrics synchronized the
+        # states); sync_dist averages equal values, which leaves them as they are.
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=True)
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -277,8 +278,9 @@ class FusionDistillModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self._finish("test")
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            atomic_write_json(os.path.join(self.trainer.log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
+        if self.trainer.is_global_zero and log_dir:
+            atomic_write_json(os.path.join(log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
         self.test_results = results
 
     # ---------------------------------------------------------------- optimization and checkpoints

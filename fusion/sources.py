@@ -44,7 +44,7 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTo
 
 
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     model.eval().requires_grad_(False)
     return model
 
