@@ -46,13 +46,18 @@ class ResumableLoader(DataLoader):
     `num_replicas`-th index of the epoch's order, as with Lightning's own DistributedSampler.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, **kwargs):
-        sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    def __init__(self, dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, sampler=None, **kwargs):
+        # Lightning re-creates the loader with a sampler of its own for `overfit_batches`; that one is used as it is.
+        if sampler is None:
+            sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.epoch, self.batches = 0, 0
         self._resume: dict[str, int] = {}
 
     def __iter__(self):
+        if not isinstance(self.sampler, ResumableSampler):
+            yield from super().__iter__()
+            return
         # A generator: the body runs at the first batch, after Lightning has set the sampler's epoch.
         self.epoch = self.sampler.epoch
         self.batches = self._resume.get("batches", 0) if self._resume.get("epoch") == self.epoch else 0

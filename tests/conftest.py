@@ -14,12 +14,10 @@ TINY = Architecture(family="qwen2", hidden_size=32, num_layers=1, num_heads=2, i
 DOMAINS = ["spell_backward", "chain_sum"]
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory) -> str:
-    """A student and three sources: two briefly trained specialists (Qwen2, GPT-2) and a random Llama."""
-    torch.set_num_threads(2)
-    root = str(tmp_path_factory.mktemp("zoo"))
-    build_zoo(
+def tiny_zoo_recipe(root: str) -> dict:
+    """`build_zoo` arguments of the tiny zoo: a student and three sources, two briefly trained
+    specialists (Qwen2, GPT-2) and a random Llama."""
+    return dict(
         sources=[
             SourceRecipe("spell", domains=["spell_backward"], architecture=TINY, steps=30, learning_rate=1e-2),
             SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2),
@@ -33,6 +31,13 @@ def tiny_zoo(tmp_path_factory) -> str:
         test_size=8,
         workers=1,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> str:
+    torch.set_num_threads(2)
+    root = str(tmp_path_factory.mktemp("zoo"))
+    build_zoo(**tiny_zoo_recipe(root))
     return root
 
 

@@ -126,3 +126,11 @@ def test_loader_shards_each_epoch_across_processes():
     whole = sum(_epoch(ResumableLoader(list(range(16)), batch_size=2, seed=0), 1), [])
     shards = [sum(_epoch(ResumableLoader(list(range(16)), batch_size=2, seed=0, num_replicas=2, rank=r), 1), []) for r in (0, 1)]
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
+
+
+def test_loader_takes_a_sampler_lightning_passes():
+    """`overfit_batches` re-creates the loader with a sequential sampler: it is used as it is."""
+    from torch.utils.data import SequentialSampler
+
+    loader = ResumableLoader(list(range(6)), batch_size=2, sampler=SequentialSampler(range(6)))
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]

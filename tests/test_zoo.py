@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
-from fusion.zoo import Architecture, SourceRecipe, build_zoo
+from fusion.zoo import build_zoo
+from tests.conftest import tiny_zoo_recipe
 
-SMALL = Architecture(family="llama", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
 
+def test_zoo_rebuilds_a_source_whose_fingerprint_does_not_match(tiny_zoo, tmp_path):
+    root = str(tmp_path / "zoo")
+    shutil.copytree(tiny_zoo, root)
+    weights = {name: os.stat(os.path.join(root, name, "model.safetensors")).st_mtime_ns for name in os.listdir(root)}
+    recipe = tiny_zoo_recipe(root)
 
-def test_zoo_rebuilds_a_source_whose_fingerprint_does_not_match(tmp_path):
-    def build(hidden_size: int) -> dict:
-        architecture = Architecture(**{**SMALL.__dict__, "hidden_size": hidden_size})
-        return build_zoo(sources=[SourceRecipe("noise", kind="random", architecture=architecture)],
-                         student=SourceRecipe("student", kind="random", architecture=SMALL),
-                         output_dir=str(tmp_path), domains=["chain_sum"], test_size=2, workers=1)
+    build_zoo(**recipe)  # every card matches its recipe: nothing is rewritten
+    assert {name: os.stat(os.path.join(root, name, "model.safetensors")).st_mtime_ns for name in weights} == weights
 
-    weights = tmp_path / "noise" / "model.safetensors"
-    build(16)
-    first = os.stat(weights).st_mtime_ns
-    build(16)  # same recipe: reused, not rewritten
-    assert os.stat(weights).st_mtime_ns == first
-    cards = build(24)  # another recipe under the same name: rebuilt
-    assert os.stat(weights).st_mtime_ns != first
-    assert cards["noise"]["recipe"]["recipe"]["architecture"]["hidden_size"] == 24
-    assert json.loads((tmp_path / "noise" / "config.json").read_text())["hidden_size"] == 24
-    assert sorted(os.listdir(tmp_path)) == ["noise", "student"]  # no temporary directory left
+    noise = recipe["sources"][2]
+    recipe["sources"][2] = dataclasses.replace(noise, architecture=dataclasses.replace(noise.architecture, hidden_size=16))
+    cards = build_zoo(**recipe)  # the same name with another recipe: that source alone is rebuilt
+    changed = {name for name in weights if os.stat(os.path.join(root, name, "model.safetensors")).st_mtime_ns != weights[name]}
+    assert changed == {"noise"}
+    assert cards["noise"]["recipe"]["recipe"]["architecture"]["hidden_size"] == 16
+    assert json.loads(open(os.path.join(root, "noise", "config.json")).read())["hidden_size"] == 16
+    assert sorted(os.listdir(root)) == sorted(weights)  # no temporary directory left behind
