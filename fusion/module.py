@@ -30,7 +30,7 @@ from fusion import losses
 from fusion.evaluation import correct, greedy_answers
 from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
-from fusion.resume import run_seed, step_seed
+from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
@@ -307,6 +307,7 @@ class FusionDistillModule(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        start_next_epoch_cleanly(checkpoint)
         expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
         found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
         if expected != found:

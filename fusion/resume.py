@@ -18,6 +18,29 @@ import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
 
+def start_next_epoch_cleanly(checkpoint: dict[str, Any]) -> None:
+    """Lightning 2.6 resumes a checkpoint written after an epoch had finished (a SIGTERM or an
+    exception in the epoch-end hooks, saved by OnExceptionCheckpoint) with that epoch's batch
+    counters; with `max_steps` the next epoch then counts its first batch as its last and ends,
+    skipping the rest of its rows. Such a checkpoint gets its per-epoch counters zeroed, as
+    Lightning zeroes them at every epoch start. Any other checkpoint is left as it is."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or len(set(epochs.values())) != 1 or not batches["current"]["ready"]:
+        return  # mid-epoch, or nothing run yet
+
+    def zero_current(progress: dict) -> None:
+        for key, value in progress.items():
+            if key == "current":
+                progress[key] = {counter: 0 for counter in value}
+            elif isinstance(value, dict):
+                zero_current(value)
+
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress", "epoch_loop.automatic_optimization.optim_progress"):
+        zero_current(loop.get(key, {}))
+    batches["is_last_batch"] = False
+
+
 def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 

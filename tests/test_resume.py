@@ -1,5 +1,5 @@
-"""Exact resume: a fit killed with SIGKILL mid-epoch and resumed with `--ckpt_path last` ends with
-the weights and test metrics of the uninterrupted run."""
+"""Exact resume: a fit stopped mid-run (SIGKILL mid-epoch, SIGTERM at an epoch's end) and resumed
+with `--ckpt_path last` ends with the weights and test metrics of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -24,14 +25,25 @@ MAX_STEPS, EVERY, BATCHES_PER_EPOCH = 9, 3, 4  # 2 domains x 16 rows / batch 8: 
 WEIGHT_TOLERANCE = 1e-6  # max abs difference of any adapter or selector weight
 
 
-def _write_config(zoo: str, run_dir: str) -> str:
+class SigtermAtEpochEnd(L.Callback):
+    """Sends this process SIGTERM in the end-of-epoch hooks of the first epoch."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _write_config(zoo: str, run_dir: str, *callbacks: dict) -> str:
     # Random draws in every step: Gumbel exploration noise on selection and LoRA dropout.
     lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}
     config = tiny_config(zoo, run_dir, fusion="selector", top_k=1, exploration_noise=1.0, exploration_steps=MAX_STEPS, lora=lora)
     config["trainer"].update(max_steps=MAX_STEPS, limit_val_batches=0)
+    checkpoints = os.path.join(run_dir, "checkpoints")
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": os.path.join(run_dir, "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": EVERY}},
+         "init_args": {"dirpath": checkpoints, "save_last": True, "save_top_k": 0, "every_n_train_steps": EVERY}},
+        {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": checkpoints}},
+        *callbacks,
     ]
     path = os.path.join(run_dir, "config.yaml")
     os.makedirs(run_dir, exist_ok=True)
@@ -51,12 +63,39 @@ def _test_metrics(config: str, run_dir: str) -> dict:
         return json.load(f)
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path):
-    killed_dir, reference_dir = str(tmp_path / "killed"), str(tmp_path / "reference")
-    killed_config, reference_config = _write_config(tiny_zoo, killed_dir), _write_config(tiny_zoo, reference_dir)
-    last = os.path.join(killed_dir, "checkpoints", "last.ckpt")
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_zoo, tmp_path_factory) -> tuple[dict, dict]:
+    """Final weights and test metrics of the run that is never stopped."""
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = _write_config(tiny_zoo, run_dir)
+    main(["fit", "--config", config])
+    return _load(os.path.join(run_dir, "checkpoints", "last.ckpt")), _test_metrics(config, run_dir)
 
-    process = subprocess.Popen([sys.executable, "-m", "fusion.train", "fit", "--config", killed_config], cwd=ROOT,
+
+def _assert_same_as_uninterrupted(config: str, run_dir: str, interrupted: dict, uninterrupted: tuple[dict, dict]) -> None:
+    reference, reference_metrics = uninterrupted
+    resumed = _load(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    assert resumed["global_step"] == reference["global_step"] == MAX_STEPS
+    weights = reference["state_dict"]
+    assert resumed["state_dict"].keys() == weights.keys() and any(k.startswith("selector.") for k in weights)
+    difference = max(float((resumed["state_dict"][k] - v).abs().max()) for k, v in weights.items())
+    print(f"stopped at step {interrupted['global_step']}, resumed: max abs weight difference to the uninterrupted run {difference:.3g}")
+    assert difference <= WEIGHT_TOLERANCE
+    # Not vacuous: the steps after the interruption moved the weights by far more than the tolerance.
+    moved = max(float((interrupted["state_dict"][k] - v).abs().max()) for k, v in weights.items())
+    assert moved > 1e3 * WEIGHT_TOLERANCE
+
+    metrics = _test_metrics(config, run_dir)
+    assert metrics["sequences"] == {"chain_sum": 4, "spell_backward": 4}
+    assert metrics.pop("perplexity") == pytest.approx(reference_metrics["perplexity"], rel=1e-6)
+    assert metrics == {k: v for k, v in reference_metrics.items() if k != "perplexity"}  # accuracy, selection shares
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupted):
+    run_dir = str(tmp_path / "killed")
+    config = _write_config(tiny_zoo, run_dir)
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    process = subprocess.Popen([sys.executable, "-m", "fusion.train", "fit", "--config", config], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not os.path.exists(last) and process.poll() is None and time.time() < deadline:
@@ -64,28 +103,26 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     killed = _load(last)
-    killed_at = killed["global_step"]
-    assert 0 < killed_at < MAX_STEPS and killed_at % BATCHES_PER_EPOCH != 0, f"killed at step {killed_at}, not mid-epoch"
+    assert 0 < killed["global_step"] < MAX_STEPS and killed["global_step"] % BATCHES_PER_EPOCH != 0, "not killed mid-epoch"
 
-    main(["fit", "--config", killed_config, "--ckpt_path", "last"])  # finds checkpoints/last.ckpt
-    main(["fit", "--config", reference_config])
-    resumed = _load(last)
-    reference = _load(os.path.join(reference_dir, "checkpoints", "last.ckpt"))
-    assert resumed["global_step"] == reference["global_step"] == MAX_STEPS
-    weights = reference["state_dict"]
-    assert resumed["state_dict"].keys() == weights.keys() and any(k.startswith("selector.") for k in weights)
-    difference = max(float((resumed["state_dict"][k] - v).abs().max()) for k, v in weights.items())
-    print(f"kill at step {killed_at}, resume: max abs weight difference to the uninterrupted run {difference:.3g}")
-    assert difference <= WEIGHT_TOLERANCE
-    # Not vacuous: the steps after the kill moved the weights by far more than the tolerance.
-    moved = max(float((killed["state_dict"][k] - v).abs().max()) for k, v in weights.items())
-    assert moved > 1e3 * WEIGHT_TOLERANCE
+    main(["fit", "--config", config, "--ckpt_path", "last"])  # finds checkpoints/last.ckpt
+    _assert_same_as_uninterrupted(config, run_dir, killed, uninterrupted)
 
-    resumed_metrics, reference_metrics = _test_metrics(killed_config, killed_dir), _test_metrics(reference_config, reference_dir)
-    print("test metrics, resumed:", resumed_metrics, "\nuninterrupted:", reference_metrics)
-    assert resumed_metrics["sequences"] == {"chain_sum": 4, "spell_backward": 4}
-    assert resumed_metrics.pop("perplexity") == pytest.approx(reference_metrics.pop("perplexity"), rel=1e-6)
-    assert resumed_metrics == reference_metrics  # accuracy per domain, selection shares: equal
+
+def test_sigterm_at_an_epoch_end_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupted):
+    """SIGTERM in the epoch-end hooks: OnExceptionCheckpoint saves, and the resume starts the next
+    epoch at its first batch (Lightning 2.6 alone would end that epoch after one batch)."""
+    run_dir = str(tmp_path / "terminated")
+    stopping = _write_config(tiny_zoo, run_dir, {"class_path": "tests.test_resume.SigtermAtEpochEnd"})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", stopping])
+    assert exit_info.value.code in (None, 0)
+    terminated = _load(os.path.join(run_dir, "checkpoints", "on_exception.ckpt"))
+    assert terminated["global_step"] == BATCHES_PER_EPOCH  # the whole first epoch, nothing more
+
+    config = _write_config(tiny_zoo, run_dir)
+    main(["fit", "--config", config, "--ckpt_path", "last"])  # on_exception.ckpt, newer than last.ckpt of step 3
+    _assert_same_as_uninterrupted(config, run_dir, terminated, uninterrupted)
 
 
 def _epoch(loader: ResumableLoader, epoch: int, batches: int | None = None) -> list[list[int]]:
