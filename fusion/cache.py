@@ -31,16 +31,18 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
-from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fusion.data import IGNORE_INDEX
+from fusion.io import atomic_directory, atomic_write_json
 from fusion.sources import SourceOutputs
 
 FORMAT_VERSION = 1
+SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")
 
 
 # ------------------------------------------------------------------------------------ fingerprints
@@ -112,12 +114,6 @@ def check_fingerprint(directory: str, expected: dict) -> None:
         raise ValueError(f"model.cache_dir {directory!r} was computed for a different setup ({', '.join(differ)} differ): {details}")
 
 
-def _write_json_atomically(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -164,15 +160,12 @@ def write_shard(directory: str, name: str, records: list[dict], vocab_size: int)
         "aligned": [r["aligned"].flatten().tolist() for r in records],
     }
     final = os.path.join(directory, name)
-    temporary = os.path.join(directory, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    datasets.Dataset.from_dict(columns, features=features).save_to_disk(temporary)
-    files = sorted(f for f in os.listdir(temporary) if os.path.isfile(os.path.join(temporary, f)))
-    manifest = {"rows": len(records), "files": {f: {"bytes": os.path.getsize(os.path.join(temporary, f)),
-                                                     "sha256": _sha256_files([os.path.join(temporary, f)])} for f in files}}
-    _write_json_atomically(os.path.join(temporary, "manifest.json"), manifest)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
+    with atomic_directory(final) as temporary:  # complete, or not there under its name
+        datasets.Dataset.from_dict(columns, features=features).save_to_disk(temporary)
+        files = sorted(f for f in os.listdir(temporary) if os.path.isfile(os.path.join(temporary, f)))
+        manifest = {"rows": len(records), "files": {f: {"bytes": os.path.getsize(os.path.join(temporary, f)),
+                                                         "sha256": _sha256_files([os.path.join(temporary, f)])} for f in files}}
+        atomic_write_json(os.path.join(temporary, "manifest.json"), manifest)
     return final
 
 
@@ -191,9 +184,9 @@ class CacheWriter(BasePredictionWriter):
         os.makedirs(self.directory, exist_ok=True)
         if trainer.is_global_zero:
             # A new cache replaces an old one: drop its shards first, then record what this one is.
-            for old in glob.glob(os.path.join(self.directory, "shard-*")):
+            for old in glob.glob(os.path.join(self.directory, "shard-*")):  # with stale .tmp/.old ones
                 shutil.rmtree(old, ignore_errors=True)
-            _write_json_atomically(os.path.join(self.directory, "fingerprint.json"), pl_module.cache_fingerprint())
+            atomic_write_json(os.path.join(self.directory, "fingerprint.json"), pl_module.cache_fingerprint())
         trainer.strategy.barrier("fusion-cache-setup")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
@@ -226,7 +219,7 @@ class SourceCache:
         import datasets
 
         check_fingerprint(directory, expected_fingerprint)
-        shards = sorted(glob.glob(os.path.join(directory, "shard-*")))
+        shards = list_shards(directory)
         if not shards:
             raise ValueError(f"model.cache_dir {directory!r}: fingerprint.json but no shard; the predict run did not finish")
         self.num_sources = num_sources
@@ -286,6 +279,11 @@ class SourceCache:
         return out, ce_all.to(device), valid_all.to(device)
 
 
+def list_shards(directory: str) -> list[str]:
+    """The complete shards of a cache: `shard-r<rank>-<n>`, never a `.tmp` or `.old` leftover."""
+    return sorted(p for p in glob.glob(os.path.join(directory, "shard-*")) if SHARD_NAME.fullmatch(os.path.basename(p)))
+
+
 def _open_shard(shard: str):
     """Load one shard after checking its manifest: a missing or altered file is named."""
     import datasets
@@ -310,4 +308,4 @@ def _open_shard(shard: str):
 
 def cache_size(directory: str) -> int:
     """Bytes on disk of the cache's Arrow files."""
-    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(directory, "shard-*", "*.arrow")))
+    return sum(os.path.getsize(p) for shard in list_shards(directory) for p in glob.glob(os.path.join(shard, "*.arrow")))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fusion import tasks
+from fusion.resume import ResumableLoader, run_seed
 from fusion.tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -221,24 +222,32 @@ class FusionDataModule(L.LightningDataModule):
                     raise ValueError(f"data: every {split} row is longer than data.max_length={self.hparams.max_length}")
         return features
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self._features(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=lambda features: collate(features, self.tokenizer.pad_token_id),
-        )
+    def _collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(features, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        # Shuffled by (seed, epoch) and resumable mid-epoch; one shard per process under DDP.
+        trainer = self.trainer
+        return ResumableLoader(
+            self._features("train"),
+            batch_size=self.hparams.batch_size,
+            seed=run_seed(),
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        # Under DDP, Lightning gives each process every world_size-th row (DistributedSampler).
+        return DataLoader(self._features(split), batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The fusion corpus in a fixed order: `predict` caches the sources' outputs on it."""
-        return self._loader("train", self.hparams.eval_batch_size, shuffle=False)
+        return self._eval_loader("train")

@@ -3,19 +3,20 @@
     python -m fusion.demo --zoo configs/zoo.yaml --config configs/quickstart.yaml
 
 Every method is the same `fit` + `test` of `fusion.train` with another `model.fusion`; results
-land in `checkpoints/quickstart/<method>/version_N/metrics.json` and, side by side, in
+land in `checkpoints/quickstart/<method>/version_N/metrics.json` (checkpoints in
+`checkpoints/quickstart/<method>/checkpoints/`) and, side by side, in
 `checkpoints/quickstart/results.json` and `results.md`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from fusion import zoo
+from fusion.io import atomic_write_json, atomic_write_text
 from fusion.train import main as cli
 
 BEFORE = "before training"
@@ -25,6 +26,8 @@ def run_method(config: str, method: str, extra: list[str]) -> dict:
     fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
     args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
     run = cli(args=args, run=False)
+    if run.trainer.checkpoint_callback is not None and run.trainer.logger is not None:  # each method its own last.ckpt
+        run.trainer.checkpoint_callback.dirpath = os.path.realpath(os.path.join(run.trainer.logger.root_dir, "checkpoints"))
     if method != BEFORE:
         run.trainer.fit(run.model, datamodule=run.datamodule)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
@@ -60,14 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[method] = run_method(args.config, method, overrides)
         results[method]["seconds"] = time.time() - method_started
         print(f"{method}: mean accuracy {results[method]['acc_mean']:.3f} ({results[method]['seconds']:.0f} s)", flush=True)
-    os.makedirs(args.output, exist_ok=True)
     report = table(results)
-    with open(os.path.join(args.output, "results.md.tmp"), "w") as f:
-        f.write(report + "\n")
-    os.replace(os.path.join(args.output, "results.md.tmp"), os.path.join(args.output, "results.md"))
-    with open(os.path.join(args.output, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(args.output, "results.json.tmp"), os.path.join(args.output, "results.json"))
+    atomic_write_text(os.path.join(args.output, "results.md"), report + "\n")
+    atomic_write_json(os.path.join(args.output, "results.json"), results)
     print("\nTest accuracy (exact match) per domain, student after each method:\n" + report)
     if "selector" in results and "selection_by_domain" in results["selector"]:
         print("\nSelector: share of each domain's test sequences sent to each source")

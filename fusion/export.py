@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 
 import torch
 
+from fusion.io import atomic_directory
 from fusion.module import build_student
 from fusion.tokenizer import load_tokenizer
 
@@ -28,12 +28,9 @@ def export(ckpt_path: str, output_dir: str) -> str:
     if result.unexpected_keys or not adapter:
         raise ValueError(f"{ckpt_path}: the adapter does not fit student {h['student']!r} (unexpected {result.unexpected_keys[:3]})")
     merged = student.merge_and_unload()
-    temporary = output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    merged.save_pretrained(temporary, safe_serialization=True)
-    load_tokenizer(h["student"], h.get("trust_remote_code", False)).save_pretrained(temporary)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(temporary, output_dir)
+    with atomic_directory(output_dir) as temporary:
+        merged.save_pretrained(temporary, safe_serialization=True)
+        load_tokenizer(h["student"], h.get("trust_remote_code", False)).save_pretrained(temporary)
     return output_dir
 
 

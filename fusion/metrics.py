@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics import Metric, SumMetric
 
 from fusion.data import IGNORE_INDEX
 from fusion.losses import entropy, target_logprobs
 
 
+class DomainAccuracy(Metric):
+    """Exact-match accuracy per domain. State: correct and count [D], summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self, num_domains: int):
+        super().__init__()
+        self.add_state("correct", torch.zeros(num_domains), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_domains), dist_reduce_fx="sum")
+
+    def update(self, domain_index: torch.Tensor, correct: torch.Tensor) -> None:  # [B], [B]
+        self.correct.index_add_(0, domain_index, correct.float())
+        self.count.index_add_(0, domain_index, torch.ones_like(domain_index, dtype=torch.float))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        # The synchronized count goes out with the accuracy: after compute() the states are local again.
+        return {"accuracy": self.correct / self.count.clamp(min=1), "count": self.count.clone()}
+
+
 class SelectionCounts(Metric):
-    """How often each source was selected, per domain. State: counts [D, N]."""
+    """How often each source was selected, per domain. State: counts [D, N], sequences [D]."""
 
     full_state_update = False
 
@@ -26,17 +45,22 @@ class SelectionCounts(Metric):
         self.counts.index_add_(0, domain_index, one_hot)
         self.sequences.index_add_(0, domain_index, torch.ones_like(domain_index, dtype=torch.float))
 
-    def compute(self) -> torch.Tensor:
-        return self.counts / self.sequences.clamp(min=1).unsqueeze(1)  # share of a domain's sequences
+    def compute(self) -> dict[str, torch.Tensor]:
+        share = self.counts / self.sequences.clamp(min=1).unsqueeze(1)  # [D, N], share of a domain's sequences
+        return {"share": share, "sequences": self.sequences.clone()}
 
 
 class EvalMetrics(nn.Module):
-    """Exact-match accuracy per domain and mean, response perplexity, selector statistics."""
+    """Exact-match accuracy per domain and mean, response perplexity, selector statistics.
+
+    Under DDP every process holds its part of the split; `compute` (called on every process)
+    returns the metrics of the whole split: torchmetrics sums the states across processes.
+    """
 
     def __init__(self, domains: list[str], source_names: list[str]):
         super().__init__()
         self.domains, self.source_names = list(domains), list(source_names)
-        self.accuracy = nn.ModuleList(MeanMetric() for _ in self.domains)
+        self.accuracy = DomainAccuracy(len(self.domains))
         self.nll, self.tokens = SumMetric(), SumMetric()
         self.selection = SelectionCounts(len(self.domains), len(self.source_names)) if self.source_names else None
 
@@ -44,32 +68,34 @@ class EvalMetrics(nn.Module):
         mask = targets != IGNORE_INDEX
         self.nll.update(-(target_logprobs(logits, targets) * mask).sum())
         self.tokens.update(mask.sum())
-        index = [self.domains.index(d) for d in domains]
-        for i, ok in zip(index, correct):
-            self.accuracy[i].update(torch.tensor(float(ok)))
+        index = torch.tensor([self.domains.index(d) for d in domains], device=logits.device)
+        self.accuracy.update(index, torch.tensor(correct, dtype=torch.float, device=logits.device))
         if self.selection is not None and selected is not None:
-            self.selection.update(torch.tensor(index, device=selected.device), selected)
+            self.selection.update(index, selected)
 
     def compute(self) -> dict:
         results: dict = {}
-        per_domain = {}
-        for domain, metric in zip(self.domains, self.accuracy):
-            if metric.update_count:
-                per_domain[domain] = float(metric.compute())
+        accuracy = self.accuracy.compute()
+        counts = accuracy["count"].tolist()
+        per_domain = {d: float(a) for d, a, n in zip(self.domains, accuracy["accuracy"], counts) if n > 0}
         results["acc"] = per_domain
         for domain, value in per_domain.items():
             results[f"acc_{domain}"] = value
         results["acc_mean"] = sum(per_domain.values()) / max(1, len(per_domain))
+        results["sequences"] = {d: int(n) for d, n in zip(self.domains, counts) if n > 0}
         results["perplexity"] = float(torch.exp(self.nll.compute() / self.tokens.compute().clamp(min=1)))
-        if self.selection is not None and self.selection.update_count:
-            by_domain = self.selection.compute()  # [D, N]
-            sequences = self.selection.sequences
-            share = (by_domain * sequences.unsqueeze(1)).sum(0) / sequences.sum().clamp(min=1)  # [N]
-            results["selection_share"] = dict(zip(self.source_names, share.tolist()))
-            results["selection_entropy"] = float(entropy(share / share.sum().clamp(min=1e-12)))
-            results["selection_by_domain"] = {d: dict(zip(self.source_names, row.tolist())) for d, row in zip(self.domains, by_domain)}
+        if self.selection is not None:
+            selection = self.selection.compute()
+            by_domain, sequences = selection["share"], selection["sequences"]  # [D, N], [D]
+            if sequences.sum() > 0:
+                share = (by_domain * sequences.unsqueeze(1)).sum(0) / sequences.sum()  # [N]
+                results["selection_share"] = dict(zip(self.source_names, share.tolist()))
+                results["selection_entropy"] = float(entropy(share / share.sum().clamp(min=1e-12)))
+                results["selection_by_domain"] = {
+                    d: dict(zip(self.source_names, row.tolist())) for d, row, n in zip(self.domains, by_domain, sequences) if n > 0
+                }
         return results
 
     def reset(self) -> None:
-        for metric in [*self.accuracy, self.nll, self.tokens] + ([self.selection] if self.selection is not None else []):
+        for metric in [self.accuracy, self.nll, self.tokens] + ([self.selection] if self.selection is not None else []):
             metric.reset()

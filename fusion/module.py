@@ -17,7 +17,6 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -29,8 +28,10 @@ from transformers import AutoModelForCausalLM
 
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
+from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
 from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
+from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
@@ -41,7 +42,7 @@ FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "sele
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
     """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
 
@@ -235,8 +236,7 @@ class FusionDistillModule(L.LightningModule):
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
         if h.fusion == "none":
             terms = losses.student_loss(logits, targets, None)
-            if not torch.isfinite(terms["loss"]):
-                self._stop_on_nonfinite(terms["loss"], terms)
+            self._stop_if_nonfinite(terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
@@ -266,7 +266,7 @@ class FusionDistillModule(L.LightningModule):
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
         logs["train/source_skipped"] = (~valid).sum().float()
-        self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True)
+        self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
         if quality is not None:
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
             selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
@@ -278,21 +278,29 @@ class FusionDistillModule(L.LightningModule):
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
         logs["train/loss"] = total
-        if not torch.isfinite(total):
-            self._stop_on_nonfinite(total, terms)
+        self._stop_if_nonfinite(total, terms)
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
-    def _stop_on_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
-        """Save the last finite state (this step has not updated the weights yet) and stop."""
+    def _stop_if_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
+        """On a non-finite loss, save the last finite state (this step has not updated the weights
+        yet) and stop. Under DDP one process's non-finite loss stops every process, before its
+        backward pass could spread NaN gradients to the others."""
+        here = not bool(torch.isfinite(total))
+        anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False) if self._trainer is not None else here
+        if not anywhere:
+            return
         path = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "checkpoints", "nonfinite.ckpt")
         self.trainer.save_checkpoint(path)
         parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise FloatingPointError(
-            f"the training loss is {float(total)} at step {self.global_step} ({parts}); "
-            f"saved the last finite state to {path} and stopped"
-        )
+        loss = f"the training loss is {float(total)}" if here else "the training loss of another process is not finite"
+        raise FloatingPointError(f"{loss} at step {self.global_step} ({parts}); saved the last finite state to {path} and stopped")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Every random draw of this step (exploration noise, dropout) comes from the global RNG
+        # reseeded here, so a run resumed mid-epoch draws exactly what the uninterrupted run drew.
+        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
 
     # ---------------------------------------------------------------- evaluation
 
@@ -328,7 +336,9 @@ class FusionDistillModule(L.LightningModule):
     def _finish(self, prefix: str) -> dict:
         results = self.eval_metrics.compute()
         self.eval_metrics.reset()
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
+        # The values are the whole split's on every process already (torchmetrics synchronized the
+        # states); sync_dist averages equal values, which leaves them as they are.
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=True)
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -336,12 +346,9 @@ class FusionDistillModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self._finish("test")
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            os.makedirs(self.trainer.log_dir, exist_ok=True)
-            path = os.path.join(self.trainer.log_dir, "metrics.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump({"fusion": self.hparams.fusion, **results}, f, indent=2)
-            os.replace(path + ".tmp", path)
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
+        if self.trainer.is_global_zero and log_dir:
+            atomic_write_json(os.path.join(log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
         self.test_results = results
 
     # ---------------------------------------------------------------- optimization and checkpoints
@@ -368,6 +375,7 @@ class FusionDistillModule(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        start_next_epoch_cleanly(checkpoint)
         expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
         found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
         if expected != found:

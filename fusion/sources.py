@@ -44,7 +44,7 @@ def same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenize
 
 
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     model.eval().requires_grad_(False)
     return model
 

@@ -23,18 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein, Prefix
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from fusion.alignment import BYTE_PIECE, fast_backend, special_ids, token_bytes, tokenizer_name
+from fusion.io import atomic_open, atomic_write_json
 
 METHODS = ("exact+med", "exact+prefix", "exact")
 RULES_VERSION = 1  # part of the fingerprint: a change to the rules above invalidates cached maps
@@ -144,18 +143,6 @@ def fingerprint(source: PreTrainedTokenizerBase, student: PreTrainedTokenizerBas
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, write) -> None:
-    """`write(temporary_path)` in the same directory, then one rename: no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
-
-
 def build_vocab_map(
     source: PreTrainedTokenizerBase,
     student: PreTrainedTokenizerBase,
@@ -190,8 +177,9 @@ def build_vocab_map(
         "source_rows": source_rows,
         "counts": vocab_map_counts(vocab_map, source, student),
     }
-    _write_atomically(path + ".json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    _write_atomically(path + ".safetensors", lambda p: save_file({"vocab_map": vocab_map}, p, metadata={"fingerprint": key}))
+    atomic_write_json(path + ".json", summary)
+    with atomic_open(path + ".safetensors", "wb") as f:
+        f.write(save({"vocab_map": vocab_map}, metadata={"fingerprint": key}))
     return vocab_map
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from transformers.utils.logging import disable_progress_bar
 from fusion import tasks
 from fusion.data import collate, encode
 from fusion.evaluation import correct, greedy_answers
+from fusion.io import atomic_directory, atomic_write_json
 from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 
 KINDS = ("specialist", "corrupted", "random")
@@ -151,14 +151,10 @@ def corrupt(rows: list[dict], seed: int) -> list[dict]:
 
 def save_atomically(model, tokenizer, card: dict, directory: str) -> None:
     """Write to a temporary sibling, then rename: an interrupted run leaves no half source."""
-    temporary = directory + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    with open(os.path.join(temporary, "card.json"), "w") as f:
-        json.dump(card, f, indent=2)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(temporary, directory)
+    with atomic_directory(directory) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+        atomic_write_json(os.path.join(temporary, "card.json"), card)
 
 
 def _make_source(job: dict) -> dict:

@@ -14,14 +14,12 @@ TINY = Architecture(family="qwen2", hidden_size=32, num_layers=1, num_heads=2, i
 DOMAINS = ["spell_backward", "chain_sum"]
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory) -> str:
-    """A char-level student and three sources with three tokenizers: two briefly trained specialists
-    (Qwen2 with the student's char tokenizer; GPT-2 with a 300-token BPE) and a random Llama with
-    the real GPT-2 tokenizer (50257 tokens in 50304 output rows)."""
-    torch.set_num_threads(2)
-    root = str(tmp_path_factory.mktemp("zoo"))
-    build_zoo(
+def tiny_zoo_recipe(root: str) -> dict:
+    """`build_zoo` arguments of the tiny zoo: a char-level student and three sources with three
+    tokenizers: two briefly trained specialists (Qwen2 with the student's char tokenizer; GPT-2
+    with a 300-token BPE) and a random Llama with the real GPT-2 tokenizer (50257 tokens in 50304
+    output rows)."""
+    return dict(
         sources=[
             SourceRecipe("spell", domains=["spell_backward"], architecture=TINY, steps=30, learning_rate=1e-2),
             SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2, tokenizer="bpe-300"),
@@ -35,6 +33,13 @@ def tiny_zoo(tmp_path_factory) -> str:
         test_size=8,
         workers=1,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> str:
+    torch.set_num_threads(2)
+    root = str(tmp_path_factory.mktemp("zoo"))
+    build_zoo(**tiny_zoo_recipe(root))
     return root
 
 

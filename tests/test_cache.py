@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from fusion.cache import cache_size, write_shard
+from fusion.cache import cache_size, list_shards, write_shard
 from fusion.train import main
 
 
@@ -51,7 +51,7 @@ def test_predict_writes_shards_with_a_fingerprint(cached_run):
         fingerprint = json.load(f)
     assert {"source 0 weights", "source 1 tokenizer", "student tokenizer", "data", "top_k", "temperature"} <= set(fingerprint)
     assert fingerprint["top_k"] == 10
-    assert not glob.glob(os.path.join(cached_run["cache"], ".tmp-*"))  # nothing half-written left
+    assert not glob.glob(os.path.join(cached_run["cache"], "*.tmp"))  # nothing half-written left
 
 
 def test_cached_outputs_equal_the_online_ones(cached_run):
@@ -126,7 +126,10 @@ def test_an_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash)
     with pytest.raises(KeyboardInterrupt):
         write_shard(str(tmp_path), "shard-r0-00000", [record], vocab_size=99)
-    assert not glob.glob(str(tmp_path / "shard-*"))  # the reader only ever sees complete shards
+    assert not glob.glob(str(tmp_path / "shard-*"))  # no shard, and no temporary left behind
+    # A killed writer can leave a `.tmp` directory; the reader never takes it for a shard.
+    os.makedirs(tmp_path / "shard-r0-00001.tmp")
+    assert list_shards(str(tmp_path)) == []
 
 
 def test_missing_cache_is_named(cached_run, tmp_path):

@@ -103,8 +103,11 @@ def test_training_step_logs_every_term(tiny_zoo):
         ({"top_k": 4}, ValueError, "model.top_k must be between 1 and the number of sources (3), got 4"),
         ({"top_k": 0}, ValueError, "model.top_k must be between 1"),
         ({"fusion": "moe"}, ValueError, "model.fusion must be one of"),
-        ({"lam": 1.5}, ValueError, "model.lam must be in [0, 1]"),
-        ({"temperature": 0.0}, ValueError, "model.temperature and model.tau must be positive"),
+        ({"lam": 1.5}, ValueError, "model.lam must be in [0, 1], got 1.5"),
+        ({"lam": -0.1}, ValueError, "model.lam must be in [0, 1], got -0.1"),
+        ({"temperature": 0.0}, ValueError, "model.temperature and model.tau must be positive, got 0.0 and 1.0"),
+        ({"temperature": -2.0}, ValueError, "model.temperature and model.tau must be positive, got -2.0 and 1.0"),
+        ({"tau": 0.0}, ValueError, "model.temperature and model.tau must be positive, got 1.0 and 0.0"),
         ({"fusion": "single", "single_source": "nope"}, ValueError, "model.single_source must name one of the sources"),
     ],
 )
@@ -122,6 +125,27 @@ def test_missing_source_path(tiny_zoo):
 def test_directory_that_is_not_a_model(tiny_zoo, tmp_path):
     with pytest.raises(ValueError, match=r"model.sources\[0\]: .* is a directory but not a model"):
         FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)], top_k=1)
+
+
+def test_pickled_weights_are_not_loaded(tiny_zoo, tmp_path):
+    """A model directory with only pytorch_model.bin (a pickle) is refused: safetensors only."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(os.path.join(tiny_zoo, "noise"), pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    os.remove(pickled / "model.safetensors")
+    with pytest.raises(OSError, match=r"no file named model.safetensors found in directory .*pickled"):
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(pickled)], top_k=1)
+    with pytest.raises(OSError, match=r"no file named model.safetensors"):
+        FusionDistillModule(student=str(pickled), fusion="none")
+
+
+def test_trust_remote_code_warns(tiny_zoo):
+    with pytest.warns(UserWarning, match="model.trust_remote_code is true: the student's and sources' own Python code will run"):
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), fusion="none", trust_remote_code=True)
 
 
 def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):
@@ -210,6 +234,27 @@ def test_source_with_nonfinite_logits_is_skipped(tiny_zoo):
     assert logged["train/source_skipped"] == 3.0  # the faulty source, on each of the 3 sequences
     assert logged["weight/noise"] == 0.0
     assert logged["weight/spell"] + logged["weight/sum"] == pytest.approx(1.0)
+
+
+def test_a_nonfinite_loss_on_another_process_stops_this_one(tiny_zoo, tmp_path):
+    """Under DDP the processes agree (any non-finite loss) before backward; this one saves and stops too."""
+    from types import SimpleNamespace
+
+    module = _module(tiny_zoo, fusion="none")
+    saved, decisions = [], []
+
+    def any_process(decision, all):
+        decisions.append((decision, all))
+        return True  # another process's loss was not finite
+
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=any_process), log_dir=str(tmp_path),
+                                      default_root_dir=str(tmp_path), global_step=7, save_checkpoint=saved.append)
+    with pytest.raises(FloatingPointError, match=r"the training loss of another process is not finite at step 7 .*nonfinite.ckpt"):
+        module._stop_if_nonfinite(torch.tensor(2.5), {"loss": torch.tensor(2.5)})
+    assert decisions == [(False, False)] and saved == [os.path.join(str(tmp_path), "checkpoints", "nonfinite.ckpt")]
+    module._trainer.strategy.reduce_boolean_decision = lambda decision, all: decision  # one process, finite: go on
+    module._stop_if_nonfinite(torch.tensor(2.5), {"loss": torch.tensor(2.5)})
+    assert len(saved) == 1
 
 
 def test_selector_does_not_learn_from_a_faulty_source(tiny_zoo):

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from fusion.data import FusionDataModule
+from fusion.io import atomic_open
 from fusion.module import FusionDistillModule
 from fusion.zoo import Architecture, build_model
 
@@ -48,7 +49,7 @@ def make_setup(root: str, vocab_size: int, num_sources: int = 4, architecture: A
     paths["data"] = os.path.join(root, "data")
     os.makedirs(paths["data"], exist_ok=True)
     for split, count in (("train", rows), ("val", 4), ("test", 4)):
-        with open(os.path.join(paths["data"], f"{split}.jsonl"), "w") as f:
+        with atomic_open(os.path.join(paths["data"], f"{split}.jsonl")) as f:
             for _ in range(count):
                 f.write(json.dumps({"prompt": words(prompt_words), "response": words(response_words)}) + "\n")
     return paths

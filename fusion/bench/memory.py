@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from fusion.io import atomic_write_json
+
 METHODS = ("sft", "selector-online", "selector-cached", "dense-reference")
 
 
@@ -64,8 +66,9 @@ def measure(root: str, vocab: int, method: str, batch_size: int) -> float:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size to the current one
+        handle = os.open("/proc/self/clear_refs", os.O_WRONLY)  # a kernel control, not a file
+        os.write(handle, b"5")  # reset the peak resident set size to the current one
+        os.close(handle)
         before = _status_kib("VmRSS") * 1024
     if method == "dense-reference":  # the dense target a non-sparse implementation would hold
         length = batch["input_ids"].shape[1]
@@ -122,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPeak memory of one training step above the loaded models (N = 4, k = 2, K = 10, batch {args.batch_size}):")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output + ".tmp", "w") as f:
-        json.dump({"batch_size": args.batch_size, "mib": results}, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    atomic_write_json(args.output, {"batch_size": args.batch_size, "mib": results})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from fusion.io import atomic_write_json
+
 METHODS = ("sft", "selector-cached", "selector-online", "avgce-online")
 
 
@@ -88,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     report = {"vocab": args.vocab, "batch_size": args.batch_size, "steps": args.steps, "seconds_per_step": per_step,
               "source_forward_seconds": t_source, "ratio_to_sft": {n: t_sft / per_step[n] for n in METHODS}, "ideal_ratio": ideal}
-    with open(args.output + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    atomic_write_json(args.output, report)
 
 
 if __name__ == "__main__":
