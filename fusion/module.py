@@ -17,35 +17,24 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
 from fusion.metrics import EvalMetrics
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
+from fusion.student import AdapterCheckpoints, build_student, warmup_cosine, write_json_atomically
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 
 FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "selector")
 
 
-def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
-    """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
-
-
-class FusionDistillModule(L.LightningModule):
+class FusionDistillModule(AdapterCheckpoints, L.LightningModule):
     """Distil N frozen sources into a LoRA student.
 
     Args:
@@ -269,14 +258,10 @@ class FusionDistillModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         results = self._finish("test")
         if self.trainer.is_global_zero and self.trainer.log_dir:
-            os.makedirs(self.trainer.log_dir, exist_ok=True)
-            path = os.path.join(self.trainer.log_dir, "metrics.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump({"fusion": self.hparams.fusion, **results}, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json_atomically(os.path.join(self.trainer.log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
         self.test_results = results
 
-    # ---------------------------------------------------------------- optimization and checkpoints
+    # ---------------------------------------------------------------- optimization and checkpoints (hooks: AdapterCheckpoints)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -284,29 +269,5 @@ class FusionDistillModule(L.LightningModule):
         if self.selector is not None:
             groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-
-        def schedule(step: int) -> float:
-            warmup = min(1.0, (step + 1) / max(1, h.warmup_steps))
-            return warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
-
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
-        found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
-        if expected != found:
-            missing = sorted(set(expected) - set(found))[:3]
-            unexpected = sorted(set(found) - set(expected))[:3]
-            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
-            raise ValueError(
-                "the checkpoint was written for a different student, adapter or source list: "
-                f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
-            )
+        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
