@@ -121,7 +121,7 @@ class SRFTModule(AdapterCheckpoints, L.LightningModule):
         shaping: float = 0.1,
         advantage_eps: float = 1e-6,
         kl_weight: float = 0.0,
-        rewards: dict[str, float] = {"fusion.rewards.task_score": 1.0},
+        rewards: dict[str, float] = {"fusion.rewards.task_correct": 1.0},
         num_generations: int = 8,
         temperature: float = 1.0,
         max_new_tokens: int = 24,

@@ -369,3 +369,29 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     assert metrics["stage"] == "srft" and metrics["mode"] == "srft"
     assert set(metrics["acc"]) == {"spell_backward", "chain_sum"}
     assert 0.0 <= metrics["acc_mean"] <= 1.0 and 1.0 < metrics["perplexity"] < 200.0
+
+
+def test_bench_report_from_runs(tmp_path):
+    """The bench's table and plots: mean ± std over seeds of the last evaluation, written atomically."""
+    from fusion.bench.srft import write_report
+
+    def point(step, acc_id, acc_ood):
+        return {"step": step, "acc_id": {"a": acc_id}, "acc_ood": {"a": acc_ood}, "acc_id_mean": acc_id, "acc_ood_mean": acc_ood,
+                "score_id": {"a": acc_id}, "score_ood": {"a": acc_ood}, "score_id_mean": acc_id, "score_ood_mean": acc_ood}
+
+    runs = [
+        {"variant": v, "seed": seed, "points": [point(0, 0.5, 0.1), point(10, final, final / 2)], "entropy": [0.5] * 9 + [h],
+         "generated_tokens": 100, "seconds": 1.0}
+        for v, seed, final, h in [("srft", 0, 0.6, 0.4), ("srft", 1, 0.8, 0.6), ("rl_only", 0, 0.4, 0.2)]
+    ]
+    report = {"settings": {"steps": 10, "batch_size": 2, "num_generations": 4, "seeds": [0, 1], "init_from": "x.ckpt"}, "runs": runs}
+    write_report(report, str(tmp_path))
+    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert summary["srft"]["acc_id"] == pytest.approx([0.7, math.sqrt(0.02)])  # mean and sample std of 0.6 and 0.8
+    assert summary["srft"]["acc_ood"] == pytest.approx([0.35, math.sqrt(0.005)])
+    assert summary["srft"]["final_entropy"] == pytest.approx([0.5, math.sqrt(0.02)])  # the last step of each run
+    assert summary["rl_only"]["acc_id"] == pytest.approx([0.4, 0.0])
+    table = (tmp_path / "report.md").read_text()
+    assert "| srft | 0.700 ± 0.141 | 0.350 ± 0.071 |" in table and "| start | 0.500 | 0.100 |" in table
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"))
+    assert not list(tmp_path.glob("*.tmp*"))
