@@ -77,11 +77,11 @@ def run_variant(name: str, seed: int, model: dict, data: dict, steps: int, every
             callbacks=[Curves(evaluate, every, offset, record)],
         )
         trainer.fit(module, datamodule=FusionDataModule(tokenizer=model["student"], **data))
+        if record["points"][-1]["step"] != offset + phase_steps:
+            record["points"].append({"step": offset + phase_steps, **evaluate(module)})
         if index < len(phases) - 1:  # hand the adapter to the next phase, as a user would
             init_from = os.path.join(workdir, f"{name}-seed{seed}-phase{index}.ckpt")
             trainer.save_checkpoint(init_from, weights_only=True)
-    if record["points"][-1]["step"] != steps:
-        record["points"].append({"step": steps, **evaluate(module)})
     record["seconds"] = time.time() - started
     return record
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/srft.yaml", help="SRFT config whose model and data sections are the base settings")
     parser.add_argument("--quick", action="store_true", help="one seed, 20 steps, 25 evaluation prompts per domain (about 2 minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per variant (equal for all)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per variant (equal for all)")
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--eval_size", type=int, default=100, help="evaluation prompts per domain, in and out of distribution")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
