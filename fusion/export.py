@@ -12,7 +12,7 @@ import os
 import torch
 
 from fusion.io import atomic_directory
-from fusion.module import build_student
+from fusion.student import build_student
 from fusion.tokenizer import load_tokenizer
 
 
@@ -22,15 +22,16 @@ def export(ckpt_path: str, output_dir: str) -> str:
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     h = checkpoint["hyper_parameters"]
-    student = build_student(h["student"], h["lora"], h.get("dtype", "float32"), h.get("trust_remote_code", False))
+    base = checkpoint.get("base_model", h["student"])  # an SRFT run may sit on another model directory
+    student = build_student(base, h["lora"], h.get("dtype", "float32"), h.get("trust_remote_code", False))
     adapter = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     result = student.load_state_dict(adapter, strict=False)
     if result.unexpected_keys or not adapter:
-        raise ValueError(f"{ckpt_path}: the adapter does not fit student {h['student']!r} (unexpected {result.unexpected_keys[:3]})")
+        raise ValueError(f"{ckpt_path}: the adapter does not fit student {base!r} (unexpected {result.unexpected_keys[:3]})")
     merged = student.merge_and_unload()
     with atomic_directory(output_dir) as temporary:
         merged.save_pretrained(temporary, safe_serialization=True)
-        load_tokenizer(h["student"], h.get("trust_remote_code", False)).save_pretrained(temporary)
+        load_tokenizer(base, h.get("trust_remote_code", False)).save_pretrained(temporary)
     return output_dir
 
 

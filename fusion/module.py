@@ -17,37 +17,26 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
-import math
 import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
+from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
 from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
-from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
-from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
+from fusion.student import StudentStage, build_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 
 FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "selector")
 
 
-def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
-    """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-    )
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
-
-
-class FusionDistillModule(L.LightningModule):
+class FusionDistillModule(StudentStage, L.LightningModule):
     """Distil N frozen sources into a LoRA student.
 
     Args:
@@ -236,7 +225,7 @@ class FusionDistillModule(L.LightningModule):
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
         if h.fusion == "none":
             terms = losses.student_loss(logits, targets, None)
-            self._stop_if_nonfinite(terms["loss"], terms)
+            stop_if_nonfinite(self, terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
@@ -278,29 +267,10 @@ class FusionDistillModule(L.LightningModule):
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
         logs["train/loss"] = total
-        self._stop_if_nonfinite(total, terms)
+        stop_if_nonfinite(self, total, terms)
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
         return total
-
-    def _stop_if_nonfinite(self, total: torch.Tensor, terms: dict) -> None:
-        """On a non-finite loss, save the last finite state (this step has not updated the weights
-        yet) and stop. Under DDP one process's non-finite loss stops every process, before its
-        backward pass could spread NaN gradients to the others."""
-        here = not bool(torch.isfinite(total))
-        anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False) if self._trainer is not None else here
-        if not anywhere:
-            return
-        path = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "checkpoints", "nonfinite.ckpt")
-        self.trainer.save_checkpoint(path)
-        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        loss = f"the training loss is {float(total)}" if here else "the training loss of another process is not finite"
-        raise FloatingPointError(f"{loss} at step {self.global_step} ({parts}); saved the last finite state to {path} and stopped")
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        # Every random draw of this step (exploration noise, dropout) comes from the global RNG
-        # reseeded here, so a run resumed mid-epoch draws exactly what the uninterrupted run drew.
-        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
 
     # ---------------------------------------------------------------- evaluation
 
@@ -351,7 +321,7 @@ class FusionDistillModule(L.LightningModule):
             atomic_write_json(os.path.join(log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
         self.test_results = results
 
-    # ---------------------------------------------------------------- optimization and checkpoints
+    # ---------------------------------------------------------------- optimization and checkpoints (hooks: StudentStage)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -359,30 +329,5 @@ class FusionDistillModule(L.LightningModule):
         if self.selector is not None:
             groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-
-        def schedule(step: int) -> float:
-            warmup = min(1.0, (step + 1) / max(1, h.warmup_steps))
-            return warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
-
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        start_next_epoch_cleanly(checkpoint)
-        expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
-        found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
-        if expected != found:
-            missing = sorted(set(expected) - set(found))[:3]
-            unexpected = sorted(set(found) - set(expected))[:3]
-            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
-            raise ValueError(
-                "the checkpoint was written for a different student, adapter or source list: "
-                f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
-            )
+        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -43,6 +43,12 @@ def same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenize
     return student.get_vocab() == source.get_vocab() and (student.bos_token_id, student.eos_token_id) == (source.bos_token_id, source.eos_token_id)
 
 
+def check_same_vocabulary(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, key: str) -> None:
+    """For a model that must use the student's own tokenizer (a new base for the student)."""
+    if not same_vocabulary(student, other):
+        raise ValueError(f"{key}: its tokenizer ({len(other)} tokens) differs from the student's ({len(student)} tokens); it must be the student's")
+
+
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
     model.eval().requires_grad_(False)

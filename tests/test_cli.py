@@ -27,7 +27,12 @@ def test_every_config_parses(path, capsys):
             main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert ("sources:" in printed) if os.path.basename(path) == "zoo.yaml" else ("model:" in printed and "fusion:" in printed)
+    if os.path.basename(path) == "zoo.yaml":
+        assert "sources:" in printed
+    elif os.path.basename(path) == "srft.yaml":
+        assert "class_path: fusion.srft.SRFTModule" in printed and "entropy_granularity:" in printed
+    else:  # no class_path in the file: the fusion module, the CLI's default
+        assert "class_path: fusion.module.FusionDistillModule" in printed and "fusion:" in printed
 
 
 def _last(run_dir: str, version: int) -> str:

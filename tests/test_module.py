@@ -10,6 +10,7 @@ import torch
 
 from fusion.data import FusionDataModule, collate, encode
 from fusion.module import FusionDistillModule
+from fusion.student import stop_if_nonfinite
 from fusion.tokenizer import build_char_tokenizer
 from fusion.train import main
 from fusion.zoo import Architecture, build_model
@@ -250,10 +251,10 @@ def test_a_nonfinite_loss_on_another_process_stops_this_one(tiny_zoo, tmp_path):
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=any_process), log_dir=str(tmp_path),
                                       default_root_dir=str(tmp_path), global_step=7, save_checkpoint=saved.append)
     with pytest.raises(FloatingPointError, match=r"the training loss of another process is not finite at step 7 .*nonfinite.ckpt"):
-        module._stop_if_nonfinite(torch.tensor(2.5), {"loss": torch.tensor(2.5)})
+        stop_if_nonfinite(module, torch.tensor(2.5), {"loss": torch.tensor(2.5)})
     assert decisions == [(False, False)] and saved == [os.path.join(str(tmp_path), "checkpoints", "nonfinite.ckpt")]
     module._trainer.strategy.reduce_boolean_decision = lambda decision, all: decision  # one process, finite: go on
-    module._stop_if_nonfinite(torch.tensor(2.5), {"loss": torch.tensor(2.5)})
+    stop_if_nonfinite(module, torch.tensor(2.5), {"loss": torch.tensor(2.5)})
     assert len(saved) == 1
 
 

@@ -1,0 +1,310 @@
+"""`SRFTModule`: supervised and reinforcement fine-tuning in one stage, weighted by entropy
+(Fu et al. 2025), for a LoRA student that starts from a fused one.
+
+Per training step, for each of the batch's B prompts: G rollouts are sampled from the student,
+every rollout and the demonstration (the gold response) are scored by the reward functions,
+and one forward over the B demos and B * G rollouts gives the three loss terms of
+`fusion.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy), so the
+importance ratio is exactly 1 and nothing is clipped.
+
+Ablations are settings of this module: `mode` srft | sft_only | rl_only (GRPO-style: rollouts
+only, no demo terms) and `weights` entropy | constant. Evaluation is the fusion module's: greedy
+answers scored by each task's scorer, per-domain accuracy, `metrics.json` after `test`.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from fusion import srft_losses
+from fusion.data import IGNORE_INDEX
+from fusion.evaluation import correct, greedy_answers
+from fusion.metrics import EvalMetrics
+from fusion.rewards import Rewards
+from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.io import atomic_write_json
+from fusion.student import StudentStage, build_student, load_adapter, stop_if_nonfinite, warmup_cosine
+from fusion.tokenizer import load_tokenizer
+
+
+def resolve_init_from(path: str | None) -> str | None:
+    """A checkpoint file or model directory; a glob pattern picks its newest match."""
+    if path is None:
+        return None
+    if glob.has_magic(path):
+        matches = sorted(glob.glob(path), key=os.path.getmtime)
+        if not matches:
+            raise FileNotFoundError(f"model.init_from: nothing matches {path!r} (run the fusion stage first, or set model.init_from: null)")
+        rank_zero_info(f"model.init_from: {matches[-1]} (the newest of {len(matches)} matching {path!r})")
+        return matches[-1]
+    if os.path.isfile(path):
+        return path
+    return resolve_model_path(path, "model.init_from")  # a model directory or a hub name
+
+
+def pack_rollouts(prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by sampled completions -> right-padded training sequences.
+
+    prompt_mask [R, P] (1 on prompt tokens), generated [R, P + L] as `generate` returns it. A
+    completion ends at its first eos (kept, trained); what follows is padding. Returns the
+    data module's layout: input_ids, attention_mask, targets (the next token on completion
+    positions, else IGNORE_INDEX), all [R, W], plus completion [R, L] (eos and after set to
+    pad, for decoding) and length [R] (completion tokens, eos included).
+    """
+    width = prompt_mask.shape[1]
+    completion = generated[:, width:]  # [R, L]
+    is_eos = (completion == eos_id).long()
+    in_completion = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first eos
+    keep = torch.cat([prompt_mask.bool(), in_completion], dim=1)  # [R, P + L]
+    trained = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), in_completion], dim=1)
+    order = torch.sort((~keep).int(), dim=1, stable=True).indices  # kept tokens first, in order
+    input_ids = generated.gather(1, order)
+    keep, trained = keep.gather(1, order), trained.gather(1, order)
+    length = int(keep.sum(1).max())
+    input_ids = input_ids.masked_fill(~keep, pad_id)[:, :length]
+    keep, trained = keep[:, :length], trained[:, :length]
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": keep.long(),
+        "targets": targets,
+        "completion": completion.masked_fill(~in_completion | (completion == eos_id), pad_id),
+        "length": in_completion.sum(1),
+    }
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+class SRFTModule(StudentStage, L.LightningModule):
+    """Single-stage SFT + RL of a LoRA student with entropy-aware weights.
+
+    Args:
+        student: path (or hub name) of the student's base model; its tokenizer is the data's.
+        init_from: where the student starts: a fusion checkpoint (`.ckpt`, its LoRA adapter is
+            loaded and trained on), a model directory (e.g. `fusion.export`'s output; a fresh
+            adapter on it), a glob (its newest match), or null (a fresh adapter on `student`).
+        mode: srft (all three terms), sft_only (L_SFT_demo), rl_only (L_RL_self, GRPO-style).
+        weights: entropy (w_SFT = sft_weight * exp(sft_sign * H), c = rl_weight * exp(H) on
+            positive advantages) or constant (the same at H = 0).
+        entropy_granularity: token, sequence or batch (see `srft_losses.entropy_levels`).
+        sft_weight, sft_sign: w_SFT = sft_weight * exp(sft_sign * H); sign -1 (paper) or +1.
+        rl_weight: c_j = rl_weight * exp(H) for rollouts with a positive advantage, else 1.
+        shaping: gamma of LUFFY's f(p) = p / (p + gamma) on the demo's RL term.
+        advantage_eps: eps of A = (r - mean) / (std + eps).
+        kl_weight: weight of KL(student || frozen starting student) on rollout tokens (0: off).
+        rewards: dotted path of a reward function -> weight (see `fusion.rewards`).
+        num_generations: G, rollouts per prompt (at least 2 in rl_only).
+        temperature: sampling temperature of the rollouts (pure sampling, no top-k or top-p).
+        max_new_tokens: longest rollout, and greedy decoding budget at evaluation.
+        lora: peft LoraConfig arguments (must match an init_from checkpoint's adapter).
+        learning_rate, weight_decay, warmup_steps: AdamW with warmup and cosine decay.
+    """
+
+    def __init__(
+        self,
+        student: str = "checkpoints/zoo/student",
+        init_from: str | None = None,
+        mode: str = "srft",
+        weights: str = "entropy",
+        entropy_granularity: str = "batch",
+        sft_weight: float = 0.5,
+        sft_sign: int = -1,
+        rl_weight: float = 0.1,
+        shaping: float = 0.1,
+        advantage_eps: float = 1e-6,
+        kl_weight: float = 0.0,
+        rewards: dict[str, float] = {"fusion.rewards.task_correct": 1.0},
+        num_generations: int = 8,
+        temperature: float = 1.0,
+        max_new_tokens: int = 24,
+        lora: dict = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        learning_rate: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_settings()
+        self.reward_functions = Rewards(rewards)
+        self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
+        self.init_path = resolve_init_from(init_from)
+        self.base_model = student
+        if self.init_path is not None and not os.path.isfile(self.init_path):  # a model directory: the new base
+            check_same_vocabulary(self.tokenizer, load_tokenizer(self.init_path, trust_remote_code), "model.init_from")
+            self.base_model = self.init_path
+        self.student = build_student(self.base_model, lora, dtype, trust_remote_code)
+        if self.init_path is not None and os.path.isfile(self.init_path):
+            trained_base = load_adapter(self.student, self.init_path, "model.init_from")
+            if trained_base and os.path.realpath(str(trained_base)) != os.path.realpath(self.base_model):
+                rank_zero_warn(f"model.init_from: the adapter was trained on {trained_base!r}, model.student is {student!r}")
+        # The frozen starting policy for the optional KL term; never trained, never saved.
+        self.reference = copy.deepcopy(self.student).merge_and_unload().requires_grad_(False) if kl_weight > 0 else None
+        self.vocab_size = len(self.tokenizer)
+        self.eval_metrics: EvalMetrics | None = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    def _check_settings(self) -> None:
+        h = self.hparams
+        choices = {"mode": srft_losses.MODES, "weights": srft_losses.WEIGHTS, "entropy_granularity": srft_losses.GRANULARITIES}
+        for key, allowed in choices.items():
+            if h[key] not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
+        if h.sft_sign not in (-1, 1):
+            raise ValueError(f"model.sft_sign must be -1 (w_SFT = 0.5 exp(-H), the paper) or 1 (exp(+H)), got {h.sft_sign!r}")
+        if h.num_generations < (2 if h.mode == "rl_only" else 1):
+            raise ValueError(f"model.num_generations must be at least {2 if h.mode == 'rl_only' else 1} with mode {h.mode!r}, got {h.num_generations}")
+        if h.temperature <= 0 or h.max_new_tokens < 1:
+            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {h.temperature} and {h.max_new_tokens}")
+        for key in ("sft_weight", "rl_weight", "shaping", "advantage_eps", "kl_weight"):
+            if h[key] < 0 or (key in ("shaping", "advantage_eps") and h[key] == 0):
+                raise ValueError(f"model.{key} must be {'positive' if key in ('shaping', 'advantage_eps') else 'non-negative'}, got {h[key]}")
+        if h.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
+
+    # ---------------------------------------------------------------- rollouts and rewards
+
+    @torch.no_grad()
+    def sample(self, batch: dict) -> dict[str, torch.Tensor]:
+        """G sampled completions per prompt, packed for training ([B * G, W], prompt-major)."""
+        h = self.hparams
+        was_training = self.student.training
+        self.student.eval()
+        generated = self.student.generate(
+            input_ids=batch["prompt_ids"],
+            attention_mask=batch["prompt_attention_mask"],
+            do_sample=True,
+            temperature=h.temperature,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=h.num_generations,
+            max_new_tokens=h.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        self.student.train(was_training)
+        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(h.num_generations, dim=0)
+        return pack_rollouts(prompt_mask, generated, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+
+    def score(self, rows: list[dict], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Rewards of the rollouts [B, G] and of the demos [B], in one call of each function."""
+        group = self.hparams.num_generations
+        expanded = [row for row in rows for _ in range(group)] + rows
+        columns = {key: [row.get(key) for row in expanded] for key in rows[0] if key != "prompt"}
+        prompts = [row["prompt"] for row in expanded]
+        rewards, means = self.reward_functions(prompts, completions + [row["response"] for row in rows], columns)
+        rewards = rewards.to(self.device)
+        return rewards[: len(rows) * group].view(len(rows), group), rewards[len(rows) * group :], means
+
+    # ---------------------------------------------------------------- the SRFT step
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        h, rows = self.hparams, batch["rows"]
+        size, group = len(rows), h.num_generations
+        rollouts = self.sample(batch)
+        texts = self.tokenizer.batch_decode(rollouts["completion"], skip_special_tokens=True)
+        rewards, demo_rewards, reward_means = self.score(rows, texts)
+
+        # One forward over the demos (first B rows) and the rollouts (next B * G rows).
+        width = max(batch["input_ids"].shape[1], rollouts["input_ids"].shape[1])
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.cat([_pad_right(batch["input_ids"], width, pad), _pad_right(rollouts["input_ids"], width, pad)])
+        attention_mask = torch.cat([_pad_right(batch["attention_mask"], width, 0), _pad_right(rollouts["attention_mask"], width, 0)])
+        targets = torch.cat([_pad_right(batch["targets"], width, IGNORE_INDEX), _pad_right(rollouts["targets"], width, IGNORE_INDEX)])
+        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[..., : self.vocab_size]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [S, W, V]
+        mask = targets != IGNORE_INDEX  # [S, W]
+        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [S, W]
+        entropy = -(logp.exp() * logp).sum(-1).detach()  # [S, W]
+
+        def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[:size], x[size:].view(size, group, *x.shape[1:])
+
+        (demo_logp, rollout_logp), (demo_mask, rollout_mask), (demo_h, rollout_h) = split(token_logp), split(mask), split(entropy)
+        terms = srft_losses.srft_loss(
+            demo_logp, demo_mask, demo_h, rollout_logp, rollout_mask, rollout_h, rewards, demo_rewards,
+            mode=h.mode, weights=h.weights, granularity=h.entropy_granularity, sft_coefficient=h.sft_weight,
+            sft_sign=h.sft_sign, rl_coefficient=h.rl_weight, shaping=h.shaping, eps=h.advantage_eps,
+        )
+        total = terms["loss"]
+        logs = {f"train/{k}": terms[k] for k in ("sft_demo", "rl_demo", "rl_self", "entropy", "w_sft", "w_rl", "zero_std_groups")}
+        if self.reference is not None:
+            self.reference.eval()
+            with torch.no_grad():
+                reference_logits = self.reference(input_ids=input_ids[size:], attention_mask=attention_mask[size:]).logits[..., : self.vocab_size]
+            kl = srft_losses.kl_to_reference(logp[size:], torch.log_softmax(reference_logits.float(), -1), mask[size:])
+            total = total + h.kl_weight * kl
+            logs["train/kl"] = kl
+        logs |= {
+            "train/loss": total,
+            "train/reward_mean": rewards.mean(),
+            "train/reward_std": rewards.std(correction=0),
+            "train/demo_reward": demo_rewards.mean(),
+            "train/demo_advantage": terms["demo_advantage"].mean(),
+            "train/demo_nll": -srft_losses.masked_mean(demo_logp.detach(), demo_mask),
+            "train/response_length": rollouts["length"].float().mean(),
+            "train/generated_tokens": rollouts["length"].sum().float(),
+        }
+        logs |= {f"reward/{path}": value for path, value in reward_means.items()}
+        stop_if_nonfinite(self, total, {k: terms[k] for k in ("sft_demo", "rl_demo", "rl_self")})
+        self.log_dict(logs, batch_size=size)
+        self.log("loss", total, prog_bar=True, logger=False, batch_size=size)
+        return total
+
+    # ---------------------------------------------------------------- evaluation (as the fusion module's)
+
+    def setup(self, stage: str) -> None:
+        if self.eval_metrics is None:
+            domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
+            self.eval_metrics = EvalMetrics(domains, [])
+
+    def _evaluate(self, batch: dict) -> None:
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
+        self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish(self, prefix: str) -> dict:
+        results = self.eval_metrics.compute()
+        self.eval_metrics.reset()
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        results = self._finish("test")
+        h = self.hparams
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
+        if self.trainer.is_global_zero and log_dir:
+            record = {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path, **results}
+            atomic_write_json(os.path.join(log_dir, "metrics.json"), record)
+        self.test_results = results
+
+    # ---------------------------------------------------------------- optimization and checkpoints
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=h.learning_rate, weight_decay=h.weight_decay)
+        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["base_model"] = self.base_model  # what the adapter sits on (fusion.export reads it)

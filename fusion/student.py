@@ -1,0 +1,109 @@
+"""The LoRA student, shared by every training stage (fusion, SRFT): building it, loading a
+trained adapter into it, checkpoints that keep only the trainable weights, the learning-rate
+schedule and the atomic `metrics.json` write.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
+from fusion.sources import DTYPES, resolve_model_path
+
+
+def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
+    """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+def load_adapter(student, ckpt_path: str, key: str) -> str | None:
+    """Copy the `student.*` weights of a fusion checkpoint into `student` (a peft model).
+
+    The checkpoint is read with `weights_only=True`. Keys and shapes must match the student's
+    trainable weights exactly; otherwise the error names `key` and the checkpoint's own student
+    and adapter settings. Returns the base model the adapter was trained on.
+    """
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{key}: {ckpt_path!r} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    adapter = {k.removeprefix("student."): v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("student.")}
+    expected = {name: p.shape for name, p in student.named_parameters() if p.requires_grad}
+    found = {name: v.shape for name, v in adapter.items()}
+    if expected != found:
+        h = checkpoint.get("hyper_parameters", {})
+        missing = sorted(set(expected) - set(found))[:2]
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:2]
+        raise ValueError(
+            f"{key}: the adapter in {ckpt_path!r} does not fit model.student and model.lora "
+            f"(missing {missing}, unexpected {sorted(set(found) - set(expected))[:2]}, wrong shape {wrong}); "
+            f"it was trained with student={h.get('student')!r}, lora={h.get('lora')!r}"
+        )
+    student.load_state_dict(adapter, strict=False)
+    return checkpoint.get("base_model") or checkpoint.get("hyper_parameters", {}).get("student")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (stepped per step)."""
+    total = max(1, total_steps)
+
+    def schedule(step: int) -> float:
+        warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class StudentStage:
+    """Hooks every training stage of the student shares (mixed into its LightningModule).
+
+    Checkpoints keep only the trainable weights (an adapter, a selector) and loading refuses one
+    written for another setup; every training step reseeds the random number generator from
+    (seed, rank, step, batch), so a run resumed mid-epoch draws what the uninterrupted run drew.
+    """
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        start_next_epoch_cleanly(checkpoint)
+        expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
+        found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
+        if expected != found:
+            missing = sorted(set(expected) - set(found))[:3]
+            unexpected = sorted(set(found) - set(expected))[:3]
+            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+            raise ValueError(
+                "the checkpoint was written for a different student, adapter or source list: "
+                f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
+            )
+
+
+def stop_if_nonfinite(module, total: torch.Tensor, terms: dict) -> None:
+    """On a non-finite loss, save the last finite state (this step has not updated the weights
+    yet) and stop. Under DDP one process's non-finite loss stops every process, before its
+    backward pass could spread NaN gradients to the others: call it on every process."""
+    here = not bool(torch.isfinite(total))
+    anywhere = module.trainer.strategy.reduce_boolean_decision(here, all=False) if module._trainer is not None else here
+    if not anywhere:
+        return
+    trainer = module.trainer
+    path = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints", "nonfinite.ckpt")
+    trainer.save_checkpoint(path)
+    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    loss = f"the training loss is {float(total)}" if here else "the training loss of another process is not finite"
+    raise FloatingPointError(f"{loss} at step {module.global_step} ({parts}); saved the last finite state to {path} and stopped")

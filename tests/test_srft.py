@@ -1,0 +1,397 @@
+"""The SRFT stage: every formula on hand-made rollouts, reward-function errors, starting from a
+fusion checkpoint, and one fit + test through the CLI on the tiny zoo.
+
+Expected numbers are literals or math expressions a reader can check with pencil and paper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from fusion import srft_losses as S
+from fusion.data import IGNORE_INDEX, collate, encode
+from fusion.module import FusionDistillModule
+from fusion.rewards import Rewards, task_correct, task_score
+from fusion.srft import SRFTModule, pack_rollouts
+from fusion.train import main
+from tests.conftest import tiny_config
+
+
+def approx(value, expected, abs: float = 1e-6) -> bool:
+    value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    return value.shape == expected.shape and bool(torch.allclose(value, expected, rtol=0.0, atol=abs))
+
+
+# ---------------------------------------------------------------------------------------------
+# advantage, entropy, weights, each loss term
+# ---------------------------------------------------------------------------------------------
+
+
+def test_equal_rewards_give_zero_advantage():
+    assert approx(S.group_advantages(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])), [[0.0] * 4] * 2)
+
+
+def test_correct_demo_among_wrong_rollouts_gets_a_positive_advantage():
+    # Augmented group [0, 0, 0 | 1]: mean 1/4, sample std sqrt((3/16 + 9/16) / 3) = 1/2.
+    advantage = S.group_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), eps=0.0)
+    assert approx(advantage, [[-0.5, -0.5, -0.5, 1.5]])
+    terms = S.srft_loss(*_rollouts(rewards=[[0.0, 0.0, 0.0]], demo_rewards=[1.0]), eps=0.0)
+    assert approx(terms["demo_advantage"], [1.5]) and approx(terms["advantage"], [[-0.5, -0.5, -0.5]])
+
+
+def test_token_entropy_hand_values():
+    uniform = torch.zeros(1, 1, 4)  # H = log 4
+    certain = torch.tensor([[[0.0, -1e4, -1e4, -1e4]]])  # H = 0
+    assert approx(S.token_entropy(torch.cat([uniform, certain], 1)), [[math.log(4), 0.0]], abs=1e-5)
+
+
+def test_entropy_granularity():
+    # B=1, G=2, T=2; rollout 0 has entropies [1, 3], rollout 1 has [2, (masked) 9].
+    rollout_h = torch.tensor([[[1.0, 3.0], [2.0, 9.0]]])
+    mask = torch.tensor([[[1, 1], [1, 0]]])
+    demo_h = torch.tensor([[0.5, 0.7]])
+    demo, rollout = S.entropy_levels(demo_h, rollout_h, mask, "token")
+    assert approx(demo, [[0.5, 0.7]]) and approx(rollout, rollout_h)
+    demo, rollout = S.entropy_levels(demo_h, rollout_h, mask, "sequence")
+    assert approx(rollout, [[[2.0, 2.0], [2.0, 2.0]]])  # each rollout's own mean: (1 + 3) / 2 and 2
+    assert approx(demo, [[2.0, 2.0]])  # the prompt's rollout tokens: (1 + 3 + 2) / 3
+    rollout_h[0, 1, 0] = 5.0
+    demo, rollout = S.entropy_levels(demo_h, rollout_h, mask, "batch")
+    assert approx(demo, [[3.0, 3.0]]) and approx(rollout, [[[3.0, 3.0], [3.0, 3.0]]])  # (1 + 3 + 5) / 3
+    with pytest.raises(ValueError, match="model.entropy_granularity must be one of"):
+        S.entropy_levels(demo_h, rollout_h, mask, "word")
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_sft_weight_moves_with_entropy_in_the_configured_direction(sign):
+    low, high = S.sft_weight(torch.tensor(0.2), 0.5, sign), S.sft_weight(torch.tensor(1.0), 0.5, sign)
+    assert approx(high, 0.5 * math.exp(sign * 1.0)) and approx(low, 0.5 * math.exp(sign * 0.2))
+    assert (high < low) if sign == -1 else (high > low)
+    # Through the whole loss: a more uncertain policy changes w_SFT the same way.
+    calm = S.srft_loss(*_rollouts(entropy=0.2), sft_sign=sign)
+    unsure = S.srft_loss(*_rollouts(entropy=1.0), sft_sign=sign)
+    assert approx(calm["w_sft"], 0.5 * math.exp(sign * 0.2)) and approx(unsure["w_sft"], 0.5 * math.exp(sign * 1.0))
+    assert approx(unsure["w_rl"], 0.1 * math.exp(1.0)) and unsure["w_rl"] > calm["w_rl"]  # w_RL grows with H either way
+
+
+def test_rl_weight_on_positive_advantages_only():
+    c = S.rl_weight(torch.tensor([0.5, 0.5, 2.0]), torch.tensor([1.0, -1.0, 0.0]), 0.1)
+    assert approx(c, [0.1 * math.exp(0.5), 1.0, 1.0])
+
+
+def test_constant_weights_ignore_entropy():
+    terms = S.srft_loss(*_rollouts(entropy=1.7), weights="constant")
+    assert approx(terms["w_sft"], 0.5) and approx(terms["w_rl"], 0.1)
+    assert approx(terms["entropy"], 1.7, abs=1e-6)  # still measured and logged
+
+
+def test_luffy_shaping_values_and_gradient():
+    p = torch.tensor([0.0, 0.1, 0.9, 1.0])
+    assert approx(S.luffy_shaping(p), [0.0, 0.5, 0.9, 1.0 / 1.1])
+    # The demo RL term's gradient on log p(y*) is -A f'(p) p = -A * 0.1 p / (p + 0.1)^2: 0.09 at p = 0.9.
+    logp = torch.tensor([[math.log(0.9)]], requires_grad=True)
+    S.rl_demo_loss(logp, torch.ones(1, 1), torch.tensor([2.0])).backward()
+    assert approx(logp.grad, [[-2.0 * 0.1 * 0.9 / 1.0**2]])
+
+
+def test_each_loss_term_hand_values():
+    # Demo: log p = [log 1/2, log 1/4, (masked)]; w_SFT = 0.5 on every token.
+    demo_logp = torch.tensor([[math.log(0.5), math.log(0.25), -9.0]])
+    demo_mask = torch.tensor([[1, 1, 0]])
+    assert approx(S.sft_demo_loss(demo_logp, demo_mask, torch.full((1, 3), 0.5)), 0.5 * (math.log(2) + math.log(4)) / 2)
+    assert approx(S.rl_demo_loss(demo_logp, demo_mask, torch.tensor([1.5])), -1.5 * (0.5 / 0.6 + 0.25 / 0.35) / 2)
+    # Rollouts: two of one prompt, A = [1, -1], c = [0.2, 1] on every token.
+    rollout_logp = torch.tensor([[[math.log(0.5), math.log(0.5)], [math.log(0.25), 0.0]]])
+    rollout_mask = torch.tensor([[[1, 1], [1, 0]]])
+    c = torch.tensor([[[0.2, 0.2], [1.0, 1.0]]])
+    expected = -(1.0 * 0.2 * math.log(0.5) + (-1.0) * 1.0 * math.log(0.25)) / 2
+    assert approx(S.rl_self_loss(rollout_logp, rollout_mask, torch.tensor([[1.0, -1.0]]), c), expected)
+    # KL(pi || ref): 0 for equal distributions; hand value for [1/2, 1/2] against [1/4, 3/4].
+    pi = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    ref = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    assert approx(S.kl_to_reference(pi, pi, torch.ones(1, 1)), 0.0)
+    assert approx(S.kl_to_reference(pi, ref, torch.ones(1, 1)), 0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+
+
+def test_srft_sums_the_three_terms_and_the_modes_drop_the_right_ones():
+    inputs = _rollouts(rewards=[[1.0, 0.0]], demo_rewards=[1.0])
+    srft = S.srft_loss(*inputs)
+    assert all(abs(float(srft[k])) > 1e-4 for k in ("sft_demo", "rl_demo", "rl_self"))
+    assert approx(srft["loss"], srft["sft_demo"] + srft["rl_demo"] + srft["rl_self"])
+    sft_only = S.srft_loss(*inputs, mode="sft_only")
+    assert approx(sft_only["loss"], srft["sft_demo"]) and float(sft_only["rl_demo"]) == float(sft_only["rl_self"]) == 0.0
+    rl_only = S.srft_loss(*inputs, mode="rl_only")
+    assert float(rl_only["sft_demo"]) == float(rl_only["rl_demo"]) == 0.0
+    # GRPO: the group is the two rollouts alone, A = +-1/sqrt(2) (not the augmented [1, 0, 1]).
+    assert approx(rl_only["advantage"], [[1 / math.sqrt(2), -1 / math.sqrt(2)]], abs=1e-5)
+    assert approx(srft["advantage"], [[1 / math.sqrt(3), -2 / math.sqrt(3)]], abs=1e-5)
+    assert approx(rl_only["loss"], rl_only["rl_self"])
+    assert approx(rl_only["zero_std_groups"], 0.0)
+    with pytest.raises(ValueError, match="model.mode must be one of"):
+        S.srft_loss(*inputs, mode="dpo")
+
+
+def test_equal_rewards_leave_only_the_sft_term():
+    terms = S.srft_loss(*_rollouts(rewards=[[1.0, 1.0]], demo_rewards=[1.0]))
+    assert float(terms["rl_demo"]) == 0.0 and float(terms["rl_self"]) == 0.0
+    assert approx(terms["loss"], terms["sft_demo"]) and approx(terms["zero_std_groups"], 1.0)
+
+
+def _rollouts(rewards=((1.0, 0.0),), demo_rewards=(1.0,), entropy: float = 0.5):
+    """One prompt, G rollouts of two tokens each, a two-token demo; fixed log-probs, constant entropy."""
+    rewards = torch.tensor(rewards)
+    group = rewards.shape[1]
+    demo_logp = torch.log(torch.tensor([[0.5, 0.8]]))
+    rollout_logp = torch.log(torch.tensor([[[0.6, 0.3]] * group]))
+    return (
+        demo_logp, torch.ones(1, 2), torch.full((1, 2), entropy),
+        rollout_logp, torch.ones(1, group, 2), torch.full((1, group, 2), entropy),
+        rewards, torch.tensor(demo_rewards),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts and rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_rollouts_right_pads_and_trains_on_the_completion_up_to_eos():
+    pad, eos = 0, 2
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left-padded prompts [7, 8] and [5, 6, 7]
+    generated = torch.tensor([[pad, 7, 8, 11, eos, 13], [5, 6, 7, 12, 14, 15]])  # row 0 ends at eos; row 1 has no eos
+    packed = pack_rollouts(prompt_mask, generated, eos, pad)
+    assert packed["input_ids"].tolist() == [[7, 8, 11, eos, pad, pad], [5, 6, 7, 12, 14, 15]]
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    I = IGNORE_INDEX
+    assert packed["targets"].tolist() == [[I, 11, eos, I, I, I], [I, I, 12, 14, 15, I]]
+    assert packed["length"].tolist() == [2, 3]
+    assert packed["completion"].tolist() == [[11, pad, pad], [12, 14, 15]]  # eos and after blanked for decoding
+
+
+def raising_reward(prompts, completions, **columns):
+    raise KeyError("gold")
+
+
+def short_reward(prompts, completions, **columns):
+    return [1.0] * (len(completions) - 1)
+
+
+def length_reward(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+def test_rewards_are_weighted_and_checked():
+    rows = {"response": ["cba", "7"], "domain": ["spell_backward", "chain_sum"], "metadata": [None, None]}
+    rewards = Rewards({"fusion.rewards.exact_match": 1.0, "tests.test_srft.length_reward": 0.5})
+    total, means = rewards(["backward abc=", "3+4="], ["cba", "8"], rows)
+    assert total.tolist() == [1.0 + 0.5 * 3, 0.0 + 0.5 * 1]
+    assert means == {"fusion.rewards.exact_match": 0.5, "tests.test_srft.length_reward": 2.0}
+    with pytest.raises(RuntimeError, match=r"reward function 'tests.test_srft.raising_reward' raised KeyError: 'gold'"):
+        Rewards({"tests.test_srft.raising_reward": 1.0})(["p"], ["c"], {"response": ["r"]})
+    with pytest.raises(ValueError, match=r"reward function 'tests.test_srft.short_reward' returned 1 values for 2 completions"):
+        Rewards({"tests.test_srft.short_reward": 1.0})(["p", "q"], ["c", "d"], {"response": ["r", "s"]})
+    with pytest.raises(ValueError, match=r"model.rewards\['tests.test_srft.no_such_reward'\]: cannot import reward function"):
+        Rewards({"tests.test_srft.no_such_reward": 1.0})
+    with pytest.raises(ValueError, match=r"model.rewards is empty"):
+        Rewards({})
+
+
+def test_task_rewards_use_the_reasoning_gym_scorer():
+    columns = {"domain": ["spell_backward"] * 3, "response": ["time"] * 3, "metadata": [None] * 3}
+    assert task_score(["backward emit="] * 3, ["time", "tim", "x"], **columns) == [1.0, 0.75, 0.0]  # partial credit
+    assert task_correct(["backward emit="] * 3, ["time", "tim", "x"], **columns) == [1.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the module on the tiny zoo
+# ---------------------------------------------------------------------------------------------
+
+
+def _fusion_checkpoint(zoo: str, path: str, rank: int = 16) -> FusionDistillModule:
+    """A fusion checkpoint with a non-trivial adapter, as Lightning writes it (trainable keys only)."""
+    torch.manual_seed(1)
+    module = FusionDistillModule(student=os.path.join(zoo, "student"), fusion="none", lora={"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear"})
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    torch.save({"state_dict": module.trainable_state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return module
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[1, 40, 41, 42, 33, 20]])
+
+
+def test_init_from_a_fusion_checkpoint_restores_the_adapter(tiny_zoo, tmp_path):
+    fused = _fusion_checkpoint(tiny_zoo, str(tmp_path / "fused.ckpt"))
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "fused.ckpt"))
+    fresh = SRFTModule(student=os.path.join(tiny_zoo, "student"))
+    with torch.no_grad():
+        expected, got, base = (m.student(input_ids=_ids()).logits for m in (fused, module, fresh))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2  # the adapter is not the identity
+    # A glob picks the newest match; an adapter of another rank is refused, naming the key.
+    assert SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "*.ckpt")).init_path == str(tmp_path / "fused.ckpt")
+    _fusion_checkpoint(tiny_zoo, str(tmp_path / "rank4.ckpt"), rank=4)
+    with pytest.raises(ValueError, match=r"model.init_from: the adapter in .*rank4.ckpt' does not fit model.student and model.lora .*lora=\{'r': 4"):
+        SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "rank4.ckpt"))
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: nothing matches"):
+        SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "none-*.ckpt"))
+
+
+def test_init_from_an_exported_directory(tiny_zoo, tmp_path):
+    from fusion import export
+
+    fused = _fusion_checkpoint(tiny_zoo, str(tmp_path / "fused.ckpt"))
+    directory = export.export(str(tmp_path / "fused.ckpt"), str(tmp_path / "exported"))
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=directory, kl_weight=0.1)
+    with torch.no_grad():
+        expected, got, reference = fused.student(input_ids=_ids()).logits, module.student(input_ids=_ids()).logits, module.reference(input_ids=_ids()).logits
+    assert torch.allclose(got, expected, atol=1e-4) and torch.allclose(reference, expected, atol=1e-4)
+    assert module.base_model == directory
+    assert not any("reference" in k for k in module.trainable_state_dict())  # the frozen reference is never saved
+
+
+def _module_batch(module: SRFTModule) -> dict:
+    rows = [
+        {"prompt": "backward abc=", "response": "cba", "domain": "spell_backward", "metadata": None},
+        {"prompt": "3+4=", "response": "7", "domain": "chain_sum", "metadata": None},
+    ]
+    return collate([encode(module.tokenizer, r["prompt"], r["response"], 32) | {"row": r} for r in rows], module.tokenizer.pad_token_id)
+
+
+def _logged(module: SRFTModule) -> dict:
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda *a, **kw: None
+    return logged
+
+
+def test_training_step_sft_only_is_the_demo_ce(tiny_zoo):
+    """sft_only with constant weights: the loss is 0.5 times the demos' per-sequence CE, averaged."""
+    from fusion.losses import sequence_ce, target_logprobs
+
+    torch.manual_seed(0)
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="sft_only", weights="constant", num_generations=3, max_new_tokens=5)
+    logged = _logged(module)
+    batch = _module_batch(module)
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = 0.5 * sequence_ce(target_logprobs(logits, batch["targets"]), batch["targets"]).mean()
+    assert approx(loss, expected, abs=1e-5)
+    for key in ("train/entropy", "train/w_sft", "train/w_rl", "train/reward_mean", "train/reward_std", "train/zero_std_groups", "train/response_length", "train/demo_reward"):
+        assert key in logged, key
+    assert 1.0 <= logged["train/response_length"] <= 5.0 and logged["train/entropy"] > 0.0
+    assert logged["train/generated_tokens"] == pytest.approx(6 * logged["train/response_length"])  # 2 prompts x 3 rollouts
+    assert logged["train/demo_reward"] == 1.0  # the gold answers, scored by the task scorer
+
+
+def test_training_step_with_equal_rewards_has_no_rl_gradient(tiny_zoo):
+    """rl_only with a reward that never varies: zero advantage, zero loss, zero gradient."""
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="rl_only", rewards={"tests.test_srft.constant_reward": 1.0}, num_generations=2, max_new_tokens=4)
+    _logged(module)
+    loss = module.training_step(_module_batch(module), 0)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in module.parameters() if p.requires_grad)
+
+
+def constant_reward(prompts, completions, **columns):
+    return [0.25] * len(completions)
+
+
+def test_a_failing_reward_function_stops_the_step(tiny_zoo):
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), rewards={"tests.test_srft.short_reward": 1.0}, num_generations=2, max_new_tokens=3)
+    _logged(module)
+    with pytest.raises(ValueError, match=r"reward function 'tests.test_srft.short_reward' returned 5 values for 6 completions"):
+        module.training_step(_module_batch(module), 0)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"mode": "ppo"}, "model.mode must be one of"),
+        ({"weights": "linear"}, "model.weights must be one of"),
+        ({"entropy_granularity": "word"}, "model.entropy_granularity must be one of"),
+        ({"sft_sign": 2}, "model.sft_sign must be -1"),
+        ({"mode": "rl_only", "num_generations": 1}, "model.num_generations must be at least 2 with mode 'rl_only'"),
+        ({"shaping": 0.0}, "model.shaping must be positive"),
+        ({"rewards": {"nodots": 1.0}}, r"model.rewards\['nodots'\]: 'nodots' is not a dotted path"),
+    ],
+)
+def test_bad_settings_fail_early(tiny_zoo, settings, message):
+    with pytest.raises(ValueError, match=message):
+        SRFTModule(student=os.path.join(tiny_zoo, "student"), **settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
+    runs = str(tmp_path / "runs")
+    fused = str(tmp_path / "fused.ckpt")
+    _fusion_checkpoint(tiny_zoo, fused)
+    config = tiny_config(tiny_zoo, runs)
+    config["trainer"]["max_steps"] = 3
+    config["model"] = {
+        "class_path": "fusion.srft.SRFTModule",
+        "init_args": {"student": os.path.join(tiny_zoo, "student"), "init_from": fused, "num_generations": 2, "max_new_tokens": 6, "entropy_granularity": "token"},
+    }
+    config["data"]["batch_size"] = 4
+    path = tmp_path / "srft.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    main(["fit", "--config", str(path)])
+    last = os.path.join(runs, "run", "version_0", "checkpoints", "last.ckpt")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["hyper_parameters"]["_class_path"] == "fusion.srft.SRFTModule"
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+    with open(os.path.join(runs, "run", "version_0", "metrics.csv")) as f:
+        header = f.readline()
+    for key in ("train/entropy", "train/w_sft", "train/w_rl", "train/reward_mean", "train/zero_std_groups", "train/response_length", "val/acc_mean"):
+        assert key in header, key
+
+    main(["test", "--config", str(path), "--ckpt_path", last])
+    with open(os.path.join(runs, "run", "version_1", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["stage"] == "srft" and metrics["mode"] == "srft"
+    assert set(metrics["acc"]) == {"spell_backward", "chain_sum"}
+    assert 0.0 <= metrics["acc_mean"] <= 1.0 and 1.0 < metrics["perplexity"] < 200.0
+
+
+def test_bench_report_from_runs(tmp_path):
+    """The bench's table and plots: mean ± std over seeds of the last evaluation, written atomically."""
+    from fusion.bench.srft import write_report
+
+    def point(step, acc_id, acc_ood):
+        return {"step": step, "acc_id": {"a": acc_id}, "acc_ood": {"a": acc_ood}, "acc_id_mean": acc_id, "acc_ood_mean": acc_ood,
+                "score_id": {"a": acc_id}, "score_ood": {"a": acc_ood}, "score_id_mean": acc_id, "score_ood_mean": acc_ood}
+
+    runs = [
+        {"variant": v, "seed": seed, "points": [point(0, 0.5, 0.1), point(10, final, final / 2)], "entropy": [0.5] * 9 + [h],
+         "generated_tokens": 100, "seconds": 1.0}
+        for v, seed, final, h in [("srft", 0, 0.6, 0.4), ("srft", 1, 0.8, 0.6), ("rl_only", 0, 0.4, 0.2)]
+    ]
+    report = {"settings": {"steps": 10, "batch_size": 2, "num_generations": 4, "seeds": [0, 1], "init_from": "x.ckpt"}, "runs": runs}
+    write_report(report, str(tmp_path))
+    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert summary["srft"]["acc_id"] == pytest.approx([0.7, math.sqrt(0.02)])  # mean and sample std of 0.6 and 0.8
+    assert summary["srft"]["acc_ood"] == pytest.approx([0.35, math.sqrt(0.005)])
+    assert summary["srft"]["final_entropy"] == pytest.approx([0.5, math.sqrt(0.02)])  # the last step of each run
+    assert summary["rl_only"]["acc_id"] == pytest.approx([0.4, 0.0])
+    table = (tmp_path / "report.md").read_text()
+    assert "| srft | 0.700 ± 0.141 | 0.350 ± 0.071 |" in table and "| start | 0.500 | 0.100 |" in table
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"))
+    assert not list(tmp_path.glob("*.tmp*"))
