@@ -17,7 +17,6 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
-import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,7 +25,6 @@ import torch
 from fusion import losses
 from fusion.evaluation import correct, greedy_answers
 from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
-from fusion.io import atomic_write_json
 from fusion.metrics import EvalMetrics
 from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 from fusion.student import StudentStage, build_student, stop_if_nonfinite, warmup_cosine
@@ -272,7 +270,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
-    # ---------------------------------------------------------------- evaluation
+    # ---------------------------------------------------------------- evaluation (hooks: StudentStage)
+
+    def run_record(self) -> dict:
+        return {"fusion": self.hparams.fusion}
 
     def setup(self, stage: str) -> None:
         h = self.hparams
@@ -296,30 +297,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             selected = noisy_top_k(self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"])), self.hparams.top_k)
         logits = output.logits[..., : self.vocab_size]
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _finish(self, prefix: str) -> dict:
-        results = self.eval_metrics.compute()
-        self.eval_metrics.reset()
-        # The values are the whole split's on every process already (torchmetrics synchronized the
-        # states); sync_dist averages equal values, which leaves them as they are.
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=True)
-        return results
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        results = self._finish("test")
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
-        if self.trainer.is_global_zero and log_dir:
-            atomic_write_json(os.path.join(log_dir, "metrics.json"), {"fusion": self.hparams.fusion, **results})
-        self.test_results = results
 
     # ---------------------------------------------------------------- optimization and checkpoints (hooks: StudentStage)
 

@@ -28,7 +28,6 @@ from fusion.evaluation import correct, greedy_answers
 from fusion.metrics import EvalMetrics
 from fusion.rewards import Rewards
 from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
-from fusion.io import atomic_write_json
 from fusion.student import StudentStage, build_student, load_adapter, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 
@@ -268,34 +267,14 @@ class SRFTModule(StudentStage, L.LightningModule):
             domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
             self.eval_metrics = EvalMetrics(domains, [])
 
+    def run_record(self) -> dict:
+        h = self.hparams
+        return {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path}
+
     def _evaluate(self, batch: dict) -> None:
         logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
         answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]))
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _finish(self, prefix: str) -> dict:
-        results = self.eval_metrics.compute()
-        self.eval_metrics.reset()
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=False)
-        return results
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        results = self._finish("test")
-        h = self.hparams
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
-        if self.trainer.is_global_zero and log_dir:
-            record = {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path, **results}
-            atomic_write_json(os.path.join(log_dir, "metrics.json"), record)
-        self.test_results = results
 
     # ---------------------------------------------------------------- optimization and checkpoints
 

@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from fusion.io import atomic_write_json
 from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
 from fusion.sources import DTYPES, resolve_model_path
 
@@ -71,6 +72,33 @@ class StudentStage:
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
+
+    # Evaluation: a stage's `_evaluate(batch)` updates `self.eval_metrics` (fusion.metrics), and
+    # `run_record()` names the run in `metrics.json`.
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish(self, prefix: str) -> dict:
+        results = self.eval_metrics.compute()
+        self.eval_metrics.reset()
+        # The values are the whole split's on every process already (torchmetrics synchronized the
+        # states); sync_dist averages equal values, which leaves them as they are.
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, float)}, sync_dist=True)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        results = self._finish("test")
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
+        if self.trainer.is_global_zero and log_dir:
+            atomic_write_json(os.path.join(log_dir, "metrics.json"), {**self.run_record(), **results})
+        self.test_results = results
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
