@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
 from fusion import zoo
 from fusion.io import atomic_write_json, atomic_write_text
 from fusion.train import main as cli
@@ -26,8 +28,11 @@ def run_method(config: str, method: str, extra: list[str]) -> dict:
     fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
     args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_"), *extra]
     run = cli(args=args, run=False)
-    if run.trainer.checkpoint_callback is not None and run.trainer.logger is not None:  # each method its own last.ckpt
-        run.trainer.checkpoint_callback.dirpath = os.path.realpath(os.path.join(run.trainer.logger.root_dir, "checkpoints"))
+    if run.trainer.logger is not None:  # each method its own last.ckpt and on_exception.ckpt
+        directory = os.path.realpath(os.path.join(run.trainer.logger.root_dir, "checkpoints"))
+        for callback in run.trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
+                callback.dirpath = directory
     if method != BEFORE:
         run.trainer.fit(run.model, datamodule=run.datamodule)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)

@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -72,6 +73,15 @@ class StudentStage:
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
+
+    def on_fit_end(self) -> None:
+        # Lightning resumes the next `fit` from an existing OnExceptionCheckpoint file on its own.
+        # Once a fit has completed, an older one is stale: left there, it would silently restart
+        # the next run (or another run sharing its directory) from this one's interrupted state.
+        if self.trainer.is_global_zero:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path):
+                    os.remove(callback.ckpt_path)
 
     # Evaluation: a stage's `_evaluate(batch)` updates `self.eval_metrics` (fusion.metrics), and
     # `run_record()` names the run in `metrics.json`.

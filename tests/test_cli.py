@@ -176,3 +176,26 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_zoo, tmp_path):
     saved = torch.load(runs / "on_exception.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] >= 5
     assert all("lora_" in k for k in saved["state_dict"])
+
+
+def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp_path):
+    """Lightning resumes a fit from an existing on_exception.ckpt on its own; once a fit completes,
+    the file is removed, so the next run starts fresh instead of from an old interrupted state."""
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tiny_zoo, str(tmp_path / "runs"), fusion="none")
+    stale = tmp_path / "exceptions" / "on_exception.ckpt"
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(stale.parent)}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--trainer.max_steps=2"])
+    stale.parent.mkdir()
+    os.replace(_last(str(tmp_path / "runs"), 0), stale)  # an interrupted run's state, 2 steps in
+    main(["fit", "--config", str(path)])  # resumes from it on its own: steps 3 and 4
+    assert torch.load(_last(str(tmp_path / "runs"), 1), map_location="cpu", weights_only=True)["global_step"] == 4
+    assert not stale.exists()
+    main(["fit", "--config", str(path)])  # a fresh run: 4 steps from step 0, not 0 steps from step 4
+    metrics = open(os.path.join(str(tmp_path / "runs"), "run", "version_2", "metrics.csv")).read()
+    assert "train/loss" in metrics.splitlines()[0] and len(metrics.splitlines()) > 2
