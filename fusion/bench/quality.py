@@ -77,7 +77,9 @@ class QualityBench:
     source_mode: "cached" (sources run once per pool, `predict`) or "online".
     consistency: {method, pool, seed} trained online as well, to compare with cached; or null.
     merging: the weight-merging baseline, or null.
-    workers: runs at once, each in its own process with cpu_count // workers threads.
+    workers: runs at once, each in its own process.
+    threads: torch threads of each run (more threads than free cores slow tiny models down many
+        times over: they spin waiting for each other).
     output: where runs, caches, merged models and the report go.
     quick_settings: what `--quick` merges over these (nested dicts merge key by key).
     """
@@ -91,6 +93,7 @@ class QualityBench:
     consistency: dict | None = None
     merging: dict | None = None
     workers: int = 2
+    threads: int = 1
     output: str = "checkpoints/bench/quality"
     quick_settings: dict = field(default_factory=dict)
 
@@ -108,8 +111,8 @@ class QualityBench:
                 raise ValueError(f"methods.{name} needs a fusion setting (none, uniform, avgce, mince, single, oracle, selector)")
         if self.consistency and (self.consistency.get("method") not in self.methods or self.consistency.get("pool") not in self.pools):
             raise ValueError(f"consistency must name one of methods {list(self.methods)} and a pool A or B, got {self.consistency}")
-        if not self.seeds or self.steps < 1 or self.workers < 1:
-            raise ValueError("seeds must not be empty; steps and workers must be at least 1")
+        if not self.seeds or min(self.steps, self.workers, self.threads) < 1:
+            raise ValueError("seeds must not be empty; steps, workers and threads must be at least 1")
 
 
 def forwards(settings: dict, pool: list[str]) -> int:
@@ -292,8 +295,7 @@ def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
 
 def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict:
     started = time.time()
-    threads = max(1, (os.cpu_count() or 1) // bench.workers)
-    planner = Planner(bench, threads)
+    planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
     if bench.source_mode == "cached":
         seconds = _run_all(planner.cache_jobs(), bench.workers)
