@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -173,13 +173,20 @@ def _run_all(jobs: list[dict], workers: int) -> list[dict]:
     pending.sort(key=lambda i: -jobs[i]["cost"])
     if pending:
         print(f"quality: {len(pending)} runs to do ({len(jobs) - len(pending)} reused), {workers} at a time", flush=True)
+    def done(index: int, result: dict, count: int) -> None:
+        results[index] = result
+        score = f"mean accuracy {result['acc_mean']:.3f}, " if "acc_mean" in result else ""
+        print(f"quality: [{count}/{len(pending)}] {os.path.basename(os.path.dirname(jobs[index]['log_dir']))}: "
+              f"{score}{result['seconds']:.0f} s", flush=True)
+
     if workers > 1 and len(pending) > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for index, result in zip(pending, pool.map(_run_job, [jobs[i] for i in pending])):
-                results[index] = result
+            futures = {pool.submit(_run_job, jobs[i]): i for i in pending}
+            for count, future in enumerate(as_completed(futures), 1):
+                done(futures[future], future.result(), count)
     else:
-        for index in pending:
-            results[index] = _run_job(jobs[index])
+        for count, index in enumerate(pending, 1):
+            done(index, _run_job(jobs[index]), count)
     return results
 
 
