@@ -23,6 +23,7 @@ import shutil
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from fusion.tokenizer import load_tokenizer
@@ -38,8 +39,9 @@ def merge_adapters(
 ):
     """The base model with the weighted merge of `adapters` (directories) folded in.
 
-    weights: one per adapter, one for all, or "mean" (1 / number of adapters). svd_rank: rank of an SVD merge (default: the sum of
-    the adapters' ranks, which keeps the merged update exact before trimming).
+    weights: one per adapter, one for all, or "mean" (1 / number of adapters). svd_rank: rank of an
+    SVD merge (default: the sum of the adapters' ranks, at most the smallest layer dimension, which
+    keeps the merged update exact).
     """
     if not adapters:
         raise ValueError("merge_adapters needs at least one adapter directory")
@@ -53,7 +55,9 @@ def merge_adapters(
     for name, path in zip(names[1:], adapters[1:]):
         model.load_adapter(path, adapter_name=name)
     if combination_type.endswith("svd") and svd_rank is None:
-        svd_rank = sum(model.peft_config[name].r for name in names)
+        # The sum of the ranks holds the merged update exactly, up to the layers' own rank.
+        smallest = min(min(m.get_base_layer().weight.shape) for m in model.modules() if isinstance(m, LoraLayer))
+        svd_rank = min(smallest, sum(model.peft_config[name].r for name in names))
     options = {"density": density} if density is not None else {}
     model.add_weighted_adapter(names, weights, "merged", combination_type=combination_type, svd_rank=svd_rank, **options)
     model.set_adapter("merged")
