@@ -40,6 +40,7 @@ import yaml
 from fusion.bench import _quality_report as report_lib
 
 POOL_INDEPENDENT = ("none", "oracle")  # train once per seed, report for both pools
+CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -195,6 +196,7 @@ class Planner:
 
     def __init__(self, bench: QualityBench, threads: int):
         self.bench, self.threads = bench, threads
+        self.caches: dict[str, tuple[str, dict]] = {}  # cache name -> (pool, settings that differ from train.model)
 
     def config(self, name: str, seed: int, model: dict) -> tuple[dict, str]:
         config = deep_merge(self.bench.train, {"seed_everything": seed, "model": model})
@@ -213,12 +215,17 @@ class Planner:
         return {"kind": kind, "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": cost,
                 "config_hash": config_hash, "result_path": os.path.join(self.bench.output, "runs", name, "result.json")}
 
-    def cache_dir(self, pool: str) -> str:
-        return os.path.join(self.bench.output, "cache", pool)
+    def cache_dir(self, pool: str, settings: dict) -> str:
+        """One cache per pool and per value of the settings the cached numbers depend on."""
+        base = self.bench.train["model"]
+        overrides = {k: settings[k] for k in CACHE_SETTINGS if k in settings and settings[k] != base.get(k)}
+        name = pool + "".join(f"-{k}-{_slug(str(v))}" for k, v in sorted(overrides.items()))
+        self.caches.setdefault(name, (pool, overrides))
+        return os.path.join(self.bench.output, "cache", name)
 
-    def source_settings(self, pool: str, mode: str) -> dict:
-        settings = {"sources": self.bench.pools[pool], "source_mode": mode}
-        return settings | ({"cache_dir": self.cache_dir(pool)} if mode == "cached" else {"cache_dir": None})
+    def source_settings(self, pool: str, mode: str, settings: dict) -> dict:
+        cache_dir = self.cache_dir(pool, settings) if mode == "cached" else None
+        return {"sources": self.bench.pools[pool], "source_mode": mode, "cache_dir": cache_dir}
 
     def training_jobs(self) -> list[dict]:
         b, jobs = self.bench, []
@@ -227,20 +234,21 @@ class Planner:
                 pools = ["A"] if settings["fusion"] in POOL_INDEPENDENT else ["A", "B"]
                 for pool in pools:
                     mode = "online" if settings["fusion"] == "none" else b.source_mode
-                    model = settings | self.source_settings(pool, mode)
+                    model = settings | self.source_settings(pool, mode, settings)
                     cost = 1.0 + (0.5 if mode == "online" else 0.0) * forwards(settings, b.pools[pool])
                     jobs.append(self.job("fit", f"{pool}-{_slug(method)}-seed{seed}", seed, model,
                                          {"method": method, "pool": pool, "seed": seed}, cost))
         if b.consistency and b.source_mode == "cached":
             c = b.consistency
-            model = b.methods[c["method"]] | self.source_settings(c["pool"], "online")
+            model = b.methods[c["method"]] | self.source_settings(c["pool"], "online", b.methods[c["method"]])
             jobs.append(self.job("fit", f"{c['pool']}-{_slug(c['method'])}-seed{c['seed']}-online", c["seed"], model,
                                  {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True}, 5.0))
         return jobs
 
     def cache_jobs(self) -> list[dict]:
-        return [self.job("predict", f"cache-{pool}", 0, {"fusion": "uniform", **self.source_settings(pool, "cached")}, {}, 1.0)
-                for pool in self.bench.pools]
+        """The `predict` runs that write the caches the training jobs read (plan those first)."""
+        return [self.job("predict", f"cache-{name}", 0, {"fusion": "uniform", **overrides, **self.source_settings(pool, "cached", overrides)}, {}, 1.0)
+                for name, (pool, overrides) in self.caches.items()]
 
     def test_job(self, name: str, student: str, record: dict) -> dict:
         job = self.job("test", name, 0, {"student": student, "fusion": "none", "sources": []}, record, 0.3)
@@ -304,7 +312,8 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     started = time.time()
     planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
-    if bench.source_mode == "cached":
+    jobs = planner.training_jobs()
+    if planner.caches:
         seconds = _run_all(planner.cache_jobs(), bench.workers)
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(s['seconds']) for s in seconds]} s)", flush=True)
     methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
@@ -313,7 +322,6 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
         if settings["fusion"] in POOL_INDEPENDENT:
             methods[name] |= {"shared_with": "pool A run",
                               "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
-    jobs = planner.training_jobs()
     tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": "student base (no training)", "pool": "A", "seed": 0})]
     methods["student base (no training)"] = {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
                                              "note": "the student's base model before any training"}
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action=ActionYesNo, default=False, help="apply quick_settings: fewer seeds and steps")
     parser.add_class_arguments(QualityBench)
     namespace = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    sys.argv = sys.argv[:1]  # every run's arguments go to fusion.train explicitly
     quick = namespace.pop("quick")
     settings = {k: v for k, v in namespace.items() if k not in ("config", "__path__")}
     if quick:
