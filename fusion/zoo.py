@@ -6,6 +6,10 @@ writes one Hugging Face model directory per source (safetensors weights, tokeniz
 `card.json` with its measured per-domain accuracy) plus the student's base model. Specialists
 see many more examples than the student's fusion corpus; distractors are a random-init model
 and a model trained on corrupted answers. A source whose card matches its recipe is reused.
+
+A recipe with `base` makes a LoRA adapter (peft) of that model instead of a model of its own:
+the same initialization and architecture as the student, so adapters can be weight-merged
+(`fusion/merging.py`). Its directory holds the adapter, the base's tokenizer and the card.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fusion import tasks
 from fusion.data import collate, encode
 from fusion.evaluation import correct, greedy_answers
 from fusion.io import atomic_directory, atomic_write_json
-from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 
 KINDS = ("specialist", "corrupted", "random")
 
@@ -58,6 +62,9 @@ class SourceRecipe:
 
     `tokenizer`: "char" (one token per character, 99 tokens), "gpt2" (the real GPT-2 byte-level
     BPE, 50257 tokens) or "bpe-N" (a byte-level BPE of N tokens trained on this source's data).
+    `base`: a model directory; the source is then a LoRA adapter of it (`lora`: peft LoraConfig
+    arguments), trained as `kind` says ("random": random A and B, no training), and
+    `architecture` and `tokenizer` are the base's.
     """
 
     name: str
@@ -67,12 +74,32 @@ class SourceRecipe:
     steps: int = 600
     learning_rate: float = 3e-3
     tokenizer: str = "char"
+    base: str | None = None
+    lora: dict | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if not (self.tokenizer in ("char", "gpt2") or re.fullmatch(r"bpe-\d+", self.tokenizer)):
             raise ValueError(f"source {self.name!r}: tokenizer must be 'char', 'gpt2' or 'bpe-N', got {self.tokenizer!r}")
+        if self.lora is not None and self.base is None:
+            raise ValueError(f"source {self.name!r}: lora settings need a base model (base: path of the model to adapt)")
+
+
+# Fields added after cards were first written: left out of a recipe's fingerprint while they
+# hold their default, so adding them rebuilt no existing source.
+_LATER_FIELDS = {"base": None, "lora": None}
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def recipe_fingerprint(recipe: SourceRecipe) -> dict:
+    """What a source depends on: its recipe and, for an adapter, its base's weights."""
+    fingerprint = {k: v for k, v in asdict(recipe).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+    if recipe.base is not None:
+        from fusion.cache import model_fingerprint
+
+        fingerprint["base_weights"] = model_fingerprint(recipe.base)
+    return fingerprint
 
 
 def make_tokenizer(spec: str, texts: list[str]) -> PreTrainedTokenizerFast:
@@ -82,6 +109,16 @@ def make_tokenizer(spec: str, texts: list[str]) -> PreTrainedTokenizerFast:
     if spec == "gpt2":
         return build_gpt2_tokenizer()
     return train_bpe_tokenizer(texts, int(spec.split("-")[1]))
+
+
+def build_adapter(recipe: SourceRecipe, seed: int):
+    """A fresh LoRA adapter on `recipe.base` (peft); random A and B for a "random" recipe."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(recipe.base)
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="CAUSAL_LM", **(recipe.lora or DEFAULT_LORA), init_lora_weights=recipe.kind != "random")
+    return get_peft_model(base, config)
 
 
 def build_model(architecture: Architecture, tokenizer, seed: int) -> PreTrainedModel:
@@ -106,7 +143,7 @@ def train_causal_lm(model, tokenizer, rows, steps: int, learning_rate: float, ba
     """Plain AdamW with warmup and cosine decay, loss on response tokens only."""
     generator = random.Random(seed)
     features = [encode(tokenizer, r["prompt"], r["response"], max_length) | {"row": r} for r in rows]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
@@ -117,7 +154,7 @@ def train_causal_lm(model, tokenizer, rows, steps: int, learning_rate: float, ba
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,8 +202,11 @@ def _make_source(job: dict) -> dict:
     started = time.time()
     domains = recipe.domains or job["domains"]
     rows = tasks.build_splits(domains, {"train": job["examples_per_domain"]}, job["seed"])["train"]
-    tokenizer = make_tokenizer(recipe.tokenizer, [r["prompt"] + r["response"] for r in rows])
-    model = build_model(recipe.architecture, tokenizer, job["seed"])
+    if recipe.base is not None:
+        tokenizer, model = load_tokenizer(recipe.base), build_adapter(recipe, job["seed"])
+    else:
+        tokenizer = make_tokenizer(recipe.tokenizer, [r["prompt"] + r["response"] for r in rows])
+        model = build_model(recipe.architecture, tokenizer, job["seed"])
     if recipe.kind == "random":
         rows = []
     else:
@@ -178,7 +218,8 @@ def _make_source(job: dict) -> dict:
         "name": recipe.name,
         "recipe": job["fingerprint"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tokenizer": {"kind": recipe.tokenizer, "tokens": len(tokenizer), "output_rows": model.get_output_embeddings().weight.shape[0]},
+        "tokenizer": {"kind": "base" if recipe.base else recipe.tokenizer, "tokens": len(tokenizer),
+                      "output_rows": model.get_output_embeddings().weight.shape[0]},
         "train_examples": len(rows),
         "train_seconds": round(time.time() - started, 1),
         "accuracy": domain_accuracy(model, tokenizer, test_rows),
@@ -189,7 +230,7 @@ def _make_source(job: dict) -> dict:
 
 def build_zoo(
     sources: list[SourceRecipe],
-    student: SourceRecipe = SourceRecipe(name="student", kind="random"),
+    student: SourceRecipe | None = SourceRecipe(name="student", kind="random"),
     output_dir: str = "checkpoints/zoo",
     domains: list[str] = tasks.DEFAULT_DOMAINS,
     examples_per_domain: int = 8000,
@@ -204,7 +245,8 @@ def build_zoo(
     Args:
         sources: the recipes; names must be unique (they name the directories).
         student: recipe of the student's base model, saved as `student/` (by default a random
-            init; a few steps on every domain make it a weak generalist, like a small pretrained LM).
+            init; a few steps on every domain make it a weak generalist, like a small pretrained LM);
+            None builds no student (a zoo of adapters of an existing one).
         output_dir: where the model directories go.
         domains: the task domains; cards report accuracy on each.
         examples_per_domain: training examples per domain for each trained source.
@@ -220,10 +262,10 @@ def build_zoo(
         for domain in recipe.domains:
             if domain not in domains:
                 raise ValueError(f"source {recipe.name!r}: domain {domain!r} is not among the zoo's domains {domains}")
-    recipes = sources + [SourceRecipe(**{**asdict(student), "name": "student", "architecture": student.architecture})]
+    recipes = sources + ([SourceRecipe(**{**asdict(student), "name": "student", "architecture": student.architecture})] if student else [])
     jobs, cards = [], {}
     for index, recipe in enumerate(recipes):
-        fingerprint = {"recipe": asdict(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
+        fingerprint = {"recipe": recipe_fingerprint(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
                        "batch_size": batch_size, "seed": seed + index}
         directory = os.path.join(output_dir, recipe.name)
         card_path = os.path.join(directory, "card.json")

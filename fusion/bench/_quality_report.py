@@ -1,0 +1,273 @@
+"""The quality benchmark's report: aggregation over seeds, knowledge interference, the criteria,
+the Markdown table and the plots. Pure functions of the runs' test metrics (no training here).
+
+A run is a dict: method, pool, seed, acc ({domain: accuracy}), acc_mean, and for the selector
+selection_by_domain ({domain: {source: share}}) and log_dir (its CSV logs).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+from collections import defaultdict
+
+SPECIALISTS, DISTRACTED = "A", "B"
+
+
+def write_atomically(path: str, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def std(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def interference(acc_a: dict[str, float], acc_b: dict[str, float]) -> float:
+    """DESIGN.md: the mean over domains of max(0, acc_A(d) - acc_B(d)), the accuracy lost to distractors."""
+    return sum(max(0.0, acc_a[d] - acc_b[d]) for d in acc_a) / len(acc_a)
+
+
+def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Per method and pool: accuracy per domain (mean and std over seeds), the mean accuracy with
+    its std over seeds, interference (pool A vs pool B, from the seed-mean accuracies; and per
+    seed, paired, as mean and std) and the source forwards per training sequence.
+
+    methods: name -> {"source_forwards_per_seq": {pool: n}, ...} (anything else is copied).
+    """
+    grouped: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        grouped[run["method"]][run["pool"]].append(run)
+    summary: dict[str, dict[str, dict]] = {}
+    for method in methods:
+        pools = grouped.get(method, {})
+        entry: dict[str, dict] = {}
+        for pool, group in pools.items():
+            domains = sorted(group[0]["acc"])
+            entry[pool] = {
+                "acc": {d: statistics.fmean(r["acc"][d] for r in group) for d in domains},
+                "acc_std": {d: std([r["acc"][d] for r in group]) for d in domains},
+                "acc_mean": statistics.fmean(r["acc_mean"] for r in group),
+                "acc_mean_std": std([r["acc_mean"] for r in group]),
+                "acc_mean_per_seed": {str(r["seed"]): r["acc_mean"] for r in group},
+                "seeds": [r["seed"] for r in group],
+                "source_forwards_per_seq": methods[method]["source_forwards_per_seq"][pool],
+            }
+            if "selection_by_domain" in group[0]:
+                entry[pool]["selection_by_domain"] = {
+                    d: {s: statistics.fmean(r["selection_by_domain"][d][s] for r in group) for s in shares}
+                    for d, shares in group[0]["selection_by_domain"].items()
+                }
+            for key in ("shared_with", "note"):
+                if key in methods[method]:
+                    entry[pool][key] = methods[method][key]
+        if SPECIALISTS in entry and DISTRACTED in entry:
+            a, b = entry[SPECIALISTS], entry[DISTRACTED]
+            paired = {str(r["seed"]): r for r in pools[SPECIALISTS]}
+            per_seed = [interference(paired[str(r["seed"])]["acc"], r["acc"]) for r in pools[DISTRACTED] if str(r["seed"]) in paired]
+            value = {"interference": interference(a["acc"], b["acc"]),
+                     "interference_per_seed_mean": statistics.fmean(per_seed) if per_seed else None,
+                     "interference_per_seed_std": std(per_seed) if per_seed else None}
+            a.update(value)
+            b.update(value)
+        summary[method] = entry
+    return summary
+
+
+def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) -> dict[str, dict]:
+    """Issue 4's three checks for every selector method, with the numbers they compare."""
+    by_fusion = {m["fusion"]: name for name, m in methods.items() if m.get("fusion") and name in summary}
+    checks: dict[str, dict] = {}
+    for name, method in methods.items():
+        if method.get("fusion") != "selector" or name not in summary:
+            continue
+        entry, check = summary[name], {}
+        own = entry.get(SPECIALISTS, {}).get("interference")
+        if own is not None:
+            bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in ("avgce", "uniform") if base in by_fusion}
+            bounds = {base: v for base, v in bounds.items() if v is not None}
+            if bounds:
+                check["interference_at_most_half"] = {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+        if "mince" in by_fusion:
+            mince = summary[by_fusion["mince"]]
+            check["acc_at_least_mince"] = {
+                pool: {"selector": entry[pool]["acc_mean"], "selector_std": entry[pool]["acc_mean_std"],
+                       "mince": mince[pool]["acc_mean"], "mince_std": mince[pool]["acc_mean_std"],
+                       "forwards": f"{entry[pool]['source_forwards_per_seq']} of {mince[pool]['source_forwards_per_seq']}",
+                       "pass": entry[pool]["acc_mean"] >= mince[pool]["acc_mean"]}
+                for pool in entry if pool in mince
+            }
+        check["heatmap_picks_specialist"] = {}
+        for pool, result in entry.items():
+            if "selection_by_domain" not in result:
+                continue
+            by_domain = result["selection_by_domain"]
+            picks = {d: max(shares, key=shares.get) for d, shares in by_domain.items()}
+            specialist = {d: by_domain[d].get(oracle.get(d), 0.0) for d in picks}
+            check["heatmap_picks_specialist"][pool] = {  # the specialist is picked at least as often as any other source
+                "top_source": picks, "specialist_share": specialist,
+                "pass": all(oracle.get(d) in by_domain[d] and specialist[d] >= by_domain[d][picks[d]] - 1e-9 for d in picks),
+            }
+        checks[name] = check
+    return checks
+
+
+# ------------------------------------------------------------------------------------ Markdown
+
+
+def _cell(mean: float, spread: float | None) -> str:
+    return f"{mean:.3f} ± {spread:.3f}" if spread is not None else f"{mean:.3f}"
+
+
+def markdown(report: dict, config_yaml: str) -> str:
+    """The table (accuracy per domain, mean ± std over seeds, interference), the criteria and the config."""
+    summary = report["results"]
+    domains = sorted({d for entry in summary.values() for pool in entry.values() for d in pool["acc"]})
+    lines = [f"# Quality benchmark{' (quick)' if report['quick'] else ''}", "",
+             f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
+             "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
+             "max(0, acc_A - acc_B) from the seed-mean accuracies (and per seed, paired: mean ± std). "
+             "Pool A: the specialists; pool B: A plus the distractors.", "",
+             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) |",
+             "|---|---|---|" + "---|" * (len(domains) + 2)]
+    for method, entry in summary.items():
+        for pool in sorted(entry):
+            r = entry[pool]
+            cells = " | ".join(f"{r['acc'][d]:.2f}" for d in domains)
+            inter = "-"
+            if r.get("interference") is not None:
+                inter = f"{r['interference']:.3f} ({_cell(r['interference_per_seed_mean'], r['interference_per_seed_std'])})"
+            label = method + (f" (= {r['shared_with']})" if r.get("shared_with") else "")
+            lines.append(f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
+                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} |")
+    notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    lines += ["", "## Criteria (issue 4)", ""]
+    for method, check in report["criteria"].items():
+        for name, value in check.items():
+            lines.append(f"- {method}, {name}: {_verdict(value)}")
+    if report.get("consistency"):
+        c = report["consistency"]
+        lines += ["", "## Cached versus online", "",
+                  f"{c['method']} on pool {c['pool']}, seed {c['seed']}, same settings: mean accuracy cached "
+                  f"{c['cached']['acc_mean']:.3f}, online {c['online']['acc_mean']:.3f} (difference {c['difference']:+.3f}; "
+                  f"largest per-domain difference {c['max_domain_difference']:.3f}); {c['cached_seconds']:.0f} s cached, "
+                  f"{c['online_seconds']:.0f} s online."]
+    lines += ["", f"Runtime: {report['runtime_seconds']:.0f} s in all.", "", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _verdict(value: dict) -> str:
+    if "pass" in value:
+        numbers = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "pass")
+        return f"{'PASS' if value['pass'] else 'FAIL'} ({numbers})"
+    return "; ".join(f"pool {pool}: {_verdict(v)}" for pool, v in value.items())
+
+
+# ------------------------------------------------------------------------------------ plots
+
+
+def selection_entropy_curve(log_dir: str) -> list[tuple[int, float]]:
+    """(step, train/selection_entropy) from a run's CSVLogger metrics.csv."""
+    path = os.path.join(log_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [(int(row["step"]), float(row["train/selection_entropy"])) for row in csv.DictReader(f)
+                if row.get("train/selection_entropy")]
+
+
+def _save(figure, path: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+def plots(report: dict, runs: list[dict], output: str) -> list[str]:
+    """accuracy.png, interference.png, selection_heatmap.png, selection_entropy.png under `output`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    summary, written = report["results"], []
+    pools = sorted({p for e in summary.values() for p in e})
+    domains = sorted({d for e in summary.values() for r in e.values() for d in r["acc"]})
+    methods = list(summary)
+
+    figure, axes = plt.subplots(1, len(pools), figsize=(7 * len(pools), 4.5), squeeze=False, sharey=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, pool in zip(axes[0], pools):
+        for i, method in enumerate(methods):
+            if pool not in summary[method]:
+                continue
+            r = summary[method][pool]
+            x = np.arange(len(domains) + 1) + i * width
+            values = [r["acc"][d] for d in domains] + [r["acc_mean"]]
+            errors = [r["acc_std"][d] for d in domains] + [r["acc_mean_std"]]
+            ax.bar(x, values, width, yerr=errors, label=method, capsize=2)
+        ax.set_xticks(np.arange(len(domains) + 1) + 0.4 - width / 2, [*domains, "mean"], rotation=20)
+        ax.set_title(f"pool {pool}")
+        ax.set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    written.append(_save(figure, os.path.join(output, "accuracy.png")))
+    plt.close(figure)
+
+    with_inter = [m for m in methods if summary[m].get(SPECIALISTS, {}).get("interference") is not None]
+    figure, ax = plt.subplots(figsize=(max(5, 1.1 * len(with_inter)), 3.8))
+    values = [summary[m][SPECIALISTS]["interference"] for m in with_inter]
+    errors = [summary[m][SPECIALISTS]["interference_per_seed_std"] or 0.0 for m in with_inter]
+    ax.bar(range(len(with_inter)), values, yerr=errors, capsize=3, color="tab:red")
+    ax.set_xticks(range(len(with_inter)), with_inter, rotation=25, ha="right")
+    ax.set_ylabel("interference (accuracy lost, A -> B)")
+    written.append(_save(figure, os.path.join(output, "interference.png")))
+    plt.close(figure)
+
+    maps = [(m, p) for m in methods for p in pools if "selection_by_domain" in summary[m].get(p, {})]
+    if maps:
+        figure, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
+        for ax, (method, pool) in zip(axes[0], maps):
+            shares = summary[method][pool]["selection_by_domain"]
+            sources = list(next(iter(shares.values())))
+            matrix = np.array([[shares[d][s] for s in sources] for d in domains])
+            ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(sources)), sources, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(len(domains)), domains, fontsize=7)
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.5 else "k")
+            ax.set_title(f"{method}, pool {pool}", fontsize=9)
+        written.append(_save(figure, os.path.join(output, "selection_heatmap.png")))
+        plt.close(figure)
+
+    curves: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for step, value in selection_entropy_curve(run.get("log_dir") or ""):
+            curves[(run["method"], run["pool"])][step].append(value)
+    if curves:
+        figure, ax = plt.subplots(figsize=(6.5, 4))
+        for (method, pool), by_step in sorted(curves.items()):
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], label=f"{method}, pool {pool}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("selection entropy (nats, batch share)")
+        ax.legend(fontsize=7)
+        written.append(_save(figure, os.path.join(output, "selection_entropy.png")))
+        plt.close(figure)
+    return written
+
+
+def write_report(report: dict, runs: list[dict], config_yaml: str, output: str) -> list[str]:
+    """report.json, report.md and the plots under `output`, each written atomically."""
+    write_atomically(os.path.join(output, "report.json"), json.dumps(report, indent=2))
+    write_atomically(os.path.join(output, "report.md"), markdown(report, config_yaml))
+    return [os.path.join(output, "report.json"), os.path.join(output, "report.md"), *plots(report, runs, output)]

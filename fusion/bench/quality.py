@@ -1,0 +1,384 @@
+"""Quality and knowledge interference of every fusion method, over seeds, with plots.
+
+    python -m fusion.bench quality --config configs/bench.yaml [--quick]
+
+For each seed and each pool of sources (A = the specialists; B = A plus distractors) it trains a
+student with each method of `methods` (a name -> `model.*` settings of `fusion.train`), all from
+the same `train` config, data and steps, and tests it. Then the weight-merging baseline: LoRA
+specialists of the student's base (built once, like the zoo) merged with peft
+(`fusion/merging.py`) and tested through the same `fusion.train` test path.
+
+- `source_mode: cached`: each pool's sources run once (`predict`, the offline cache) and every
+  method trains from the cache; `consistency` names one run that is trained online as well, to
+  measure that both give the same quality.
+- `none` runs no source and `oracle` runs only each domain's specialist (in both pools): they do
+  not depend on the pool, so they are trained once per seed and reported for both pools.
+- A run whose config is unchanged is reused from `output/runs/*/result.json` (a stopped bench
+  resumes; a seed can be added later).
+- `--quick` applies the `quick_settings` section (fewer seeds and steps, a smaller test split): the same
+  code, in a few minutes.
+
+Writes `report.json`, `report.md` and PNG plots under `output` (see `_quality_report.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import yaml
+
+from fusion.bench import _quality_report as report_lib
+
+POOL_INDEPENDENT = ("none", "oracle")  # train once per seed, report for both pools
+CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else copy.deepcopy(value)
+    return merged
+
+
+@dataclass
+class Merging:
+    """The weight-merging baseline.
+
+    zoo: `fusion.zoo.build_zoo` arguments for the LoRA sources (recipes with `base`); no student.
+    pools: pool name -> names of the zoo's adapters merged for that pool.
+    methods: name -> `merge_adapters` arguments (combination_type, weights, density, svd_rank).
+    steps: when set, every recipe of `zoo` trains this many steps (for `quick`).
+    """
+
+    zoo: dict = field(default_factory=dict)
+    pools: dict[str, list[str]] = field(default_factory=dict)
+    methods: dict[str, dict] = field(default_factory=dict)
+    steps: int | None = None
+
+
+@dataclass
+class QualityBench:
+    """The benchmark's settings (configs/bench.yaml).
+
+    train: a complete `fusion.train` config shared by every run (trainer, model, data).
+    pools: "A" (specialists) and "B" (A plus distractors): source paths.
+    methods: name -> `model.*` settings of each method, e.g. {fusion: selector, top_k: 2}.
+    seeds: `seed_everything` of each repetition (the data are the same for all).
+    steps: training steps of every method.
+    source_mode: "cached" (sources run once per pool, `predict`) or "online".
+    consistency: {method, pool, seed} trained online as well, to compare with cached; or null.
+    merging: the weight-merging baseline, or null.
+    workers: runs at once, each in its own process.
+    threads: torch threads of each run (more threads than free cores slow tiny models down many
+        times over: they spin waiting for each other).
+    output: where runs, caches, merged models and the report go.
+    quick_settings: what `--quick` merges over these (nested dicts merge key by key).
+    """
+
+    train: dict
+    pools: dict[str, list[str]]
+    methods: dict[str, dict]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 800
+    source_mode: str = "cached"
+    consistency: dict | None = None
+    merging: dict | None = None
+    workers: int = 2
+    threads: int = 1
+    output: str = "checkpoints/bench/quality"
+    quick_settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.merging, dict):
+            self.merging = Merging(**self.merging)
+        if set(self.pools) != {"A", "B"}:
+            raise ValueError(f"pools must be exactly A (specialists) and B (A plus distractors), got {sorted(self.pools)}")
+        if not set(self.pools["A"]) < set(self.pools["B"]):
+            raise ValueError("pools.B must hold every source of pools.A and at least one distractor")
+        if self.source_mode not in ("cached", "online"):
+            raise ValueError(f"source_mode must be 'cached' or 'online', got {self.source_mode!r}")
+        for name, settings in self.methods.items():
+            if "fusion" not in settings:
+                raise ValueError(f"methods.{name} needs a fusion setting (none, uniform, avgce, mince, single, oracle, selector)")
+        if self.consistency and (self.consistency.get("method") not in self.methods or self.consistency.get("pool") not in self.pools):
+            raise ValueError(f"consistency must name one of methods {list(self.methods)} and a pool A or B, got {self.consistency}")
+        if not self.seeds or min(self.steps, self.workers, self.threads) < 1:
+            raise ValueError("seeds must not be empty; steps, workers and threads must be at least 1")
+
+
+def forwards(settings: dict, pool: list[str]) -> int:
+    """Source forwards per training sequence when the method runs online."""
+    fusion = settings["fusion"]
+    return {"none": 0, "single": 1, "oracle": 1, "selector": settings.get("top_k", 2)}.get(fusion, len(pool))
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+
+def _run_job(job: dict) -> dict:
+    """One `fusion.train` run in a worker process: predict (the cache), fit + test, or test."""
+    import torch
+
+    from fusion.train import main as cli
+
+    torch.set_num_threads(job["threads"])
+    started = time.time()
+    shutil.rmtree(job["log_dir"], ignore_errors=True)
+    run = cli(args=job["config"], run=False)
+    if job["kind"] == "predict":
+        if not _cache_is_current(run):
+            run.trainer.predict(run.model, datamodule=run.datamodule, return_predictions=False)
+        return {"seconds": time.time() - started}
+    if job["kind"] == "fit":
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+    result = {**job["record"], **run.model.test_results, "log_dir": job["log_dir"], "seconds": time.time() - started}
+    report_lib.write_atomically(job["result_path"], json.dumps({"config_hash": job["config_hash"], "result": result}, indent=2))
+    return result
+
+
+def _cache_is_current(run) -> bool:
+    from fusion.cache import check_fingerprint
+
+    cache_dir = run.model.hparams.cache_dir
+    try:
+        run.datamodule.setup("predict")
+        check_fingerprint(cache_dir, run.model.cache_fingerprint(run.datamodule))
+    except (FileNotFoundError, ValueError):
+        return False
+    return any(name.startswith("shard-") for name in os.listdir(cache_dir))
+
+
+def _run_all(jobs: list[dict], workers: int) -> list[dict]:
+    """Run jobs, reusing a run whose result.json has the same config; longest first."""
+    results, pending = [None] * len(jobs), []
+    for index, job in enumerate(jobs):
+        path = job.get("result_path")
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                stored = json.load(f)
+            if stored["config_hash"] == job["config_hash"]:
+                results[index] = stored["result"]
+                continue
+        pending.append(index)
+    pending.sort(key=lambda i: -jobs[i]["cost"])
+    if pending:
+        print(f"quality: {len(pending)} runs to do ({len(jobs) - len(pending)} reused), {workers} at a time", flush=True)
+    def done(index: int, result: dict, count: int) -> None:
+        results[index] = result
+        score = f"mean accuracy {result['acc_mean']:.3f}, " if "acc_mean" in result else ""
+        print(f"quality: [{count}/{len(pending)}] {os.path.basename(os.path.dirname(jobs[index]['log_dir']))}: "
+              f"{score}{result['seconds']:.0f} s", flush=True)
+
+    if workers > 1 and len(pending) > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_job, jobs[i]): i for i in pending}
+            for count, future in enumerate(as_completed(futures), 1):
+                done(futures[future], future.result(), count)
+    else:
+        for count, index in enumerate(pending, 1):
+            done(index, _run_job(jobs[index]), count)
+    return results
+
+
+class Planner:
+    """Builds the `fusion.train` config of every run from the bench settings."""
+
+    def __init__(self, bench: QualityBench, threads: int):
+        self.bench, self.threads = bench, threads
+        self.caches: dict[str, tuple[str, dict]] = {}  # cache name -> (pool, settings that differ from train.model)
+
+    def config(self, name: str, seed: int, model: dict) -> tuple[dict, str]:
+        config = deep_merge(self.bench.train, {"seed_everything": seed, "model": model})
+        config["trainer"]["max_steps"] = self.bench.steps
+        log_root = os.path.join(self.bench.output, "runs")
+        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                       "init_args": {"save_dir": log_root, "name": name, "version": 0}}
+        config["trainer"]["default_root_dir"] = os.path.join(log_root, name)
+        return config, os.path.join(log_root, name, "version_0")
+
+    def job(self, kind: str, name: str, seed: int, model: dict, record: dict, cost: float) -> dict:
+        config, log_dir = self.config(name, seed, model)
+        # A run is reused only for the same config, the same models' weights and the same code.
+        weights = {path: _weights(path) for path in [config["model"]["student"], *config["model"].get("sources", [])]}
+        config_hash = hashlib.sha256(json.dumps([kind, config, weights, _code_version()], sort_keys=True).encode()).hexdigest()[:16]
+        return {"kind": kind, "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": cost,
+                "config_hash": config_hash, "result_path": os.path.join(self.bench.output, "runs", name, "result.json")}
+
+    def cache_dir(self, pool: str, settings: dict) -> str:
+        """One cache per pool and per value of the settings the cached numbers depend on."""
+        base = self.bench.train["model"]
+        overrides = {k: settings[k] for k in CACHE_SETTINGS if k in settings and settings[k] != base.get(k)}
+        name = pool + "".join(f"-{k}-{_slug(str(v))}" for k, v in sorted(overrides.items()))
+        self.caches.setdefault(name, (pool, overrides))
+        return os.path.join(self.bench.output, "cache", name)
+
+    def source_settings(self, pool: str, mode: str, settings: dict) -> dict:
+        cache_dir = self.cache_dir(pool, settings) if mode == "cached" else None
+        return {"sources": self.bench.pools[pool], "source_mode": mode, "cache_dir": cache_dir}
+
+    def training_jobs(self) -> list[dict]:
+        b, jobs = self.bench, []
+        for seed in b.seeds:
+            for method, settings in b.methods.items():
+                pools = ["A"] if settings["fusion"] in POOL_INDEPENDENT else ["A", "B"]
+                for pool in pools:
+                    mode = "online" if settings["fusion"] == "none" else b.source_mode
+                    model = settings | self.source_settings(pool, mode, settings)
+                    cost = 1.0 + (0.5 if mode == "online" else 0.0) * forwards(settings, b.pools[pool])
+                    jobs.append(self.job("fit", f"{pool}-{_slug(method)}-seed{seed}", seed, model,
+                                         {"method": method, "pool": pool, "seed": seed}, cost))
+        if b.consistency and b.source_mode == "cached":
+            c = b.consistency
+            model = b.methods[c["method"]] | self.source_settings(c["pool"], "online", b.methods[c["method"]])
+            jobs.append(self.job("fit", f"{c['pool']}-{_slug(c['method'])}-seed{c['seed']}-online", c["seed"], model,
+                                 {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True}, 5.0))
+        return jobs
+
+    def cache_jobs(self) -> list[dict]:
+        """The `predict` runs that write the caches the training jobs read (plan those first)."""
+        return [self.job("predict", f"cache-{name}", 0, {"fusion": "uniform", **overrides, **self.source_settings(pool, "cached", overrides)}, {}, 1.0)
+                for name, (pool, overrides) in self.caches.items()]
+
+    def test_job(self, name: str, student: str, record: dict) -> dict:
+        job = self.job("test", name, 0, {"student": student, "fusion": "none", "sources": []}, record, 0.3)
+        return job
+
+
+@functools.cache
+def _weights(path: str) -> str:
+    from fusion.cache import model_fingerprint
+
+    return model_fingerprint(path)
+
+
+@functools.cache
+def _code_version() -> str:
+    """Hash of the fusion package's modules (the bench's own files excluded)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+# ------------------------------------------------------------------------------------ merging
+
+
+def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
+    """Build (or reuse) the LoRA zoo and save every merge; -> (method, pool, merged model dir)."""
+    from fusion import merging, zoo
+
+    m = bench.merging
+    recipes = [zoo.SourceRecipe(**{**r, "architecture": zoo.Architecture(**r.get("architecture", {}))}) for r in m.zoo["sources"]]
+    if m.steps is not None:
+        for recipe in recipes:
+            recipe.steps = m.steps
+    settings = {k: v for k, v in m.zoo.items() if k != "sources"}
+    zoo.build_zoo(sources=recipes, student=None, **settings)
+    bases = {r.base for r in recipes}
+    if len(bases) != 1:
+        raise ValueError(f"merging.zoo: every recipe must adapt the same base (the student's), got {sorted(bases)}")
+    base, built = bases.pop(), []
+    for method, options in m.methods.items():
+        for pool, names in m.pools.items():
+            directory = os.path.join(bench.output, "merged", f"{_slug(method)}-{pool}")
+            adapters = [os.path.join(settings["output_dir"], name) for name in names]
+            merging.save_merged(merging.merge_adapters(base, adapters, **options), base, directory)
+            built.append((method, pool, directory))
+    return built
+
+
+# ------------------------------------------------------------------------------------ the bench
+
+
+def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict:
+    started = time.time()
+    planner = Planner(bench, bench.threads)
+    os.makedirs(bench.output, exist_ok=True)
+    jobs = planner.training_jobs()
+    if planner.caches:
+        seconds = _run_all(planner.cache_jobs(), bench.workers)
+        print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(s['seconds']) for s in seconds]} s)", flush=True)
+    methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
+               for name, settings in bench.methods.items()}
+    for name, settings in bench.methods.items():
+        if settings["fusion"] in POOL_INDEPENDENT:
+            methods[name] |= {"shared_with": "pool A run",
+                              "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
+    tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": "student base (no training)", "pool": "A", "seed": 0})]
+    methods["student base (no training)"] = {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
+                                             "note": "the student's base model before any training"}
+    if bench.merging:
+        merge_started = time.time()
+        for method, pool, directory in build_merged(bench):
+            label = f"merge: {method}"
+            tests.append(planner.test_job(f"{pool}-merge-{_slug(method)}", directory, {"method": label, "pool": pool, "seed": 0}))
+            methods.setdefault(label, {"fusion": None, "source_forwards_per_seq": {p: 0 for p in bench.pools},
+                                       "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
+        print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
+    results = _run_all(jobs + tests, bench.workers)
+    runs, consistency = [], None
+    for result in results:
+        if result.get("online"):
+            continue
+        runs.append(result)
+        if methods[result["method"]].get("shared_with"):
+            runs.append(dict(result, pool="B"))
+    if bench.consistency and bench.source_mode == "cached":
+        c = bench.consistency
+        online = next(r for r in results if r.get("online"))
+        cached = next(r for r in runs if (r["method"], r["pool"], r["seed"]) == (c["method"], c["pool"], c["seed"]))
+        consistency = {**c, "cached": {"acc": cached["acc"], "acc_mean": cached["acc_mean"]},
+                       "online": {"acc": online["acc"], "acc_mean": online["acc_mean"]},
+                       "difference": online["acc_mean"] - cached["acc_mean"],
+                       "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
+                       "cached_seconds": cached["seconds"], "online_seconds": online["seconds"]}
+    summary = report_lib.summarize(runs, methods)
+    oracle = bench.train["model"].get("oracle") or {}
+    report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
+              "results": summary, "criteria": report_lib.criteria(summary, methods, oracle), "consistency": consistency,
+              "runtime_seconds": time.time() - started,
+              "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
+    written = report_lib.write_report(report, runs, config_yaml, bench.output)
+    print(report_lib.markdown(report, "").split("## Configuration")[0])
+    print("wrote " + ", ".join(written))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m fusion.bench quality", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="the bench YAML, e.g. configs/bench.yaml")
+    parser.add_argument("--quick", action=ActionYesNo, default=False, help="apply quick_settings: fewer seeds and steps")
+    parser.add_class_arguments(QualityBench)
+    namespace = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    sys.argv = sys.argv[:1]  # every run's arguments go to fusion.train explicitly
+    quick = namespace.pop("quick")
+    settings = {k: v for k, v in namespace.items() if k not in ("config", "__path__")}
+    if quick:
+        settings = deep_merge(settings, settings["quick_settings"])
+    bench = QualityBench(**settings)
+    config_yaml = yaml.safe_dump({"quick": quick, **{k: v for k, v in settings.items() if k != "quick_settings"}}, sort_keys=False)
+    return run(bench, quick, config_yaml)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The quality benchmark's pieces: report math on hand-made metrics, and weight merging on the tiny zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+
+from fusion import merging, zoo
+from fusion.bench import _quality_report as report_lib
+from fusion.bench import quality
+
+from .conftest import DOMAINS, TINY, tiny_config
+
+
+def _run(method, pool, seed, acc, selection=None):
+    run = {"method": method, "pool": pool, "seed": seed, "acc": acc, "acc_mean": sum(acc.values()) / len(acc)}
+    return run | ({"selection_by_domain": selection} if selection else {})
+
+
+PICKS = {"d1": {"s1": 1.0, "s2": 0.0, "noise": 0.0}, "d2": {"s1": 0.25, "s2": 0.75, "noise": 0.0}}
+RUNS = [
+    _run("avgce", "A", 0, {"d1": 0.8, "d2": 0.4}), _run("avgce", "A", 1, {"d1": 0.6, "d2": 0.4}),
+    _run("avgce", "B", 0, {"d1": 0.5, "d2": 0.5}), _run("avgce", "B", 1, {"d1": 0.5, "d2": 0.3}),
+    _run("uniform", "A", 0, {"d1": 0.8, "d2": 0.4}), _run("uniform", "B", 0, {"d1": 0.4, "d2": 0.4}),
+    _run("mince", "A", 0, {"d1": 0.6, "d2": 0.5}), _run("mince", "B", 0, {"d1": 0.7, "d2": 0.5}),
+    _run("selector", "A", 0, {"d1": 0.7, "d2": 0.5}, PICKS), _run("selector", "B", 0, {"d1": 0.7, "d2": 0.45}, PICKS),
+]
+METHODS = {name: {"fusion": name, "source_forwards_per_seq": {"A": n, "B": n + 1}}
+           for name, n in (("avgce", 2), ("uniform", 2), ("mince", 2), ("selector", 1))}
+
+
+def test_summary_interference_and_criteria(tmp_path):
+    summary = report_lib.summarize(RUNS, METHODS)
+    avgce = summary["avgce"]
+    assert avgce["A"]["acc"] == pytest.approx({"d1": 0.7, "d2": 0.4})
+    assert avgce["A"]["acc_mean"] == pytest.approx(0.55) and avgce["A"]["acc_mean_std"] == pytest.approx(0.1 / 2**0.5)
+    # From the seed means: (max(0, 0.7 - 0.5) + max(0, 0.4 - 0.4)) / 2; per seed, paired: 0.15 and 0.10.
+    assert avgce["A"]["interference"] == pytest.approx(0.1) == avgce["B"]["interference"]
+    assert avgce["A"]["interference_per_seed_mean"] == pytest.approx(0.125)
+    assert avgce["A"]["interference_per_seed_std"] == pytest.approx(0.05 / 2**0.5)
+    assert summary["uniform"]["A"]["interference"] == pytest.approx(0.2)
+    assert summary["selector"]["B"]["interference"] == pytest.approx(0.025)  # only d2 lost 0.05
+    assert summary["selector"]["B"]["source_forwards_per_seq"] == 2
+
+    checks = report_lib.criteria(summary, METHODS, {"d1": "s1", "d2": "s2"})["selector"]
+    assert checks["interference_at_most_half"]["pass"]  # 0.025 <= 0.05 and <= 0.1
+    assert checks["acc_at_least_mince"]["A"]["pass"] and not checks["acc_at_least_mince"]["B"]["pass"]  # 0.6 >= 0.55; 0.575 < 0.6
+    assert checks["heatmap_picks_specialist"]["A"]["pass"]
+    assert checks["heatmap_picks_specialist"]["A"]["specialist_share"] == {"d1": 1.0, "d2": 0.75}
+
+    report = {"quick": True, "seeds": [0, 1], "results": summary, "criteria": {"selector": checks}, "consistency": None, "runtime_seconds": 1.0}
+    written = report_lib.write_report(report, RUNS, "seeds: [0, 1]\n", str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == [
+        "accuracy.png", "interference.png", "report.json", "report.md", "selection_heatmap.png"]
+    assert json.loads((tmp_path / "report.json").read_text())["results"]["avgce"]["A"]["interference"] == pytest.approx(0.1)
+    assert "| avgce | A | 2 | 0.70 | 0.40 | 0.550 ± 0.071 | 0.100 (0.125 ± 0.035) |" in (tmp_path / "report.md").read_text()
+
+
+def test_new_recipe_fields_keep_old_fingerprints():
+    """Cards written before `base` and `lora` existed are still reused: the fields are left out at their defaults."""
+    recipe = zoo.SourceRecipe("spell", domains=["spell_backward"], architecture=TINY)
+    fingerprint = zoo.recipe_fingerprint(recipe)
+    assert "base" not in fingerprint and "lora" not in fingerprint
+    assert fingerprint == {k: v for k, v in asdict(recipe).items() if k not in ("base", "lora")}
+
+
+def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path):
+    """LoRA specialists of the student's base, merged by peft, evaluated by fusion.train's test path."""
+    base = os.path.join(tiny_zoo, "student")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    settings = {"zoo": {"output_dir": str(tmp_path / "lora"), "domains": DOMAINS, "examples_per_domain": 40, "batch_size": 8,
+                        "test_size": 2, "workers": 1, "sources": [
+                            {"name": "l-spell", "domains": ["spell_backward"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
+                            {"name": "l-sum", "domains": ["chain_sum"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
+                            {"name": "l-noise", "kind": "random", "base": base, "lora": lora}]},
+                "pools": {"A": ["l-spell", "l-sum"], "B": ["l-spell", "l-sum", "l-noise"]},
+                "methods": {"mean": {"combination_type": "cat", "weights": "mean"}}}
+    train = tiny_config(tiny_zoo, str(tmp_path / "unused"))
+    train["data"]["test_size"] = 2
+    bench = quality.QualityBench(train=train, pools={"A": train["model"]["sources"][:2], "B": train["model"]["sources"]},
+                                 methods={"none": {"fusion": "none"}}, merging=settings, workers=1, output=str(tmp_path / "out"))
+    built = quality.build_merged(bench)
+    assert [(m, p) for m, p, _ in built] == [("mean", "A"), ("mean", "B")]
+    card = json.loads((tmp_path / "lora" / "l-spell" / "card.json").read_text())
+    assert card["recipe"]["recipe"]["base"] == base and card["tokenizer"]["kind"] == "base"
+
+    # The merged model adds exactly the mean of the specialists' updates B A * scaling.
+    deltas = [merging.adapter_delta(str(tmp_path / "lora" / name), base) for name in ("l-spell", "l-sum")]
+    merged = merging.merge_adapters(base, [str(tmp_path / "lora" / n) for n in ("l-spell", "l-sum")], "cat", "mean").state_dict()
+    original = zoo.AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert len(deltas[0]) == 7  # q, k, v, o, gate, up, down of the one layer
+    for key in deltas[0]:
+        assert torch.allclose(merged[key] - original[key], (deltas[0][key] + deltas[1][key]) / 2, atol=1e-6)
+
+    job = quality.Planner(bench, threads=2).test_job("A-merge-mean", built[0][2], {"method": "merge: mean", "pool": "A", "seed": 0})
+    result = quality._run_job(job)
+    assert set(result["acc"]) == set(DOMAINS) and result["method"] == "merge: mean"
+    assert 1.0 < result["perplexity"] < 200.0
+    with open(job["result_path"]) as f:
+        assert json.load(f)["config_hash"] == job["config_hash"]
+
+
+def test_bench_config_train_section_parses(capsys):
+    """configs/bench.yaml's `train` section, with a pool and each method, validates against fusion.train."""
+    from fusion.train import main
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "bench.yaml")
+    with open(path) as f:
+        bench = yaml.safe_load(f)
+    assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
+    for settings in bench["methods"].values():
+        config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
+        assert exit_info.value.code == 0
+    assert "fusion: oracle" in capsys.readouterr().out
