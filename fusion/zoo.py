@@ -64,7 +64,8 @@ class SourceRecipe:
     BPE, 50257 tokens) or "bpe-N" (a byte-level BPE of N tokens trained on this source's data).
     `base`: a model directory; the source is then a LoRA adapter of it (`lora`: peft LoraConfig
     arguments), trained as `kind` says ("random": random A and B, no training), and
-    `architecture` and `tokenizer` are the base's.
+    `architecture` and `tokenizer` are the base's. `seed`: this model's own seed (default: the
+    zoo's seed plus the recipe's position, the student's coming after every source).
     """
 
     name: str
@@ -76,6 +77,7 @@ class SourceRecipe:
     tokenizer: str = "char"
     base: str | None = None
     lora: dict | None = None
+    seed: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,7 +90,7 @@ class SourceRecipe:
 
 # Fields added after cards were first written: left out of a recipe's fingerprint while they
 # hold their default, so adding them rebuilt no existing source.
-_LATER_FIELDS = {"base": None, "lora": None}
+_LATER_FIELDS = {"base": None, "lora": None, "seed": None}
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -265,8 +267,9 @@ def build_zoo(
     recipes = sources + ([SourceRecipe(**{**asdict(student), "name": "student", "architecture": student.architecture})] if student else [])
     jobs, cards = [], {}
     for index, recipe in enumerate(recipes):
+        own_seed = seed + index if recipe.seed is None else recipe.seed
         fingerprint = {"recipe": recipe_fingerprint(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
-                       "batch_size": batch_size, "seed": seed + index}
+                       "batch_size": batch_size, "seed": own_seed}
         directory = os.path.join(output_dir, recipe.name)
         card_path = os.path.join(directory, "card.json")
         if os.path.isfile(card_path):
@@ -277,7 +280,7 @@ def build_zoo(
                 continue
         jobs.append({"recipe": asdict(recipe), "fingerprint": fingerprint, "directory": directory, "domains": domains,
                      "examples_per_domain": examples_per_domain, "batch_size": batch_size, "test_size": test_size,
-                     "test_seed": test_seed, "seed": seed + index, "threads": 1 if workers > 1 else torch.get_num_threads()})
+                     "test_seed": test_seed, "seed": own_seed, "threads": 1 if workers > 1 else torch.get_num_threads()})
     os.makedirs(output_dir, exist_ok=True)
     if jobs:
         print(f"zoo: building {len(jobs)} of {len(recipes)} models in {output_dir} ({workers} at a time)", flush=True)

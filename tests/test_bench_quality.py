@@ -29,9 +29,10 @@ RUNS = [
     _run("uniform", "A", 0, {"d1": 0.8, "d2": 0.4}), _run("uniform", "B", 0, {"d1": 0.4, "d2": 0.4}),
     _run("mince", "A", 0, {"d1": 0.6, "d2": 0.5}), _run("mince", "B", 0, {"d1": 0.7, "d2": 0.5}),
     _run("selector", "A", 0, {"d1": 0.7, "d2": 0.5}, PICKS), _run("selector", "B", 0, {"d1": 0.7, "d2": 0.45}, PICKS),
+    _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.5}), _run("oracle", "A", 1, {"d1": 0.7, "d2": 0.5}),
 ]
 METHODS = {name: {"fusion": name, "source_forwards_per_seq": {"A": n, "B": n + 1}}
-           for name, n in (("avgce", 2), ("uniform", 2), ("mince", 2), ("selector", 1))}
+           for name, n in (("avgce", 2), ("uniform", 2), ("mince", 2), ("selector", 1), ("oracle", 1))}
 
 
 def test_summary_interference_and_criteria(tmp_path):
@@ -46,9 +47,17 @@ def test_summary_interference_and_criteria(tmp_path):
     assert summary["uniform"]["A"]["interference"] == pytest.approx(0.2)
     assert summary["selector"]["B"]["interference"] == pytest.approx(0.025)  # only d2 lost 0.05
     assert summary["selector"]["B"]["source_forwards_per_seq"] == 2
+    # Specialist gap against the oracle's seed means (0.8, 0.5), and per seed against that seed's oracle run.
+    assert avgce["A"]["specialist_gap"] == pytest.approx(0.1) and avgce["B"]["specialist_gap"] == pytest.approx(0.2)
+    assert avgce["A"]["specialist_gap_per_seed_mean"] == pytest.approx(0.1) and avgce["A"]["specialist_gap_per_seed_std"] == pytest.approx(0.0)
+    assert summary["uniform"]["B"]["specialist_gap"] == pytest.approx(0.25)
+    assert summary["uniform"]["B"]["specialist_gap_per_seed_mean"] == pytest.approx(0.3)  # seed 0's oracle: (0.9, 0.5)
+    assert "specialist_gap" not in summary["oracle"]["A"]
 
     checks = report_lib.criteria(summary, METHODS, {"d1": "s1", "d2": "s2"})["selector"]
     assert checks["interference_at_most_half"]["pass"]  # 0.025 <= 0.05 and <= 0.1
+    assert checks["specialist_gap_at_most_half"]["B"]["pass"]  # 0.075 <= 0.1 (avgce) and <= 0.125 (uniform)
+    assert not checks["specialist_gap_at_most_half"]["A"]["pass"]  # 0.05 > 0.5 * 0.05 (uniform)
     assert checks["acc_at_least_mince"]["A"]["pass"] and not checks["acc_at_least_mince"]["B"]["pass"]  # 0.6 >= 0.55; 0.575 < 0.6
     assert checks["heatmap_picks_specialist"]["A"]["pass"]
     assert checks["heatmap_picks_specialist"]["A"]["specialist_share"] == {"d1": 1.0, "d2": 0.75}
@@ -58,15 +67,16 @@ def test_summary_interference_and_criteria(tmp_path):
     assert sorted(os.path.basename(p) for p in written) == [
         "accuracy.png", "interference.png", "report.json", "report.md", "selection_heatmap.png"]
     assert json.loads((tmp_path / "report.json").read_text())["results"]["avgce"]["A"]["interference"] == pytest.approx(0.1)
-    assert "| avgce | A | 2 | 0.70 | 0.40 | 0.550 ± 0.071 | 0.100 (0.125 ± 0.035) |" in (tmp_path / "report.md").read_text()
+    assert "| avgce | A | 2 | 0.70 | 0.40 | 0.550 ± 0.071 | 0.100 (0.125 ± 0.035) | 0.100 (0.100 ± 0.000) |" in (tmp_path / "report.md").read_text()
 
 
 def test_new_recipe_fields_keep_old_fingerprints():
-    """Cards written before `base` and `lora` existed are still reused: the fields are left out at their defaults."""
+    """Cards written before `base`, `lora` and `seed` existed are still reused: the fields are left out at their defaults."""
     recipe = zoo.SourceRecipe("spell", domains=["spell_backward"], architecture=TINY)
     fingerprint = zoo.recipe_fingerprint(recipe)
-    assert "base" not in fingerprint and "lora" not in fingerprint
-    assert fingerprint == {k: v for k, v in asdict(recipe).items() if k not in ("base", "lora")}
+    assert "base" not in fingerprint and "lora" not in fingerprint and "seed" not in fingerprint
+    assert fingerprint == {k: v for k, v in asdict(recipe).items() if k not in ("base", "lora", "seed")}
+    assert zoo.recipe_fingerprint(zoo.SourceRecipe("spell", architecture=TINY, seed=7))["seed"] == 7
 
 
 def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path):
@@ -119,3 +129,21 @@ def test_bench_config_train_section_parses(capsys):
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
     assert "fusion: oracle" in capsys.readouterr().out
+
+
+def test_student_seed_does_not_follow_the_sources(monkeypatch, tmp_path):
+    """Adding a source to a zoo must not retrain a student whose seed is fixed (else every cache and result changes)."""
+    built = {}
+
+    def fake_make_source(job):
+        built[job["recipe"]["name"]] = job["seed"]
+        return {"name": job["recipe"]["name"], "accuracy": {}, "train_seconds": 0.0}
+
+    monkeypatch.setattr(zoo, "_make_source", fake_make_source)
+    student = zoo.SourceRecipe("student", architecture=TINY, seed=99)
+    spell = zoo.SourceRecipe("spell", domains=["spell_backward"], architecture=TINY)
+    noise = zoo.SourceRecipe("noise", kind="random", architecture=TINY)
+    zoo.build_zoo(sources=[spell], student=student, output_dir=str(tmp_path), domains=DOMAINS, seed=10, workers=1)
+    first = dict(built)
+    zoo.build_zoo(sources=[spell, noise], student=student, output_dir=str(tmp_path), domains=DOMAINS, seed=10, workers=1)
+    assert first == {"spell": 10, "student": 99} and built == {"spell": 10, "noise": 11, "student": 99}

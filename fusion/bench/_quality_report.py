@@ -14,15 +14,15 @@ import os
 import statistics
 from collections import defaultdict
 
+from fusion.io import atomic_open
+
 SPECIALISTS, DISTRACTED = "A", "B"
 
 
 def write_atomically(path: str, data: str | bytes) -> None:
     """Write to a temporary sibling, then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def std(values: list[float]) -> float:
@@ -33,6 +33,13 @@ def std(values: list[float]) -> float:
 def interference(acc_a: dict[str, float], acc_b: dict[str, float]) -> float:
     """DESIGN.md: the mean over domains of max(0, acc_A(d) - acc_B(d)), the accuracy lost to distractors."""
     return sum(max(0.0, acc_a[d] - acc_b[d]) for d in acc_a) / len(acc_a)
+
+
+def specialist_gap(acc_oracle: dict[str, float], acc: dict[str, float]) -> float:
+    """The mean over domains of max(0, acc_oracle(d) - acc(d)): the accuracy lost against distilling
+    each domain from its own specialist alone, i.e. to every other source in the pool (the other
+    domains' specialists as well as the distractors). Interference measures only what pool B adds."""
+    return sum(max(0.0, acc_oracle[d] - acc[d]) for d in acc_oracle) / len(acc_oracle)
 
 
 def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str, dict]]:
@@ -78,6 +85,17 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
             a.update(value)
             b.update(value)
         summary[method] = entry
+    oracle = next((name for name, m in methods.items() if m.get("fusion") == "oracle"), None)
+    if oracle in grouped:
+        reference = {str(r["seed"]): r["acc"] for r in grouped[oracle][SPECIALISTS]}
+        for method, entry in summary.items():
+            if methods[method].get("fusion") in (None, "none", "oracle"):  # no sources at training, or the reference
+                continue
+            for pool, result in entry.items():
+                paired = [specialist_gap(reference[str(r["seed"])], r["acc"]) for r in grouped[method][pool] if str(r["seed"]) in reference]
+                result["specialist_gap"] = specialist_gap(summary[oracle][SPECIALISTS]["acc"], result["acc"])
+                result["specialist_gap_per_seed_mean"] = statistics.fmean(paired) if paired else None
+                result["specialist_gap_per_seed_std"] = std(paired) if paired else None
     return summary
 
 
@@ -95,6 +113,14 @@ def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) ->
             bounds = {base: v for base, v in bounds.items() if v is not None}
             if bounds:
                 check["interference_at_most_half"] = {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+        for pool, result in entry.items():  # supplementary: the loss to every non-specialist source, per pool
+            if result.get("specialist_gap") is None:
+                continue
+            bounds = {base: summary[by_fusion[base]][pool].get("specialist_gap") for base in ("avgce", "uniform") if base in by_fusion}
+            bounds = {base: v for base, v in bounds.items() if v is not None}
+            if bounds:
+                check.setdefault("specialist_gap_at_most_half", {})[pool] = {
+                    "selector": result["specialist_gap"], **bounds, "pass": all(result["specialist_gap"] <= 0.5 * v for v in bounds.values())}
         if "mince" in by_fusion:
             mince = summary[by_fusion["mince"]]
             check["acc_at_least_mince"] = {
@@ -134,9 +160,11 @@ def markdown(report: dict, config_yaml: str) -> str:
              f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
              "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
              "max(0, acc_A - acc_B) from the seed-mean accuracies (and per seed, paired: mean ± std). "
-             "Pool A: the specialists; pool B: A plus the distractors.", "",
-             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) |",
-             "|---|---|---|" + "---|" * (len(domains) + 2)]
+             "Pool A: the specialists; pool B: A plus the distractors. Specialist gap = mean over domains of "
+             "max(0, acc_oracle - acc) in the same pool: the accuracy lost to every source other than the "
+             "domain's specialist (per seed, paired with the oracle's run of that seed).", "",
+             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) | specialist gap (per seed) |",
+             "|---|---|---|" + "---|" * (len(domains) + 3)]
     for method, entry in summary.items():
         for pool in sorted(entry):
             r = entry[pool]
@@ -144,9 +172,12 @@ def markdown(report: dict, config_yaml: str) -> str:
             inter = "-"
             if r.get("interference") is not None:
                 inter = f"{r['interference']:.3f} ({_cell(r['interference_per_seed_mean'], r['interference_per_seed_std'])})"
+            gap = "-"
+            if r.get("specialist_gap") is not None:
+                gap = f"{r['specialist_gap']:.3f} ({_cell(r['specialist_gap_per_seed_mean'], r['specialist_gap_per_seed_std'])})"
             label = method + (f" (= {r['shared_with']})" if r.get("shared_with") else "")
             lines.append(f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
-                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} |")
+                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |")
     notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
