@@ -264,19 +264,26 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
     written.append(_save(figure, os.path.join(output, "interference.png")))
     plt.close(figure)
 
-    maps = [(m, p) for m in methods for p in pools if "selection_by_domain" in summary[m].get(p, {})]
-    if maps:
-        figure, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
-        for ax, (method, pool) in zip(axes[0], maps):
-            shares = summary[method][pool]["selection_by_domain"]
-            sources = list(next(iter(shares.values())))
-            matrix = np.array([[shares[d][s] for s in sources] for d in domains])
-            ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            ax.set_xticks(range(len(sources)), sources, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(len(domains)), domains, fontsize=7)
-            for (i, j), value in np.ndenumerate(matrix):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.5 else "k")
-            ax.set_title(f"{method}, pool {pool}", fontsize=9)
+    selectors = [m for m in methods if any("selection_by_domain" in summary[m].get(p, {}) for p in pools)]
+    if selectors:  # one row per pool, one column per selector method
+        figure, axes = plt.subplots(len(pools), len(selectors), figsize=(3.4 * len(selectors) + 1.5, 3.6 * len(pools)), squeeze=False)
+        for row, pool in enumerate(pools):
+            for column, method in enumerate(selectors):
+                ax = axes[row][column]
+                shares = summary[method].get(pool, {}).get("selection_by_domain")
+                if not shares:
+                    ax.axis("off")
+                    continue
+                sources = list(next(iter(shares.values())))
+                matrix = np.array([[shares[d][s] for s in sources] for d in domains])
+                ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                ax.set_xticks(range(len(sources)), sources, rotation=60, ha="right", fontsize=7)
+                ax.set_yticks(range(len(domains)), domains if column == 0 else [], fontsize=7)
+                for (i, j), value in np.ndenumerate(matrix):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.5 else "k")
+                ax.set_title(f"{method}, pool {pool}", fontsize=8)
+        figure.suptitle("share of test prompts of each domain (rows) for which the selector picks each source (columns)", fontsize=9)
+        figure.tight_layout()
         written.append(_save(figure, os.path.join(output, "selection_heatmap.png")))
         plt.close(figure)
 
