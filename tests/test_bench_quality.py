@@ -79,7 +79,7 @@ def test_new_recipe_fields_keep_old_fingerprints():
     assert zoo.recipe_fingerprint(zoo.SourceRecipe("spell", architecture=TINY, seed=7))["seed"] == 7
 
 
-def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path):
+def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     """LoRA specialists of the student's base, merged by peft, evaluated by fusion.train's test path."""
     base = os.path.join(tiny_zoo, "student")
     lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
@@ -113,6 +113,16 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path):
     assert 1.0 < result["perplexity"] < 200.0
     with open(job["result_path"]) as f:
         assert json.load(f)["config_hash"] == job["config_hash"]
+
+    # A later invocation reuses the stored run as it is; a changed config runs again.
+    def must_not_run(job):
+        raise AssertionError("a stored run with the same config was run again")
+
+    monkeypatch.setattr(quality, "_run_job", must_not_run)
+    [reused] = quality._run_all([job], workers=1)
+    assert reused["reused"] and reused["acc"] == result["acc"]
+    monkeypatch.setattr(quality, "_run_job", lambda job: {"seconds": 0.0, "fresh": True})
+    assert quality._run_all([dict(job, config_hash="changed")], workers=1) == [{"seconds": 0.0, "fresh": True}]
 
 
 def test_bench_config_train_section_parses(capsys):

@@ -192,7 +192,8 @@ def markdown(report: dict, config_yaml: str) -> str:
                   f"{c['cached']['acc_mean']:.3f}, online {c['online']['acc_mean']:.3f} (difference {c['difference']:+.3f}; "
                   f"largest per-domain difference {c['max_domain_difference']:.3f}); {c['cached_seconds']:.0f} s cached, "
                   f"{c['online_seconds']:.0f} s online."]
-    lines += ["", f"Runtime: {report['runtime_seconds']:.0f} s in all.", "", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    reused = f" ({report['runs_reused']} of {report['runs']} runs reused from an earlier invocation; each run's own seconds are in report.json)" if report.get("runs_reused") else ""
+    lines += ["", f"Runtime of this invocation: {report['runtime_seconds']:.0f} s{reused}.", "", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
 

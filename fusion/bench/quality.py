@@ -168,7 +168,7 @@ def _run_all(jobs: list[dict], workers: int) -> list[dict]:
             with open(path) as f:
                 stored = json.load(f)
             if stored["config_hash"] == job["config_hash"]:
-                results[index] = stored["result"]
+                results[index] = {**stored["result"], "reused": True}
                 continue
         pending.append(index)
     pending.sort(key=lambda i: -jobs[i]["cost"])
@@ -354,7 +354,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     oracle = bench.train["model"].get("oracle") or {}
     report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
               "results": summary, "criteria": report_lib.criteria(summary, methods, oracle), "consistency": consistency,
-              "runtime_seconds": time.time() - started,
+              "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),
               "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
     written = report_lib.write_report(report, runs, config_yaml, bench.output)
     print(report_lib.markdown(report, "").split("## Configuration")[0])
