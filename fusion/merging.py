@@ -18,14 +18,12 @@ that directory as `model.student` (an untrained LoRA adapter is the identity).
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
+from fusion.io import atomic_directory
 from fusion.tokenizer import load_tokenizer
 
 
@@ -65,13 +63,10 @@ def merge_adapters(
 
 
 def save_merged(model, base: str, directory: str) -> str:
-    """Save a merged model with the base's tokenizer, atomically (temporary sibling + rename)."""
-    temporary = directory + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    load_tokenizer(base).save_pretrained(temporary)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(temporary, directory)
+    """Save a merged model with the base's tokenizer, atomically (`fusion.io.atomic_directory`)."""
+    with atomic_directory(directory) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        load_tokenizer(base).save_pretrained(temporary)
     return directory
 
 
