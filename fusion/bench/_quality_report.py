@@ -239,6 +239,7 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
 
     figure, axes = plt.subplots(1, len(pools), figsize=(7 * len(pools), 4.5), squeeze=False, sharey=True)
     width = 0.8 / max(1, len(methods))
+    colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")  # one colour per method
     for ax, pool in zip(axes[0], pools):
         for i, method in enumerate(methods):
             if pool not in summary[method]:
@@ -247,7 +248,7 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
             x = np.arange(len(domains) + 1) + i * width
             values = [r["acc"][d] for d in domains] + [r["acc_mean"]]
             errors = [r["acc_std"][d] for d in domains] + [r["acc_mean_std"]]
-            ax.bar(x, values, width, yerr=errors, label=method, capsize=2)
+            ax.bar(x, values, width, yerr=errors, label=method, capsize=2, color=colors(i % colors.N))
         ax.set_xticks(np.arange(len(domains) + 1) + 0.4 - width / 2, [*domains, "mean"], rotation=20)
         ax.set_title(f"pool {pool}")
         ax.set_ylabel("test accuracy")
