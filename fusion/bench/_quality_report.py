@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import statistics
 from collections import defaultdict
 
-from fusion.io import atomic_open
+from fusion.io import atomic_open, atomic_write_json, atomic_write_text
 
 SPECIALISTS, DISTRACTED = "A", "B"
-
-
-def write_atomically(path: str, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: a reader never sees half a file."""
-    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
 
 
 def std(values: list[float]) -> float:
@@ -220,7 +213,8 @@ def selection_entropy_curve(log_dir: str) -> list[tuple[int, float]]:
 def _save(figure, path: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    write_atomically(path, buffer.getvalue())
+    with atomic_open(path, "wb") as f:
+        f.write(buffer.getvalue())
     return path
 
 
@@ -308,6 +302,6 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
 
 def write_report(report: dict, runs: list[dict], config_yaml: str, output: str) -> list[str]:
     """report.json, report.md and the plots under `output`, each written atomically."""
-    write_atomically(os.path.join(output, "report.json"), json.dumps(report, indent=2))
-    write_atomically(os.path.join(output, "report.md"), markdown(report, config_yaml))
+    atomic_write_json(os.path.join(output, "report.json"), report)
+    atomic_write_text(os.path.join(output, "report.md"), markdown(report, config_yaml))
     return [os.path.join(output, "report.json"), os.path.join(output, "report.md"), *plots(report, runs, output)]

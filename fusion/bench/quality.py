@@ -38,6 +38,7 @@ from multiprocessing import get_context
 import yaml
 
 from fusion.bench import _quality_report as report_lib
+from fusion.io import atomic_write_json
 
 POOL_INDEPENDENT = ("none", "oracle")  # train once per seed, report for both pools
 CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
@@ -143,12 +144,12 @@ def _run_job(job: dict) -> dict:
         run.trainer.fit(run.model, datamodule=run.datamodule)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
     result = {**job["record"], **run.model.test_results, "log_dir": job["log_dir"], "seconds": time.time() - started}
-    report_lib.write_atomically(job["result_path"], json.dumps({"config_hash": job["config_hash"], "result": result}, indent=2))
+    atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
     return result
 
 
 def _cache_is_current(run) -> bool:
-    from fusion.cache import check_fingerprint
+    from fusion.cache import check_fingerprint, list_shards
 
     cache_dir = run.model.hparams.cache_dir
     try:
@@ -156,7 +157,7 @@ def _cache_is_current(run) -> bool:
         check_fingerprint(cache_dir, run.model.cache_fingerprint(run.datamodule))
     except (FileNotFoundError, ValueError):
         return False
-    return any(name.startswith("shard-") for name in os.listdir(cache_dir))
+    return bool(list_shards(cache_dir))
 
 
 def _run_all(jobs: list[dict], workers: int) -> list[dict]:
