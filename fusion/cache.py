@@ -3,11 +3,18 @@
     python -m fusion.train predict --config configs/quickstart.yaml --config configs/cache.yaml
     python -m fusion.train fit     --config configs/quickstart.yaml --config configs/cache.yaml --model.source_mode=cached
 
-`predict` runs all N sources over the fusion corpus (the train split) and writes, per row and
+`predict` runs all N sources over the labelled rows of the fusion corpus and writes, per row and
 source, the top-K student token ids and log-probabilities at each trained position, whether the
 position is aligned, and the source's CE on the gold response. Training with
 `model.source_mode: cached` reads these instead of running sources, so the selector observes
-all N sources for free.
+all N sources for free on every labelled row.
+
+Unlabelled prompts come after the labelled rows: the source the method picks writes each answer
+once (`fusion.module`: the selector, fitted first on the labelled rows' cached CE, picks it), and
+the record holds that answer's text, the sources that ran along it (the k selected, or all N for
+`uniform` and `confidence`) with their top-K, and how many sources wrote an answer for it. The
+answer settings are part of the fingerprint: a cache answered for another method, k or decoding
+is refused.
 
 Layout of `model.cache_dir`:
 
@@ -41,7 +48,7 @@ from fusion.data import IGNORE_INDEX
 from fusion.io import atomic_directory, atomic_write_json
 from fusion.sources import SourceOutputs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabelled prompts
 SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")
 
 
@@ -74,8 +81,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def row_key(row: dict) -> str:
-    """A row's identity in the cache: its prompt and response."""
-    return hashlib.sha256(f"{row['prompt']}\x00{row['response']}".encode()).hexdigest()[:24]
+    """A row's identity in the cache: its prompt and gold response (none for an unlabelled prompt)."""
+    response = row["response"] if row["response"] is not None else "\x01unlabelled"
+    return hashlib.sha256(f"{row['prompt']}\x00{response}".encode()).hexdigest()[:24]
 
 
 def data_fingerprint(rows: list[dict], max_length: int) -> str:
@@ -117,20 +125,30 @@ def check_fingerprint(directory: str, expected: dict) -> None:
 # ------------------------------------------------------------------------------------ writing
 
 
-def rows_to_records(batch: dict, out: SourceOutputs) -> list[dict]:
-    """One record per row from all N sources' outputs ([B, N, ...]), trained positions only."""
+def rows_to_records(batch: dict, out: SourceOutputs, selected: torch.Tensor) -> list[dict]:
+    """One record per row from the outputs of its selected sources ([B, k, ...]), trained positions only.
+
+    An answered prompt (batch["answers"], see `fusion.module`) also records its answer, how
+    many sources wrote one, and which source's was used.
+    """
     records = []
     trained = batch["targets"] != IGNORE_INDEX
+    answers = batch.get("answers") or [None] * len(batch["rows"])
     for b, row in enumerate(batch["rows"]):
         positions = trained[b].nonzero().squeeze(-1)
+        answer = answers[b] or {}
         records.append({
             "key": row_key(row),
             "positions": len(positions),
+            "sources": selected[b].tolist(),
             "ce": out.ce[b].tolist(),
             "valid": out.valid[b].tolist(),
-            "ids": out.ids[b][:, positions].cpu(),  # [N, P, K]
+            "ids": out.ids[b][:, positions].cpu(),  # [k, P, K]
             "logprobs": out.logprobs[b][:, positions].cpu(),
-            "aligned": out.aligned[b][:, positions].cpu(),  # [N, P]
+            "aligned": out.aligned[b][:, positions].cpu(),  # [k, P]
+            "answer": answer.get("text"),
+            "writer": answer.get("writer", -1),
+            "generations": answer.get("generations", 0),
         })
     return records
 
@@ -143,21 +161,29 @@ def write_shard(directory: str, name: str, records: list[dict], vocab_size: int)
     features = datasets.Features({
         "key": datasets.Value("string"),
         "positions": datasets.Value("int32"),
+        "sources": datasets.Sequence(datasets.Value("int16")),  # the sources stored, in the order of the arrays below
         "ce": datasets.Sequence(datasets.Value("float32")),
         "valid": datasets.Sequence(datasets.Value("bool")),
         "ids": datasets.Sequence(datasets.Value(id_type)),  # N * P * K, flattened; -1 stored as the max value
         "logprobs": datasets.Sequence(datasets.Value("float16")),
         "aligned": datasets.Sequence(datasets.Value("bool")),
+        "answer": datasets.Value("string"),  # null for a labelled row
+        "writer": datasets.Value("int16"),  # the source whose answer it is (-1: gold)
+        "generations": datasets.Value("int16"),  # sources that wrote an answer for this prompt
     })
     columns = {
         "key": [r["key"] for r in records],
         "positions": [r["positions"] for r in records],
+        "sources": [r["sources"] for r in records],
         "ce": [r["ce"] for r in records],
         "valid": [r["valid"] for r in records],
         # Empty slots (-1) become the id type's largest value; the reader maps them back.
         "ids": [r["ids"].flatten().remainder(65536 if id_type == "uint16" else 2**31).tolist() for r in records],
         "logprobs": [r["logprobs"].flatten().clamp(min=-60000.0).half().tolist() for r in records],
         "aligned": [r["aligned"].flatten().tolist() for r in records],
+        "answer": [r["answer"] for r in records],
+        "writer": [r["writer"] for r in records],
+        "generations": [r["generations"] for r in records],
     }
     final = os.path.join(directory, name)
     with atomic_directory(final) as temporary:  # complete, or not there under its name
@@ -208,7 +234,7 @@ class CacheWriter(BasePredictionWriter):
 
 
 class SourceCache:
-    """The cached outputs of all N sources, looked up per batch by row key.
+    """The cached outputs of the sources, looked up per batch by row key.
 
     Everything is read into flat tensors once (the cache of a fusion corpus is small next to
     the models); a batch is then a gather. Raises before training on a missing, mismatched,
@@ -216,67 +242,120 @@ class SourceCache:
     """
 
     def __init__(self, directory: str, expected_fingerprint: dict, num_sources: int):
-        import datasets
-
         check_fingerprint(directory, expected_fingerprint)
         shards = list_shards(directory)
         if not shards:
             raise ValueError(f"model.cache_dir {directory!r}: fingerprint.json but no shard; the predict run did not finish")
-        self.num_sources = num_sources
-        self.index: dict[str, tuple[int, int, int]] = {}  # key -> (offset, positions, row)
-        ids, logprobs, aligned, ce, valid = [], [], [], [], []
+        self.num_sources, self.directory = num_sources, directory
+        # key -> (offset, positions, sources): the record's [len(sources), positions] block starts at offset.
+        self.index: dict[str, tuple[int, int, list[int]]] = {}
+        self.ce: dict[str, list[float]] = {}
+        self.valid: dict[str, list[bool]] = {}
+        self.answers: dict[str, dict] = {}  # key -> {"text", "writer", "generations"} for answered prompts
+        ids, logprobs, aligned = [], [], []
         offset = 0
         for shard in shards:
-            table = _open_shard(shard)
-            table = table.with_format("numpy")
+            table = _open_shard(shard).with_format("numpy")
+            wrap = 65536 if table.features["ids"].feature.dtype == "uint16" else 2**31
             for record in table:
-                if record["key"] in self.index:
+                key = str(record["key"])
+                if key in self.index:
                     continue  # DDP pads the last batch with repeats
-                count = int(record["positions"])
-                self.index[record["key"]] = (offset, count, len(ce))
-                offset += count
-                ids.append(torch.from_numpy(record["ids"].astype("int64")).view(num_sources, count, -1))
-                logprobs.append(torch.from_numpy(record["logprobs"].astype("float32")).view(num_sources, count, -1))
-                aligned.append(torch.from_numpy(record["aligned"]).view(num_sources, count))
-                ce.append(torch.from_numpy(record["ce"]))
-                valid.append(torch.from_numpy(record["valid"]))
-        wrap = 65536 if table.features["ids"].feature.dtype == "uint16" else 2**31
-        ids = torch.cat(ids, dim=1)
-        self.ids = torch.where(ids == wrap - 1, -1, ids)  # [N, total positions, K]
-        self.logprobs = torch.cat(logprobs, dim=1).masked_fill(self.ids < 0, float("-inf"))
-        self.aligned = torch.cat(aligned, dim=1)
-        self.ce = torch.stack(ce).float()  # [rows, N]
-        self.valid = torch.stack(valid)
-        self.directory = directory
+                count, sources = int(record["positions"]), [int(i) for i in record["sources"]]
+                self.index[key] = (offset, count, sources)
+                offset += count * len(sources)
+                block = torch.from_numpy(record["ids"].astype("int64")).view(len(sources) * count, -1)
+                ids.append(torch.where(block == wrap - 1, -1, block))
+                logprobs.append(torch.from_numpy(record["logprobs"].astype("float32")).view(len(sources) * count, -1))
+                aligned.append(torch.from_numpy(record["aligned"]).view(len(sources) * count))
+                self.ce[key], self.valid[key] = record["ce"].tolist(), record["valid"].tolist()
+                if record["answer"] is not None:
+                    self.answers[key] = {"text": str(record["answer"]), "writer": int(record["writer"]),
+                                         "generations": int(record["generations"]), "sources": sources}
+        self.ids = torch.cat(ids)  # [stored (source, position) pairs, K]
+        self.logprobs = torch.cat(logprobs).masked_fill(self.ids < 0, float("-inf"))
+        self.aligned = torch.cat(aligned)
+
+    def _entry(self, row: dict) -> tuple[str, tuple[int, int, list[int]]]:
+        key = row_key(row)
+        if key not in self.index:
+            raise ValueError(f"model.cache_dir {self.directory!r} has no entry for the train row {row['prompt']!r}; rebuild the cache for this data")
+        return key, self.index[key]
+
+    def answer(self, row: dict) -> dict:
+        """The cached answer of an unlabelled prompt: text ("" where its source wrote nothing),
+        writer, generations, and the sources stored along it."""
+        key, _ = self._entry(row)
+        if key not in self.answers:
+            raise ValueError(f"model.cache_dir {self.directory!r} holds no answer for the unlabelled prompt {row['prompt']!r}; rebuild the cache")
+        return self.answers[key]
 
     def lookup(self, batch: dict, selected: torch.Tensor) -> tuple[SourceOutputs, torch.Tensor, torch.Tensor]:
-        """SourceOutputs for the selected [B, k] sources, and every source's ce and valid [B, N]."""
+        """SourceOutputs for the selected [B, k] sources, and every source's ce and observed flag [B, N].
+
+        A selected source must be stored for its row (every source for a labelled row, the ones
+        that ran along the answer for an answered prompt). Only a labelled row's CE is an
+        observation of quality: an answer's CE is not (its writer scores its own text well).
+        """
         targets = batch["targets"]
         (size, k), length = selected.shape, targets.shape[1]
         top = self.ids.shape[-1]
         ids = torch.full((size, k, length, top), -1)
         logprobs = torch.full((size, k, length, top), float("-inf"))
         aligned = torch.zeros(size, k, length, dtype=torch.bool)
-        rows = []
+        ce, valid = torch.zeros(size, k), torch.zeros(size, k, dtype=torch.bool)
+        ce_all, observed = torch.zeros(size, self.num_sources), torch.zeros(size, self.num_sources, dtype=torch.bool)
         selected_cpu = selected.cpu()
         for b, row in enumerate(batch["rows"]):
-            key = row_key(row)
-            if key not in self.index:
-                raise ValueError(f"model.cache_dir {self.directory!r} has no entry for the train row {row['prompt']!r}; rebuild the cache for this data")
-            offset, count, index = self.index[key]
+            key, (offset, count, sources) = self._entry(row)
             positions = (targets[b] != IGNORE_INDEX).nonzero().squeeze(-1)
             if len(positions) != count:
                 raise ValueError(f"model.cache_dir {self.directory!r}: the row {row['prompt']!r} has {len(positions)} trained tokens here and {count} in the cache")
-            chosen = selected_cpu[b]
-            ids[b, :, positions] = self.ids[chosen, offset : offset + count]
-            logprobs[b, :, positions] = self.logprobs[chosen, offset : offset + count]
-            aligned[b, :, positions] = self.aligned[chosen, offset : offset + count]
-            rows.append(index)
-        ce_all, valid_all = self.ce[rows], self.valid[rows]
+            for slot, source in enumerate(selected_cpu[b].tolist()):
+                if source not in sources:
+                    raise ValueError(f"model.cache_dir {self.directory!r}: source {source} was not run on the row {row['prompt']!r} "
+                                     f"(the cache holds sources {sources}); the cache was answered for other settings")
+                start = offset + sources.index(source) * count
+                ids[b, slot, positions] = self.ids[start : start + count]
+                logprobs[b, slot, positions] = self.logprobs[start : start + count]
+                aligned[b, slot, positions] = self.aligned[start : start + count]
+                ce[b, slot], valid[b, slot] = self.ce[key][sources.index(source)], self.valid[key][sources.index(source)]
+            if key not in self.answers:
+                ce_all[b, sources] = torch.tensor(self.ce[key])
+                observed[b, sources] = torch.tensor(self.valid[key])
         device = selected.device
-        out = SourceOutputs(ids.to(device), logprobs.to(device), ce_all.gather(1, selected_cpu).to(device),
-                            valid_all.gather(1, selected_cpu).to(device), aligned.to(device))
-        return out, ce_all.to(device), valid_all.to(device)
+        out = SourceOutputs(ids.to(device), logprobs.to(device), ce.to(device), valid.to(device), aligned.to(device))
+        return out, ce_all.to(device), observed.to(device)
+
+    def answer_summary(self) -> dict:
+        """What answering the unlabelled prompts cost and who wrote the answers."""
+        return summarize_answers(list(self.answers.values()), self.num_sources)
+
+
+def summarize_answers(answers: list[dict], num_sources: int) -> dict:
+    """prompts, generations (in all and per prompt), empty answers, and each source's share of the answers used."""
+    prompts = len(answers)
+    writers = [0] * num_sources
+    for answer in answers:
+        if answer["writer"] >= 0 and answer["text"]:
+            writers[answer["writer"]] += 1
+    generations = sum(a["generations"] for a in answers)
+    return {"prompts": prompts, "generations": generations, "generations_per_prompt": generations / prompts if prompts else 0.0,
+            "empty_answers": sum(not a["text"] for a in answers), "writers": writers}
+
+
+def answer_summary(directory: str) -> dict:
+    """`summarize_answers` of a cache on disk, reading only the answer columns (for reports)."""
+    answers, seen, num_sources = [], set(), 0
+    with open(os.path.join(directory, "fingerprint.json")) as f:
+        num_sources = len(json.load(f)["sources"])
+    for shard in list_shards(directory):
+        table = _open_shard(shard).select_columns(["key", "answer", "writer", "generations"])
+        for record in table:
+            if record["answer"] is not None and record["key"] not in seen:
+                seen.add(record["key"])
+                answers.append({"text": record["answer"], "writer": record["writer"], "generations": record["generations"]})
+    return summarize_answers(answers, num_sources)
 
 
 def list_shards(directory: str) -> list[str]:

@@ -22,10 +22,17 @@ SPLITS = ("train", "val", "test")
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int) -> dict[str, Any]:
-    """`[bos] prompt response [eos]`; labels only on response and eos. Long prompts lose their start."""
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int) -> dict[str, Any]:
+    """`[bos] prompt response [eos]`; labels only on response and eos. Long prompts lose their start.
+
+    With no response (a prompt without an answer yet) the sequence is `[bos] prompt` and no
+    position is trained.
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if response is None:
+        prompt_ids = prompt_ids[-max_length:]
+        return {"input_ids": prompt_ids, "labels": [IGNORE_INDEX] * len(prompt_ids), "prompt_length": len(prompt_ids), "truncated": False}
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response_ids = response_ids[: max_length - 1]
     keep = max_length - len(response_ids)
@@ -69,7 +76,13 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "prompt_ids": prompt_ids,  # [B, P], left-padded
         "prompt_attention_mask": prompt_attention_mask,  # [B, P]
         "rows": [f["row"] for f in features],
+        "labelled": torch.tensor([f["row"] is None or is_labelled(f["row"]) for f in features]),  # [B], False: a prompt without gold
     }
+
+
+def is_labelled(row: dict[str, Any]) -> bool:
+    """A row with a gold answer; an unlabelled row's response is None."""
+    return row.get("response") is not None
 
 
 def _read_file(path: str):
@@ -86,43 +99,65 @@ def _read_file(path: str):
         raise ValueError(f"{path}: could not be read as {expected}: {error}") from error
 
 
-def load_rows(
-    dataset: str, split: str, prompt_column: str, response_column: str, domain_column: str | None
-) -> list[dict[str, Any]]:
-    """Rows of a local directory ({split}.jsonl or .parquet), a local file, or a `datasets` name."""
+def _table(dataset: str, split: str):
+    """(path, `datasets.Dataset`) of one split of a local directory, a local file or a `datasets` name."""
     import datasets
 
     if os.path.isdir(dataset):
         found = [os.path.join(dataset, split + ext) for ext in _EXTENSIONS if os.path.isfile(os.path.join(dataset, split + ext))]
         if not found:
             raise FileNotFoundError(f"data.dataset {dataset!r}: no {split}.jsonl or {split}.parquet in this directory")
-        path = found[0]
-        table = _read_file(path)
-    elif os.path.splitext(dataset)[1] in _EXTENSIONS:
+        return found[0], _read_file(found[0])
+    if os.path.splitext(dataset)[1] in _EXTENSIONS:
         if not os.path.isfile(dataset):
             raise FileNotFoundError(f"data.dataset {dataset!r}: file not found")
-        path = dataset
-        whole = _read_file(path)
+        whole = _read_file(dataset)
         # One file: a fixed 80/10/10 split by a fixed seed, so every run sees the same test rows.
         parts = whole.train_test_split(test_size=0.2, seed=0)
         held_out = parts["test"].train_test_split(test_size=0.5, seed=0)
-        table = {"train": parts["train"], "val": held_out["train"], "test": held_out["test"]}[split]
-    else:
-        path = dataset
-        table = datasets.load_dataset(dataset, split={"val": "validation"}.get(split, split))
-    columns = {"prompt": prompt_column, "response": response_column}
-    if domain_column:
-        columns["domain"] = domain_column
+        return dataset, {"train": parts["train"], "val": held_out["train"], "test": held_out["test"]}[split]
+    return dataset, datasets.load_dataset(dataset, split={"val": "validation"}.get(split, split))
+
+
+def _check_columns(path: str, table, columns: dict[str, str]) -> None:
     for field, column in columns.items():
         if column not in table.column_names:
-            raise ValueError(
-                f"{path}: column {column!r} (data.{field}_column) is missing; the columns are {table.column_names}"
-            )
+            raise ValueError(f"{path}: column {column!r} (data.{field}_column) is missing; the columns are {table.column_names}")
+
+
+def _empty(value: Any) -> bool:
+    return value is None or str(value) == ""
+
+
+def load_rows(
+    dataset: str,
+    split: str,
+    prompt_column: str,
+    response_column: str,
+    domain_column: str | None,
+    missing_response: str = "error",
+) -> list[dict[str, Any]]:
+    """Rows of a local directory ({split}.jsonl or .parquet), a local file, or a `datasets` name.
+
+    A train row without a response is an error, or with `missing_response="unlabeled"` an
+    unlabelled prompt (its response None, nothing else of it kept but the prompt and domain).
+    Val and test rows always need their answer.
+    """
+    path, table = _table(dataset, split)
+    columns = {"prompt": prompt_column, "response": response_column} | ({"domain": domain_column} if domain_column else {})
+    _check_columns(path, table, columns)
     rows = []
     for index, record in enumerate(table):
-        for field, column in columns.items():
-            if record[column] is None or str(record[column]) == "":
-                raise ValueError(f"{path}: row {index} has an empty {column!r} (data.{field}_column)")
+        if _empty(record[prompt_column]) or (domain_column and _empty(record[domain_column])):
+            field = "prompt" if _empty(record[prompt_column]) else "domain"
+            raise ValueError(f"{path}: row {index} has an empty {columns[field]!r} (data.{field}_column)")
+        if _empty(record[response_column]):
+            if split != "train" or missing_response != "unlabeled":
+                hint = (" (val and test rows need their answer)" if split != "train"
+                        else "; if the corpus has prompts without answers, set data.missing_response: unlabeled")
+                raise ValueError(f"{path}: row {index} has an empty {response_column!r} (data.response_column), in the {split} split{hint}")
+            rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if domain_column else "default"))
+            continue
         row = {field: str(record[column]) for field, column in columns.items()}
         row.setdefault("domain", "default")
         row["metadata"] = record.get("metadata")
@@ -132,8 +167,37 @@ def load_rows(
     return rows
 
 
+def load_prompts(path: str, prompt_column: str, domain_column: str | None) -> list[dict[str, Any]]:
+    """A file of prompts without answers (JSONL or Parquet): unlabelled rows. Any other column,
+    an answer included, is left out, so nothing downstream can read it."""
+    if os.path.splitext(path)[1] not in _EXTENSIONS:
+        raise ValueError(f"data.unlabeled_file {path!r}: expected a .jsonl, .json or .parquet file of prompts")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.unlabeled_file {path!r}: file not found")
+    table = _read_file(path)
+    columns = {"prompt": prompt_column} | ({"domain": domain_column} if domain_column and domain_column in table.column_names else {})
+    _check_columns(path, table, columns)
+    rows = []
+    for index, record in enumerate(table):
+        if _empty(record[prompt_column]):
+            raise ValueError(f"{path}: row {index} has an empty {prompt_column!r} (data.prompt_column)")
+        rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if "domain" in columns else "default"))
+    if not rows:
+        raise ValueError(f"data.unlabeled_file {path!r}: the file has no rows")
+    return rows
+
+
+def unlabelled_row(prompt: str, domain: str) -> dict[str, Any]:
+    """A prompt without gold: no response and no metadata (the suite's metadata holds the answer)."""
+    return {"prompt": prompt, "response": None, "domain": domain, "metadata": None}
+
+
 class FusionDataModule(L.LightningDataModule):
     """Train/val/test splits of (prompt, response, domain) rows, tokenized with the student's tokenizer.
+
+    The fusion corpus (what the student trains on) is the train split's labelled rows plus, when
+    the config declares them, unlabelled prompts: rows whose response is None and whose answer
+    the sources write during training (see `fusion.module`). Val and test rows are always labelled.
 
     Args:
         tokenizer: path of the student's tokenizer (linked to `model.student` by the CLI).
@@ -142,6 +206,13 @@ class FusionDataModule(L.LightningDataModule):
             `datasets` name.
         domains: the suite's domains (only with dataset "suite").
         train_size, val_size, test_size: examples per domain in each split of the suite.
+        unlabeled_size: the suite's unlabelled prompts per domain, drawn like the train split
+            (never a val or test prompt, never a train prompt); their answers and metadata are
+            dropped.
+        unlabeled_file: a JSONL/Parquet file of prompts without answers (the prompt column, and
+            the domain column where present; any other column is dropped) added to the corpus.
+        missing_response: "error" (default): a train row without a response stops the run;
+            "unlabeled": such rows are unlabelled prompts.
         seed: the suite's generation seed; the splits are disjoint and fixed by it.
         prompt_column, response_column, domain_column: column names for other data sets.
         max_length: longest tokenized example.
@@ -157,6 +228,9 @@ class FusionDataModule(L.LightningDataModule):
         train_size: int = 200,
         val_size: int = 50,
         test_size: int = 100,
+        unlabeled_size: int = 0,
+        unlabeled_file: str | None = None,
+        missing_response: str = "error",
         seed: int = 0,
         prompt_column: str = "prompt",
         response_column: str = "response",
@@ -171,8 +245,15 @@ class FusionDataModule(L.LightningDataModule):
         for key in ("train_size", "val_size", "test_size", "max_length", "batch_size", "eval_batch_size"):
             if locals()[key] < 1:
                 raise ValueError(f"data.{key} must be at least 1, got {locals()[key]}")
+        if unlabeled_size < 0:
+            raise ValueError(f"data.unlabeled_size must be at least 0, got {unlabeled_size}")
+        if unlabeled_size and dataset != "suite":
+            raise ValueError("data.unlabeled_size draws prompts from the embedded suite (data.dataset: suite); "
+                             "for your own data use data.unlabeled_file or data.missing_response: unlabeled")
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+        if missing_response not in ("error", "unlabeled"):
+            raise ValueError(f"data.missing_response must be 'error' or 'unlabeled', got {missing_response!r}")
         if dataset == "suite":
             for domain in domains:
                 tasks._check_domain(domain)
@@ -188,15 +269,34 @@ class FusionDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def load(self) -> dict[str, list[dict[str, Any]]]:
-        """Read (or generate) every split once; validates columns before any training."""
+        """Read (or generate) every split once; validates columns before any training.
+
+        Keys: train (labelled rows), unlabeled (prompts without gold, maybe none), val, test.
+        """
         if not self.rows:
             h = self.hparams
             if h.dataset == "suite":
                 sizes = {"test": h.test_size, "val": h.val_size, "train": h.train_size}
-                self.rows = tasks.build_splits(h.domains, sizes, h.seed)
+                if h.unlabeled_size:  # drawn after the others: the labelled splits do not change
+                    sizes["unlabeled"] = h.unlabeled_size
+                rows = tasks.build_splits(h.domains, sizes, h.seed)
+                rows["unlabeled"] = [unlabelled_row(r["prompt"], r["domain"]) for r in rows.get("unlabeled", [])]
             else:
-                self.rows = {s: load_rows(h.dataset, s, h.prompt_column, h.response_column, h.domain_column) for s in SPLITS}
+                rows = {s: load_rows(h.dataset, s, h.prompt_column, h.response_column, h.domain_column, h.missing_response) for s in SPLITS}
+                rows["unlabeled"] = [r for r in rows["train"] if not is_labelled(r)]
+                rows["train"] = [r for r in rows["train"] if is_labelled(r)]
+            if h.unlabeled_file:
+                rows["unlabeled"] += load_prompts(h.unlabeled_file, h.prompt_column, h.domain_column)
+            if not rows["train"]:
+                raise ValueError(f"data.dataset {h.dataset!r}: the train split has no labelled row; the fusion corpus needs some "
+                                 "gold answers (they are how sources are weighed and the selector learns)")
+            self.rows = rows
         return self.rows
+
+    def corpus(self, unlabelled: bool = True) -> list[dict[str, Any]]:
+        """The fusion corpus: the labelled train rows, then (if asked) the unlabelled prompts."""
+        rows = self.load()
+        return rows["train"] + (rows["unlabeled"] if unlabelled else [])
 
     @property
     def domain_names(self) -> list[str]:
@@ -205,9 +305,9 @@ class FusionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load()
 
-    def _features(self, split: str) -> list[dict[str, Any]]:
+    def _features(self, split: str, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         features = []
-        for row in self.load()[split]:
+        for row in self.load()[split] if rows is None else rows:
             feature = encode(self.tokenizer, row["prompt"], row["response"], self.hparams.max_length)
             feature["row"] = row
             features.append(feature)
@@ -226,10 +326,13 @@ class FusionDataModule(L.LightningDataModule):
         return collate(features, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        # Shuffled by (seed, epoch) and resumable mid-epoch; one shard per process under DDP.
+        # Shuffled by (seed, epoch) and resumable mid-epoch; one shard per process under DDP. A
+        # module that cannot answer prompts itself (plain SFT) trains on the labelled rows alone.
         trainer = self.trainer
+        module = trainer.lightning_module if trainer else None
+        unlabelled = getattr(module, "learns_from_unlabeled", False)
         return ResumableLoader(
-            self._features("train"),
+            self._features("train", self.corpus(unlabelled)),
             batch_size=self.hparams.batch_size,
             seed=run_seed(),
             num_replicas=trainer.world_size if trainer else 1,
@@ -248,6 +351,13 @@ class FusionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        """The fusion corpus in a fixed order: `predict` caches the sources' outputs on it."""
+    def labelled_loader(self) -> DataLoader:
+        """Every labelled train row in a fixed order, on every process (not sharded)."""
         return self._eval_loader("train")
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The fusion corpus in a fixed order: `predict` caches the sources' outputs on it. With
+        unlabelled prompts, a second loader of those (answered after the labelled rows)."""
+        if not self.load()["unlabeled"]:
+            return self._eval_loader("train")
+        return [self._eval_loader("train"), self._eval_loader("unlabeled")]

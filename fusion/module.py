@@ -1,15 +1,21 @@
 """`FusionDistillModule`: a LoRA student distilled from N frozen sources.
 
 The `fusion` setting picks how the target is built; every baseline of the method is a setting
-of this one module:
+of this one module, a row of `fusion.methods.METHODS`:
 
-    none      SFT on the gold tokens only, no source runs
-    uniform   all N sources, equal weights
-    avgce     all N sources, alpha = softmax(-CE)
-    mince     all N sources, the lowest-CE source per sequence (FuseLLM's best)
-    single    one fixed source (`single_source`)
-    oracle    the specialist of the example's domain (`oracle`); an upper bound, never a method
-    selector  ours: the selector's top-k sources, dynamic weights, feedback loss
+    none        SFT on the gold tokens only, no source runs
+    uniform     all N sources, equal weights
+    avgce       all N sources, alpha = softmax(-CE)
+    mince       all N sources, the lowest-CE source per sequence (FuseLLM's best)
+    confidence  all N sources, alpha = softmax(-CE); a prompt without gold is answered by the
+                source most confident in its own answer (the label-free AvgCE, N generations)
+    single      one fixed source (`single_source`)
+    oracle      the specialist of the example's domain (`oracle`); an upper bound, never a method
+    selector    ours: the selector's top-k sources, dynamic weights, feedback loss
+
+The student learns along one response per prompt: the gold answer where the row has one; for an
+unlabelled prompt, the answer of the source the method picks (for the selector, its top source),
+re-tokenized for the student and distilled exactly as gold is. See `answer_prompts`.
 
 Checkpoints hold the LoRA adapter and the selector only; sources and base weights are
 rebuilt from their paths.
@@ -19,19 +25,21 @@ from __future__ import annotations
 
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
 from fusion import losses
+from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, row_key, rows_to_records
+from fusion.data import collate, encode, is_labelled
 from fusion.evaluation import correct, greedy_answers
-from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, rows_to_records
+from fusion.methods import METHODS, Method
 from fusion.metrics import EvalMetrics
-from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
+from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
 from fusion.student import StudentStage, build_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 
-FUSION_METHODS = ("none", "uniform", "avgce", "mince", "single", "oracle", "selector")
+FUSION_METHODS = tuple(METHODS)
 
 
 class FusionDistillModule(StudentStage, L.LightningModule):
@@ -40,7 +48,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     Args:
         student: path (or hub name) of the student's base model; its tokenizer is the data's.
         sources: paths (or hub names) of the source models; a source is named by its last path part.
-        fusion: how the target is built, one of none, uniform, avgce, mince, single, oracle, selector.
+        fusion: how the target is built, one of none, uniform, avgce, mince, confidence, single,
+            oracle, selector (`fusion.methods`).
         top_k: sources run per sequence with `selector` (1 <= top_k <= N).
         single_source: the source name used by `single`.
         oracle: domain -> source name, used by `oracle`.
@@ -60,10 +69,16 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         feedback_weight: beta, weight of the CV^2 feedback loss.
         selector_loss: "mse" or "huber" regression of u onto -CE.
         initial_quality: the selector's starting prediction for every source.
+        selector_prefit_steps: with unlabelled prompts in the corpus, the selector is first fitted
+            on the labelled rows (every source's CE observed once) for this many full-batch steps,
+            so that it routes the first unlabelled prompt as well as the last.
         exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0.
         lora: peft LoraConfig arguments.
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
         max_new_tokens: greedy decoding budget at evaluation.
+        response_max_new_tokens, response_sampling, response_temperature: how a source answers an
+            unlabelled prompt: greedy (default) or sampled at this temperature, at most this many
+            of its own tokens.
         source_mode: "online" runs the selected sources every step; "cached" reads their outputs
             from `cache_dir`, written beforehand by `predict` (see fusion/cache.py).
         cache_dir: the offline cache's directory (written by `predict`, read when cached).
@@ -89,6 +104,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         selector_loss: str = "mse",
         selector_hidden: int = 64,
         initial_quality: float = -1.0,
+        selector_prefit_steps: int = 500,
         exploration_noise: float = 1.0,
         exploration_steps: int = 100,
         lora: dict = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
@@ -97,6 +113,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         max_new_tokens: int = 24,
+        response_max_new_tokens: int = 32,
+        response_sampling: bool = False,
+        response_temperature: float = 1.0,
         dtype: str = "float32",
         trust_remote_code: bool = False,
         source_mode: str = "online",
@@ -107,8 +126,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self._check_settings()
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
+        self.method: Method = METHODS[fusion]
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
-        self.pool = self._load_pool() if fusion != "none" and source_mode == "online" else None
+        self.pool = self._load_pool() if self.method.uses_sources and source_mode == "online" else None
         self.cache: SourceCache | None = None
         self.source_names = [source_name(p) for p in sources]
         self._check_source_names()
@@ -119,6 +139,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             else None
         )
         self.vocab_size = len(self.tokenizer)
+        self.max_length = 64  # of a re-encoded answered row; the data module's data.max_length once attached
         self.eval_metrics: EvalMetrics | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
@@ -143,6 +164,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             raise ValueError("model.source_mode is 'cached' but model.cache_dir is not set")
         if h.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
+        if h.response_max_new_tokens < 1 or h.response_temperature <= 0 or h.selector_prefit_steps < 0:
+            raise ValueError("model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
+                             f"model.selector_prefit_steps at least 0, got {h.response_max_new_tokens}, {h.response_temperature} "
+                             f"and {h.selector_prefit_steps}")
 
     def _check_source_names(self) -> None:
         h = self.hparams
@@ -157,87 +182,213 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         h = self.hparams
         return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k, h.unaligned, h.vocab_map, h.vocab_map_dir)
 
+    @property
+    def learns_from_unlabeled(self) -> bool:
+        """Whether the training loader should hand this module prompts without gold (read by the data module)."""
+        return self.method.learns_from_unlabeled
+
     # ---------------------------------------------------------------- the offline cache
 
+    def response_settings(self) -> dict:
+        """What an answer to an unlabelled prompt depends on: who answers, who runs along it, decoding."""
+        h = self.hparams
+        settings = {"fusion": h.fusion, "max_new_tokens": h.response_max_new_tokens, "sampling": h.response_sampling}
+        if h.response_sampling:
+            settings["temperature"] = h.response_temperature
+        if self.method.runs == "top_k":  # the selector fitted on the labelled rows routes every prompt
+            settings |= {"top_k": h.top_k, "selector": [h.selector_hidden, h.initial_quality, h.selector_prefit_steps,
+                                                         h.selector_learning_rate, h.tau, h.feedback_weight, h.selector_loss]}
+        if self.method.runs == "single":
+            settings["single_source"] = h.single_source
+        if self.method.runs == "domain":
+            settings["oracle"] = h.oracle
+        return settings
+
     def cache_fingerprint(self, data=None) -> dict:
-        """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K and T."""
+        """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K, T and,
+        with unlabelled prompts, how they are answered."""
         h, data = self.hparams, data or self.trainer.datamodule
         paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(self.source_names, h.sources))}
         tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
         settings = {"top_k": h.source_top_k, "temperature": h.temperature, "unaligned": h.unaligned,
                     "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
-        return cache_fingerprint(paths, self.tokenizer, tokenizers, data.load()["train"], settings)
+        if data.load()["unlabeled"]:
+            settings["answers"] = self.response_settings()
+        return cache_fingerprint(paths, self.tokenizer, tokenizers, data.corpus(), settings)
 
     def attach_cache(self, data=None) -> None:
         """Read the offline cache of `cache_dir`, after checking it was computed for this run."""
         self.cache = SourceCache(self.hparams.cache_dir, self.cache_fingerprint(data), len(self.source_names))
 
     def configure_callbacks(self):
-        if self.hparams.cache_dir and self.hparams.fusion != "none":
+        if self.hparams.cache_dir and self.method.uses_sources:
             return [CacheWriter(self.hparams.cache_dir, self.vocab_size)]  # acts in `predict` only
         return []
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Every source on every row of the fusion corpus, as cache records."""
-        selected = torch.arange(len(self.source_names), device=self.device).expand(batch["input_ids"].shape[0], -1)
-        return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.hparams.temperature))
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """Every source on every labelled row of the fusion corpus; then each unlabelled prompt
+        answered as the method answers it, with the sources that run along that answer."""
+        if dataloader_idx == 0 and all(batch["labelled"].tolist()):
+            selected = torch.arange(len(self.source_names), device=self.device).expand(batch["input_ids"].shape[0], -1)
+        else:
+            batch = self.answer_prompts(batch)
+            selected = batch["answer_sources"]
+        return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.hparams.temperature), selected)
+
+    # ---------------------------------------------------------------- answers to prompts without gold
+
+    def answer_prompts(self, batch: dict) -> dict:
+        """Give every unlabelled row of the batch the answer of the source the method picks.
+
+        Online, the sources that will run along the answer are chosen first (the selector: its
+        top-k from the prompt alone, without exploration noise, since nothing is observed on an
+        unlabelled row), then the writer answers in its own tokens (`SourcePool.answer`): the
+        first of the selected, a source drawn by a hash of the prompt (`uniform`), or every
+        source, keeping the answer with the highest log-probability per student token
+        (`confidence`). Cached, the answer and its sources are read from the cache.
+
+        Returns the batch re-encoded in student tokens along the answers (labelled rows along
+        their gold), with `answers` (per row: None, or text, writer, generations) and
+        `answer_sources` [B, k] (-1 on labelled rows). An empty answer gives its row no
+        trained position (counted in `empty`).
+        """
+        rows = batch["rows"]
+        todo = [b for b, row in enumerate(rows) if not is_labelled(row)]
+        if not todo:
+            return batch
+        if self.cache is not None:
+            answers = [self.cache.answer(rows[b]) for b in todo]
+        else:
+            answers = self._write_answers(batch, todo)
+        k = len(answers[0]["sources"])
+        answer_sources = torch.full((len(rows), k), -1, dtype=torch.long)
+        per_row: list[dict | None] = [None] * len(rows)
+        for b, answer in zip(todo, answers):
+            answer_sources[b] = torch.tensor(answer["sources"])
+            per_row[b] = answer
+        features = []
+        for row, answer in zip(rows, per_row):
+            response = row["response"] if answer is None else (answer["text"] or None)
+            features.append(encode(self.tokenizer, row["prompt"], response, self.max_length) | {"row": row})
+        device = batch["input_ids"].device
+        answered = {key: value.to(device) if torch.is_tensor(value) else value
+                    for key, value in collate(features, self.tokenizer.pad_token_id).items()}
+        answered["answers"], answered["answer_sources"] = per_row, answer_sources.to(device)
+        return answered
+
+    @torch.no_grad()
+    def _write_answers(self, batch: dict, todo: list[int]) -> list[dict]:
+        """Online: who runs along each unlabelled row, who writes its answer, and the answer."""
+        h, rows, n = self.hparams, batch["rows"], len(self.source_names)
+        device = batch["input_ids"].device
+        if self.method.runs == "top_k":
+            hidden = self.student(input_ids=batch["input_ids"][todo], attention_mask=batch["attention_mask"][todo],
+                                  output_hidden_states=True).hidden_states[-1]
+            sources = noisy_top_k(self.selector(prompt_features(hidden, batch["prompt_mask"][todo])), h.top_k).tolist()
+        else:
+            index = torch.tensor(todo, device=device)
+            subset = {"input_ids": batch["input_ids"][index], "rows": [rows[b] for b in todo]}
+            sources = self._select_by_rule(subset).tolist()
+        prompts = [rows[b]["prompt"] for b in todo]
+        pool = self.pool.to(self.device)
+        if self.method.answers == "most_confident":
+            writers = [list(range(n)) for _ in todo]
+        elif self.method.answers == "random":
+            writers = [[int(row_key(rows[b]), 16) % n] for b in todo]
+        else:
+            writers = [[chosen[0]] for chosen in sources]
+        texts: dict[tuple[int, int], tuple[str, float]] = {}  # (row, source) -> (answer, log-prob per student token)
+        for source in sorted({s for w in writers for s in w}):
+            mine = [i for i, w in enumerate(writers) if source in w]
+            written, logprob = pool.answer(source, [prompts[i] for i in mine], h.response_max_new_tokens, h.response_sampling, h.response_temperature)
+            for i, text, value in zip(mine, written, logprob.tolist()):
+                text = text.strip()  # an answer is trained on as gold is: without surrounding white space
+                tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + eos
+                texts[(i, source)] = (text, value / tokens)
+        answers = []
+        for i, chosen in enumerate(sources):
+            # The writer: the only one, or the most confident among those with a non-empty answer.
+            writer = max(writers[i], key=lambda s: (bool(texts[(i, s)][0]), texts[(i, s)][1]))
+            answers.append({"text": texts[(i, writer)][0], "writer": writer, "generations": len(writers[i]), "sources": chosen})
+        return answers
 
     # ---------------------------------------------------------------- the fusion step
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
 
-    def select(self, batch: dict, quality: torch.Tensor | None) -> torch.Tensor:
-        """The sources each sequence runs. -> [B, k] source indices."""
+    def _select_by_rule(self, batch: dict) -> torch.Tensor:
+        """The sources of every method but the selector's. -> [B, k] source indices"""
         h, batch_size, n = self.hparams, batch["input_ids"].shape[0], len(self.source_names)
         device = batch["input_ids"].device
-        if h.fusion == "selector":
-            noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.training else 0.0
-            return noisy_top_k(quality, h.top_k, noise)
-        if h.fusion == "single":
+        if self.method.runs == "single":
             return torch.full((batch_size, 1), self.source_names.index(h.single_source), device=device)
-        if h.fusion == "oracle":
-            missing = sorted({row["domain"] for row in batch["rows"]} - set(h.oracle))
-            if missing:
-                raise ValueError(f"model.oracle has no source for domain(s) {missing}")
+        if self.method.runs == "domain":
+            self._check_oracle_domains({row["domain"] for row in batch["rows"]})
             index = [self.source_names.index(h.oracle[row["domain"]]) for row in batch["rows"]]
             return torch.tensor(index, device=device).unsqueeze(1)
-        return torch.arange(n, device=device).expand(batch_size, n)  # uniform, avgce, mince
+        return torch.arange(n, device=device).expand(batch_size, n)  # uniform, avgce, mince, confidence
+
+    def _check_oracle_domains(self, domains: set[str]) -> None:
+        missing = sorted(domains - set(self.hparams.oracle))
+        if missing == ["default"]:
+            raise ValueError("model.fusion 'oracle' routes each row by its domain label, and the data have none "
+                             "(data.domain_column is null or missing): set data.domain_column, or use the selector")
+        if missing:
+            raise ValueError(f"model.oracle has no source for domain(s) {missing}")
+
+    def select(self, batch: dict, quality: torch.Tensor | None) -> torch.Tensor:
+        """The sources each sequence runs. -> [B, k] source indices
+
+        An answered prompt runs the sources chosen when its answer was written (`answer_sources`).
+        """
+        h = self.hparams
+        if self.method.runs == "top_k":
+            noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.training else 0.0
+            selected = noisy_top_k(quality, h.top_k, noise)
+        else:
+            selected = self._select_by_rule(batch)
+        fixed = batch.get("answer_sources")
+        if fixed is not None:
+            selected = torch.where(fixed[:, :1] >= 0, fixed.to(selected.device), selected)
+        return selected
 
     def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor) -> torch.Tensor:
         """alpha over the selected sources. [B, k] -> [B, k]"""
-        h = self.hparams
-        if h.fusion == "selector":
+        h, rule = self.hparams, self.method.weights
+        if rule == "dynamic":
             return losses.dynamic_weights(selected_quality.detach(), ce, h.tau, h.gamma)
-        if h.fusion == "avgce":
+        if rule == "softmax_ce":
             return torch.softmax(-ce, dim=-1)
-        if h.fusion == "mince":
+        if rule == "min_ce":
             return torch.nn.functional.one_hot(ce.argmin(-1), ce.shape[-1]).float()
-        return torch.full_like(ce, 1.0 / ce.shape[-1])  # uniform, single, oracle
+        return torch.full_like(ce, 1.0 / ce.shape[-1])  # equal
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h = self.hparams
+        batch = self.answer_prompts(batch)
         output = self.student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=h.fusion == "selector"
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.selector is not None
         )
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
-        if h.fusion == "none":
+        if not self.method.uses_sources:
             terms = losses.student_loss(logits, targets, None)
             stop_if_nonfinite(self, terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
         quality = None
-        if h.fusion == "selector":
+        if self.selector is not None:
             quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
-        if self.cache is not None:  # every source's CE is known: the selector observes all N
+        if self.cache is not None:  # every source's CE on a labelled row is known: the selector observes all N
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
         else:
             out = self.pool.to(self.device).run(selected, batch, h.temperature)
             self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # exact-boundary coverage
             all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
             all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
+            all_valid &= batch["labelled"].to(self.device)[:, None]  # CE along a source's own answer is no quality signal
         ce, valid = out.ce, out.valid
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
@@ -254,6 +405,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
         logs["train/source_skipped"] = (~valid).sum().float()
         self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
+        answers = [a for a in batch.get("answers") or [] if a is not None]
+        if answers:
+            logs |= {"train/answered": float(len(answers)), "train/empty_answers": float(sum(not a["text"] for a in answers)),
+                     "train/generations": float(sum(a["generations"] for a in answers)) if self.cache is None else 0.0}
         if quality is not None:
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
             selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
@@ -264,11 +419,52 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                      "train/selection_entropy": losses.entropy(share / share.sum()),
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
+            # The selector's signed error u_i + CE_i on observed pairs: > 0 where it overrates a source.
+            residual = torch.where(all_valid, quality.detach() + all_ce, 0.0).sum(0) / all_valid.sum(0).clamp(min=1)
+            logs |= {f"bias/{name}": residual[i] for i, name in enumerate(self.source_names) if all_valid[:, i].any()}
         logs["train/loss"] = total
         stop_if_nonfinite(self, total, terms)
         self.log_dict(logs, prog_bar=False)
         self.log("loss", total, prog_bar=True, logger=False)
         return total
+
+    # ---------------------------------------------------------------- the selector before the first step
+
+    @torch.no_grad()
+    def _labelled_observations(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt features [R, D] and every source's CE and validity [R, N] on the labelled train rows."""
+        features, ce, observed = [], [], []
+        n = len(self.source_names)
+        for batch in self.trainer.datamodule.labelled_loader():
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            hidden = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            features.append(prompt_features(hidden, batch["prompt_mask"]))
+            every = torch.arange(n, device=self.device).expand(batch["input_ids"].shape[0], n)
+            if self.cache is not None:
+                _, batch_ce, batch_observed = self.cache.lookup(batch, every)
+            else:
+                out = self.pool.to(self.device).run(every, batch, self.hparams.temperature)
+                batch_ce, batch_observed = out.ce, out.valid
+            ce.append(batch_ce)
+            observed.append(batch_observed)
+        return torch.cat(features), torch.cat(ce), torch.cat(observed)
+
+    def prefit_selector(self) -> None:
+        """Fit the selector on the labelled rows, where every source's quality is observed once,
+        before it routes the first prompt that has no gold (N source forwards per labelled row,
+        once; read from the cache when there is one)."""
+        h = self.hparams
+        if self.selector is None or h.selector_prefit_steps == 0 or getattr(self, "_prefitted", False):
+            return
+        features, ce, observed = self._labelled_observations()
+        # `predict` runs under inference mode; the fit needs autograd, on tensors made outside it.
+        with torch.inference_mode(False), torch.enable_grad():
+            features, ce, observed = features.clone(), ce.clone(), observed.clone()
+            result = fit_selector(self.selector, features, ce, observed, h.selector_prefit_steps, h.selector_learning_rate,
+                                  h.tau, h.feedback_weight, h.selector_loss)
+        self._prefitted = True
+        rank_zero_info(f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts "
+                       f"(regression loss {result['selector_loss']:.3f}, top-1 agreement with the lowest CE {result['top1_agreement']:.2f})")
 
     # ---------------------------------------------------------------- evaluation (hooks: StudentStage)
 
@@ -277,15 +473,39 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         h = self.hparams
+        data = self.trainer.datamodule if self.trainer else None
+        if data is not None:
+            self.max_length = data.hparams.max_length
+        unlabelled = data.load()["unlabeled"] if data is not None and stage in ("fit", "predict") else []
+        if unlabelled and self.method.uses_sources:
+            self._check_unlabelled(unlabelled)
         if stage == "predict" and self.pool is None:
-            if h.fusion == "none" or not h.cache_dir:
+            if not self.method.uses_sources or not h.cache_dir:
                 raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")
             self.pool = self._load_pool()
-        if stage == "fit" and h.source_mode == "cached" and h.fusion != "none" and self.cache is None:
+        if stage == "fit" and h.source_mode == "cached" and self.method.uses_sources and self.cache is None:
             self.attach_cache()
         if self.eval_metrics is None:
-            domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
+            domains = data.domain_names if data is not None else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
+
+    def _check_unlabelled(self, rows: list[dict]) -> None:
+        if not self.method.learns_from_unlabeled:
+            raise ValueError(
+                f"model.fusion {self.hparams.fusion!r} weighs sources by their CE on gold answers, and the fusion corpus has "
+                f"{len(rows)} prompts without one (data.unlabeled_size, data.unlabeled_file or data.missing_response): use "
+                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabelled prompts out")
+        if self.method.runs == "domain":
+            self._check_oracle_domains({row["domain"] for row in rows})
+
+    def on_fit_start(self) -> None:
+        # A resumed run restored its trained selector from the checkpoint already.
+        if self.trainer.datamodule.load()["unlabeled"] and self.trainer.ckpt_path is None:
+            self.prefit_selector()
+
+    def on_predict_start(self) -> None:
+        if self.trainer.datamodule.load()["unlabeled"] and self.method.runs == "top_k":
+            self.prefit_selector()
 
     def _evaluate(self, batch: dict) -> None:
         output = self.student(

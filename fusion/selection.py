@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusion.losses import feedback_loss, selector_loss
+
 
 def prompt_features(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the hidden states over prompt tokens, detached. [B, L, D], [B, L] -> [B, D]"""
@@ -55,3 +57,42 @@ def exploration_scale(step: int, start: float, anneal_steps: int) -> float:
     if anneal_steps <= 0:
         return 0.0
     return start * max(0.0, 1.0 - step / anneal_steps)
+
+
+def fit_selector(
+    selector: SourceSelector,
+    features: torch.Tensor,  # [R, D] prompt features
+    ce: torch.Tensor,  # [R, N] each source's observed CE
+    observed: torch.Tensor,  # [R, N] bool
+    steps: int,
+    learning_rate: float,
+    tau: float = 1.0,
+    feedback_weight: float = 0.0,
+    loss: str = "mse",
+) -> dict[str, float]:
+    """Fit the selector to observed qualities with full-batch AdamW: the training step's selector
+    objective (regression of u onto -CE plus the weighted feedback loss) on a fixed set of rows.
+
+    The output bias starts at each source's mean observed -CE, so the steps fit how quality
+    varies with the prompt rather than its overall level. Deterministic (no sampling).
+    Returns the final regression loss and the share of rows whose top-1 prediction is the
+    source with the lowest observed CE.
+    """
+    with torch.no_grad():
+        counts = observed.sum(0)
+        mean_quality = torch.where(observed, -ce, 0.0).sum(0) / counts.clamp(min=1)
+        bias = selector.net[-1].bias
+        bias.copy_(torch.where(counts > 0, mean_quality.to(bias), bias))
+    optimizer = torch.optim.AdamW(selector.parameters(), lr=learning_rate, weight_decay=0.0)
+    for _ in range(steps):
+        quality = selector(features)
+        objective = selector_loss(quality, ce, observed, loss) + feedback_weight * feedback_loss(torch.softmax(quality / tau, -1))
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+    with torch.no_grad():
+        quality = selector(features)
+        best = torch.where(observed, -ce, float("-inf")).argmax(-1)
+        rows = observed.any(-1)
+        agreement = (quality.argmax(-1) == best)[rows].float().mean() if rows.any() else torch.tensor(0.0)
+        return {"selector_loss": float(selector_loss(quality, ce, observed, loss)), "top1_agreement": float(agreement)}

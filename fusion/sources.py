@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fusion.alignment import Aligner
-from fusion.data import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX, collate, encode
 from fusion.tokenizer import load_tokenizer
 from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_topk
 
@@ -105,7 +105,7 @@ class SourcePool:
         self.vocab_size = len(student_tokenizer)
         self.top_k = min(top_k, self.vocab_size)
         self.unaligned = unaligned
-        self.models, self.aligners, self.vocab_maps = [], [], []
+        self.models, self.tokenizers, self.aligners, self.vocab_maps = [], [], [], []
         for index, path in enumerate(paths):
             key = f"model.sources[{index}]"
             path = resolve_model_path(path, key)
@@ -124,6 +124,7 @@ class SourcePool:
                 except ValueError as error:
                     raise ValueError(f"{key}: {error}") from error
             self.models.append(model)
+            self.tokenizers.append(tokenizer)
         self.device = torch.device("cpu")
         self.coverage: dict[str, float] = {}  # aligned / trained student positions in the last run
 
@@ -205,3 +206,31 @@ class SourcePool:
         top_ids = torch.where(usable[..., None], top_ids, -1)
         top_logprobs = torch.where(usable[..., None], top_logprobs, -math.inf)
         return SourceOutputs(top_ids, top_logprobs, ce, finite, usable)
+
+    @torch.no_grad()
+    def answer(self, index: int, prompts: list[str], max_new_tokens: int, sampling: bool = False, temperature: float = 1.0) -> tuple[list[str], torch.Tensor]:
+        """Source `index` answers each prompt in its own tokens: `[bos] prompt`, then greedy
+        decoding (or sampling at `temperature`) up to its eos or `max_new_tokens`.
+
+        -> the decoded answers (special tokens skipped) and the log-probability the source gives
+        each of its answers, eos included, at temperature 1 [R]: its confidence in its own answer.
+        """
+        tokenizer, model = self.tokenizers[index], self.models[index]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+        features = [encode(tokenizer, prompt, None, max(1, width - max_new_tokens)) | {"row": {"prompt": prompt, "response": None}} for prompt in prompts]
+        batch = collate(features, pad)
+        prompt_ids, attention = batch["prompt_ids"].to(self.device), batch["prompt_attention_mask"].to(self.device)
+        options = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sampling else {"do_sample": False}
+        output = model.generate(input_ids=prompt_ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True, **options)
+        generated = output.sequences[:, prompt_ids.shape[1] :]  # [R, L]
+        # A token counts up to and including the first eos; what generate pads after it does not.
+        is_eos = generated == tokenizer.eos_token_id
+        before_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # [R, L]
+        logprob = torch.zeros(generated.shape[0], device=generated.device)
+        for step, logits in enumerate(output.logits):  # one [R, V] per step: never a [R, L, V] tensor
+            picked = torch.log_softmax(logits.float(), -1).gather(-1, generated[:, step : step + 1]).squeeze(-1)
+            logprob += torch.where(before_eos[:, step], picked, 0.0)
+        texts = tokenizer.batch_decode(torch.where(before_eos & ~is_eos, generated, pad), skip_special_tokens=True)
+        return texts, logprob

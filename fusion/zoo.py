@@ -34,7 +34,7 @@ from fusion.evaluation import correct, greedy_answers
 from fusion.io import atomic_directory, atomic_write_json
 from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 
-KINDS = ("specialist", "corrupted", "random")
+KINDS = ("specialist", "corrupted", "confident", "random")
 
 
 @dataclass
@@ -188,6 +188,27 @@ def corrupt(rows: list[dict], seed: int) -> list[dict]:
     return corrupted
 
 
+def _confidently_wrong_answer(row: dict) -> str:
+    """A wrong answer a tiny model learns to near certainty: mostly copied from the prompt."""
+    meta = json.loads(row["metadata"])
+    if row["domain"] == "spell_backward":
+        return meta["word"]  # the word forwards
+    if row["domain"] == "word_sequence_reversal":
+        return ", ".join(meta["words"])  # the words in the order given
+    if row["domain"] == "word_sorting":
+        return ", ".join(reversed(row["response"].split(", ")))  # sorted the other way
+    if row["domain"] == "chain_sum":
+        return "".join(meta["expression"].split()[::2])  # the terms' digits run together: 12 + 5 -> 125
+    raise ValueError(f"the confident distractor has no wrong rule for domain {row['domain']!r}")
+
+
+def confidently_wrong(rows: list[dict]) -> list[dict]:
+    """Every answer replaced by a systematic wrong one (see `_confidently_wrong_answer`): a
+    source trained on them answers every domain fluently, with high confidence, and wrongly.
+    This is what misleads routing by confidence."""
+    return [dict(r, response=_confidently_wrong_answer(r)) for r in rows]
+
+
 def save_atomically(model, tokenizer, card: dict, directory: str) -> None:
     """Write to a temporary sibling, then rename: an interrupted run leaves no half source."""
     with atomic_directory(directory) as temporary:
@@ -214,6 +235,8 @@ def _make_source(job: dict) -> dict:
     else:
         if recipe.kind == "corrupted":
             rows = corrupt(rows, job["seed"])
+        elif recipe.kind == "confident":
+            rows = confidently_wrong(rows)
         train_causal_lm(model, tokenizer, rows, recipe.steps, recipe.learning_rate, job["batch_size"], job["seed"])
     test_rows = tasks.build_splits(job["domains"], {"test": job["test_size"]}, job["test_seed"])["test"]
     card = {

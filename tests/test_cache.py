@@ -121,8 +121,8 @@ def test_an_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
     def crash(self, *args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    record = {"key": "k", "positions": 1, "ce": [0.5], "valid": [True], "ids": torch.zeros(1, 1, 2, dtype=torch.long),
-              "logprobs": torch.zeros(1, 1, 2), "aligned": torch.ones(1, 1, dtype=torch.bool)}
+    record = {"key": "k", "positions": 1, "sources": [0], "ce": [0.5], "valid": [True], "ids": torch.zeros(1, 1, 2, dtype=torch.long),
+              "logprobs": torch.zeros(1, 1, 2), "aligned": torch.ones(1, 1, dtype=torch.bool), "answer": None, "writer": -1, "generations": 0}
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash)
     with pytest.raises(KeyboardInterrupt):
         write_shard(str(tmp_path), "shard-r0-00000", [record], vocab_size=99)

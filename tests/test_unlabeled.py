@@ -1,0 +1,302 @@
+"""Prompts without gold answers: the data that declares them, the sources that answer them, the
+cache that stores the answers, and the messages for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from fusion.data import FusionDataModule, collate, encode
+from fusion.module import FusionDistillModule
+from fusion.selection import SourceSelector, fit_selector
+from fusion.train import main
+from tests.conftest import DOMAINS, tiny_config
+
+
+def _module(zoo: str, **kwargs) -> FusionDistillModule:
+    sources = [os.path.join(zoo, n) for n in ("spell", "sum", "noise")]
+    settings = {"oracle": {"spell_backward": "spell", "chain_sum": "sum"}, "response_max_new_tokens": 8, **kwargs}
+    module = FusionDistillModule(student=os.path.join(zoo, "student"), sources=sources, **settings)
+    module.log_dict = lambda values, **kw: module.logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda *a, **kw: None
+    module.logged = {}
+    return module
+
+
+ROWS = [
+    {"prompt": "backward abc=", "response": "cba", "domain": "spell_backward", "metadata": None},
+    {"prompt": "backward dog=", "response": None, "domain": "spell_backward", "metadata": None},
+    {"prompt": "3 + 4=", "response": None, "domain": "chain_sum", "metadata": None},
+]
+
+
+def _batch(module: FusionDistillModule, rows=ROWS) -> dict:
+    return collate([encode(module.tokenizer, r["prompt"], r["response"], 32) | {"row": r} for r in rows], module.tokenizer.pad_token_id)
+
+
+def _count_generations(module: FusionDistillModule) -> list[tuple[int, int]]:
+    """(source, prompts) of every `generate` call of the pool's sources."""
+    calls = []
+    for index, model in enumerate(module.pool.models):
+        original = model.generate
+
+        def generate(*args, _index=index, _original=original, **kwargs):
+            calls.append((_index, kwargs["input_ids"].shape[0]))
+            return _original(*args, **kwargs)
+
+        model.generate = generate
+    return calls
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_suite_unlabelled_prompts_carry_no_answer(tiny_zoo):
+    student = os.path.join(tiny_zoo, "student")
+    plain = FusionDataModule(tokenizer=student, domains=DOMAINS, train_size=10, val_size=4, test_size=4).load()
+    data = FusionDataModule(tokenizer=student, domains=DOMAINS, train_size=10, val_size=4, test_size=4, unlabeled_size=7)
+    rows = data.load()
+    assert len(rows["unlabeled"]) == 14 and sorted({r["domain"] for r in rows["unlabeled"]}) == sorted(DOMAINS)
+    for row in rows["unlabeled"]:  # nothing downstream can read the answer: no response, no metadata
+        assert set(row) == {"prompt", "response", "domain", "metadata"} and row["response"] is None and row["metadata"] is None
+    for split in ("train", "val", "test"):  # the labelled splits are exactly those of a corpus without unlabelled prompts
+        assert rows[split] == plain[split]
+    prompts = {split: {r["prompt"] for r in rows[split]} for split in ("train", "val", "test", "unlabeled")}
+    assert not prompts["unlabeled"] & (prompts["train"] | prompts["val"] | prompts["test"])
+    assert len(data.corpus()) == 34 and len(data.corpus(unlabelled=False)) == 20
+    # A prompt-only row trains nothing until a source answers it.
+    feature = encode(data.tokenizer, rows["unlabeled"][0]["prompt"], None, 64)
+    assert set(feature["labels"]) == {-100} and feature["prompt_length"] == len(feature["input_ids"])
+
+
+def test_train_loader_holds_unlabelled_prompts_only_for_a_method_that_answers_them(tiny_zoo):
+    from types import SimpleNamespace
+
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), domains=DOMAINS, train_size=4, unlabeled_size=6, batch_size=64)
+    data.load()
+    for learns, expected in ((True, 20), (False, 8)):
+        data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(learns_from_unlabeled=learns), world_size=1, global_rank=0)
+        batch = next(iter(data.train_dataloader()))
+        assert len(batch["rows"]) == expected and int(batch["labelled"].sum()) == 8
+
+
+def test_files_declare_unlabelled_prompts(tiny_zoo, tmp_path):
+    student = os.path.join(tiny_zoo, "student")
+    rows = [{"prompt": f"backward w{i}=", "response": "" if i % 2 else f"{i}w"} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for split in ("val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "backward ab=", "response": "ba"}))
+    # Without the setting, a missing answer is the error it always was, and it says what to set.
+    strict = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None)
+    with pytest.raises(ValueError, match=r"train.jsonl: row 1 has an empty 'response' \(data.response_column\), in the train split; "
+                                         r"if the corpus has prompts without answers, set data.missing_response: unlabeled"):
+        strict.load()
+    data = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled")
+    loaded = data.load()
+    assert [r["prompt"] for r in loaded["unlabeled"]] == [f"backward w{i}=" for i in (1, 3, 5, 7)]
+    assert len(loaded["train"]) == 4 and all(r["response"] for r in loaded["train"])
+    # A prompt-only file: its answer column, if any, is dropped.
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"backward p{i}=", "answer": "secret"}) for i in range(3)))
+    with_file = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled",
+                                 unlabeled_file=str(tmp_path / "prompts.jsonl")).load()
+    assert len(with_file["unlabeled"]) == 7 and "secret" not in json.dumps(with_file["unlabeled"])
+    # Test rows always need their answer.
+    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "backward ab=", "response": ""}))
+    with pytest.raises(ValueError, match=r"test.jsonl: row 0 has an empty 'response' .* in the test split \(val and test rows need their answer\)"):
+        FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled").load()
+
+
+# ------------------------------------------------------------------ who answers
+
+
+def test_source_answer_and_its_log_probability(tiny_zoo):
+    """`SourcePool.answer` decodes greedily in the source's own tokens and returns the log-probability
+    of exactly the tokens it wrote (eos included), as a teacher-forced forward computes it."""
+    module = _module(tiny_zoo, fusion="uniform")
+    prompts = ["backward abc=", "12 + 3="]
+    for index in (0, 1):  # the char specialist and the BPE one
+        texts, logprob = module.pool.answer(index, prompts, max_new_tokens=8)
+        tokenizer, model = module.pool.tokenizers[index], module.pool.models[index]
+        for prompt, text, value in zip(prompts, texts, logprob.tolist()):
+            feature = encode(tokenizer, prompt, None, 64)
+            ids = torch.tensor([feature["input_ids"]])
+            expected, written = 0.0, []
+            for _ in range(8):  # greedy by hand
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+                token = int(logp.argmax())
+                expected += float(logp[token])
+                if token == tokenizer.eos_token_id:
+                    break
+                written.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            assert text == tokenizer.decode(written, skip_special_tokens=True)
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_selector_top_source_writes_and_the_selected_run_along_it(tiny_zoo):
+    module = _module(tiny_zoo, fusion="selector", top_k=2)
+    with torch.no_grad():  # the selector prefers spell, then sum, on every prompt
+        module.selector.net[-1].weight.zero_()
+        module.selector.net[-1].bias.copy_(torch.tensor([-1.0, -2.0, -5.0]))
+    calls = _count_generations(module)
+    batch = module.answer_prompts(_batch(module))
+    assert calls == [(0, 2)]  # one generation per unlabelled prompt, by the top source only
+    assert batch["answer_sources"].tolist() == [[-1, -1], [0, 1], [0, 1]]
+    texts, _ = module.pool.answer(0, ["backward dog=", "3 + 4="], 8)
+    for b, text in ((1, texts[0]), (2, texts[1])):
+        assert batch["answers"][b]["text"] == text.strip() and batch["answers"][b]["generations"] == 1
+        # The answer, re-tokenized for the student, is what the student is trained on (eos included).
+        trained = batch["targets"][b] != -100
+        expected = module.tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [module.tokenizer.eos_token_id]
+        assert batch["targets"][b][trained].tolist() == (expected if text.strip() else [])
+    assert batch["answers"][0] is None and (batch["targets"][0] != -100).sum() == 4  # "cba" + eos, gold
+    loss = module.training_step(_batch(module), 0)
+    assert torch.isfinite(loss) and module.logged["train/answered"] == 2 and module.logged["train/generations"] == 2
+    # The selected sources ran along the answers: select() keeps the writer's choice for those rows.
+    quality = torch.tensor([[0.0, -1.0, -9.0]] * 3)
+    module.eval()
+    assert module.select(batch, quality).tolist() == [[0, 1], [0, 1], [0, 1]]
+
+
+def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
+    module = _module(tiny_zoo, fusion="confidence")
+    calls = _count_generations(module)
+    batch = module.answer_prompts(_batch(module))
+    assert sorted(calls) == [(0, 2), (1, 2), (2, 2)]  # N generations per unlabelled prompt
+    assert batch["answer_sources"].tolist()[1:] == [[0, 1, 2]] * 2
+    for b, prompt in ((1, "backward dog="), (2, "3 + 4=")):
+        scores = {}
+        for source in range(3):
+            (text,), (logprob,) = module.pool.answer(source, [prompt], 8)
+            tokens = len(module.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) + 1
+            scores[source] = (bool(text.strip()), float(logprob) / tokens, text.strip())
+        writer = max(scores, key=lambda s: scores[s][:2])
+        assert batch["answers"][b]["writer"] == writer and batch["answers"][b]["text"] == scores[writer][2]
+        assert batch["answers"][b]["generations"] == 3
+    # Its weights are softmax(-CE) along the response (AvgCE where there is gold).
+    ce = torch.tensor([[1.0, 2.0, 4.0]])
+    assert torch.allclose(module.weights(None, ce), torch.softmax(-ce, -1))
+
+
+def test_uniform_answer_comes_from_one_source_drawn_per_prompt(tiny_zoo):
+    from fusion.cache import row_key
+
+    module = _module(tiny_zoo, fusion="uniform")
+    calls = _count_generations(module)
+    batch = module.answer_prompts(_batch(module))
+    writers = [batch["answers"][b]["writer"] for b in (1, 2)]
+    assert writers == [int(row_key(ROWS[b]), 16) % 3 for b in (1, 2)]
+    assert sum(n for _, n in calls) == 2  # one generation per prompt
+    assert batch["answer_sources"].tolist()[1:] == [[0, 1, 2]] * 2
+
+
+def test_an_empty_answer_is_counted_and_trains_nothing(tiny_zoo):
+    module = _module(tiny_zoo, fusion="oracle")
+    model = module.pool.models[0]  # spell answers at once with its eos
+    eos = module.pool.tokenizers[0].eos_token_id
+
+    def eos_first(m, args, kwargs, out):
+        logits = torch.full_like(out.logits, -30.0)
+        logits[..., eos] = 0.0
+        return out.__class__(logits=logits)
+
+    model.register_forward_hook(eos_first, with_kwargs=True)
+    loss = module.training_step(_batch(module), 0)
+    assert torch.isfinite(loss)
+    assert module.logged["train/empty_answers"] == 1 and module.logged["train/answered"] == 2
+    batch = module.answer_prompts(_batch(module))
+    assert batch["answers"][1]["text"] == "" and (batch["targets"][1] != -100).sum() == 0
+
+
+def test_answers_are_not_quality_observations(tiny_zoo):
+    """A source's CE along an answer (its own, or another's) never trains the selector: on a batch
+    of unlabelled prompts the regression term is zero and gives the selector no gradient."""
+    module = _module(tiny_zoo, fusion="selector", top_k=2, feedback_weight=0.0)
+    loss = module.training_step(_batch(module, ROWS[1:]), 0)
+    assert module.logged["train/loss_selector"] == 0.0
+    loss.backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in module.selector.parameters())
+
+
+def test_fit_selector_learns_the_best_source_per_prompt():
+    """Prompts in three clusters (domains), each with its own best source: after the fit the
+    selector ranks that source first on every row."""
+    torch.manual_seed(0)
+    best = torch.arange(90) % 3
+    features = torch.randn(90, 8) + 3.0 * torch.nn.functional.one_hot(best, 8)
+    ce = torch.full((90, 3), 6.0).scatter(1, best[:, None], 0.5)  # the best source 0.5 nats, the others 6
+    observed = torch.ones(90, 3, dtype=torch.bool)
+    observed[torch.arange(0, 90, 2), (best[::2] + 1) % 3] = False  # some pairs unobserved (never the best)
+    selector = SourceSelector(8, 3, hidden_dim=32, initial_quality=-1.0)
+    result = fit_selector(selector, features, ce, observed, steps=300, learning_rate=1e-2)
+    assert result["top1_agreement"] == 1.0
+    assert (selector(features).argmax(-1) == best).all()
+    assert result["selector_loss"] < 0.5
+
+
+# ------------------------------------------------------------------ through the CLI, cached
+
+
+@pytest.fixture(scope="module")
+def unlabelled_cache(tiny_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabelled")
+    config = tiny_config(tiny_zoo, str(root / "runs"), fusion="selector", top_k=1, source_mode="cached",
+                         cache_dir=str(root / "cache"), response_max_new_tokens=8, selector_prefit_steps=50)
+    config["data"]["unlabeled_size"] = 6
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["predict", "--config", str(path)])
+    return {"config": str(path), "cache": str(root / "cache"), "root": root}
+
+
+def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
+    from fusion.cache import answer_summary
+
+    summary = answer_summary(unlabelled_cache["cache"])
+    assert summary["prompts"] == 12 and summary["generations"] == 12 and summary["generations_per_prompt"] == 1.0
+    assert sum(summary["writers"]) == 12 - summary["empty_answers"]
+
+
+def test_cached_fit_on_answered_prompts_runs_no_source(unlabelled_cache, monkeypatch):
+    import fusion.sources
+
+    monkeypatch.setattr(fusion.sources, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
+    main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3"])
+
+
+def test_cache_answered_for_another_method_is_refused(unlabelled_cache):
+    with pytest.raises(ValueError, match=r"computed for a different setup \(answers differ\): answers: cache has \{'fusion': 'selector'"):
+        main(["fit", "--config", unlabelled_cache["config"], "--model.fusion=confidence", "--trainer.max_steps=1"])
+    with pytest.raises(ValueError, match=r"\(answers differ\)"):
+        main(["fit", "--config", unlabelled_cache["config"], "--model.response_max_new_tokens=4", "--trainer.max_steps=1"])
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_methods_that_need_gold_refuse_unlabelled_prompts(write_config):
+    config = write_config(fusion="avgce")
+    with pytest.raises(ValueError, match=r"model.fusion 'avgce' weighs sources by their CE on gold answers, and the fusion corpus "
+                                         r"has 4 prompts without one .* use 'confidence'"):
+        main(["fit", "--config", config, "--data.unlabeled_size=2", "--trainer.max_steps=1"])
+
+
+def test_oracle_without_a_domain_column(tiny_zoo, tmp_path):
+    rows = [{"prompt": f"backward w{i}=", "response": "" if i % 2 else f"{i}w"} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for split in ("val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "backward ab=", "response": "ba"}))
+    config = tiny_config(tiny_zoo, str(tmp_path / "runs"), fusion="oracle")
+    config["data"] = {"dataset": str(tmp_path), "domain_column": None, "missing_response": "unlabeled", "batch_size": 4}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"model.fusion 'oracle' routes each row by its domain label, and the data have none \(data.domain_column"):
+        main(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.max_steps=1"])
+
+
+def test_unlabeled_size_needs_the_suite(tiny_zoo, tmp_path):
+    with pytest.raises(ValueError, match=r"data.unlabeled_size draws prompts from the embedded suite"):
+        FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "x.jsonl"), unlabeled_size=3)
