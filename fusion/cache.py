@@ -106,6 +106,15 @@ def cache_fingerprint(sources: dict[str, str], student_tokenizer, source_tokeniz
     return parts | settings
 
 
+def is_current(directory: str, expected: dict) -> bool:
+    """Whether `directory` holds a complete cache computed for exactly `expected` (no error)."""
+    try:
+        check_fingerprint(directory, expected)
+    except (FileNotFoundError, ValueError):
+        return False
+    return bool(list_shards(directory))
+
+
 def check_fingerprint(directory: str, expected: dict) -> None:
     """Stop before training when the cache at `directory` was computed from anything else."""
     path = os.path.join(directory, "fingerprint.json")
@@ -264,17 +273,18 @@ class SourceCache:
                 count, sources = int(record["positions"]), [int(i) for i in record["sources"]]
                 self.index[key] = (offset, count, sources)
                 offset += count * len(sources)
-                block = torch.from_numpy(record["ids"].astype("int64")).view(len(sources) * count, -1)
+                block = torch.from_numpy(record["ids"].astype("int64"))  # flat: len(sources) * count * K
                 ids.append(torch.where(block == wrap - 1, -1, block))
-                logprobs.append(torch.from_numpy(record["logprobs"].astype("float32")).view(len(sources) * count, -1))
+                logprobs.append(torch.from_numpy(record["logprobs"].astype("float32")))
                 aligned.append(torch.from_numpy(record["aligned"]).view(len(sources) * count))
                 self.ce[key], self.valid[key] = record["ce"].tolist(), record["valid"].tolist()
                 if record["answer"] is not None:
                     self.answers[key] = {"text": str(record["answer"]), "writer": int(record["writer"]),
                                          "generations": int(record["generations"]), "sources": sources}
-        self.ids = torch.cat(ids)  # [stored (source, position) pairs, K]
-        self.logprobs = torch.cat(logprobs).masked_fill(self.ids < 0, float("-inf"))
-        self.aligned = torch.cat(aligned)
+        self.aligned = torch.cat(aligned)  # [stored (source, position) pairs]
+        top = len(torch.cat(ids)) // max(1, len(self.aligned))  # K
+        self.ids = torch.cat(ids).view(-1, top)  # [stored (source, position) pairs, K]
+        self.logprobs = torch.cat(logprobs).view(-1, top).masked_fill(self.ids < 0, float("-inf"))
 
     def _entry(self, row: dict) -> tuple[str, tuple[int, int, list[int]]]:
         key = row_key(row)

@@ -66,13 +66,13 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers.
         gamma: sharpness of the dynamic weights on observed quality (0: selector only).
         tau: temperature of the selection distribution pi = softmax(u / tau).
-        feedback_weight: beta, weight of the CV^2 feedback loss.
+        feedback_weight: beta, weight of the CV^2 feedback loss (online only: see `explores`).
         selector_loss: "mse" or "huber" regression of u onto -CE.
         initial_quality: the selector's starting prediction for every source.
         selector_prefit_steps: with unlabelled prompts in the corpus, the selector is first fitted
             on the labelled rows (every source's CE observed once) for this many full-batch steps,
             so that it routes the first unlabelled prompt as well as the last.
-        exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0.
+        exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0 (online only).
         lora: peft LoraConfig arguments.
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
         max_new_tokens: greedy decoding budget at evaluation.
@@ -183,6 +183,15 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k, h.unaligned, h.vocab_map, h.vocab_map_dir)
 
     @property
+    def explores(self) -> bool:
+        """Whether selection explores (Gumbel noise, feedback loss): in training, while the selector
+        has observed only the sources it selected. With the cache it observes every source on
+        every labelled row, and after `prefit_selector` it has observed each once: there is
+        nothing to explore, and balancing would only bias its estimates (`python -m fusion.bench
+        selector` measures by how much)."""
+        return self.training and self.cache is None and not getattr(self, "_prefitted", False)
+
+    @property
     def learns_from_unlabeled(self) -> bool:
         """Whether the training loader should hand this module prompts without gold (read by the data module)."""
         return self.method.learns_from_unlabeled
@@ -197,7 +206,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             settings["temperature"] = h.response_temperature
         if self.method.runs == "top_k":  # the selector fitted on the labelled rows routes every prompt
             settings |= {"top_k": h.top_k, "selector": [h.selector_hidden, h.initial_quality, h.selector_prefit_steps,
-                                                         h.selector_learning_rate, h.tau, h.feedback_weight, h.selector_loss]}
+                                                         h.selector_learning_rate, h.selector_loss]}
         if self.method.runs == "single":
             settings["single_source"] = h.single_source
         if self.method.runs == "domain":
@@ -344,7 +353,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         """
         h = self.hparams
         if self.method.runs == "top_k":
-            noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.training else 0.0
+            noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.explores else 0.0
             selected = noisy_top_k(quality, h.top_k, noise)
         else:
             selected = self._select_by_rule(batch)
@@ -412,8 +421,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if quality is not None:
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
             selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
-            feedback_term = losses.feedback_loss(pi)
-            total = total + selector_term + h.feedback_weight * feedback_term
+            # Balance the selection where it decides what is observed: on the labelled rows.
+            labelled = batch["labelled"].to(pi.device)
+            feedback_term = losses.feedback_loss(pi[labelled]) if labelled.any() else pi.sum() * 0.0
+            total = total + selector_term + (h.feedback_weight * feedback_term if self.explores else 0.0)
             share = torch.zeros_like(quality).scatter(1, selected, valid.float()).mean(0)
             logs |= {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
                      "train/selection_entropy": losses.entropy(share / share.sum()),
@@ -460,11 +471,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         # `predict` runs under inference mode; the fit needs autograd, on tensors made outside it.
         with torch.inference_mode(False), torch.enable_grad():
             features, ce, observed = features.clone(), ce.clone(), observed.clone()
-            result = fit_selector(self.selector, features, ce, observed, h.selector_prefit_steps, h.selector_learning_rate,
-                                  h.tau, h.feedback_weight, h.selector_loss)
+            result = fit_selector(self.selector, features, ce, observed, h.selector_prefit_steps, h.selector_learning_rate, h.selector_loss)
         self._prefitted = True
-        rank_zero_info(f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts "
-                       f"(regression loss {result['selector_loss']:.3f}, top-1 agreement with the lowest CE {result['top1_agreement']:.2f})")
+        rank_zero_info(f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts: {result['steps']} steps "
+                       f"(held-out regression loss {result['held_out_loss']:.3f}), top-1 agreement with the lowest CE "
+                       f"{result['top1_agreement']:.2f}")
 
     # ---------------------------------------------------------------- evaluation (hooks: StudentStage)
 
@@ -499,9 +510,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             self._check_oracle_domains({row["domain"] for row in rows})
 
     def on_fit_start(self) -> None:
-        # A resumed run restored its trained selector from the checkpoint already.
-        if self.trainer.datamodule.load()["unlabeled"] and self.trainer.ckpt_path is None:
-            self.prefit_selector()
+        if self.trainer.datamodule.load()["unlabeled"]:
+            if self.trainer.ckpt_path is None:
+                self.prefit_selector()
+            elif self.selector is not None and self.hparams.selector_prefit_steps > 0:
+                self._prefitted = True  # a resumed run restored the selector that was fitted at its start
 
     def on_predict_start(self) -> None:
         if self.trainer.datamodule.load()["unlabeled"] and self.method.runs == "top_k":

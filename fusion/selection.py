@@ -64,35 +64,66 @@ def fit_selector(
     features: torch.Tensor,  # [R, D] prompt features
     ce: torch.Tensor,  # [R, N] each source's observed CE
     observed: torch.Tensor,  # [R, N] bool
-    steps: int,
+    max_steps: int,
     learning_rate: float,
-    tau: float = 1.0,
-    feedback_weight: float = 0.0,
     loss: str = "mse",
+    feedback_weight: float = 0.0,
+    tau: float = 1.0,
+    holdout: float = 0.2,
+    every: int = 10,
 ) -> dict[str, float]:
-    """Fit the selector to observed qualities with full-batch AdamW: the training step's selector
-    objective (regression of u onto -CE plus the weighted feedback loss) on a fixed set of rows.
+    """Fit the selector to observed qualities with full-batch AdamW, stopping early.
 
-    The output bias starts at each source's mean observed -CE, so the steps fit how quality
-    varies with the prompt rather than its overall level. Deterministic (no sampling).
-    Returns the final regression loss and the share of rows whose top-1 prediction is the
-    source with the lowest observed CE.
+    The objective is the training step's selector objective: regression of u onto -CE (plus
+    `feedback_weight` times the feedback loss, 0 by default: with every source observed nothing
+    can collapse, and balancing would only bias u). A fixed `holdout` share of the rows picks
+    the number of steps (the lowest held-out regression loss, checked every `every` steps up
+    to `max_steps`); the selector is then fitted on every row for that many steps. On a few
+    hundred rows more steps overfit: the selector ranks its training prompts right and routes
+    new ones worse. The output bias starts at each source's mean observed -CE, so the steps fit
+    how quality varies with the prompt. Deterministic.
+
+    Returns the steps taken, the held-out and final regression losses, and the share of rows
+    whose top-1 prediction is the source with the lowest observed CE.
     """
+    start = {k: v.clone() for k, v in selector.state_dict().items()}
     with torch.no_grad():
         counts = observed.sum(0)
         mean_quality = torch.where(observed, -ce, 0.0).sum(0) / counts.clamp(min=1)
-        bias = selector.net[-1].bias
-        bias.copy_(torch.where(counts > 0, mean_quality.to(bias), bias))
-    optimizer = torch.optim.AdamW(selector.parameters(), lr=learning_rate, weight_decay=0.0)
-    for _ in range(steps):
-        quality = selector(features)
-        objective = selector_loss(quality, ce, observed, loss) + feedback_weight * feedback_loss(torch.softmax(quality / tau, -1))
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
+        key = f"net.{len(selector.net) - 1}.bias"  # the output layer's: one predicted quality per source
+        start[key] = torch.where(counts > 0, mean_quality.to(start[key]), start[key])
+
+    def train(rows: torch.Tensor, steps: int, held_out: torch.Tensor | None = None) -> tuple[int, float]:
+        selector.load_state_dict(start)
+        optimizer = torch.optim.AdamW(selector.parameters(), lr=learning_rate, weight_decay=0.0)
+        best_steps, best_loss = 0, float("inf")
+        for step in range(steps + 1):
+            if held_out is not None and step % every == 0:
+                with torch.no_grad():
+                    value = float(selector_loss(selector(features[held_out]), ce[held_out], observed[held_out], loss))
+                if value < best_loss:
+                    best_steps, best_loss = step, value
+            if step == steps:
+                break
+            quality = selector(features[rows])
+            objective = selector_loss(quality, ce[rows], observed[rows], loss)
+            if feedback_weight:
+                objective = objective + feedback_weight * feedback_loss(torch.softmax(quality / tau, -1))
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+        return best_steps, best_loss
+
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
+    size = int(holdout * len(features))
+    steps, held_out_loss = max_steps, float("nan")
+    if size >= 1 and len(features) - size >= 1:
+        steps, held_out_loss = train(order[size:], max_steps, order[:size])
+    train(order, steps)
     with torch.no_grad():
         quality = selector(features)
         best = torch.where(observed, -ce, float("-inf")).argmax(-1)
         rows = observed.any(-1)
         agreement = (quality.argmax(-1) == best)[rows].float().mean() if rows.any() else torch.tensor(0.0)
-        return {"selector_loss": float(selector_loss(quality, ce, observed, loss)), "top1_agreement": float(agreement)}
+        return {"steps": steps, "held_out_loss": held_out_loss, "selector_loss": float(selector_loss(quality, ce, observed, loss)),
+                "top1_agreement": float(agreement)}

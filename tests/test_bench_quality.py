@@ -125,11 +125,12 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     assert quality._run_all([dict(job, config_hash="changed")], workers=1) == [{"seconds": 0.0, "fresh": True}]
 
 
-def test_bench_config_train_section_parses(capsys):
-    """configs/bench.yaml's `train` section, with a pool and each method, validates against fusion.train."""
+@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml"])
+def test_bench_config_train_section_parses(capsys, name):
+    """A bench config's `train` section, with a pool and each method, validates against fusion.train."""
     from fusion.train import main
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "bench.yaml")
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
     with open(path) as f:
         bench = yaml.safe_load(f)
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
@@ -157,3 +158,25 @@ def test_student_seed_does_not_follow_the_sources(monkeypatch, tmp_path):
     first = dict(built)
     zoo.build_zoo(sources=[spell, noise], student=student, output_dir=str(tmp_path), domains=DOMAINS, seed=10, workers=1)
     assert first == {"spell": 10, "student": 99} and built == {"spell": 10, "noise": 11, "student": 99}
+
+
+def test_label_scarce_criteria():
+    """The label-scarce checks on hand-made accuracies of two domains."""
+    runs = [_run("none", "A", 0, {"d1": 0.3, "d2": 0.3}),
+            _run("uniform", "A", 0, {"d1": 0.5, "d2": 0.3}), _run("uniform", "B", 0, {"d1": 0.3, "d2": 0.3}),
+            _run("confidence", "A", 0, {"d1": 0.6, "d2": 0.4}), _run("confidence", "B", 0, {"d1": 0.1, "d2": 0.3}),
+            _run("selector", "A", 0, {"d1": 0.7, "d2": 0.42}), _run("selector", "B", 0, {"d1": 0.68, "d2": 0.4}),
+            _run("oracle", "A", 0, {"d1": 0.7, "d2": 0.45})]
+    methods = {name: {"fusion": name, "source_forwards_per_seq": {"A": 1, "B": 1}} for name in ("none", "uniform", "confidence", "selector", "oracle")}
+    for name in ("none", "oracle"):
+        runs.append(dict(next(r for r in runs if r["method"] == name), pool="B"))
+    summary = report_lib.summarize(runs, methods)
+    checks = report_lib.criteria_unlabelled(summary, methods)["selector"]
+    assert checks["gain_over_none_at_least_0.08"]["A"]["pass"] and checks["gain_over_none_at_least_0.08"]["B"]["pass"]  # 0.56, 0.54 vs 0.30
+    assert checks["within_0.02_of_oracle"]["A"]["pass"]  # 0.56 vs 0.575: 0.015 below
+    assert checks["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.575)
+    assert not checks["within_0.02_of_oracle"]["B"]["pass"]  # 0.54: 0.035 below
+    assert checks["confidence_plus_0.05"]["B"]["pass"] and set(checks["confidence_plus_0.05"]) == {"B"}  # 0.54 vs 0.20
+    # Interference: selector (0.02 + 0.02) / 2 = 0.02; uniform 0.1; confidence (0.5 + 0.1) / 2 = 0.3.
+    assert checks["interference_at_most_half"] == {"selector": pytest.approx(0.02), "uniform": pytest.approx(0.1),
+                                                   "confidence": pytest.approx(0.3), "pass": True}

@@ -25,7 +25,7 @@ def test_every_config_parses(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         if name == "zoo.yaml":
             zoo.main(["--config", path, "--print_config"])
-        elif name == "bench.yaml":  # the quality benchmark's own settings (its train section: test_bench_quality.py)
+        elif name.startswith("bench"):  # the quality benchmark's own settings (its train section: test_bench_quality.py)
             quality.main(["--config", path, "--print_config"])
         else:
             main(["fit", "--config", path, "--print_config"])
@@ -34,6 +34,7 @@ def test_every_config_parses(path, capsys):
     expected = {
         "zoo.yaml": ["sources:"],
         "bench.yaml": ["pools:", "methods:", "train:"],
+        "bench_unlabeled.yaml": ["pools:", "methods:", "unlabeled_size: 1000"],
         "srft.yaml": ["class_path: fusion.srft.SRFTModule", "entropy_granularity:"],
     }.get(name, ["class_path: fusion.module.FusionDistillModule", "fusion:"])  # no class_path: the default
     assert all(part in printed for part in expected)
@@ -82,7 +83,7 @@ def test_fit_test_resume_export(write_config, tmp_path):
     assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
-@pytest.mark.parametrize("fusion", ["none", "uniform", "avgce", "mince", "single", "oracle"])
+@pytest.mark.parametrize("fusion", ["none", "uniform", "avgce", "mince", "confidence", "single", "oracle"])
 def test_every_baseline_trains(write_config, tmp_path, fusion):
     config = write_config(fusion=fusion, single_source="sum")
     main(["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])

@@ -213,11 +213,13 @@ def test_an_empty_answer_is_counted_and_trains_nothing(tiny_zoo):
 
 
 def test_answers_are_not_quality_observations(tiny_zoo):
-    """A source's CE along an answer (its own, or another's) never trains the selector: on a batch
-    of unlabelled prompts the regression term is zero and gives the selector no gradient."""
-    module = _module(tiny_zoo, fusion="selector", top_k=2, feedback_weight=0.0)
+    """A source's CE along an answer (its own, or another's) never trains the selector, and the
+    selection of the sources that run along an answer observes nothing, so nothing balances it:
+    on a batch of unlabelled prompts the regression and feedback terms are zero and give the
+    selector no gradient."""
+    module = _module(tiny_zoo, fusion="selector", top_k=2, feedback_weight=1.0)
     loss = module.training_step(_batch(module, ROWS[1:]), 0)
-    assert module.logged["train/loss_selector"] == 0.0
+    assert module.logged["train/loss_selector"] == 0.0 and module.logged["train/loss_feedback"] == 0.0
     loss.backward()
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in module.selector.parameters())
 
@@ -227,15 +229,29 @@ def test_fit_selector_learns_the_best_source_per_prompt():
     selector ranks that source first on every row."""
     torch.manual_seed(0)
     best = torch.arange(90) % 3
-    features = torch.randn(90, 8) + 3.0 * torch.nn.functional.one_hot(best, 8)
+    features = torch.randn(90, 8) + 5.0 * torch.nn.functional.one_hot(best, 8)
     ce = torch.full((90, 3), 6.0).scatter(1, best[:, None], 0.5)  # the best source 0.5 nats, the others 6
     observed = torch.ones(90, 3, dtype=torch.bool)
     observed[torch.arange(0, 90, 2), (best[::2] + 1) % 3] = False  # some pairs unobserved (never the best)
     selector = SourceSelector(8, 3, hidden_dim=32, initial_quality=-1.0)
-    result = fit_selector(selector, features, ce, observed, steps=300, learning_rate=1e-2)
+    result = fit_selector(selector, features, ce, observed, max_steps=300, learning_rate=1e-2)
     assert result["top1_agreement"] == 1.0
     assert (selector(features).argmax(-1) == best).all()
     assert result["selector_loss"] < 0.5
+
+
+def test_fit_selector_stops_before_it_memorizes_noise():
+    """CE unrelated to the prompt: the held-out rows stop the fit early (the mean, set before
+    the first step, is the best prediction), where 500 steps would memorize the training rows."""
+    torch.manual_seed(1)
+    features, ce = torch.randn(100, 16), torch.rand(100, 4) * 6
+    observed = torch.ones(100, 4, dtype=torch.bool)
+    selector = SourceSelector(16, 4, hidden_dim=64)
+    result = fit_selector(selector, features, ce, observed, max_steps=500, learning_rate=1e-2)
+    assert result["steps"] <= 50
+    memorized = SourceSelector(16, 4, hidden_dim=64)
+    overfit = fit_selector(memorized, features, ce, observed, max_steps=500, learning_rate=1e-2, holdout=0.0)
+    assert overfit["steps"] == 500 and overfit["selector_loss"] < 0.5 * result["selector_loss"]
 
 
 # ------------------------------------------------------------------ through the CLI, cached
@@ -300,3 +316,35 @@ def test_oracle_without_a_domain_column(tiny_zoo, tmp_path):
 def test_unlabeled_size_needs_the_suite(tiny_zoo, tmp_path):
     with pytest.raises(ValueError, match=r"data.unlabeled_size draws prompts from the embedded suite"):
         FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "x.jsonl"), unlabeled_size=3)
+
+
+def test_feedback_loss_biases_the_fitted_selector_towards_the_distractor(tiny_zoo):
+    """`python -m fusion.bench selector`'s measurement on the tiny zoo: balancing the selection
+    raises the predicted quality of the distractor (the random source, never the best) and lowers
+    the specialists'; without it the fit is unbiased on average."""
+    from fusion.bench.selector import measure_pool
+
+    sources = [os.path.join(tiny_zoo, n) for n in ("spell", "sum", "noise")]
+    bench = {"pools": {"A": sources[:2], "B": sources},
+             "train": {"model": {"student": os.path.join(tiny_zoo, "student"), "oracle": {"spell_backward": "spell", "chain_sum": "sum"}},
+                       "data": {"domains": DOMAINS, "train_size": 16, "val_size": 2, "test_size": 2, "unlabeled_size": 8}}}
+    result = measure_pool(bench, "B", [0.0, 1.0], seeds=[0])
+    plain, balanced = result["feedback_weights"]["0.0"], result["feedback_weights"]["1.0"]
+    assert result["labelled_rows"] == 32 and result["unlabelled_prompts"] == 16
+    assert abs(plain["bias_specialists"]) < 0.05 and abs(plain["bias_distractors"]) < 0.05
+    assert balanced["bias_distractors"] > plain["bias_distractors"] + 0.05, (plain, balanced)
+    assert balanced["bias_specialists"] < plain["bias_specialists"] - 0.02, (plain, balanced)
+
+
+def test_a_fitted_selector_stops_exploring(tiny_zoo):
+    """Exploration (noise, balancing) is for a selector that has seen only what it selected: once
+    it is fitted on the labelled rows, or reads the cache, it no longer explores."""
+    from types import SimpleNamespace
+
+    module = _module(tiny_zoo, fusion="selector", top_k=1, selector_prefit_steps=20)
+    module.train()
+    assert module.explores
+    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), domains=DOMAINS, train_size=6, unlabeled_size=2)
+    module.trainer = SimpleNamespace(datamodule=data)
+    module.prefit_selector()
+    assert not module.explores

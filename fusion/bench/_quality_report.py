@@ -60,6 +60,14 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
                 "seeds": [r["seed"] for r in group],
                 "source_forwards_per_seq": methods[method]["source_forwards_per_seq"][pool],
             }
+            if all("seconds" in r for r in group):
+                entry[pool]["seconds_mean"] = statistics.fmean(r["seconds"] for r in group)
+            for key in ("generations_per_prompt", "answers", "cache_seconds"):  # the label-scarce regime's costs
+                if pool in methods[method].get(key, {}):
+                    entry[pool][key] = methods[method][key][pool]
+            biases = [selector_bias(r.get("log_dir") or "") for r in group]
+            if all(biases):
+                entry[pool]["selector_bias"] = {name: statistics.fmean(b[name] for b in biases) for name in biases[0]}
             if "selection_by_domain" in group[0]:
                 entry[pool]["selection_by_domain"] = {
                     d: {s: statistics.fmean(r["selection_by_domain"][d][s] for r in group) for s in shares}
@@ -138,6 +146,36 @@ def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) ->
     return checks
 
 
+def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
+    """The label-scarce regime's checks for every selector method, with the numbers they compare:
+    at least `none` + 0.08 and within 0.02 of the oracle in each pool, at least `confidence` +
+    0.05 in pool B, interference at most half of uniform's and of confidence's."""
+    by_fusion = {m["fusion"]: name for name, m in methods.items() if m.get("fusion") and name in summary}
+    checks: dict[str, dict] = {}
+    for name, method in methods.items():
+        if method.get("fusion") != "selector" or name not in summary:
+            continue
+        entry, check = summary[name], {}
+        for base, margin, key, pools in (("none", 0.08, "gain_over_none_at_least_0.08", (SPECIALISTS, DISTRACTED)),
+                                         ("oracle", -0.02, "within_0.02_of_oracle", (SPECIALISTS, DISTRACTED)),
+                                         ("confidence", 0.05, "confidence_plus_0.05", (DISTRACTED,))):
+            if base not in by_fusion:
+                continue
+            reference = summary[by_fusion[base]]
+            check[key] = {pool: {"selector": entry[pool]["acc_mean"], "selector_std": entry[pool]["acc_mean_std"],
+                                 base: reference[pool]["acc_mean"], f"{base}_std": reference[pool]["acc_mean_std"],
+                                 "pass": entry[pool]["acc_mean"] >= reference[pool]["acc_mean"] + margin - 1e-12}
+                          for pool in pools if pool in entry and pool in reference}
+        own = entry.get(SPECIALISTS, {}).get("interference")
+        if own is not None:
+            bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in ("uniform", "confidence") if base in by_fusion}
+            bounds = {base: v for base, v in bounds.items() if v is not None}
+            if bounds:
+                check["interference_at_most_half"] = {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+        checks[name] = check
+    return checks
+
+
 # ------------------------------------------------------------------------------------ Markdown
 
 
@@ -149,6 +187,7 @@ def markdown(report: dict, config_yaml: str) -> str:
     """The table (accuracy per domain, mean ± std over seeds, interference), the criteria and the config."""
     summary = report["results"]
     domains = sorted({d for entry in summary.values() for pool in entry.values() for d in pool["acc"]})
+    costs = any("generations_per_prompt" in r for entry in summary.values() for r in entry.values())
     lines = [f"# Quality benchmark{' (quick)' if report['quick'] else ''}", "",
              f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
              "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
@@ -156,11 +195,17 @@ def markdown(report: dict, config_yaml: str) -> str:
              "Pool A: the specialists; pool B: A plus the distractors. Specialist gap = mean over domains of "
              "max(0, acc_oracle - acc) in the same pool: the accuracy lost to every source other than the "
              "domain's specialist (per seed, paired with the oracle's run of that seed).", "",
-             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) | specialist gap (per seed) |",
-             "|---|---|---|" + "---|" * (len(domains) + 3)]
+             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) | specialist gap (per seed) |"
+             + (" generations / unlabelled prompt | seconds: cache, run |" if costs else ""),
+             "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0))]
     for method, entry in summary.items():
         for pool in sorted(entry):
             r = entry[pool]
+            extra = ""
+            if costs:
+                generations = f"{r['generations_per_prompt']:.2f}" if "generations_per_prompt" in r else "-"
+                seconds = f"{r.get('cache_seconds', 0):.0f}, {r['seconds_mean']:.0f}" if "seconds_mean" in r else "-"
+                extra = f" {generations} | {seconds} |"
             cells = " | ".join(f"{r['acc'][d]:.2f}" for d in domains)
             inter = "-"
             if r.get("interference") is not None:
@@ -170,11 +215,11 @@ def markdown(report: dict, config_yaml: str) -> str:
                 gap = f"{r['specialist_gap']:.3f} ({_cell(r['specialist_gap_per_seed_mean'], r['specialist_gap_per_seed_std'])})"
             label = method + (f" (= {r['shared_with']})" if r.get("shared_with") else "")
             lines.append(f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
-                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |")
+                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |{extra}")
     notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
-    lines += ["", "## Criteria (issue 4)", ""]
+    lines += ["", "## Criteria", ""]
     for method, check in report["criteria"].items():
         for name, value in check.items():
             lines.append(f"- {method}, {name}: {_verdict(value)}")
@@ -208,6 +253,27 @@ def selection_entropy_curve(log_dir: str) -> list[tuple[int, float]]:
     with open(path) as f:
         return [(int(row["step"]), float(row["train/selection_entropy"])) for row in csv.DictReader(f)
                 if row.get("train/selection_entropy")]
+
+
+def selector_bias(log_dir: str, after: float = 0.5) -> dict[str, float]:
+    """Per source, the selector's mean signed error u_i + CE_i on observed pairs over the last half
+    of training (the `bias/<source>` logs): > 0 where it overrates the source, < 0 where it
+    underrates it. Empty for a run without a selector."""
+    path = os.path.join(log_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    last = max(int(row["step"]) for row in rows)
+    values: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if int(row["step"]) >= after * last:
+            for key, value in row.items():
+                if key.startswith("bias/") and value:
+                    values[key.removeprefix("bias/")].append(float(value))
+    return {name: statistics.fmean(v) for name, v in values.items()}
 
 
 def _save(figure, path: str) -> str:

@@ -42,6 +42,9 @@ from fusion.io import atomic_write_json
 
 POOL_INDEPENDENT = ("none", "oracle")  # train once per seed, report for both pools
 CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
+# With prompts without gold, the cache also holds their answers: who writes them depends on these.
+ANSWER_SETTINGS = ("fusion", "top_k", "single_source", "response_max_new_tokens", "response_sampling", "response_temperature",
+                   "selector_hidden", "initial_quality", "selector_prefit_steps", "selector_learning_rate", "selector_loss")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -99,6 +102,12 @@ class QualityBench:
     output: str = "checkpoints/bench/quality"
     quick_settings: dict = field(default_factory=dict)
 
+    @property
+    def unlabelled(self) -> bool:
+        """Whether the fusion corpus holds prompts without gold answers (the label-scarce regime)."""
+        data = self.train.get("data", {})
+        return bool(data.get("unlabeled_size") or data.get("unlabeled_file") or data.get("missing_response") == "unlabeled")
+
     def __post_init__(self):
         if isinstance(self.merging, dict):
             self.merging = Merging(**self.merging)
@@ -137,9 +146,15 @@ def _run_job(job: dict) -> dict:
     shutil.rmtree(job["log_dir"], ignore_errors=True)
     run = cli(args=job["config"], run=False)
     if job["kind"] == "predict":
-        if not _cache_is_current(run):
-            run.trainer.predict(run.model, datamodule=run.datamodule, return_predictions=False)
-        return {"seconds": time.time() - started}
+        cache_dir = run.model.hparams.cache_dir
+        timing = os.path.join(cache_dir, "bench_seconds.json")  # how long writing this cache took
+        if _cache_is_current(run) and os.path.isfile(timing):
+            with open(timing) as f:
+                return {"seconds": json.load(f)["seconds"], "cache_dir": cache_dir}
+        run.trainer.predict(run.model, datamodule=run.datamodule, return_predictions=False)
+        result = {"seconds": time.time() - started, "cache_dir": cache_dir}
+        atomic_write_json(timing, result)
+        return result
     if job["kind"] == "fit":
         run.trainer.fit(run.model, datamodule=run.datamodule)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
@@ -149,15 +164,10 @@ def _run_job(job: dict) -> dict:
 
 
 def _cache_is_current(run) -> bool:
-    from fusion.cache import check_fingerprint, list_shards
+    from fusion.cache import is_current
 
-    cache_dir = run.model.hparams.cache_dir
-    try:
-        run.datamodule.setup("predict")
-        check_fingerprint(cache_dir, run.model.cache_fingerprint(run.datamodule))
-    except (FileNotFoundError, ValueError):
-        return False
-    return bool(list_shards(cache_dir))
+    run.datamodule.setup("predict")
+    return is_current(run.model.hparams.cache_dir, run.model.cache_fingerprint(run.datamodule))
 
 
 def _run_all(jobs: list[dict], workers: int) -> list[dict]:
@@ -217,9 +227,11 @@ class Planner:
                 "config_hash": config_hash, "result_path": os.path.join(self.bench.output, "runs", name, "result.json")}
 
     def cache_dir(self, pool: str, settings: dict) -> str:
-        """One cache per pool and per value of the settings the cached numbers depend on."""
+        """One cache per pool and per value of the settings the cached numbers depend on (with
+        unlabelled prompts: per method, since the method decides who answers them)."""
         base = self.bench.train["model"]
-        overrides = {k: settings[k] for k in CACHE_SETTINGS if k in settings and settings[k] != base.get(k)}
+        keys = CACHE_SETTINGS + (ANSWER_SETTINGS if self.bench.unlabelled else ())
+        overrides = {k: settings[k] for k in keys if k in settings and settings[k] != base.get(k)}
         name = pool + "".join(f"-{k}-{_slug(str(v))}" for k, v in sorted(overrides.items()))
         self.caches.setdefault(name, (pool, overrides))
         return os.path.join(self.bench.output, "cache", name)
@@ -309,22 +321,48 @@ def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------------ the bench
 
 
+def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dict[str, float]) -> dict:
+    """Per pool, as measured when the cache was written: sources that wrote an answer per
+    unlabelled prompt, empty answers, each source's share of the answers used, and the seconds
+    the cache took (its labelled rows included)."""
+    from fusion.cache import answer_summary
+
+    if settings["fusion"] == "none":
+        return {"generations_per_prompt": {p: 0.0 for p in planner.bench.pools}, "cache_seconds": {p: 0.0 for p in planner.bench.pools}}
+    costs: dict[str, dict] = {"generations_per_prompt": {}, "answers": {}, "cache_seconds": {}}
+    for pool in planner.bench.pools:
+        pool_run = "A" if settings["fusion"] in POOL_INDEPENDENT else pool
+        directory = planner.cache_dir(pool_run, settings)
+        summary = answer_summary(directory)
+        names = [os.path.basename(os.path.normpath(p)) for p in planner.bench.pools[pool_run]]
+        costs["generations_per_prompt"][pool] = summary["generations_per_prompt"]
+        costs["answers"][pool] = {"prompts": summary["prompts"], "empty": summary["empty_answers"],
+                                  "writers": {n: c / max(1, summary["prompts"]) for n, c in zip(names, summary["writers"]) if c}}
+        costs["cache_seconds"][pool] = round(cache_seconds.get(os.path.normpath(directory), 0.0), 1)
+    return costs
+
+
+
 def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict:
     started = time.time()
     planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
     jobs = planner.training_jobs()
+    cache_seconds: dict[str, float] = {}
     if planner.caches:
-        seconds = _run_all(planner.cache_jobs(), bench.workers)
-        print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(s['seconds']) for s in seconds]} s)", flush=True)
+        built = _run_all(planner.cache_jobs(), bench.workers)
+        cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
+        print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
     methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
                for name, settings in bench.methods.items()}
+    if bench.unlabelled and bench.source_mode == "cached":
+        methods = {name: m | answer_costs(planner, name, m, cache_seconds) for name, m in methods.items()}
     for name, settings in bench.methods.items():
         if settings["fusion"] in POOL_INDEPENDENT:
             methods[name] |= {"shared_with": "pool A run",
                               "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
     tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": "student base (no training)", "pool": "A", "seed": 0})]
-    methods["student base (no training)"] = {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
+    methods["student base (no training)"] = {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
                                              "note": "the student's base model before any training"}
     if bench.merging:
         merge_started = time.time()
@@ -354,7 +392,8 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     summary = report_lib.summarize(runs, methods)
     oracle = bench.train["model"].get("oracle") or {}
     report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
-              "results": summary, "criteria": report_lib.criteria(summary, methods, oracle), "consistency": consistency,
+              "results": summary, "consistency": consistency,
+              "criteria": report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
               "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),
               "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
     written = report_lib.write_report(report, runs, config_yaml, bench.output)
