@@ -244,6 +244,26 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             selected = batch["answer_sources"]
         return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.hparams.temperature), selected)
 
+    # ---------------------------------------------------------------- what the selector reads
+
+    @torch.no_grad()
+    def prompt_features(self, batch: dict) -> torch.Tensor:
+        """The selector's input: the frozen base student's last hidden states, averaged over the
+        prompt tokens. [B, D]
+
+        The base (the adapter disabled), not the student being trained: its features do not move
+        while the adapter learns, so what the selector learned on the labelled rows stays valid
+        for every later prompt. (With the trained student's own features, an online selector that
+        observes only what it selects lost track of every source it had stopped selecting, and
+        routed unlabelled prompts to a distractor.) Causal attention: the prompt positions of the
+        right-padded sequences are the prompt's alone, so only those are run.
+        """
+        width = int(batch["prompt_mask"].sum(-1).max())
+        with self.student.disable_adapter():
+            hidden = self.student(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width],
+                                  output_hidden_states=True).hidden_states[-1]
+        return prompt_features(hidden, batch["prompt_mask"][:, :width])
+
     # ---------------------------------------------------------------- answers to prompts without gold
 
     def answer_prompts(self, batch: dict) -> dict:
@@ -291,9 +311,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         h, rows, n = self.hparams, batch["rows"], len(self.source_names)
         device = batch["input_ids"].device
         if self.method.runs == "top_k":
-            hidden = self.student(input_ids=batch["input_ids"][todo], attention_mask=batch["attention_mask"][todo],
-                                  output_hidden_states=True).hidden_states[-1]
-            sources = noisy_top_k(self.selector(prompt_features(hidden, batch["prompt_mask"][todo])), h.top_k).tolist()
+            subset = {key: batch[key][todo] for key in ("input_ids", "attention_mask", "prompt_mask")}
+            sources = noisy_top_k(self.selector(self.prompt_features(subset)), h.top_k).tolist()
         else:
             index = torch.tensor(todo, device=device)
             subset = {"input_ids": batch["input_ids"][index], "rows": [rows[b] for b in todo]}
@@ -376,9 +395,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h = self.hparams
         batch = self.answer_prompts(batch)
-        output = self.student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.selector is not None
-        )
+        output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
         if not self.method.uses_sources:
             terms = losses.student_loss(logits, targets, None)
@@ -388,7 +405,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
         quality = None
         if self.selector is not None:
-            quality = self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"]))  # [B, N]
+            quality = self.selector(self.prompt_features(batch))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
         if self.cache is not None:  # every source's CE on a labelled row is known: the selector observes all N
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
@@ -448,8 +465,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         n = len(self.source_names)
         for batch in self.trainer.datamodule.labelled_loader():
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            hidden = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
-            features.append(prompt_features(hidden, batch["prompt_mask"]))
+            features.append(self.prompt_features(batch))
             every = torch.arange(n, device=self.device).expand(batch["input_ids"].shape[0], n)
             if self.cache is not None:
                 _, batch_ce, batch_observed = self.cache.lookup(batch, every)
@@ -521,13 +537,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             self.prefit_selector()
 
     def _evaluate(self, batch: dict) -> None:
-        output = self.student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.selector is not None
-        )
+        output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
         selected = None
         if self.selector is not None:  # which sources the trained selector would run for these prompts
-            selected = noisy_top_k(self.selector(prompt_features(output.hidden_states[-1], batch["prompt_mask"])), self.hparams.top_k)
+            selected = noisy_top_k(self.selector(self.prompt_features(batch)), self.hparams.top_k)
         logits = output.logits[..., : self.vocab_size]
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 

@@ -348,3 +348,19 @@ def test_a_fitted_selector_stops_exploring(tiny_zoo):
     module.trainer = SimpleNamespace(datamodule=data)
     module.prefit_selector()
     assert not module.explores
+
+
+def test_selector_features_do_not_move_while_the_adapter_trains(tiny_zoo):
+    """The selector reads the frozen base: changing the adapter changes the student's outputs,
+    not the prompt features (so the fitted selector stays valid), and the features of a prompt
+    do not depend on its response."""
+    module = _module(tiny_zoo, fusion="selector", top_k=1)
+    batch = _batch(module, [dict(ROWS[0]), dict(ROWS[0], response="a much longer answer")])
+    before, logits = module.prompt_features(batch), module(batch)
+    with torch.no_grad():
+        for name, parameter in module.student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    assert torch.equal(module.prompt_features(batch), before)
+    assert not torch.allclose(module(batch), logits)
+    assert torch.allclose(before[0], before[1], atol=1e-6)

@@ -37,7 +37,7 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
 
     from fusion.data import FusionDataModule
     from fusion.module import FusionDistillModule
-    from fusion.selection import SourceSelector, fit_selector, prompt_features
+    from fusion.selection import SourceSelector, fit_selector
     from fusion.sources import source_name
 
     model = bench["train"]["model"]
@@ -53,8 +53,7 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
     prompts = []
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(data._features("unlabeled"), batch_size=256, collate_fn=data._collate):
-            hidden = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
-            prompts.append(prompt_features(hidden, batch["prompt_mask"]))
+            prompts.append(module.prompt_features(batch))
     prompts = torch.cat(prompts)
     domains = [row["domain"] for row in data.load()["unlabeled"]]
     specialist_of = torch.tensor([names.index(model["oracle"][d]) for d in domains])
