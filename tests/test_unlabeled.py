@@ -355,7 +355,7 @@ def test_selector_features_do_not_move_while_the_adapter_trains(tiny_zoo):
     not the prompt features (so the fitted selector stays valid), and the features of a prompt
     do not depend on its response."""
     module = _module(tiny_zoo, fusion="selector", top_k=1)
-    batch = _batch(module, [dict(ROWS[0]), dict(ROWS[0], response="a much longer answer")])
+    batch = _batch(module, [dict(ROWS[0]), dict(ROWS[0], response="a longer one")])
     before, logits = module.prompt_features(batch), module(batch)
     with torch.no_grad():
         for name, parameter in module.student.named_parameters():
