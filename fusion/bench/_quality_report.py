@@ -100,20 +100,30 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
     return summary
 
 
-def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) -> dict[str, dict]:
-    """Issue 4's three checks for every selector method, with the numbers they compare."""
+def _selectors(summary: dict, methods: dict[str, dict]):
+    """(by_fusion: fusion setting -> method name, [(name, summary entry) of every selector method])."""
     by_fusion = {m["fusion"]: name for name, m in methods.items() if m.get("fusion") and name in summary}
+    return by_fusion, [(name, summary[name]) for name, m in methods.items() if m.get("fusion") == "selector" and name in summary]
+
+
+def _interference_at_most_half(summary: dict, by_fusion: dict, entry: dict, bases: tuple[str, ...]) -> dict | None:
+    """The selector's interference against half of each base method's, or None where not measured."""
+    own = entry.get(SPECIALISTS, {}).get("interference")
+    bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in bases if base in by_fusion}
+    bounds = {base: v for base, v in bounds.items() if v is not None}
+    if own is None or not bounds:
+        return None
+    return {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+
+
+def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) -> dict[str, dict]:
+    """The labelled regime's checks for every selector method, with the numbers they compare."""
+    by_fusion, selectors = _selectors(summary, methods)
     checks: dict[str, dict] = {}
-    for name, method in methods.items():
-        if method.get("fusion") != "selector" or name not in summary:
-            continue
-        entry, check = summary[name], {}
-        own = entry.get(SPECIALISTS, {}).get("interference")
-        if own is not None:
-            bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in ("avgce", "uniform") if base in by_fusion}
-            bounds = {base: v for base, v in bounds.items() if v is not None}
-            if bounds:
-                check["interference_at_most_half"] = {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+    for name, entry in selectors:
+        check = {}
+        if (half := _interference_at_most_half(summary, by_fusion, entry, ("avgce", "uniform"))) is not None:
+            check["interference_at_most_half"] = half
         for pool, result in entry.items():  # supplementary: the loss to every non-specialist source, per pool
             if result.get("specialist_gap") is None:
                 continue
@@ -150,12 +160,10 @@ def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, di
     """The label-scarce regime's checks for every selector method, with the numbers they compare:
     at least `none` + 0.08 and within 0.02 of the oracle in each pool, at least `confidence` +
     0.05 in pool B, interference at most half of uniform's and of confidence's."""
-    by_fusion = {m["fusion"]: name for name, m in methods.items() if m.get("fusion") and name in summary}
+    by_fusion, selectors = _selectors(summary, methods)
     checks: dict[str, dict] = {}
-    for name, method in methods.items():
-        if method.get("fusion") != "selector" or name not in summary:
-            continue
-        entry, check = summary[name], {}
+    for name, entry in selectors:
+        check = {}
         for base, margin, key, pools in (("none", 0.08, "gain_over_none_at_least_0.08", (SPECIALISTS, DISTRACTED)),
                                          ("oracle", -0.02, "within_0.02_of_oracle", (SPECIALISTS, DISTRACTED)),
                                          ("confidence", 0.05, "confidence_plus_0.05", (DISTRACTED,))):
@@ -166,12 +174,8 @@ def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, di
                                  base: reference[pool]["acc_mean"], f"{base}_std": reference[pool]["acc_mean_std"],
                                  "pass": entry[pool]["acc_mean"] >= reference[pool]["acc_mean"] + margin - 1e-12}
                           for pool in pools if pool in entry and pool in reference}
-        own = entry.get(SPECIALISTS, {}).get("interference")
-        if own is not None:
-            bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in ("uniform", "confidence") if base in by_fusion}
-            bounds = {base: v for base, v in bounds.items() if v is not None}
-            if bounds:
-                check["interference_at_most_half"] = {"selector": own, **bounds, "pass": all(own <= 0.5 * v for v in bounds.values())}
+        if (half := _interference_at_most_half(summary, by_fusion, entry, ("uniform", "confidence"))) is not None:
+            check["interference_at_most_half"] = half
         checks[name] = check
     return checks
 
