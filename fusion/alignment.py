@@ -259,7 +259,10 @@ class Aligner:
         # first[base[b] + c]: the source column of row b's first token starting at byte c, or -1.
         base = np.concatenate(([0], (text_size + 1).cumsum()[:-1]))
         first = np.full(int((text_size + 1).sum()), -1, dtype=np.int64)
-        first[(base[token_row] + token_starts)[::-1]] = token_col[::-1]
+        # np.unique's return_index is the index of each value's first occurrence (a defined order,
+        # unlike repeated fancy-index assignment); tokens are in text order within a row.
+        keys, first_index = np.unique(base[token_row] + token_starts, return_index=True)
+        first[keys] = token_col[first_index]
         following = starts[:, 1:]  # [B, T-1] byte where the token each position predicts starts
         inside = is_text[:, 1:] & (following >= 0) & (following < text_size[:, None])
         source_next = np.where(inside, first[base[:, None] + np.clip(following, 0, text_size[:, None])], -1)

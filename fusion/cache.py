@@ -245,9 +245,10 @@ class CacheWriter(BasePredictionWriter):
 class SourceCache:
     """The cached outputs of the sources, looked up per batch by row key.
 
-    Everything is read into flat tensors once (the cache of a fusion corpus is small next to
-    the models); a batch is then a gather. Raises before training on a missing, mismatched,
-    truncated or incomplete cache, naming the shard or the part that differs.
+    The Arrow shards stay memory-mapped: the small columns (key, CE, answers) are read once, the
+    top-K ids, log-probs and alignment flags are sliced out of the mapped files per batch, for
+    the batch's rows only. Raises before training on a missing, mismatched, truncated or
+    incomplete cache, naming the shard or the part that differs.
     """
 
     def __init__(self, directory: str, expected_fingerprint: dict, num_sources: int):
@@ -256,37 +257,34 @@ class SourceCache:
         if not shards:
             raise ValueError(f"model.cache_dir {directory!r}: fingerprint.json but no shard; the predict run did not finish")
         self.num_sources, self.directory = num_sources, directory
-        # key -> (offset, positions, sources): the record's [len(sources), positions] block starts at offset.
-        self.index: dict[str, tuple[int, int, list[int]]] = {}
+        self.blocks: list[dict] = []  # per Arrow record batch: the flat mapped arrays and their offsets
+        # key -> (block, row in block, trained positions, sources stored in that order)
+        self.index: dict[str, tuple[int, int, int, list[int]]] = {}
         self.ce: dict[str, list[float]] = {}
         self.valid: dict[str, list[bool]] = {}
-        self.answers: dict[str, dict] = {}  # key -> {"text", "writer", "generations"} for answered prompts
-        ids, logprobs, aligned = [], [], []
-        offset = 0
+        self.answers: dict[str, dict] = {}  # key -> {"text", "writer", "generations", "sources"} for answered prompts
+        self.top = None
         for shard in shards:
-            table = _open_shard(shard).with_format("numpy")
-            wrap = 65536 if table.features["ids"].feature.dtype == "uint16" else 2**31
-            for record in table:
-                key = str(record["key"])
-                if key in self.index:
-                    continue  # DDP pads the last batch with repeats
-                count, sources = int(record["positions"]), [int(i) for i in record["sources"]]
-                self.index[key] = (offset, count, sources)
-                offset += count * len(sources)
-                block = torch.from_numpy(record["ids"].astype("int64"))  # flat: len(sources) * count * K
-                ids.append(torch.where(block == wrap - 1, -1, block))
-                logprobs.append(torch.from_numpy(record["logprobs"].astype("float32")))
-                aligned.append(torch.from_numpy(record["aligned"]).view(len(sources) * count))
-                self.ce[key], self.valid[key] = record["ce"].tolist(), record["valid"].tolist()
-                if record["answer"] is not None:
-                    self.answers[key] = {"text": str(record["answer"]), "writer": int(record["writer"]),
-                                         "generations": int(record["generations"]), "sources": sources}
-        self.aligned = torch.cat(aligned)  # [stored (source, position) pairs]
-        top = len(torch.cat(ids)) // max(1, len(self.aligned))  # K
-        self.ids = torch.cat(ids).view(-1, top)  # [stored (source, position) pairs, K]
-        self.logprobs = torch.cat(logprobs).view(-1, top).masked_fill(self.ids < 0, float("-inf"))
+            dataset = _open_shard(shard)
+            self.empty_id = (65536 if dataset.features["ids"].feature.dtype == "uint16" else 2**31) - 1
+            for arrays in dataset.data.table.to_batches():
+                block = {name: _flat(arrays.column(name)) for name in ("ids", "logprobs", "aligned")}
+                self.blocks.append(block)
+                small = arrays.select(["key", "positions", "sources", "ce", "valid", "answer", "writer", "generations"]).to_pylist()
+                for row, record in enumerate(small):
+                    key = record["key"]
+                    if key in self.index:
+                        continue  # DDP pads the last batch with repeats
+                    self.index[key] = (len(self.blocks) - 1, row, record["positions"], record["sources"])
+                    self.ce[key], self.valid[key] = record["ce"], record["valid"]
+                    if record["answer"] is not None:
+                        self.answers[key] = {"text": record["answer"], "writer": record["writer"],
+                                             "generations": record["generations"], "sources": record["sources"]}
+                    if self.top is None and record["positions"]:
+                        values, offsets = block["ids"]
+                        self.top = int(offsets[row + 1] - offsets[row]) // (record["positions"] * len(record["sources"]))
 
-    def _entry(self, row: dict) -> tuple[str, tuple[int, int, list[int]]]:
+    def _entry(self, row: dict) -> tuple[str, tuple[int, int, int, list[int]]]:
         key = row_key(row)
         if key not in self.index:
             raise ValueError(f"model.cache_dir {self.directory!r} has no entry for the train row {row['prompt']!r}; rebuild the cache for this data")
@@ -307,32 +305,48 @@ class SourceCache:
         that ran along the answer for an answered prompt). Only a labelled row's CE is an
         observation of quality: an answer's CE is not (its writer scores its own text well).
         """
+        import numpy as np
+
         targets = batch["targets"]
         (size, k), length = selected.shape, targets.shape[1]
-        top = self.ids.shape[-1]
-        ids = torch.full((size, k, length, top), -1)
-        logprobs = torch.full((size, k, length, top), float("-inf"))
-        aligned = torch.zeros(size, k, length, dtype=torch.bool)
+        top = self.top or 1
         ce, valid = torch.zeros(size, k), torch.zeros(size, k, dtype=torch.bool)
         ce_all, observed = torch.zeros(size, self.num_sources), torch.zeros(size, self.num_sources, dtype=torch.bool)
-        selected_cpu = selected.cpu()
-        for b, row in enumerate(batch["rows"]):
-            key, (offset, count, sources) = self._entry(row)
-            positions = (targets[b] != IGNORE_INDEX).nonzero().squeeze(-1)
+        pieces: dict[str, list] = {"ids": [], "logprobs": [], "aligned": []}
+        where: list[torch.Tensor] = [[], [], []]  # batch row, slot, position of every gathered (source, position) pair
+        trained = (targets != IGNORE_INDEX).cpu()
+        for b, (row, chosen) in enumerate(zip(batch["rows"], selected.cpu().tolist())):
+            key, (block, record, count, sources) = self._entry(row)
+            positions = trained[b].nonzero().squeeze(-1)
             if len(positions) != count:
                 raise ValueError(f"model.cache_dir {self.directory!r}: the row {row['prompt']!r} has {len(positions)} trained tokens here and {count} in the cache")
-            for slot, source in enumerate(selected_cpu[b].tolist()):
+            arrays = self.blocks[block]
+            for slot, source in enumerate(chosen):
                 if source not in sources:
                     raise ValueError(f"model.cache_dir {self.directory!r}: source {source} was not run on the row {row['prompt']!r} "
                                      f"(the cache holds sources {sources}); the cache was answered for other settings")
-                start = offset + sources.index(source) * count
-                ids[b, slot, positions] = self.ids[start : start + count]
-                logprobs[b, slot, positions] = self.logprobs[start : start + count]
-                aligned[b, slot, positions] = self.aligned[start : start + count]
-                ce[b, slot], valid[b, slot] = self.ce[key][sources.index(source)], self.valid[key][sources.index(source)]
+                at = sources.index(source)
+                for name, width in (("ids", top), ("logprobs", top), ("aligned", 1)):
+                    values, offsets = arrays[name]
+                    start = int(offsets[record]) + at * count * width
+                    pieces[name].append(values[start : start + count * width])
+                where[0].append(torch.full((count,), b))
+                where[1].append(torch.full((count,), slot))
+                where[2].append(positions)
+                ce[b, slot], valid[b, slot] = self.ce[key][at], self.valid[key][at]
             if key not in self.answers:
-                ce_all[b, sources] = torch.tensor(self.ce[key])
+                ce_all[b, sources] = torch.tensor(self.ce[key], dtype=torch.float)
                 observed[b, sources] = torch.tensor(self.valid[key])
+        ids = torch.full((size, k, length, top), -1, dtype=torch.long)
+        logprobs = torch.full((size, k, length, top), float("-inf"))
+        aligned = torch.zeros(size, k, length, dtype=torch.bool)
+        if where[0]:
+            index = tuple(torch.cat(part) for part in where)
+            gathered = torch.from_numpy(np.concatenate(pieces["ids"]).astype(np.int64)).view(-1, top)
+            ids[index] = torch.where(gathered == self.empty_id, -1, gathered)
+            gathered_logprobs = torch.from_numpy(np.concatenate(pieces["logprobs"]).astype(np.float32)).view(-1, top)
+            logprobs[index] = gathered_logprobs.masked_fill(ids[index] < 0, float("-inf"))
+            aligned[index] = torch.from_numpy(np.concatenate(pieces["aligned"]))
         device = selected.device
         out = SourceOutputs(ids.to(device), logprobs.to(device), ce.to(device), valid.to(device), aligned.to(device))
         return out, ce_all.to(device), observed.to(device)
@@ -366,6 +380,12 @@ def answer_summary(directory: str) -> dict:
                 seen.add(record["key"])
                 answers.append({"text": record["answer"], "writer": record["writer"], "generations": record["generations"]})
     return summarize_answers(answers, num_sources)
+
+
+def _flat(column) -> tuple:
+    """A list column of one Arrow record batch as (flat values, offsets) NumPy arrays: zero-copy
+    views of the memory-mapped file for numbers, a copy for booleans (Arrow packs them in bits)."""
+    return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
 
 
 def list_shards(directory: str) -> list[str]:

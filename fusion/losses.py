@@ -102,21 +102,45 @@ def fused_target(ids: torch.Tensor, logprobs: torch.Tensor, alpha: torch.Tensor,
     return merge_duplicates(ids, probs)
 
 
-def sparse_kl(target: SparseTarget, student_logp: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def log_mass_outside(logp: torch.Tensor, ids: torch.Tensor, present: torch.Tensor, exact_below: float = 1e-4) -> torch.Tensor:
+    """log of the probability `logp` puts outside a support. [..., V], [..., M], [..., M] -> [...]
+
+    log(1 - mass on the support) where that mass leaves at least `exact_below` outside; where it
+    leaves less (a confident student), float32 cannot represent 1 - mass, so those positions get
+    a logsumexp over the other ids instead: exact, with a gradient, however small the tail. A
+    support that is the whole vocabulary has no outside: 0 there (its tail weight is 0), never
+    a NaN gradient.
+    """
+    inside = torch.where(present, logp.gather(-1, ids.clamp(min=0)).exp(), 0.0).sum(-1)  # [...]
+    close = inside > 1.0 - exact_below
+    result = torch.log1p(-inside.clamp(max=1.0 - exact_below))
+    if close.any():  # the rare confident positions: a pass over their whole vocabulary
+        rows = close.nonzero(as_tuple=True)
+        in_support = torch.zeros_like(logp[rows]).scatter_add(-1, ids[rows].clamp(min=0), present[rows].to(logp.dtype)) > 0
+        everything = in_support.all(-1, keepdim=True)
+        outside = logp[rows].masked_fill(in_support & ~everything, float("-inf")).masked_fill(everything, 0.0)
+        result = result.index_put(rows, torch.logsumexp(outside, dim=-1))
+    return result
+
+
+def sparse_kl(target: SparseTarget, student_logp: torch.Tensor) -> torch.Tensor:
     """KL(P_F || P_S) on the partition {support ids} + {tail}, per position. -> [B, T]
 
     sum_{v in support} P_F(v) log(P_F(v) / P_S(v)) + tail_F log(tail_F / tail_S), with
-    tail = 1 - the mass on the support. This is the exact KL between the two distributions
-    coarsened to that partition: a lower bound of the full KL, equal to it when the target has
-    no tail (a full-vocabulary support). Only [B, T, M] values of the student are gathered.
+    tail_F = 1 - the target's mass on the support and log tail_S the student's log mass outside
+    it (`log_mass_outside`). This is the exact KL between the two distributions coarsened to
+    that partition. When the target is the true distribution on its support (online, the union
+    of the selected sources' supports) it is a lower bound of the full KL; from the cache,
+    where each source keeps only its own top-K, it is not (see `fusion.cache`). Empty support
+    slots (id -1) count nothing, whatever the student's log-probability there.
     """
     present = target.ids >= 0
-    p_f = target.probs * present
-    logp_s = student_logp.gather(-1, target.ids.clamp(min=0)) * present  # [B, T, M]
+    ids = target.ids.clamp(min=0)
+    p_f = torch.where(present, target.probs, 0.0)
+    logp_s = torch.where(present, student_logp.gather(-1, ids), 0.0)  # [B, T, M]; no -inf * 0
     support = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1)
     tail_f = (1.0 - p_f.sum(-1)).clamp(min=0.0)
-    tail_s = (1.0 - (logp_s.exp() * present).sum(-1)).clamp(min=eps)
-    tail = torch.xlogy(tail_f, tail_f) - tail_f * tail_s.log()
+    tail = torch.xlogy(tail_f, tail_f) - tail_f * log_mass_outside(student_logp, ids, present)
     return torch.where(target.has_target, support + tail, torch.zeros_like(support))
 
 
@@ -126,27 +150,49 @@ def student_loss(
     fused: SparseTarget | None,  # P_F at temperature T on a sparse support, or None (plain SFT)
     lam: float = 0.9,
     temperature: float = 1.0,
+    chunk_size: int = 512,
 ) -> dict[str, torch.Tensor]:
     """L = lam * CE(y | student) + (1 - lam) * T^2 * KL(sg(P_F^T) || P_student^T), token mean.
 
     The KL is `sparse_kl` and counts zero where a position has no target (an unaligned
     position); both terms are divided by the number of trained tokens. With no fused target
     this is the plain CE of SFT (lam taken as 1).
+
+    Only trained positions are computed, `chunk_size` at a time: the float32 copies of the
+    logits are made per chunk, and what the backward pass keeps is one log-softmax of the
+    trained positions, as plain SFT keeps (two at a temperature other than 1).
     """
     mask = targets != IGNORE_INDEX
     tokens = mask.sum().clamp(min=1).float()
-    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
-    picked = student_logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    ce = -torch.where(mask, picked, torch.zeros_like(picked)).sum() / tokens
+    rows, cols = mask.nonzero(as_tuple=True)  # the P trained positions
+    ce = student_logits.float()[..., :1].sum() * 0.0  # in the graph even when no position is trained
+    kl = ce.clone()
+    for start in range(0, len(rows), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        logits = student_logits[r, c]  # [C, V]
+        if fused is None:
+            ce = ce + _chunk_ce(logits, targets[r, c])
+            continue
+        chunk = _chunk_ce_kl(logits, targets[r, c], fused.ids[r, c], fused.probs[r, c].detach(), temperature)
+        ce, kl = ce + chunk[0], kl + chunk[1]
+    ce, kl = ce / tokens, kl / tokens
     if fused is None:
-        return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce)}
+        return {"loss": ce, "ce": ce, "kl": kl}
+    return {"loss": lam * ce + (1.0 - lam) * temperature**2 * kl, "ce": ce, "kl": kl}
+
+
+def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed CE of [C, V] logits at their [C] targets."""
+    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum()
+
+
+def _chunk_ce_kl(logits, targets, ids, probs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and sparse KL of [C, V] logits, the target [C, M] at temperature T."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ce = -logp.gather(-1, targets[:, None]).sum()
     if temperature != 1.0:
-        student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    fused = SparseTarget(fused.ids, fused.probs.detach())
-    kl_per_token = sparse_kl(fused, student_logp)
-    kl = torch.where(mask, kl_per_token, torch.zeros_like(kl_per_token)).sum() / tokens
-    loss = lam * ce + (1.0 - lam) * temperature**2 * kl
-    return {"loss": loss, "ce": ce, "kl": kl}
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+    return ce, sparse_kl(SparseTarget(ids, probs), logp).sum()
 
 
 def selector_loss(quality: torch.Tensor, ce: torch.Tensor, observed: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -128,7 +128,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.method: Method = METHODS[fusion]
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
-        self.pool = self._load_pool() if self.method.uses_sources and source_mode == "online" else None
+        self._pool: SourcePool | None = None  # loaded where sources run (see `pool`)
+        for index, path in enumerate(sources):  # a missing source fails here, not at the first step
+            resolve_model_path(path, f"model.sources[{index}]")
         self.cache: SourceCache | None = None
         self.source_names = [source_name(p) for p in sources]
         self._check_source_names()
@@ -177,6 +179,16 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             unknown = {d: s for d, s in (h.oracle or {}).items() if s not in self.source_names}
             if not h.oracle or unknown:
                 raise ValueError(f"model.oracle must map each domain to one of the sources {self.source_names}, got {h.oracle!r}")
+
+    @property
+    def pool(self) -> SourcePool:
+        """The sources, loaded on first use: `fit` (online) and `predict` run them; `test`,
+        `validate`, `load_from_checkpoint` and `fusion.export` never load one."""
+        if self._pool is None:
+            if not self.method.uses_sources:
+                raise ValueError(f"model.fusion {self.hparams.fusion!r} runs no source")
+            self._pool = self._load_pool()
+        return self._pool
 
     def _load_pool(self) -> SourcePool:
         h = self.hparams
@@ -410,7 +422,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if self.cache is not None:  # every source's CE on a labelled row is known: the selector observes all N
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
         else:
-            out = self.pool.to(self.device).run(selected, batch, h.temperature)
+            out = self.pool.to(self.device).run(selected, batch, h.temperature, union=True)  # the exact mixture on the union
             self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # exact-boundary coverage
             all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
             all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
@@ -506,12 +518,15 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         unlabelled = data.load()["unlabeled"] if data is not None and stage in ("fit", "predict") else []
         if unlabelled and self.method.uses_sources:
             self._check_unlabelled(unlabelled)
-        if stage == "predict" and self.pool is None:
+        if stage == "predict":
             if not self.method.uses_sources or not h.cache_dir:
                 raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")
-            self.pool = self._load_pool()
-        if stage == "fit" and h.source_mode == "cached" and self.method.uses_sources and self.cache is None:
-            self.attach_cache()
+            self.pool  # noqa: B018 (load now: a source that cannot be used fails before the first row)
+        if stage == "fit" and self.method.uses_sources:
+            if h.source_mode == "cached" and self.cache is None:
+                self.attach_cache()
+            elif h.source_mode == "online":
+                self.pool  # noqa: B018 (load before the first step)
         if self.eval_metrics is None:
             domains = data.domain_names if data is not None else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])

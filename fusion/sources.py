@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from fusion.alignment import Aligner
 from fusion.data import IGNORE_INDEX, collate, encode
 from fusion.tokenizer import load_tokenizer
-from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_topk
+from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot")
 
@@ -139,8 +139,15 @@ class SourcePool:
         return self
 
     @torch.no_grad()
-    def run(self, selected: torch.Tensor, batch: dict, temperature: float = 1.0) -> SourceOutputs:
-        """Run each source only on the sequences that selected it. selected [B, k] source indices."""
+    def run(self, selected: torch.Tensor, batch: dict, temperature: float = 1.0, union: bool = False) -> SourceOutputs:
+        """Run each source only on the sequences that selected it. selected [B, k] source indices.
+
+        Each source keeps its own top-K (`union=False`, what the cache stores), or (`union=True`,
+        online training) every selected source's log-probability on the union of the selected
+        sources' top-K, so that the fused target on that union is the sources' true mixture:
+        with own supports only, a source's mass on an id in another's top-K but not its own
+        would fall into the tail.
+        """
         input_ids, targets = batch["input_ids"], batch["targets"]
         (size, k), length, device = selected.shape, input_ids.shape[1], input_ids.device
         ids = torch.full((size, k, length, self.top_k), -1, device=device)
@@ -149,14 +156,20 @@ class SourcePool:
         valid = torch.ones(size, k, dtype=torch.bool, device=device)
         aligned = torch.zeros(size, k, length, dtype=torch.bool, device=device)
         trained = targets != IGNORE_INDEX  # [B, T] student positions that carry a target
+        union = union and k > 1
+        tables = []  # (rows, slots, usable [R, T], [P, V] student-vocabulary log-probs at the usable positions)
         for index, model in enumerate(self.models):
             rows, slots = (selected == index).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            one = self._run_one(index, model, input_ids[rows], batch["attention_mask"][rows], targets[rows], temperature)
+            one, table = self._run_one(index, model, input_ids[rows], batch["attention_mask"][rows], targets[rows], temperature, union)
             ids[rows, slots], logprobs[rows, slots], aligned[rows, slots] = one.ids, one.logprobs, one.aligned
             ce[rows, slots], valid[rows, slots] = one.ce, one.valid
             self.coverage[self.names[index]] = float(one.aligned.sum() / trained[rows].sum().clamp(min=1))
+            if union:
+                tables.append((rows, slots, one.aligned, table))
+        if union:
+            ids, logprobs = _on_union(ids, aligned, tables)
         if self.unaligned == "gold_onehot":  # the gold token, certain, where a source has no boundary
             fill = trained[:, None, :] & ~aligned & valid[:, :, None]  # [B, k, T]
             ids[..., 0] = torch.where(fill, targets[:, None, :].expand(-1, k, -1), ids[..., 0])
@@ -166,8 +179,12 @@ class SourcePool:
             aligned = aligned | fill
         return SourceOutputs(ids, logprobs, ce, valid, aligned)
 
-    def _run_one(self, index: int, model, input_ids, attention_mask, targets, temperature: float) -> SourceOutputs:
-        """One source on its rows ([R, T] student tensors) -> SourceOutputs without the k axis."""
+    def _run_one(self, index: int, model, input_ids, attention_mask, targets, temperature: float, table: bool = False):
+        """One source on its rows ([R, T] student tensors) -> SourceOutputs without the k axis, and
+        (with `table`) its log-probabilities over the student's vocabulary at the usable positions [P, V].
+
+        Everything after the forward runs on trained positions only (the response, not the prompt).
+        """
         aligner, vocab_map = self.aligners[index], self.vocab_maps[index]
         trained = targets != IGNORE_INDEX  # [R, T]
         if aligner is None:  # the student's tokenizer: position t is position t
@@ -176,36 +193,40 @@ class SourcePool:
             side = aligner(input_ids, attention_mask, targets)
             source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
             position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
-        logits = model(input_ids=source_ids, attention_mask=source_mask).logits.float()
+        logits = model(input_ids=source_ids, attention_mask=source_mask).logits
         if aligner is None:
             logits = logits[..., : self.vocab_size]  # rows past the tokenizer (padded embeddings)
-        source_trained = source_targets != IGNORE_INDEX  # [R, S]
+        rows_q, positions_q = (source_targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the Q trained source positions
+        scored = logits[rows_q, positions_q].float()  # [Q, V_source]
         # NaN or +inf anywhere in a position's logits makes its log-normalizer non-finite; a -inf
         # logit alone is a legitimate zero probability.
-        normalizer = torch.logsumexp(logits, dim=-1)  # [R, S]
-        finite = (torch.isfinite(normalizer) | ~source_trained).all(-1)  # [R]: usable where it is trained
-        gold = logits.gather(-1, source_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
+        normalizer = torch.logsumexp(scored, dim=-1)  # [Q]
+        broken = torch.zeros(len(input_ids), device=logits.device).index_add(0, rows_q, (~torch.isfinite(normalizer)).float())
+        finite = broken == 0  # [R]: usable where it is trained
+        gold = scored.gather(-1, source_targets[rows_q, positions_q, None]).squeeze(-1) - normalizer
         # CE of the response text in the source's own tokens, per student trained token: the
         # same number as the token-mean CE when the tokenizers agree, comparable when they do not.
-        nll = -torch.where(source_trained & finite[:, None], gold, 0.0).sum(-1)
+        nll = torch.zeros(len(input_ids), device=logits.device).index_add(0, rows_q, torch.where(finite[rows_q], -gold, 0.0))
         ce = torch.where(finite, nll / trained.sum(-1).clamp(min=1), 0.0)
         if position_map is None:
-            usable = trained & finite[:, None]  # [R, T]
-            scaled = logits if temperature == 1.0 else logits / temperature
-            top = scaled.topk(self.top_k, dim=-1)
-            lse = normalizer[..., None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True)
-            top_ids, top_logprobs = top.indices, top.values - lse
+            usable = trained & finite[:, None]  # [R, T]; the trained source positions are the student's
+            scaled = scored[finite[rows_q]] / temperature  # [P, V] in the row-major order of `usable`
+            dense = scaled - (normalizer[finite[rows_q], None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True))
+            top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
         else:
             usable = trained & (position_map >= 0) & finite[:, None]
             rows, positions = usable.nonzero(as_tuple=True)
-            picked = logits[rows, position_map[rows, positions]]  # [P, V_source], aligned positions only
-            picked_ids, picked_logprobs = project_topk(torch.log_softmax(picked / temperature, -1), vocab_map, self.top_k)
-            top_ids = torch.full((*usable.shape, self.top_k), -1, device=logits.device)
-            top_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=logits.device)
-            top_ids[rows, positions], top_logprobs[rows, positions] = picked_ids, picked_logprobs
-        top_ids = torch.where(usable[..., None], top_ids, -1)
-        top_logprobs = torch.where(usable[..., None], top_logprobs, -math.inf)
-        return SourceOutputs(top_ids, top_logprobs, ce, finite, usable)
+            source_logprobs = torch.log_softmax(logits[rows, position_map[rows, positions]].float() / temperature, -1)  # [P, V_source]
+            if table:  # exact: every source token's mass carried to its student token
+                dense = project_dense(source_logprobs, vocab_map, self.vocab_size)
+                top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
+            else:
+                dense = None
+                top_ids, top_logprobs = project_topk(source_logprobs, vocab_map, self.top_k)
+        out_ids = torch.full((*usable.shape, self.top_k), -1, device=logits.device)
+        out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=logits.device)
+        out_ids[usable], out_logprobs[usable] = torch.where(top_logprobs > -math.inf, top_ids, -1), top_logprobs
+        return SourceOutputs(out_ids, out_logprobs, ce, finite, usable), (dense if table else None)
 
     @torch.no_grad()
     def answer(self, index: int, prompts: list[str], max_new_tokens: int, sampling: bool = False, temperature: float = 1.0) -> tuple[list[str], torch.Tensor]:
@@ -234,3 +255,24 @@ class SourcePool:
             logprob += torch.where(before_eos[:, step], picked, 0.0)
         texts = tokenizer.batch_decode(torch.where(before_eos & ~is_eos, generated, pad), skip_special_tokens=True)
         return texts, logprob
+
+
+def _on_union(ids: torch.Tensor, aligned: torch.Tensor, tables: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every selected source's log-probability on the union of the k selected sources' top-K ids.
+
+    ids [B, k, T, K] each source's own top-K; aligned [B, k, T]; tables: per source, the rows and
+    slots it ran on, its usable positions and its student-vocabulary log-probs there.
+    -> ids and logprobs [B, k, T, k * K]: the union's ids (-1 for a repeat or an empty slot) on
+    every slot of an aligned position, each slot's log-probabilities on them.
+    """
+    batch, k, length, top = ids.shape
+    union, _ = ids.permute(0, 2, 1, 3).reshape(batch, length, k * top).sort(-1)  # [B, T, U]
+    union[..., 1:] = torch.where(union[..., 1:] == union[..., :-1], -1, union[..., 1:])
+    logprobs = torch.full((batch, k, length, k * top), -math.inf, device=ids.device)
+    for rows, slots, usable, table in tables:
+        at, positions = usable.nonzero(as_tuple=True)  # the order of the table's rows
+        b, slot = rows[at], slots[at]
+        wanted = union[b, positions]  # [P, U]
+        logprobs[b, slot, positions] = table.gather(-1, wanted.clamp(min=0)).masked_fill(wanted < 0, -math.inf)
+    union_ids = torch.where(aligned[..., None], union[:, None], -1)
+    return union_ids, logprobs.masked_fill(union_ids < 0, -math.inf)

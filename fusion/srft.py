@@ -4,8 +4,11 @@
 Per training step, for each of the batch's B prompts: G rollouts are sampled from the student,
 every rollout and the demonstration (the gold response) are scored by the reward functions,
 and one forward over the B demos and B * G rollouts gives the three loss terms of
-`fusion.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy), so the
-importance ratio is exactly 1 and nothing is clipped.
+`fusion.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy) and is
+scored at the temperature it was sampled at, so the importance ratio between the policy trained
+on and the one that sampled is 1 and nothing is clipped, as long as the training forward equals
+the sampling one: sampling runs in eval mode, so that holds with no dropout (`lora.lora_dropout`
+0, the default, and a base model without dropout).
 
 Ablations are settings of this module: `mode` srft | sft_only | rl_only (GRPO-style: rollouts
 only, no demo terms) and `weights` entropy | constant. Evaluation is the fusion module's: greedy
@@ -221,10 +224,17 @@ class SRFTModule(StudentStage, L.LightningModule):
         attention_mask = torch.cat([_pad_right(batch["attention_mask"], width, 0), _pad_right(rollouts["attention_mask"], width, 0)])
         targets = torch.cat([_pad_right(batch["targets"], width, IGNORE_INDEX), _pad_right(rollouts["targets"], width, IGNORE_INDEX)])
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[..., : self.vocab_size]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [S, W, V]
         mask = targets != IGNORE_INDEX  # [S, W]
-        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # [S, W]
-        entropy = -(logp.exp() * logp).sum(-1).detach()  # [S, W]
+        # The demos at T = 1 (their terms are off-policy: SFT and the shaped demo likelihood), the
+        # rollouts at the temperature they were sampled at (on-policy: see `token_statistics`).
+        reference_logits = None
+        if self.reference is not None:
+            self.reference.eval()
+            with torch.no_grad():
+                reference_logits = self.reference(input_ids=input_ids[size:], attention_mask=attention_mask[size:]).logits[..., : self.vocab_size]
+        demo = srft_losses.token_statistics(logits[:size], targets[:size])
+        rollout = srft_losses.token_statistics(logits[size:], targets[size:], h.temperature, reference_logits)
+        token_logp, entropy = torch.cat([demo["logp"], rollout["logp"]]), torch.cat([demo["entropy"], rollout["entropy"]])  # [S, W]
 
         def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return x[:size], x[size:].view(size, group, *x.shape[1:])
@@ -237,11 +247,8 @@ class SRFTModule(StudentStage, L.LightningModule):
         )
         total = terms["loss"]
         logs = {f"train/{k}": terms[k] for k in ("sft_demo", "rl_demo", "rl_self", "entropy", "w_sft", "w_rl", "zero_std_groups")}
-        if self.reference is not None:
-            self.reference.eval()
-            with torch.no_grad():
-                reference_logits = self.reference(input_ids=input_ids[size:], attention_mask=attention_mask[size:]).logits[..., : self.vocab_size]
-            kl = srft_losses.kl_to_reference(logp[size:], torch.log_softmax(reference_logits.float(), -1), mask[size:])
+        if self.reference is not None:  # over the rollouts
+            kl = srft_losses.masked_mean(rollout["kl"], mask[size:])
             total = total + h.kl_weight * kl
             logs["train/kl"] = kl
         logs |= {

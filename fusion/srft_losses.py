@@ -108,6 +108,47 @@ def rl_self_loss(rollout_logp: torch.Tensor, rollout_mask: torch.Tensor, advanta
     return -(advantage.detach() * masked_mean(c.detach() * rollout_logp, rollout_mask, dim=-1)).mean()
 
 
+def token_statistics(
+    logits: torch.Tensor,  # [S, W, V]
+    targets: torch.Tensor,  # [S, W], IGNORE_INDEX where untrained
+    temperature: float = 1.0,
+    reference_logits: torch.Tensor | None = None,  # [S, W, V]
+    chunk_size: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Per trained position, under the policy softmax(logits / T): log p of the target token
+    (differentiable), the entropy (detached) and, with reference logits, KL(pi || pi_ref)
+    (differentiable). Untrained positions hold 0. -> dict of [S, W]
+
+    Rollouts are scored at the temperature they were sampled at, so that the log-probability
+    trained on is the sampling distribution's (the importance ratio is then 1 wherever the
+    training forward equals the sampling one: no dropout). Only trained positions are computed,
+    `chunk_size` at a time: the backward pass keeps one log-softmax of the trained positions,
+    never an [S, W, V] float32 copy of every position, and the entropy is computed without one.
+    """
+    mask = targets >= 0
+    rows, cols = mask.nonzero(as_tuple=True)
+    out = {name: logits.new_zeros(targets.shape, dtype=torch.float32) for name in ("logp", "entropy", "kl")}
+    for start in range(0, len(rows), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        reference = reference_logits[r, c] if reference_logits is not None else None
+        logp, entropy, kl = _chunk_statistics(logits[r, c], targets[r, c], temperature, reference)
+        out["logp"] = out["logp"].index_put((r, c), logp)
+        out["entropy"] = out["entropy"].index_put((r, c), entropy.detach())
+        out["kl"] = out["kl"].index_put((r, c), kl)
+    return out
+
+
+def _chunk_statistics(logits, targets, temperature: float, reference):
+    logp = torch.log_softmax(logits.float() / temperature, -1)  # [C, V]
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    kl = torch.zeros_like(entropy)
+    if reference is not None:
+        reference_logp = torch.log_softmax(reference.float() / temperature, -1).detach()
+        kl = (logp.exp() * (logp - reference_logp)).sum(-1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy, kl
+
+
 def kl_to_reference(logp: torch.Tensor, reference_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(pi || pi_ref) per position, summed over the vocabulary, masked token mean. [S, T, V] x2, [S, T] -> scalar"""
     kl = (logp.exp() * (logp - reference_logp.detach())).sum(-1)

@@ -183,6 +183,19 @@ def build_vocab_map(
     return vocab_map
 
 
+def project_dense(source_logprobs: torch.Tensor, vocab_map: torch.Tensor, student_vocab: int) -> torch.Tensor:
+    """The source's whole distribution carried onto the student's vocabulary: each student id's
+    log-probability is the logsumexp over the source tokens that map to it (-inf where none do;
+    unmapped source tokens' mass is dropped, as in `project_topk`). [..., V_source] -> [..., V_student]
+    """
+    mapped = vocab_map.to(source_logprobs.device)
+    keep = mapped != DROPPED
+    probs = source_logprobs[..., keep].float().exp()
+    dense = torch.zeros(*source_logprobs.shape[:-1], student_vocab, device=source_logprobs.device)
+    dense.index_add_(dense.dim() - 1, mapped[keep], probs)
+    return dense.log()
+
+
 def project_topk(source_logprobs: torch.Tensor, vocab_map: torch.Tensor, k: int, oversample: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's distribution carried onto the student's vocabulary, as its k most likely student ids.
 

@@ -75,6 +75,20 @@ def test_cached_outputs_equal_the_online_ones(cached_run):
     assert 40 <= per_token < 60
 
 
+def test_cache_is_read_memory_mapped(cached_run):
+    """The top-K arrays stay in the mapped Arrow files (views, not copies); a batch slices its rows."""
+    from fusion.cache import SourceCache
+
+    module, data, batch = _module_and_batch(cached_run["settings"], "cached")
+    cache = SourceCache(cached_run["cache"], module.cache_fingerprint(), 3)
+    values, offsets = cache.blocks[0]["ids"]
+    assert not values.flags.owndata and not cache.blocks[0]["logprobs"][0].flags.owndata
+    assert len(offsets) == 33  # 32 records
+    out, _, _ = cache.lookup(batch, torch.tensor([[2, 0]] * batch["input_ids"].shape[0]))
+    full, _, _ = cache.lookup(batch, torch.arange(3).expand(batch["input_ids"].shape[0], 3))
+    assert torch.equal(out.ids[:, 0], full.ids[:, 2]) and torch.equal(out.logprobs[:, 1], full.logprobs[:, 0])
+
+
 def test_cached_fit_trains_without_running_sources(cached_run, monkeypatch):
     import fusion.sources
 

@@ -44,11 +44,16 @@ def _last(run_dir: str, version: int) -> str:
     return os.path.join(run_dir, "run", f"version_{version}", "checkpoints", "last.ckpt")
 
 
-def test_fit_test_resume_export(write_config, tmp_path):
+def test_fit_test_resume_export(write_config, tmp_path, monkeypatch):
+    import fusion.sources
+
     config = write_config(fusion="selector", top_k=2)
     runs = str(tmp_path / "runs")
 
     main(["fit", "--config", config])
+    loaded = []
+    load_frozen = fusion.sources.load_frozen
+    monkeypatch.setattr(fusion.sources, "load_frozen", lambda *a, **k: loaded.append(a[0]) or load_frozen(*a, **k))
     checkpoint = torch.load(_last(runs, 0), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     keys = list(checkpoint["state_dict"])
@@ -64,9 +69,11 @@ def test_fit_test_resume_export(write_config, tmp_path):
     shares = metrics["selection_share"]
     assert set(shares) == {"spell", "sum", "noise"}
     assert sum(shares.values()) == pytest.approx(2.0)  # top_k = 2 sources per sequence
+    assert loaded == []  # test loads no source: the selector's choices come from the student alone
 
     # Resume the 4-step run to 6 steps: the optimizer and step counter continue.
     main(["fit", "--config", config, "--trainer.max_steps", "6", "--ckpt_path", _last(runs, 0)])
+    assert len(loaded) == 3  # fit runs them
     resumed = torch.load(_last(runs, 2), map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 6
     assert any(not torch.equal(resumed["state_dict"][k], checkpoint["state_dict"][k]) for k in keys)
@@ -75,6 +82,7 @@ def test_fit_test_resume_export(write_config, tmp_path):
     out = export.export(_last(runs, 2), str(tmp_path / "exported"))
     merged = AutoModelForCausalLM.from_pretrained(out)
     module = FusionDistillModule.load_from_checkpoint(_last(runs, 2), weights_only=True)
+    assert len(loaded) == 3  # neither export nor load_from_checkpoint loaded a source
     ids = torch.tensor([[1, 40, 41, 42, 33]])
     with torch.no_grad():
         expected = module.student(input_ids=ids).logits

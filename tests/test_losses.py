@@ -176,6 +176,27 @@ def test_fused_target_union_of_different_top_k_supports_keeps_tails():
     assert (fused.ids >= 0).sum().item() == 3  # id 1 appears once
 
 
+def test_union_of_supports_gives_the_true_mixture():
+    """Two sources with K = 1: P_1 = (0.9, 0.05, 0.05), P_2 = (0.05, 0.9, 0.05), alpha = (0.5, 0.5).
+    Own supports only: (0.45, 0.45) and a tail of 0.1, the tail overstated. Each source's
+    log-probability on the union {0, 1}: (0.475, 0.475), tail 0.05, the true mixture."""
+    from fusion.sources import _on_union
+
+    p1, p2 = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.05, 0.9, 0.05])
+    own_ids = torch.tensor([[0], [1]]).view(1, 2, 1, 1)
+    own_logprobs = torch.tensor([[L(0.9)], [L(0.9)]]).view(1, 2, 1, 1)
+    alpha = torch.tensor([[0.5, 0.5]])
+    coarse = fused_target(own_ids, own_logprobs, alpha)
+    assert approx(dense(coarse, 3)[0, 0], [0.45, 0.45, 0.0]) and approx(coarse.probs.sum(-1), [[0.9]])
+    aligned = torch.ones(1, 2, 1, dtype=torch.bool)
+    usable = torch.ones(1, 1, dtype=torch.bool)
+    tables = [(torch.tensor([0]), torch.tensor([0]), usable, p1.log()[None]), (torch.tensor([0]), torch.tensor([1]), usable, p2.log()[None])]
+    ids, logprobs = _on_union(own_ids, aligned, tables)
+    assert sorted(ids[0, 0, 0].tolist()) == [0, 1] and torch.equal(ids[0, 0], ids[0, 1])
+    exact = fused_target(ids, logprobs, alpha)
+    assert approx(dense(exact, 3)[0, 0], [0.475, 0.475, 0.0]) and approx(exact.probs.sum(-1), [[0.95]])
+
+
 def test_fused_target_renormalizes_alpha_over_aligned_sources():
     # T=2. At t=0 both sources are aligned: alpha (0.25, 0.75). At t=1 source 1 is not:
     # source 0 alone carries the target. A position where neither is aligned has no target.
@@ -211,6 +232,58 @@ def test_sparse_kl_with_a_tail_by_hand():
     student_logp = torch.full((1, 1, 4), L(0.25))
     expected = 0.5 * L(2) + 0.3 * L(0.3 / 0.25) + 0.2 * L(0.2 / 0.5)
     assert approx(sparse_kl(target, student_logp), [[expected]])
+
+
+def test_confident_student_keeps_the_tail_gradient():
+    """Logits (20, 0, 0, 0) against {0: 0.9, tail: 0.1}: the student's tail mass 3e^-20 / (1 + 3e^-20)
+    is far below float precision next to 1, yet the loss is its exact value and the gradient
+    pulls mass back to the tail (a clamp on 1 - p0 gave 1.06 and a gradient of exactly 0)."""
+    logits = torch.tensor([[[20.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    target = SparseTarget(torch.tensor([[[0]]]), torch.tensor([[[0.9]]]))
+    kl = sparse_kl(target, torch.log_softmax(logits, -1))
+    p0 = 1 / (1 + 3 * math.exp(-20))
+    tail = 1 - p0 if 1 - p0 > 0 else 3 * math.exp(-20) / (1 + 3 * math.exp(-20))
+    expected = 0.9 * L(0.9 / p0) + 0.1 * (L(0.1) - (L(3) - 20 - math.log1p(3 * math.exp(-20))))
+    assert approx(kl, [[expected]]) and abs(float(kl) - 1.5651) < 1e-4
+    kl.sum().backward()
+    # d KL / d z_j = P_S(j) - Q(j), Q = the target's mass spread over the tail in the student's proportions.
+    assert torch.allclose(logits.grad, torch.tensor([[[p0 - 0.9, *[tail / 3 - 0.1 / 3] * 3]]]), atol=1e-6)
+    assert float(logits.grad[0, 0, 0]) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_minus_infinity_student_logit_on_an_empty_slot_is_harmless():
+    """An empty support slot (id -1) reads id 0; a -inf student logit there must not make a NaN."""
+    logits = torch.tensor([[[float("-inf"), 1.0, 2.0, 3.0]]], requires_grad=True)
+    target = SparseTarget(torch.tensor([[[1, -1]]]), torch.tensor([[[0.6, 0.0]]]))
+    logp = torch.log_softmax(logits, -1)
+    kl = sparse_kl(target, logp)
+    p = torch.softmax(torch.tensor([1.0, 2.0, 3.0]), -1)
+    assert approx(kl, [[0.6 * L(0.6 / float(p[0])) + 0.4 * L(0.4 / float(p[1] + p[2]))]])
+    kl.sum().backward()
+    assert torch.isfinite(logits.grad[0, 0, 1:]).all() and float(logits.grad[0, 0, 0]) == 0.0
+
+
+def test_chunked_student_loss_equals_the_whole_computation():
+    """Chunks of trained positions, recomputed in backward: the same loss and gradient as one pass."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7))
+    targets[0, :3] = IGNORE_INDEX
+    ids = torch.randint(-1, 11, (3, 7, 4))
+    fused = merge_duplicates(ids, torch.rand(3, 7, 4) / 4)
+    whole = student_loss(logits, targets, fused, lam=0.3, temperature=2.0, chunk_size=1000)
+    (grad_whole,) = torch.autograd.grad(whole["loss"], logits)
+    chunked = student_loss(logits, targets, fused, lam=0.3, temperature=2.0, chunk_size=2)
+    (grad_chunked,) = torch.autograd.grad(chunked["loss"], logits)
+    assert approx(chunked["loss"], float(whole["loss"])) and torch.allclose(grad_chunked, grad_whole, atol=1e-6)
+    # By hand for one position: lam CE + (1 - lam) T^2 KL at T = 2, over 18 trained tokens.
+    mask = targets != IGNORE_INDEX
+    ce = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][mask].sum() / mask.sum()
+    kl = sparse_kl(fused, torch.log_softmax(logits / 2, -1))[mask].sum() / mask.sum()
+    assert approx(whole["loss"], float(0.3 * ce + 0.7 * 4 * kl))
+    # No trained position at all: a zero loss that still backpropagates.
+    empty = student_loss(logits, torch.full_like(targets, IGNORE_INDEX), fused)
+    assert float(empty["loss"]) == 0.0 and torch.autograd.grad(empty["loss"], logits)[0].abs().sum() == 0
 
 
 def test_sparse_kl_with_full_support_equals_the_dense_kl():

@@ -58,6 +58,32 @@ def test_only_selected_sources_run(tiny_zoo):
     assert torch.allclose(out.ce[0, 0], -gold.mean(), atol=1e-5)
 
 
+def test_online_sources_report_their_probability_on_the_union_of_supports(tiny_zoo):
+    """union=True: every selected source's log-probability at each id of the union of the
+    selected sources' top-K; the fused target then holds more mass than with own supports."""
+    from fusion.losses import fused_target
+
+    module = _module(tiny_zoo, fusion="uniform")
+    batch = _batch(module)
+    selected = torch.tensor([[0, 1, 2]] * 3)
+    own = module.pool.run(selected, batch)
+    exact = module.pool.run(selected, batch, union=True)
+    trained = batch["targets"] != -100
+    dense = torch.log_softmax(module.pool.models[0](input_ids=batch["input_ids"]).logits[..., :99], -1)  # source 0: the student's tokenizer
+    for b, t in trained.nonzero().tolist():
+        speaking = exact.aligned[b, :, t].nonzero().squeeze(-1).tolist()
+        union = {i for i in exact.ids[b, speaking[0], t].tolist() if i >= 0}
+        assert all({i for i in exact.ids[b, slot, t].tolist() if i >= 0} == union for slot in speaking)  # one support for all
+        assert len(union) <= 30 and set(own.ids[b, 0, t].tolist()) <= union  # source 0's own top-10 is in it
+        ids = exact.ids[b, 0, t]
+        assert torch.allclose(exact.logprobs[b, 0, t][ids >= 0], dense[b, t, ids[ids >= 0]], atol=1e-5)
+    alpha = torch.full((3, 3), 1 / 3)
+    mass_own = fused_target(own.ids, own.logprobs, alpha, own.aligned).probs.sum(-1)[trained]
+    mass_union = fused_target(exact.ids, exact.logprobs, alpha, exact.aligned).probs.sum(-1)[trained]
+    assert (mass_union >= mass_own - 1e-6).all() and (mass_union > mass_own + 1e-4).any()
+    assert torch.equal(exact.ce, own.ce) and torch.equal(exact.aligned, own.aligned)
+
+
 def test_baseline_selection_and_weights(tiny_zoo):
     batch = _batch(_module(tiny_zoo, fusion="none"))
     ce = torch.tensor([[1.0, 2.0, 4.0]] * 3)
@@ -139,7 +165,7 @@ def test_pickled_weights_are_not_loaded(tiny_zoo, tmp_path):
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     os.remove(pickled / "model.safetensors")
     with pytest.raises(OSError, match=r"no file named model.safetensors found in directory .*pickled"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(pickled)], top_k=1)
+        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(pickled)], top_k=1).pool  # sources load where they run
     with pytest.raises(OSError, match=r"no file named model.safetensors"):
         FusionDistillModule(student=str(pickled), fusion="none")
 

@@ -395,3 +395,33 @@ def test_bench_report_from_runs(tmp_path):
     assert "| srft | 0.700 ± 0.141 | 0.350 ± 0.071 |" in table and "| start | 0.500 | 0.100 |" in table
     assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"))
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_rollouts_are_scored_at_their_sampling_temperature(tiny_zoo, monkeypatch):
+    """At T = 0.5 the log-probability rl_self trains on is the one `generate` sampled each rollout
+    from: the importance ratio between the two is 1 (scored at T = 1, as before, it is not)."""
+    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="rl_only", temperature=0.5, num_generations=3, max_new_tokens=4)
+    _logged(module)
+    sampled, recorded = {}, []
+    generate = module.student.generate
+
+    def generate_and_keep_scores(*args, **kwargs):
+        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        sampled["logp"] = torch.stack([torch.log_softmax(score.float(), -1) for score in out.scores], 1)  # [R, L, V], after the temperature
+        sampled["tokens"] = out.sequences[:, -len(out.scores):]
+        return out.sequences
+
+    statistics = S.token_statistics
+    monkeypatch.setattr(module.student, "generate", generate_and_keep_scores)
+    monkeypatch.setattr(S, "token_statistics", lambda *a, **k: recorded.append((a, k, statistics(*a, **k))) or recorded[-1][2])
+    module.training_step(_module_batch(module), 0)
+    (logits, targets, temperature, *_), _, rollout = recorded[1]
+    assert temperature == 0.5
+    eos = module.tokenizer.eos_token_id
+    tokens = sampled["tokens"]
+    before_eos = (tokens == eos).long().cumsum(-1) - (tokens == eos).long() == 0  # up to and including the first eos
+    sampling = torch.where(before_eos, sampled["logp"].gather(-1, tokens[..., None])[..., 0], 0.0).sum(-1)  # [R]
+    trained = rollout["logp"].sum(-1)  # [R], the same tokens under the training forward
+    assert torch.allclose(trained, sampling, atol=1e-4)  # ratio exp(trained - sampling) = 1
+    at_one = statistics(logits, targets, 1.0)["logp"].sum(-1)
+    assert (at_one - sampling).abs().max() > 0.01
