@@ -291,7 +291,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         Returns the batch re-encoded in student tokens along the answers (labelled rows along
         their gold), with `answers` (per row: None, or text, writer, generations) and
         `answer_sources` [B, k] (-1 on labelled rows). An empty answer gives its row no
-        trained position (counted in `empty`).
+        trained position (logged as `train/empty_answers`).
         """
         rows = batch["rows"]
         todo = [b for b, row in enumerate(rows) if not is_labelled(row)]

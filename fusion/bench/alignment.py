@@ -127,7 +127,7 @@ def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, to
         out = SourceOutputs(torch.randint(0, vocab_size, shape, generator=generator), -torch.rand(shape, generator=generator) * 10,
                             torch.rand(size, sources, generator=generator), torch.ones(size, sources, dtype=torch.bool),
                             torch.ones(size, sources, length, dtype=torch.bool))
-        records += rows_to_records(batch, out)
+        records += rows_to_records(batch, out, torch.arange(sources).expand(size, -1))
         trained += int((batch["targets"] != IGNORE_INDEX).sum())
     with tempfile.TemporaryDirectory() as directory:
         write_shard(directory, "shard-r0-00000", records, vocab_size)
