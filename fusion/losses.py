@@ -156,43 +156,101 @@ def student_loss(
 
     The KL is `sparse_kl` and counts zero where a position has no target (an unaligned
     position); both terms are divided by the number of trained tokens. With no fused target
-    this is the plain CE of SFT (lam taken as 1).
+    this is the plain CE of SFT (lam taken as 1). "ce" and "kl" are returned detached, for logging.
 
-    Only trained positions are computed, `chunk_size` at a time: the float32 copies of the
-    logits are made per chunk, and what the backward pass keeps is one log-softmax of the
-    trained positions, as plain SFT keeps (two at a temperature other than 1).
+    Only trained positions are computed, `chunk_size` at a time, and each chunk's gradient with
+    respect to its logits is formed in the forward pass (`_ChunkLoss`), in closed form: the
+    backward pass keeps one [chunk, V] float32 tensor per chunk, what plain SFT's log-softmax
+    keeps, and runs no softmax backward.
     """
     mask = targets != IGNORE_INDEX
     tokens = mask.sum().clamp(min=1).float()
     rows, cols = mask.nonzero(as_tuple=True)  # the P trained positions
-    ce = student_logits.float()[..., :1].sum() * 0.0  # in the graph even when no position is trained
-    kl = ce.clone()
+    if fused is None:
+        lam = 1.0
+    loss = student_logits[..., :1].float().sum() * 0.0  # in the graph even when no position is trained
+    ce, kl = loss.detach().clone(), loss.detach().clone()
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        logits = student_logits[r, c]  # [C, V]
-        if fused is None:
-            ce = ce + _chunk_ce(logits, targets[r, c])
-            continue
-        chunk = _chunk_ce_kl(logits, targets[r, c], fused.ids[r, c], fused.probs[r, c].detach(), temperature)
-        ce, kl = ce + chunk[0], kl + chunk[1]
-    ce, kl = ce / tokens, kl / tokens
-    if fused is None:
-        return {"loss": ce, "ce": ce, "kl": kl}
-    return {"loss": lam * ce + (1.0 - lam) * temperature**2 * kl, "ce": ce, "kl": kl}
+        ids = fused.ids[r, c] if fused is not None else None
+        probs = fused.probs[r, c].detach() if fused is not None else None
+        part, part_ce, part_kl = _ChunkLoss.apply(student_logits[r, c], targets[r, c], ids, probs, lam, temperature)
+        loss, ce, kl = loss + part, ce + part_ce, kl + part_kl
+    return {"loss": loss / tokens, "ce": ce / tokens, "kl": kl / tokens}
 
 
-def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed CE of [C, V] logits at their [C] targets."""
-    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum()
+class _ChunkLoss(torch.autograd.Function):
+    """Summed lam * CE + (1 - lam) * T^2 * sparse KL over one chunk of positions, [C, V] logits.
+
+    With p = softmax(z), p^T = softmax(z / T) and q^T the target spread over the vocabulary as
+    the sparse KL sees it (P_F(v) on the support; tail_F * p^T_v / tail_S off it), the gradient is
+        d/dz = lam * (p - onehot(y)) + (1 - lam) * T * (p^T - q^T),
+    exact for any tail (the student's log tail mass comes from `log_mass_outside`). The forward
+    pass writes it into the log-softmax's own buffer, so nothing else of size [C, V] is kept.
+    Returns (loss, ce, kl); only the loss has a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, ids, probs, lam: float, temperature: float):
+        z = logits.float()
+        logp = torch.log_softmax(z, -1)  # [C, V], becomes the gradient in place
+        ce = -logp.gather(-1, targets[:, None]).sum()
+        kl = ce.new_zeros(())
+        if ids is None:
+            grad = logp.exp_().mul_(lam)
+        elif temperature == 1.0:
+            kl, grad = _kl_grad_(logp, ids, probs, lam, (1.0 - lam))
+        else:
+            kl, kl_grad = _kl_grad_(torch.log_softmax(z / temperature, -1), ids, probs, 0.0, (1.0 - lam) * temperature)
+            grad = logp.exp_().mul_(lam).add_(kl_grad)
+            del kl_grad
+        grad.scatter_add_(-1, targets[:, None], torch.full((len(targets), 1), -lam, dtype=grad.dtype, device=grad.device))
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        loss = lam * ce + (1.0 - lam) * temperature**2 * kl
+        ce, kl = ce.clone(), kl.clone()
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None
 
 
-def _chunk_ce_kl(logits, targets, ids, probs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and sparse KL of [C, V] logits, the target [C, M] at temperature T."""
-    logp = torch.log_softmax(logits.float(), -1)
-    ce = -logp.gather(-1, targets[:, None]).sum()
-    if temperature != 1.0:
-        logp = torch.log_softmax(logits.float() / temperature, -1)
-    return ce, sparse_kl(SparseTarget(ids, probs), logp).sum()
+def _kl_grad_(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, base: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse KL summed over the rows that have a target, and `logp` [C, V] turned in place into
+    (base + b) * p - b * q on those rows, base * p on the others.
+
+    q is the target over the whole vocabulary as the sparse KL sees it: P_F on the support ids,
+    and off the support the target's tail shared in proportion to the student, tail_F * p_v / tail_S.
+    """
+    present = ids >= 0
+    has = present.any(-1)  # [C] rows with a target
+    safe = ids.clamp(min=0)
+    p_f = torch.where(present, probs, 0.0)
+    logp_s = torch.where(present, logp.gather(-1, safe), 0.0)
+    log_tail = log_mass_outside(logp, safe, present)  # [C], exact however small
+    tail_f = (1.0 - p_f.sum(-1)).clamp(min=0.0)
+    kl_rows = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1) + torch.xlogy(tail_f, tail_f) - tail_f * log_tail
+    kl = torch.where(has, kl_rows, 0.0).sum()
+    b_rows = torch.where(has, b, 0.0)  # [C]
+    a_rows = base + b_rows
+    # Off the support: a p_v - b tail_F p_v / tail_S = p_v (a - b tail_F exp(-log tail_S)). The
+    # factor overflows float32 where tail_S < exp(-80); those rare rows are computed apart.
+    huge = (log_tail < -80.0) & has & (tail_f > 0)
+    factor = a_rows - b_rows * tail_f * torch.exp(torch.where(huge, 0.0, -log_tail))
+    exact = None
+    if huge.any():
+        rows = huge.nonzero(as_tuple=True)[0]
+        exact = a_rows[rows, None] * logp[rows].exp() - (b * tail_f[rows, None]) * torch.exp(logp[rows] - log_tail[rows, None])
+    grad = logp.exp_().mul_(factor[:, None])
+    if exact is not None:
+        grad[rows] = exact
+    # On the support: a p_v - b P_F(v) (the support ids of a row are distinct).
+    r, m = present.nonzero(as_tuple=True)
+    grad[r, ids[r, m]] = a_rows[r] * logp_s[r, m].exp() - b_rows[r] * p_f[r, m]
+    return kl, grad
 
 
 def selector_loss(quality: torch.Tensor, ce: torch.Tensor, observed: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -42,6 +42,9 @@ from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 FUSION_METHODS = tuple(METHODS)
 
 
+FEATURE_MEMORY = 2**30  # bytes of prompt features kept per process (float32: 65k rows at D = 4096)
+
+
 class FusionDistillModule(StudentStage, L.LightningModule):
     """Distil N frozen sources into a LoRA student.
 
@@ -140,6 +143,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             if fusion == "selector"
             else None
         )
+        self._features: dict[str, torch.Tensor] = {}  # row key -> the base's prompt features (see prompt_features)
+        self._feature_bytes = 0
         self.vocab_size = len(self.tokenizer)
         self.max_length = 64  # of a re-encoded answered row; the data module's data.max_length once attached
         self.eval_metrics: EvalMetrics | None = None
@@ -268,13 +273,27 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         for every later prompt. (With the trained student's own features, an online selector that
         observes only what it selects lost track of every source it had stopped selecting, and
         routed unlabelled prompts to a distractor.) Causal attention: the prompt positions of the
-        right-padded sequences are the prompt's alone, so only those are run.
+        right-padded sequences are the prompt's alone, so only those are run. Since they never
+        change, each row's features are computed once and kept (up to FEATURE_MEMORY bytes; rows
+        beyond are recomputed when they come back).
         """
-        width = int(batch["prompt_mask"].sum(-1).max())
-        with self.student.disable_adapter():
-            hidden = self.student(input_ids=batch["input_ids"][:, :width], attention_mask=batch["attention_mask"][:, :width],
-                                  output_hidden_states=True).hidden_states[-1]
-        return prompt_features(hidden, batch["prompt_mask"][:, :width])
+        keys = [row_key(row) for row in batch["rows"]] if "rows" in batch else [None] * len(batch["input_ids"])
+        missing = [b for b, key in enumerate(keys) if key is None or key not in self._features]
+        if missing:
+            rows = torch.tensor(missing, device=batch["input_ids"].device)
+            prompt_mask = batch["prompt_mask"][rows]
+            width = int(prompt_mask.sum(-1).max())
+            with self.student.disable_adapter():
+                hidden = self.student(input_ids=batch["input_ids"][rows, :width], attention_mask=batch["attention_mask"][rows, :width],
+                                      output_hidden_states=True).hidden_states[-1]
+            computed = prompt_features(hidden, prompt_mask[:, :width]).float()
+            if None in keys or self._feature_bytes + computed.numel() * 4 > FEATURE_MEMORY:
+                fresh = dict(zip(missing, computed))
+                return torch.stack([fresh[b] if b in fresh else self._features[key].to(computed.device) for b, key in enumerate(keys)])
+            for b, features in zip(missing, computed.cpu()):
+                self._features[keys[b]] = features
+            self._feature_bytes += computed.numel() * 4
+        return torch.stack([self._features[key] for key in keys]).to(batch["input_ids"].device)
 
     # ---------------------------------------------------------------- answers to prompts without gold
 

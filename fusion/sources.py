@@ -4,6 +4,7 @@ sources each sequence selected.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -193,38 +194,49 @@ class SourcePool:
             side = aligner(input_ids, attention_mask, targets)
             source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
             position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
-        logits = model(input_ids=source_ids, attention_mask=source_mask).logits
+        source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
+        keep = source_trained.clone()  # the source positions whose logits are needed
+        if position_map is not None:
+            mapped = trained & (position_map >= 0)
+            keep[mapped.nonzero(as_tuple=True)[0], position_map[mapped]] = True
+        logits = _logits_at(model, source_ids, source_mask, keep)  # [Q', V_source], row-major over `keep`
         if aligner is None:
-            logits = logits[..., : self.vocab_size]  # rows past the tokenizer (padded embeddings)
-        rows_q, positions_q = (source_targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the Q trained source positions
-        scored = logits[rows_q, positions_q].float()  # [Q, V_source]
-        # NaN or +inf anywhere in a position's logits makes its log-normalizer non-finite; a -inf
-        # logit alone is a legitimate zero probability.
-        normalizer = torch.logsumexp(scored, dim=-1)  # [Q]
-        broken = torch.zeros(len(input_ids), device=logits.device).index_add(0, rows_q, (~torch.isfinite(normalizer)).float())
+            logits = logits[:, : self.vocab_size]  # rows past the tokenizer (padded embeddings)
+        slot = torch.full(keep.shape, -1, dtype=torch.long, device=logits.device)
+        slot[keep] = torch.arange(len(logits), device=logits.device)
+        logp = torch.log_softmax(logits, -1)  # [Q', V_source] at T = 1
+        del logits
+        # NaN or +inf anywhere in a position's logits makes its whole log-softmax NaN (amax
+        # propagates it); a -inf logit alone is a legitimate zero probability.
+        broken_at = torch.isnan(logp.amax(-1))  # [Q']
+        rows_q = source_trained.nonzero(as_tuple=True)[0]  # the Q trained source positions, row-major
+        at_q = slot[source_trained]  # their rows of `logp`
+        broken = torch.zeros(len(input_ids), device=logp.device).index_add(0, rows_q, broken_at[at_q].float())
         finite = broken == 0  # [R]: usable where it is trained
-        gold = scored.gather(-1, source_targets[rows_q, positions_q, None]).squeeze(-1) - normalizer
+        gold = logp[at_q, source_targets[source_trained]]  # [Q]
         # CE of the response text in the source's own tokens, per student trained token: the
         # same number as the token-mean CE when the tokenizers agree, comparable when they do not.
-        nll = torch.zeros(len(input_ids), device=logits.device).index_add(0, rows_q, torch.where(finite[rows_q], -gold, 0.0))
+        nll = torch.zeros(len(input_ids), device=logp.device).index_add(0, rows_q, torch.where(finite[rows_q], -gold, 0.0))
         ce = torch.where(finite, nll / trained.sum(-1).clamp(min=1), 0.0)
-        if position_map is None:
+        if temperature != 1.0:
+            logp = torch.log_softmax(logp / temperature, -1)  # softmax(z / T): log p / T differs from z / T by a constant per row
+        if position_map is None:  # `keep` is the trained positions: `logp` rows are theirs, in order
             usable = trained & finite[:, None]  # [R, T]; the trained source positions are the student's
-            scaled = scored[finite[rows_q]] / temperature  # [P, V] in the row-major order of `usable`
-            dense = scaled - (normalizer[finite[rows_q], None] if temperature == 1.0 else torch.logsumexp(scaled, -1, keepdim=True))
+            dense = logp if bool(finite.all()) else logp[finite[rows_q]]
             top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
         else:
             usable = trained & (position_map >= 0) & finite[:, None]
             rows, positions = usable.nonzero(as_tuple=True)
-            source_logprobs = torch.log_softmax(logits[rows, position_map[rows, positions]].float() / temperature, -1)  # [P, V_source]
+            source_logprobs = logp[slot[rows, position_map[rows, positions]]]  # [P, V_source]
             if table:  # exact: every source token's mass carried to its student token
                 dense = project_dense(source_logprobs, vocab_map, self.vocab_size)
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None
                 top_ids, top_logprobs = project_topk(source_logprobs, vocab_map, self.top_k)
-        out_ids = torch.full((*usable.shape, self.top_k), -1, device=logits.device)
-        out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=logits.device)
+        device = logp.device
+        out_ids = torch.full((*usable.shape, self.top_k), -1, device=device)
+        out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=device)
         out_ids[usable], out_logprobs[usable] = torch.where(top_logprobs > -math.inf, top_ids, -1), top_logprobs
         return SourceOutputs(out_ids, out_logprobs, ce, finite, usable), (dense if table else None)
 
@@ -255,6 +267,19 @@ class SourcePool:
             logprob += torch.where(before_eos[:, step], picked, 0.0)
         texts = tokenizer.batch_decode(torch.where(before_eos & ~is_eos, generated, pad), skip_special_tokens=True)
         return texts, logprob
+
+
+def _logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The model's float32 logits at the `keep` positions ([R, T] bool) -> [Q, V], row-major.
+
+    The output layer runs only there where the model supports transformers' `logits_to_keep`
+    mask (over a large vocabulary it is most of a small model's forward); otherwise it runs on
+    every position and the kept ones are gathered.
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return logits.reshape(-1, logits.shape[-1]).float()
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep].float()
 
 
 def _on_union(ids: torch.Tensor, aligned: torch.Tensor, tables: list) -> tuple[torch.Tensor, torch.Tensor]:

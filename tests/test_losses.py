@@ -519,3 +519,28 @@ def test_entropy_by_hand():
 def test_entropy_dim_argument():
     probs = torch.tensor([[0.5, 1.0], [0.5, 0.0]])  # columns are distributions
     assert approx(entropy(probs, dim=0), [L(2), 0.0])
+
+
+@pytest.mark.parametrize("lam,temperature", [(0.3, 1.0), (0.0, 1.0), (0.9, 2.0), (0.5, 0.5)])
+def test_closed_form_gradient_equals_autograd_through_the_sparse_kl(lam, temperature):
+    """The chunk's gradient, formed in the forward pass, against autograd through log-softmax and sparse_kl."""
+    torch.manual_seed(int(lam * 10 + temperature))
+    logits = (torch.randn(3, 7, 11) * 3).requires_grad_()
+    logits.data[2, 4] = torch.tensor([200.0] + [0.0] * 10)  # tail_S below exp(-80): the rows done apart
+    targets = torch.randint(0, 11, (3, 7))
+    targets[0, :3] = IGNORE_INDEX
+    ids = torch.randint(-1, 11, (3, 7, 4))
+    ids[1, 2] = -1  # a trained position without a target: CE only
+    ids[2, 4] = torch.tensor([0, -1, -1, -1])
+    fused = merge_duplicates(ids, torch.rand(3, 7, 4) / 4)
+    out = student_loss(logits, targets, fused, lam=lam, temperature=temperature, chunk_size=5)
+    (grad,) = torch.autograd.grad(out["loss"], logits)
+    mask = targets != IGNORE_INDEX
+    ce = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][mask].sum() / mask.sum()
+    kl = sparse_kl(fused, torch.log_softmax(logits / temperature, -1))[mask].sum() / mask.sum()
+    reference = lam * ce + (1 - lam) * temperature**2 * kl
+    (expected,) = torch.autograd.grad(reference, logits)
+    assert approx(out["loss"], float(reference), abs=1e-5)
+    assert approx(out["ce"], float(ce), abs=1e-5) and approx(out["kl"], float(kl), abs=1e-5)
+    assert torch.allclose(grad, expected, atol=1e-5), float((grad - expected).abs().max())
+    assert grad[2, 4].abs().sum() > 1e-3  # the confident row still learns its tail (over 18 tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -296,19 +297,31 @@ def test_selector_does_not_learn_from_a_faulty_source(tiny_zoo):
 
 
 def test_nonfinite_logits_on_untrained_positions_are_harmless(tiny_zoo):
-    """inf on prompt positions (never trained) keeps the source usable and the loss finite."""
+    """A source without `logits_to_keep` computes every position: inf on the prompt positions
+    (never trained) keeps it usable, and it gives what the output layer run on the trained
+    positions only gives."""
     module = _module(tiny_zoo, fusion="uniform")
-
-    def poison_prompt(m, args, out):
-        logits = out.logits.clone()
-        logits[:, 0, :] = float("inf")  # position 0 predicts a prompt token
-        return out.__class__(logits=logits)
-
-    module.pool.models[0].register_forward_hook(poison_prompt)
     batch = _batch(module)
-    out = module.pool.run(module.select(batch, None), batch)
+    selected = module.select(batch, None)
+    kept = module.pool.run(selected, batch)
+    source = module.pool.models[0]
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep: the fallback path
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = source, source.config
+
+        def forward(self, input_ids, attention_mask):
+            logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits.clone()
+            logits[:, 0, :] = float("inf")  # position 0 predicts a prompt token
+            return SimpleNamespace(logits=logits)
+
+    module.pool.models[0] = EveryPosition()
+    out = module.pool.run(selected, batch)
     assert out.valid.all() and torch.isfinite(out.ce).all()
     assert torch.isfinite(out.logprobs[out.ids >= 0]).all()
+    assert torch.equal(out.ids, kept.ids) and torch.allclose(out.logprobs, kept.logprobs, atol=1e-5)
+    assert torch.allclose(out.ce, kept.ce, atol=1e-5)
     module.log_dict = lambda values, **kw: None
     module.log = lambda *a, **kw: None
     assert torch.isfinite(module.training_step(batch, 0))
