@@ -14,7 +14,9 @@ and, side by side, in `checkpoints/quickstart/results.json` and `results.md`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import time
 
@@ -29,6 +31,20 @@ from fusion.train import main as cli
 BEFORE = "before training"
 
 
+def _forget_other_runs(directory: str, run: dict) -> None:
+    """A method's checkpoints resume its own run after a crash; those of a run with another
+    config or other arguments are removed, so that nothing resumes from them."""
+    stamp = os.path.join(directory, "demo-run.json")
+    if os.path.isdir(directory):
+        found = None
+        if os.path.isfile(stamp):
+            with open(stamp) as f:
+                found = json.load(f)
+        if found != run:
+            shutil.rmtree(directory)
+    atomic_write_json(stamp, run)
+
+
 def run_method(config: str, method: str, extra: list[str], online: bool = False) -> dict:
     fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
     args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_")]
@@ -40,6 +56,7 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False)
         for callback in run.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
                 callback.dirpath = directory
+        _forget_other_runs(directory, {"config": open(config).read(), "arguments": args + extra})
     timings = {}
     started = time.time()
     if run.model.hparams.source_mode == "cached":
@@ -64,6 +81,18 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def zoo_names(config: str, zoo_config: str) -> list[str]:
+    """The zoo models a fusion config names: its student and sources under the zoo's output_dir."""
+    import yaml
+
+    with open(config) as f:
+        model = yaml.safe_load(f)["model"]
+    with open(zoo_config) as f:
+        output_dir = os.path.normpath(yaml.safe_load(f)["output_dir"])
+    paths = [model["student"], *model.get("sources", [])]
+    return [os.path.basename(os.path.normpath(p)) for p in paths if os.path.dirname(os.path.normpath(p)) == output_dir]
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="configs/zoo.yaml", help="zoo config, built or reused first ('' to skip)")
@@ -75,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args, overrides = parser.parse_known_args(argv)
     sys.argv = sys.argv[:1]  # each method's arguments are handed to the CLI explicitly
     started = time.time()
-    if args.zoo:
-        zoo.main(["--config", args.zoo])
+    if args.zoo:  # only the models the fusion config uses
+        zoo.main(["--config", args.zoo, "--only", json.dumps(zoo_names(args.config, args.zoo))])
         print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
     results = {}
     for method in args.methods:

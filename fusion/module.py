@@ -426,9 +426,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h = self.hparams
         batch = self.answer_prompts(batch)
-        output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits, targets = output.logits[..., : self.vocab_size], batch["targets"]
+        targets = batch["targets"]
         if not self.method.uses_sources:
+            logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
             terms = losses.student_loss(logits, targets, None)
             stop_if_nonfinite(self, terms["loss"], terms)
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
@@ -453,6 +453,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         alpha = self.weights(selected_quality, ce.masked_fill(~valid, 1e4)) * valid  # [B, k]
         alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
         fused = losses.fused_target(out.ids, out.logprobs, alpha, out.aligned)
+        # The student runs after the sources: their [positions, V] buffers are freed by now, so
+        # the step's peak memory is the student's, as in plain SFT.
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
         terms = losses.student_loss(logits, targets, fused, h.lam, h.temperature)
         total = terms["loss"]
         logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],

@@ -264,6 +264,7 @@ def build_zoo(
     test_seed: int = 0,
     seed: int = 1234,
     workers: int = 2,
+    only: list[str] | None = None,
 ) -> dict[str, dict]:
     """Build every source of the zoo and the student's base; returns the cards by name.
 
@@ -279,6 +280,8 @@ def build_zoo(
             data config of the fusion run to compare cards with students).
         seed: base seed; each source gets its own derived seed.
         workers: sources trained at once, in separate processes with one thread each.
+        only: build only the models of these names (a run that uses part of the zoo); each is
+            the same model the whole zoo holds under its name (seeds follow the full list).
     """
     names = [s.name for s in sources]
     if len(set(names)) != len(names) or "student" in names:
@@ -288,8 +291,14 @@ def build_zoo(
             if domain not in domains:
                 raise ValueError(f"source {recipe.name!r}: domain {domain!r} is not among the zoo's domains {domains}")
     recipes = sources + ([SourceRecipe(**{**asdict(student), "name": "student", "architecture": student.architecture})] if student else [])
+    if only is not None:
+        unknown = sorted(set(only) - {r.name for r in recipes})
+        if unknown:
+            raise ValueError(f"zoo: only names {unknown}, which the zoo does not have; it has {[r.name for r in recipes]}")
     jobs, cards = [], {}
     for index, recipe in enumerate(recipes):
+        if only is not None and recipe.name not in only:
+            continue
         own_seed = seed + index if recipe.seed is None else recipe.seed
         fingerprint = {"recipe": recipe_fingerprint(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
                        "batch_size": batch_size, "seed": own_seed}
@@ -315,7 +324,7 @@ def build_zoo(
         else:
             built = [_make_source(job) for job in jobs]
         cards.update({card["name"]: card for card in built})
-    print_cards([cards[r.name] for r in recipes], domains)
+    print_cards([cards[r.name] for r in recipes if r.name in cards], domains)
     return cards
 
 

@@ -28,3 +28,30 @@ def test_zoo_rebuilds_a_source_whose_fingerprint_does_not_match(tiny_zoo, tmp_pa
     assert cards["noise"]["recipe"]["recipe"]["architecture"]["hidden_size"] == 16
     assert json.loads(open(os.path.join(root, "noise", "config.json")).read())["hidden_size"] == 16
     assert sorted(os.listdir(root)) == sorted(weights)  # no temporary directory left behind
+
+
+def test_zoo_builds_only_the_named_models_with_the_seeds_of_the_whole_zoo(tiny_zoo, tmp_path):
+    """`only`: a run that uses part of the zoo builds that part, and each model is the one the whole zoo has."""
+    root = str(tmp_path / "part")
+    recipe = tiny_zoo_recipe(root)
+    names = [s.name for s in recipe["sources"]]
+    cards = build_zoo(**recipe, only=[names[2]])
+    assert sorted(cards) == [names[2]] and sorted(os.listdir(root)) == [names[2]]
+    whole = json.loads(open(os.path.join(tiny_zoo, names[2], "card.json")).read())
+    assert cards[names[2]]["recipe"] == whole["recipe"]  # the same derived seed, so the same model
+    with open(os.path.join(root, names[2], "model.safetensors"), "rb") as part, open(os.path.join(tiny_zoo, names[2], "model.safetensors"), "rb") as full:
+        assert part.read() == full.read()
+    try:
+        build_zoo(**recipe, only=["nobody"])
+    except ValueError as error:
+        assert "nobody" in str(error) and names[0] in str(error)
+    else:
+        raise AssertionError("an unknown name was accepted")
+
+
+def test_demo_builds_the_zoo_models_its_config_names():
+    from fusion.demo import zoo_names
+
+    names = zoo_names("configs/quickstart.yaml", "configs/zoo.yaml")
+    assert names[0] == "student" and "confident-llama" in names and len(names) == 7
+    assert "corrupted-llama" not in names  # in the zoo, not in the quick start: not built by make demo
