@@ -23,7 +23,7 @@ import time
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from fusion import zoo
-from fusion.cache import is_current
+from fusion.cache import is_current, model_fingerprint
 from fusion.io import atomic_write_json, atomic_write_text
 from fusion.methods import METHODS, generations_per_prompt
 from fusion.train import main as cli
@@ -33,7 +33,8 @@ BEFORE = "before training"
 
 def _forget_other_runs(directory: str, run: dict) -> None:
     """A method's checkpoints resume its own run after a crash; those of a run with another
-    config or other arguments are removed, so that nothing resumes from them."""
+    config, other arguments or other models (a rebuilt zoo) are removed, so that nothing resumes
+    from them."""
     stamp = os.path.join(directory, "demo-run.json")
     if os.path.isdir(directory):
         found = None
@@ -56,7 +57,9 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False)
         for callback in run.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
                 callback.dirpath = directory
-        _forget_other_runs(directory, {"config": open(config).read(), "arguments": args + extra})
+        models = [run.model.hparams.student, *run.model.hparams.sources]
+        _forget_other_runs(directory, {"config": open(config).read(), "arguments": args + extra,
+                                       "models": {path: model_fingerprint(path) for path in models}})
     timings = {}
     started = time.time()
     if run.model.hparams.source_mode == "cached":
