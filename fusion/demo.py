@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -46,9 +47,12 @@ def _forget_other_runs(directory: str, run: dict) -> None:
     atomic_write_json(stamp, run)
 
 
-def run_method(config: str, method: str, extra: list[str], online: bool = False) -> dict:
+def run_method(config: str, method: str, extra: list[str], online: bool = False, seed: int | None = None) -> dict:
     fusion = "none" if method == BEFORE else method  # the untrained adapter is the identity: the base student
-    args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", method.replace(" ", "_")]
+    name = method.replace(" ", "_") + ("" if seed is None else f"-seed{seed}")
+    args = ["--config", config, "--model.fusion", fusion, "--trainer.logger.init_args.name", name]
+    if seed is not None:
+        args.append(f"--seed_everything={seed}")
     if METHODS[fusion].uses_sources and not online:
         args += ["--model.source_mode=cached", f"--model.cache_dir=checkpoints/cache/quickstart/{method}"]
     run = cli(args=args + extra, run=False)
@@ -74,13 +78,22 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False)
     return run.model.test_results | timings | {"generations_per_prompt": generations_per_prompt(METHODS[fusion], sources)}
 
 
-def table(results: dict[str, dict]) -> str:
-    domains = sorted({d for r in results.values() for d in r["acc"]})
+def table(results: dict[str, list[dict]]) -> str:
+    """One row per method: accuracy per domain and mean, as mean ± std when there are several seeds."""
+    domains = sorted({d for runs in results.values() for r in runs for d in r["acc"]})
+
+    def cell(values: list[float], digits: int) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
     header = "| method | generations / unlabelled prompt | " + " | ".join(domains) + " | mean | seconds |"
     lines = [header, "|" + "---|" * (len(domains) + 4)]
-    for method, r in results.items():
-        cells = " | ".join(f"{r['acc'].get(d, 0.0):.2f}" for d in domains)
-        lines.append(f"| {method} | {r['generations_per_prompt']} | {cells} | {r['acc_mean']:.3f} | {r['seconds']:.0f} |")
+    for method, runs in results.items():
+        cells = " | ".join(cell([r["acc"].get(d, 0.0) for r in runs], 2) for d in domains)
+        mean = cell([r["acc_mean"] for r in runs], 3)
+        seconds = statistics.mean(r["seconds"] for r in runs)
+        lines.append(f"| {method} | {runs[0]['generations_per_prompt']} | {cells} | {mean} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -96,13 +109,15 @@ def zoo_names(config: str, zoo_config: str) -> list[str]:
     return [os.path.basename(os.path.normpath(p)) for p in paths if os.path.dirname(os.path.normpath(p)) == output_dir]
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="configs/zoo.yaml", help="zoo config, built or reused first ('' to skip)")
     parser.add_argument("--config", default="configs/quickstart.yaml", help="fusion config for fusion.train")
     parser.add_argument("--methods", nargs="+", default=[BEFORE, "none", "confidence", "selector", "oracle"])
     parser.add_argument("--online", action="store_true", help="run the sources during fit instead of caching them first")
     parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every method once per seed_everything and print mean ± std (default: the config's seed, once)")
     # Anything else goes to fusion.train for every method, e.g. --trainer.max_steps=100.
     args, overrides = parser.parse_known_args(argv)
     sys.argv = sys.argv[:1]  # each method's arguments are handed to the CLI explicitly
@@ -110,19 +125,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if args.zoo:  # only the models the fusion config uses
         zoo.main(["--config", args.zoo, "--only", json.dumps(zoo_names(args.config, args.zoo))])
         print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
-    results = {}
-    for method in args.methods:
-        method_started = time.time()
-        results[method] = run_method(args.config, method, overrides, args.online)
-        results[method]["seconds"] = time.time() - method_started
-        print(f"{method}: mean accuracy {results[method]['acc_mean']:.3f} ({results[method]['seconds']:.0f} s)", flush=True)
+    results: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for seed in args.seeds or [None]:
+        for method in args.methods:
+            method_started = time.time()
+            result = run_method(args.config, method, overrides, args.online, seed)
+            result["seconds"] = time.time() - method_started
+            results[method].append(result | {"seed": seed})
+            print(f"{method}{'' if seed is None else f' (seed {seed})'}: mean accuracy {result['acc_mean']:.3f} ({result['seconds']:.0f} s)", flush=True)
     report = table(results)
     atomic_write_text(os.path.join(args.output, "results.md"), report + "\n")
     atomic_write_json(os.path.join(args.output, "results.json"), results)
-    print("\nTest accuracy (exact match) per domain, student after each method:\n" + report)
-    if "selector" in results and "selection_by_domain" in results["selector"]:
+    seeds = "" if not args.seeds else f", mean ± std over seeds {', '.join(map(str, args.seeds))}"
+    print(f"\nTest accuracy (exact match) per domain, student after each method{seeds}:\n" + report)
+    selector = results.get("selector", [{}])[0]
+    if "selection_by_domain" in selector:
         print("\nSelector: share of each domain's test prompts it routes to each source")
-        for domain, shares in results["selector"]["selection_by_domain"].items():
+        for domain, shares in selector["selection_by_domain"].items():
             print(f"  {domain:<24} " + "  ".join(f"{name}={share:.2f}" for name, share in shares.items() if share > 0.005))
     print(f"\ntotal {time.time() - started:.0f} s")
     return results

@@ -168,7 +168,7 @@ def student_loss(
     rows, cols = mask.nonzero(as_tuple=True)  # the P trained positions
     if fused is None:
         lam = 1.0
-    loss = student_logits[..., :1].float().sum() * 0.0  # in the graph even when no position is trained
+    loss = student_logits[..., :1].float().nan_to_num().sum() * 0.0  # in the graph when no position is trained (finite: -inf * 0 is NaN)
     ce, kl = loss.detach().clone(), loss.detach().clone()
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
@@ -187,7 +187,8 @@ class _ChunkLoss(torch.autograd.Function):
         d/dz = lam * (p - onehot(y)) + (1 - lam) * T * (p^T - q^T),
     exact for any tail (the student's log tail mass comes from `log_mass_outside`). The forward
     pass writes it into the log-softmax's own buffer, so nothing else of size [C, V] is kept.
-    Returns (loss, ce, kl); only the loss has a gradient.
+    Returns (loss, ce, kl); only the loss has a gradient, and only once (the saved gradient is
+    scaled in place: no backward through the graph a second time, no double backward).
     """
 
     @staticmethod
@@ -214,8 +215,8 @@ class _ChunkLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None
+        (grad,) = ctx.saved_tensors  # used once (no double backward): scaled in place
+        return grad.mul_(grad_loss).to(ctx.dtype), None, None, None, None, None
 
 
 def _kl_grad_(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, base: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:

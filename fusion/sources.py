@@ -206,9 +206,11 @@ class SourcePool:
         slot[keep] = torch.arange(len(logits), device=logits.device)
         logp = torch.log_softmax(logits, -1)  # [Q', V_source] at T = 1
         del logits
-        # NaN or +inf anywhere in a position's logits makes its whole log-softmax NaN (amax
-        # propagates it); a -inf logit alone is a legitimate zero probability.
-        broken_at = torch.isnan(logp.amax(-1))  # [Q']
+        # NaN or +inf anywhere in a position's logits makes its whole log-softmax NaN; a -inf
+        # logit alone is a legitimate zero probability. topk ranks NaN above every number, so a
+        # position's first top-K entry is NaN exactly when its log-softmax holds one.
+        top_logprobs, top_ids = logp.topk(self.top_k, dim=-1) if position_map is None and temperature == 1.0 else (None, None)
+        broken_at = torch.isnan(top_logprobs[:, 0] if top_logprobs is not None else logp.amax(-1))  # [Q']
         rows_q = source_trained.nonzero(as_tuple=True)[0]  # the Q trained source positions, row-major
         at_q = slot[source_trained]  # their rows of `logp`
         broken = torch.zeros(len(input_ids), device=logp.device).index_add(0, rows_q, broken_at[at_q].float())
@@ -222,8 +224,12 @@ class SourcePool:
             logp = torch.log_softmax(logp / temperature, -1)  # softmax(z / T): log p / T differs from z / T by a constant per row
         if position_map is None:  # `keep` is the trained positions: `logp` rows are theirs, in order
             usable = trained & finite[:, None]  # [R, T]; the trained source positions are the student's
-            dense = logp if bool(finite.all()) else logp[finite[rows_q]]
-            top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
+            keep_rows = finite[rows_q]
+            dense = logp if bool(keep_rows.all()) else logp[keep_rows]
+            if top_logprobs is None:
+                top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
+            elif not bool(keep_rows.all()):
+                top_logprobs, top_ids = top_logprobs[keep_rows], top_ids[keep_rows]
         else:
             usable = trained & (position_map >= 0) & finite[:, None]
             rows, positions = usable.nonzero(as_tuple=True)

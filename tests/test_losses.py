@@ -261,6 +261,11 @@ def test_minus_infinity_student_logit_on_an_empty_slot_is_harmless():
     assert approx(kl, [[0.6 * L(0.6 / float(p[0])) + 0.4 * L(0.4 / float(p[1] + p[2]))]])
     kl.sum().backward()
     assert torch.isfinite(logits.grad[0, 0, 1:]).all() and float(logits.grad[0, 0, 0]) == 0.0
+    # The whole student loss too (it was NaN: the zero that keeps it in the graph was -inf * 0).
+    out = student_loss(logits, torch.tensor([[1]]), target, lam=0.5)
+    (grad,) = torch.autograd.grad(out["loss"], logits)
+    assert approx(out["loss"], 0.5 * -math.log(float(p[0])) + 0.5 * float(kl.sum()), abs=1e-5)
+    assert torch.isfinite(grad).all() and float(grad[0, 0, 0]) == 0.0
 
 
 def test_chunked_student_loss_equals_the_whole_computation():

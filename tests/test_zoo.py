@@ -6,6 +6,9 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
+
+import torch
 
 from fusion.zoo import build_zoo
 from tests.conftest import tiny_zoo_recipe
@@ -55,3 +58,32 @@ def test_demo_builds_the_zoo_models_its_config_names():
     names = zoo_names("configs/quickstart.yaml", "configs/zoo.yaml")
     assert names[0] == "student" and "confident-llama" in names and len(names) == 7
     assert "corrupted-llama" not in names  # in the zoo, not in the quick start: not built by make demo
+
+
+def test_demo_runs_every_method_per_seed_and_reports_the_spread(tiny_zoo, tmp_path, monkeypatch):
+    """`fusion.demo --seeds`: each method once per seed, from one cache; a rerun with the same
+    setting resumes, and a changed setting starts over."""
+    import yaml
+
+    from fusion import demo
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tiny_zoo, str(tmp_path / "runs"))
+    config["data"]["unlabeled_size"] = 8
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # the demo's caches go under ./checkpoints/cache/quickstart
+    argv = ["--zoo", "", "--config", str(path), "--methods", "none", "selector", "--seeds", "0", "1", "--output", str(tmp_path / "out")]
+    results = demo.main(argv)
+    assert [r["seed"] for r in results["selector"]] == [0, 1]
+    assert all(0.0 <= r["acc_mean"] <= 1.0 and r["generations_per_prompt"] == 1 for r in results["selector"])
+    report = (tmp_path / "out" / "results.md").read_text()
+    means = [statistics.mean(r["acc_mean"] for r in results[m]) for m in ("none", "selector")]
+    assert f"{means[0]:.3f} ± " in report and f"{means[1]:.3f} ± " in report
+    stamp = tmp_path / "runs" / "selector-seed1" / "checkpoints" / "demo-run.json"
+    assert json.loads(stamp.read_text())["arguments"][-1] == "--seed_everything=1"
+    # A changed setting forgets the old checkpoints instead of resuming from them.
+    demo.main(argv[:-5] + ["--seeds", "1", "--output", str(tmp_path / "out2"), "--trainer.max_steps=2"])
+    assert json.loads(stamp.read_text())["arguments"][-1] == "--trainer.max_steps=2"
+    last = torch.load(tmp_path / "runs" / "selector-seed1" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 2

@@ -1,6 +1,6 @@
 """Training steps per second of each way to get the fusion target, next to plain SFT, in one run.
 
-    python -m fusion.bench throughput [--vocab 32000] [--steps 20] [--batch_size 16]
+    python -m fusion.bench throughput [--vocab 32000] [--steps 20] [--batch_size 16] [--hidden_size 64 --layers 2]
 
 One student and N = 4 sources of the same size (tiny Qwen2 built from config, one vocabulary),
 the same batches for every method, and the same optimizer step:
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--hidden_size", type=int, default=64, help="of the student and the sources (the default: the zoo's tiny models)")
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--output", default="checkpoints/bench/throughput.json")
     args = parser.parse_args(argv)
 
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        paths = syn.make_setup(root, args.vocab, rows=args.batch_size * 4)
+        architecture = syn.Architecture(family="qwen2", hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4,
+                                        intermediate_size=4 * args.hidden_size)
+        paths = syn.make_setup(root, args.vocab, rows=args.batch_size * 4, architecture=architecture)
         data = syn.data_module(paths, args.batch_size)
         cache_dir = os.path.join(root, "cache")
         modules = {
@@ -61,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
             module.load_state_dict(modules["sft"].state_dict(), strict=False)  # the same student start
         optimizers = {name: syn.optimizer_for(m) for name, m in modules.items()}
         batches = list(data.train_dataloader())
+        source = modules["avgce-online"].pool.models[0]
         seconds = {name: 0.0 for name in METHODS}
+        source_seconds = 0.0
         for step in range(args.steps + 2):
             batch = batches[step % len(batches)]
             for name in METHODS:
@@ -69,20 +75,17 @@ def main(argv: list[str] | None = None) -> None:
                 syn.train_step(modules[name], batch, optimizers[name])
                 if step >= 2:
                     seconds[name] += time.perf_counter() - started
-        # The parts alone: the student's step and one source's forward over the whole batch.
-        source = modules["avgce-online"].pool.models[0]
-        source_seconds = 0.0
-        with torch.no_grad():
-            for step in range(args.steps + 2):
-                batch = batches[step % len(batches)]
-                started = time.perf_counter()
+            # The part alone, in the same turn: one source's plain forward over the whole batch.
+            started = time.perf_counter()
+            with torch.no_grad():
                 source(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                if step >= 2:
-                    source_seconds += time.perf_counter() - started
+            if step >= 2:
+                source_seconds += time.perf_counter() - started
     per_step = {name: s / args.steps for name, s in seconds.items()}
     t_sft, t_source = per_step["sft"], source_seconds / args.steps
     ideal = {"selector-online": t_sft / (t_sft + 2 * t_source), "avgce-online": t_sft / (t_sft + 4 * t_source)}
-    print(f"\nvocabulary {args.vocab}, batch {args.batch_size}, {args.steps} timed steps per method, N = 4, k = 2, K = 10")
+    print(f"\nvocabulary {args.vocab}, batch {args.batch_size}, hidden size {args.hidden_size}, {args.layers} layers, "
+          f"{args.steps} timed steps per method, N = 4, k = 2, K = 10")
     ideal["selector-cached"] = 1.0
     runs = {"selector-online": 2, "avgce-online": 4}  # sources run per sequence
     # What one source costs inside the step, as a multiple of its forward timed alone.
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nselector-online is {per_step['avgce-online'] / per_step['selector-online']:.2f}x faster than avgce-online "
           f"(ideal {(t_sft + 4 * t_source) / (t_sft + 2 * t_source):.2f}x); one source forward {t_source * 1000:.0f} ms, the SFT step {t_sft * 1000:.0f} ms")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    report = {"vocab": args.vocab, "batch_size": args.batch_size, "steps": args.steps, "seconds_per_step": per_step,
+    report = {"vocab": args.vocab, "batch_size": args.batch_size, "hidden_size": args.hidden_size, "layers": args.layers, "steps": args.steps, "seconds_per_step": per_step,
               "source_forward_seconds": t_source, "ratio_to_sft": {n: t_sft / per_step[n] for n in METHODS}, "ideal_ratio": ideal,
               "source_cost_over_forward": per_source}
     atomic_write_json(args.output, report)
