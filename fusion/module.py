@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
 from fusion import losses
-from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, row_key, rows_to_records
+from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
 from fusion.data import collate, encode, is_labelled
 from fusion.evaluation import correct, greedy_answers
 from fusion.methods import METHODS, Method
@@ -240,6 +240,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                     "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
         if data.load()["unlabeled"]:
             settings["answers"] = self.response_settings()
+            if self.method.runs == "top_k":  # the selector routes from the base student's features
+                settings["answers"]["student weights"] = model_fingerprint(resolve_model_path(h.student, "model.student"))
         return cache_fingerprint(paths, self.tokenizer, tokenizers, data.corpus(), settings)
 
     def attach_cache(self, data=None) -> None:
