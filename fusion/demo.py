@@ -61,8 +61,10 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False,
         for callback in run.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
                 callback.dirpath = directory
+        with open(config) as f:
+            config_text = f.read()
         models = [run.model.hparams.student, *run.model.hparams.sources]
-        _forget_other_runs(directory, {"config": open(config).read(), "arguments": args + extra,
+        _forget_other_runs(directory, {"config": config_text, "arguments": args + extra,
                                        "models": {path: model_fingerprint(path) for path in models}})
     timings = {}
     started = time.time()

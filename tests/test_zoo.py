@@ -81,7 +81,7 @@ def test_demo_runs_every_method_per_seed_and_reports_the_spread(tiny_zoo, tmp_pa
     means = [statistics.mean(r["acc_mean"] for r in results[m]) for m in ("none", "selector")]
     assert f"{means[0]:.3f} ± " in report and f"{means[1]:.3f} ± " in report
     stamp = tmp_path / "runs" / "selector-seed1" / "checkpoints" / "demo-run.json"
-    assert json.loads(stamp.read_text())["arguments"][-1] == "--seed_everything=1"
+    assert "--seed_everything=1" in json.loads(stamp.read_text())["arguments"]
     # A changed setting forgets the old checkpoints instead of resuming from them.
     demo.main(argv[:-5] + ["--seeds", "1", "--output", str(tmp_path / "out2"), "--trainer.max_steps=2"])
     assert json.loads(stamp.read_text())["arguments"][-1] == "--trainer.max_steps=2"

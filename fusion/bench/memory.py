@@ -57,6 +57,13 @@ def measure(root: str, vocab: int, method: str, batch_size: int) -> float:
     batch = next(iter(data.train_dataloader()))
     optimizer = syn.optimizer_for(module)
     extra = None
+    # Every model resident before the step: the sources load where they run (on first use of
+    # the pool), and safetensors weights are paged in when first read; neither is the step's.
+    models = [module.student, *(module.pool.models if method == "selector-online" else [])]
+    with torch.no_grad():
+        for model in models:
+            for parameter in model.parameters():
+                parameter.sum()
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
