@@ -5,7 +5,7 @@ GPT-2's byte-to-unicode symbols (`Ġ` for a space), SentencePiece's `▁` space 
 `<0xNN>` byte pieces all become plain bytes, and special tokens contribute none. A token starts
 at the byte where its bytes begin, so a token whose text begins with a space starts AT the space.
 
-The rule (DESIGN.md, "Alignment across tokenizers"), exact and linear in length:
+The rule, exact and linear in length:
 
 - The text is what the student's tokens spell. The source tokenizes it (with its own bos first
   and, when the student's row ends with eos, its own eos last); its tokens must spell the same

@@ -1,4 +1,4 @@
-"""Hand-checked values for every formula in fusion/losses.py (DESIGN.md, "The mathematics").
+"""Hand-checked values for every formula in fusion/losses.py.
 
 Every expected number is written as a literal or a math.log / math.exp expression on tiny
 tensors, so a reader can verify it with pencil and paper.

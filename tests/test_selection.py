@@ -1,5 +1,6 @@
 """The selection network (fusion/selection.py): features, the quality predictor, noisy top-k,
-the exploration schedule, and the anti-collapse story of DESIGN.md on a synthetic bandit.
+the exploration schedule, and, on a synthetic bandit, why noise and balancing keep the
+selector from collapsing onto the sources it tried first.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def test_exploration_scale_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# The collapse test: a synthetic contextual bandit (DESIGN.md, "Why this form")
+# The collapse test: a synthetic contextual bandit
 # ---------------------------------------------------------------------------------------------
 
 N_SOURCES, N_DOMAINS, FEATURE_DIM = 6, 4, 16

@@ -24,7 +24,8 @@ def std(values: list[float]) -> float:
 
 
 def interference(acc_a: dict[str, float], acc_b: dict[str, float]) -> float:
-    """DESIGN.md: the mean over domains of max(0, acc_A(d) - acc_B(d)), the accuracy lost to distractors."""
+    """Knowledge interference: the mean over domains of max(0, acc_A(d) - acc_B(d)), the accuracy
+    that adding the distractors (pool B) costs against the specialists alone (pool A)."""
     return sum(max(0.0, acc_a[d] - acc_b[d]) for d in acc_a) / len(acc_a)
 
 
