@@ -1,14 +1,18 @@
-"""The quickstart: build the zoo, fuse it into the student with each method, print a table.
+"""The quickstart: build the zoo models a config uses, fuse them into the student with each
+method, print a table.
 
     python -m fusion.demo --zoo configs/zoo.yaml --config configs/quickstart.yaml
+    python -m fusion.demo --zoo '' --seeds 0 1 2     # every method per seed: mean ± std
 
-The quick start is label-scarce: 50 gold answers and 1000 prompts without one per domain. Every
+The quick start is label-scarce: 50 gold answers and 500 prompts without one per domain. Every
 method is the same `predict` (the sources answer the unlabelled prompts once and score the
 answers, into the offline cache) + `fit` + `test` of `fusion.train` with another `model.fusion`;
 `--online` runs the sources during `fit` instead. Results land in
 `checkpoints/quickstart/<method>/version_N/metrics.json` (checkpoints in
-`checkpoints/quickstart/<method>/checkpoints/`, caches in `checkpoints/cache/quickstart/<method>/`)
-and, side by side, in `checkpoints/quickstart/results.json` and `results.md`.
+`checkpoints/quickstart/<method>/checkpoints/`, caches in `checkpoints/cache/quickstart/<method>/`;
+with `--seeds`, `<method>-seed<N>`) and, side by side, in `results.json` and `results.md` under
+`--output`. A method's checkpoints resume an interrupted run of the same config, arguments and
+models, and are removed otherwise.
 """
 
 from __future__ import annotations
