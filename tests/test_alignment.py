@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -266,3 +267,27 @@ def test_project_topk_sums_duplicates_against_a_dense_reference():
     ids, logprobs = project_topk(probs.log(), vocab_map, k=8, oversample=1)  # wider than the source
     assert ids.tolist() == [1, 0, 2, -1, -1, -1, -1, -1]
     assert logprobs[:3].exp().tolist() == pytest.approx([0.5, 0.2, 0.05])
+
+
+def test_the_first_source_token_at_a_byte_is_the_first_in_text_order(char):
+    """Where several source tokens start at one byte (zero-width tokens, as a lone SentencePiece
+    prefix can be), the position takes the first of them, whatever order NumPy writes in."""
+    source = Aligner(char, char)
+    real = source.source_tokens
+    width = 40  # zero-width tokens inserted at byte 1, before the token that starts there
+
+    def with_zero_width_tokens(texts):
+        entries = []
+        for ids, starts, ends in real(texts):
+            entries.append((np.concatenate([ids[:1], np.full(width, ids[1]), ids[1:]]),
+                            np.concatenate([starts[:1], np.full(width, starts[1]), starts[1:]]),
+                            np.concatenate([ends[:1], np.full(width, starts[1]), ends[1:]])))
+        return entries
+
+    source.source_tokens = with_zero_width_tokens
+    features = [dict(encode(char, "ab=", "ba", 64), row=None)]
+    batch = collate(features, char.pad_token_id)
+    out = source(batch["input_ids"], batch["attention_mask"], batch["targets"])
+    # Columns: bos 0, "a" 1, the zero-width tokens 2..41, "b" 42, "=" 43, ...
+    assert out.position_map[0, 1] == 1  # byte 1: predicted where the first zero-width token is
+    assert out.position_map[0, 2] == width + 2  # byte 2: the token after "b"
