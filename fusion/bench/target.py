@@ -33,7 +33,7 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     from types import SimpleNamespace
 
-    from fusion.data import FusionDataModule
+    from fusion.data import IGNORE_INDEX, FusionDataModule
     from fusion.losses import fused_target
     from fusion.module import FusionDistillModule
 
@@ -56,7 +56,7 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
             alpha = torch.full((len(batch["rows"]), 2), 0.5)
             own = module.pool.run(selected, batch, module.hparams.temperature)
             exact = module.pool.run(selected, batch, module.hparams.temperature, union=True)
-            both = own.aligned.all(1) & (batch["targets"] != -100)  # positions where both sources speak
+            both = own.aligned.all(1) & (batch["targets"] != IGNORE_INDEX)  # positions where both sources speak
             cached = fused_target(own.ids, own.logprobs, alpha, own.aligned)
             true = fused_target(exact.ids, exact.logprobs, alpha, exact.aligned)
             mass_cached, mass_true = cached.probs.sum(-1), true.probs.sum(-1)  # [B, T]
