@@ -16,6 +16,9 @@ The rule, exact and linear in length:
 - The student position predicting eos aligns with the source position predicting the source's
   eos. The student's bos position predicts the token at byte 0, so it aligns with the source's
   bos position when the source has a bos, and is unaligned when it has none.
+- Inside a source token: where c falls inside source token j+1 (it starts at byte b < c),
+  `inside_position` is j and `inside_offset` is c - b, the bytes of that token the text has
+  already spelled (`fusion.marginal` reads the source's distribution there).
 - Source targets: source position j is trained (its target is source token j+1) when token j+1
   overlaps the student's trained span, which runs from the first trained student token to the
   end, eos included; other positions get IGNORE_INDEX. So the source's NLL over its targets is
@@ -146,10 +149,19 @@ class AlignedBatch:
     position_map: torch.Tensor  # [B, T] source position aligned with each student position, -1 unaligned
     aligned: torch.Tensor  # [B] trained student positions that are aligned
     trained: torch.Tensor  # [B] trained student positions
+    inside_position: torch.Tensor  # [B, T] source position predicting the token the student's next byte is inside of, -1 elsewhere
+    inside_offset: torch.Tensor  # [B, T] bytes of that token before the student's next byte (0 elsewhere)
+    inside: torch.Tensor  # [B] trained student positions inside a source token
 
     @property
     def coverage(self) -> float:
+        """Trained student positions at a shared token boundary."""
         return int(self.aligned.sum()) / max(int(self.trained.sum()), 1)
+
+    @property
+    def reach(self) -> float:
+        """Trained student positions at a shared boundary or inside a source token (the `marginal` policy's coverage)."""
+        return int(self.aligned.sum() + self.inside.sum()) / max(int(self.trained.sum()), 1)
 
 
 def _utf8_span(data: bytes) -> tuple[int, int]:
@@ -271,6 +283,20 @@ class Aligner:
         position_map = np.full((batch, length), UNALIGNED, dtype=np.int64)
         position_map[:, :-1] = np.where(source_next >= 1, source_next - 1, UNALIGNED)
 
+        # Inside a source token: the column of the token covering byte c, and how far into it c is.
+        sizes = token_ends - token_starts  # [M] bytes per token (0 for a dummy prefix space)
+        covered = np.repeat(base[token_row] + token_starts, sizes) + np.arange(sizes.sum()) - np.repeat(sizes.cumsum() - sizes, sizes)
+        covering = np.full(len(first), -1, dtype=np.int64)
+        covering[covered] = np.repeat(np.arange(len(token_col)), sizes)  # index into the [M] arrays
+        token = np.where(inside & (source_next < 0), covering[base[:, None] + np.clip(following, 0, text_size[:, None])], -1)
+        inside_position = np.full((batch, length), UNALIGNED, dtype=np.int64)
+        inside_offset = np.zeros((batch, length), dtype=np.int64)
+        if len(token_col):
+            column = token_col[np.maximum(token, 0)]
+            token = np.where((token >= 0) & (column >= 1), token, -1)  # column 0 is predicted by nothing
+            inside_position[:, :-1] = np.where(token >= 0, column - 1, UNALIGNED)
+            inside_offset[:, :-1] = np.where(token >= 0, following - token_starts[np.maximum(token, 0)], 0)
+
         # Source targets: the tokens overlapping [first trained student token, end], eos included.
         trained = valid & (targets.cpu().numpy() != IGNORE_INDEX)  # [B, T]
         first_trained = trained.argmax(1)
@@ -294,4 +320,7 @@ class Aligner:
             position_map=torch.from_numpy(position_map),
             aligned=torch.from_numpy((trained & (position_map >= 0)).sum(1)),
             trained=torch.from_numpy(trained.sum(1)),
+            inside_position=torch.from_numpy(inside_position),
+            inside_offset=torch.from_numpy(inside_offset),
+            inside=torch.from_numpy((trained & (inside_position >= 0)).sum(1)),
         )

@@ -197,7 +197,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def _load_pool(self) -> SourcePool:
         h = self.hparams
-        return SourcePool(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, h.source_top_k, h.unaligned, h.vocab_map, h.vocab_map_dir)
+        return SourcePool.load(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, top_k=h.source_top_k,
+                               unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir)
 
     @property
     def explores(self) -> bool:

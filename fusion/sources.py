@@ -13,12 +13,13 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from fusion.alignment import Aligner
+from fusion.alignment import Aligner, token_bytes
 from fusion.data import IGNORE_INDEX, collate, encode
+from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk
 from fusion.tokenizer import load_tokenizer
 from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
-UNALIGNED_POLICIES = ("mask", "gold_onehot")
+UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,54 +81,68 @@ class SourcePool:
     Each source's outputs are expressed over the student's vocabulary as top-K sparse
     distributions. A source with the student's own tokenizer is read position by position; any
     other is aligned by byte offsets (`fusion.alignment`) and its tokens mapped onto the
-    student's vocabulary (`fusion.vocab_map`). Student positions where such a source has no
-    exact boundary are either left without its distribution (`unaligned="mask"`) or given a
-    one-hot of the gold token (`"gold_onehot"`).
+    student's vocabulary (`fusion.vocab_map`). A student position where such a source has no
+    exact boundary gets the source's distribution over the bytes that follow, read inside the
+    source's token (`unaligned="marginal"`, `fusion.marginal`), a one-hot of the gold token
+    (`"gold_onehot"`), or nothing from that source (`"mask"`).
     """
 
     def __init__(
         self,
-        paths: list[str],
+        models: list,
+        tokenizers: list[PreTrainedTokenizerBase],
+        names: list[str],
         student_tokenizer: PreTrainedTokenizerBase,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
         top_k: int = 10,
         unaligned: str = "mask",
         vocab_map: str = "exact+med",
         vocab_map_dir: str | None = None,
     ):
+        """Frozen models in memory with their tokenizers (`load` reads them from paths)."""
         if unaligned not in UNALIGNED_POLICIES:
             raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
         if vocab_map not in VOCAB_MAP_METHODS:
             raise ValueError(f"model.vocab_map must be one of {VOCAB_MAP_METHODS}, got {vocab_map!r}")
-        self.names = [source_name(p) for p in paths]
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"model.sources: source directory names must be unique, got {self.names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.sources: source directory names must be unique, got {names}")
+        self.names, self.models, self.tokenizers = list(names), list(models), list(tokenizers)
         self.vocab_size = len(student_tokenizer)
         self.top_k = min(top_k, self.vocab_size)
         self.unaligned = unaligned
-        self.models, self.tokenizers, self.aligners, self.vocab_maps = [], [], [], []
-        for index, path in enumerate(paths):
+        self.aligners, self.vocab_maps, self.prefixes = [], [], []
+        for index, (model, tokenizer) in enumerate(zip(models, tokenizers)):
             key = f"model.sources[{index}]"
-            path = resolve_model_path(path, key)
-            tokenizer = load_tokenizer(path, trust_remote_code)
-            model = load_frozen(path, dtype, trust_remote_code)
             rows = model.get_output_embeddings().weight.shape[0]
             if rows < len(tokenizer):
                 raise ValueError(f"{key}: the model has {rows} output rows, fewer than the {len(tokenizer)} tokens of its tokenizer")
-            if same_vocabulary(student_tokenizer, tokenizer):
-                self.aligners.append(None)
-                self.vocab_maps.append(None)
-            else:
+            aligner = vocab_map_rows = prefixes = None
+            if not same_vocabulary(student_tokenizer, tokenizer):
                 try:
-                    self.aligners.append(Aligner(student_tokenizer, tokenizer))
-                    self.vocab_maps.append(build_vocab_map(tokenizer, student_tokenizer, rows, vocab_map, vocab_map_dir))
+                    aligner = Aligner(student_tokenizer, tokenizer)
+                    vocab_map_rows = build_vocab_map(tokenizer, student_tokenizer, rows, vocab_map, vocab_map_dir)
                 except ValueError as error:
                     raise ValueError(f"{key}: {error}") from error
-            self.models.append(model)
-            self.tokenizers.append(tokenizer)
+                if unaligned == "marginal":
+                    prefixes = TokenPrefixes(aligner.source_bytes, aligner.student_text, rows)
+            self.aligners.append(aligner)
+            self.vocab_maps.append(vocab_map_rows)
+            self.prefixes.append(prefixes)
         self.device = torch.device("cpu")
-        self.coverage: dict[str, float] = {}  # aligned / trained student positions in the last run
+        self.coverage: dict[str, float] = {}  # trained student positions with the source's distribution, in the last run
+
+    @classmethod
+    def load(cls, paths: list[str], student_tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
+             trust_remote_code: bool = False, **settings) -> "SourcePool":
+        """The sources at `paths` (model directories or hub names), frozen; `settings`: `__init__`'s."""
+        names = [source_name(p) for p in paths]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.sources: source directory names must be unique, got {names}")
+        models, tokenizers = [], []
+        for index, path in enumerate(paths):
+            path = resolve_model_path(path, f"model.sources[{index}]")
+            tokenizers.append(load_tokenizer(path, trust_remote_code))
+            models.append(load_frozen(path, dtype, trust_remote_code))
+        return cls(models, tokenizers, names, student_tokenizer, **settings)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -136,6 +151,7 @@ class SourcePool:
         if device != self.device:
             self.models = [m.to(device) for m in self.models]
             self.vocab_maps = [m.to(device) if m is not None else None for m in self.vocab_maps]
+            self.prefixes = [p.to(device) if p is not None else None for p in self.prefixes]
             self.device = device
         return self
 
@@ -186,7 +202,7 @@ class SourcePool:
 
         Everything after the forward runs on trained positions only (the response, not the prompt).
         """
-        aligner, vocab_map = self.aligners[index], self.vocab_maps[index]
+        aligner, vocab_map, prefixes = self.aligners[index], self.vocab_maps[index], self.prefixes[index]
         trained = targets != IGNORE_INDEX  # [R, T]
         if aligner is None:  # the student's tokenizer: position t is position t
             source_ids, source_mask, source_targets, position_map = input_ids, attention_mask, targets, None
@@ -194,6 +210,12 @@ class SourcePool:
             side = aligner(input_ids, attention_mask, targets)
             source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
             position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
+            if prefixes is not None:  # positions inside a source token, read from the position before it
+                inside_offset = side.inside_offset.to(input_ids.device)
+                inside_position = side.inside_position.to(input_ids.device)
+                spelled_token = source_ids.gather(1, (inside_position + 1).clamp(min=0))  # [R, T] the token c is inside of
+                inside = trained & (inside_position >= 0) & (prefixes.length[spelled_token] > inside_offset)
+                position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
         source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
         keep = source_trained.clone()  # the source positions whose logits are needed
         if position_map is not None:
@@ -234,12 +256,19 @@ class SourcePool:
             usable = trained & (position_map >= 0) & finite[:, None]
             rows, positions = usable.nonzero(as_tuple=True)
             source_logprobs = logp[slot[rows, position_map[rows, positions]]]  # [P, V_source]
+            at = inside[rows, positions].nonzero(as_tuple=True)[0] if prefixes is not None else rows[:0]  # [P'] of the P
+            if len(at):
+                tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
             if table:  # exact: every source token's mass carried to its student token
                 dense = project_dense(source_logprobs, vocab_map, self.vocab_size)
+                if len(at):
+                    dense[at] = marginal_dense(prefixes, source_logprobs[at], tokens, spelled, self.vocab_size)
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None
                 top_ids, top_logprobs = project_topk(source_logprobs, vocab_map, self.top_k)
+                if len(at):
+                    top_ids[at], top_logprobs[at] = marginal_topk(prefixes, source_logprobs[at], tokens, spelled, self.top_k)
         device = logp.device
         out_ids = torch.full((*usable.shape, self.top_k), -1, device=device)
         out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=device)

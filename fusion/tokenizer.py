@@ -49,15 +49,18 @@ def build_gpt2_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=end, eos_token=end, pad_token=end, padding_side="right")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's scheme) trained on `texts`, with the special tokens of the char tokenizer.
 
     The 256 byte symbols and 4 specials come first, so `vocab_size` must exceed 260; the rest are merges.
+    `split_digits`: every digit is its own pre-token, so no token holds two digits (Qwen's and
+    Llama-2's scheme; GPT-2's and Llama-3's merge up to three).
     """
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed {256 + len(SPECIAL_TOKENS)} (bytes and specials), got {vocab_size}")
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

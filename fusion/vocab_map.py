@@ -209,7 +209,13 @@ def project_topk(source_logprobs: torch.Tensor, vocab_map: torch.Tensor, k: int,
     """
     width = min(source_logprobs.shape[-1], k * oversample)
     logprobs, source_ids = source_logprobs.float().topk(width, dim=-1)  # [..., W]
-    ids = vocab_map.to(source_ids.device)[source_ids]  # [..., W]
+    return merge_by_student_id(vocab_map.to(source_ids.device)[source_ids], logprobs, k)
+
+
+def merge_by_student_id(ids: torch.Tensor, logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates [..., W] (student ids, -1 dropped, and log-probs) -> the k most likely student ids
+    [..., k] with the logsumexp of their candidates' log-probs, padded with -1 and -inf."""
+    width = ids.shape[-1]
     logprobs = logprobs.masked_fill(ids == DROPPED, float("-inf"))
     ids, order = ids.sort(dim=-1)
     logprobs = logprobs.gather(-1, order)

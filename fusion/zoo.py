@@ -61,7 +61,9 @@ class SourceRecipe:
     """How to make one source. `domains` empty means every domain of the zoo.
 
     `tokenizer`: "char" (one token per character, 99 tokens), "gpt2" (the real GPT-2 byte-level
-    BPE, 50257 tokens) or "bpe-N" (a byte-level BPE of N tokens trained on this source's data).
+    BPE, 50257 tokens, up to three digits per token), "bpe-N" (a byte-level BPE of N tokens
+    trained on this source's data) or "bpe-N-digits" (the same with every digit its own token, as
+    Qwen's tokenizers split them).
     `base`: a model directory; the source is then a LoRA adapter of it (`lora`: peft LoraConfig
     arguments), trained as `kind` says ("random": random A and B, no training), and
     `architecture` and `tokenizer` are the base's. `seed`: this model's own seed (default: the
@@ -82,8 +84,8 @@ class SourceRecipe:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if not (self.tokenizer in ("char", "gpt2") or re.fullmatch(r"bpe-\d+", self.tokenizer)):
-            raise ValueError(f"source {self.name!r}: tokenizer must be 'char', 'gpt2' or 'bpe-N', got {self.tokenizer!r}")
+        if not (self.tokenizer in ("char", "gpt2") or re.fullmatch(r"bpe-\d+(-digits)?", self.tokenizer)):
+            raise ValueError(f"source {self.name!r}: tokenizer must be 'char', 'gpt2', 'bpe-N' or 'bpe-N-digits', got {self.tokenizer!r}")
         if self.lora is not None and self.base is None:
             raise ValueError(f"source {self.name!r}: lora settings need a base model (base: path of the model to adapt)")
 
@@ -110,7 +112,7 @@ def make_tokenizer(spec: str, texts: list[str]) -> PreTrainedTokenizerFast:
         return build_char_tokenizer()
     if spec == "gpt2":
         return build_gpt2_tokenizer()
-    return train_bpe_tokenizer(texts, int(spec.split("-")[1]))
+    return train_bpe_tokenizer(texts, int(spec.split("-")[1]), split_digits=spec.endswith("-digits"))
 
 
 def build_adapter(recipe: SourceRecipe, seed: int):

@@ -1,7 +1,20 @@
 """`python -m fusion.bench alignment`: speed and coverage of alignment, and the vocabulary maps.
 
 The student is the char tokenizer; the sources are the char tokenizer, the real GPT-2 tokenizer
-and a byte-level BPE trained on the suite's train split. Printed:
+(up to three digits per token), and two byte-level BPEs trained on the suite's train split, one
+of them splitting every digit (as Qwen's tokenizers do). Printed:
+
+- per source and unaligned policy (mask, gold_onehot, marginal): coverage (trained student
+  positions where the source gives a distribution), gold agreement (the share of trained
+  positions where the most likely next student token of a source that knows the text, one
+  certain of each of its next tokens, is the gold one; counted over all trained positions, so a
+  position without a distribution is a miss), and tokens/s of alignment plus projection onto
+  the student's vocabulary for those certain log-probs (`mask` is today's exact-boundary
+  alignment; the others add their fill). Also per domain, and for a student coarser than the
+  source (GPT-2 student, char source). Written to `--output`/report.json;
+- with `--zoo`, the probability mass the K most likely student tokens keep at shared boundaries
+  and inside source tokens, for the zoo's sources with another tokenizer (what storing top-K in
+  the cache leaves out of the marginal);
 
 - alignment tokens/s (student tokens, attention mask) for each source, cold (every text
   tokenized by the source) and cached (the best of three more epochs over the same texts);
@@ -16,8 +29,10 @@ and a byte-level BPE trained on the suite's train split. Printed:
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from jsonargparse import CLI
@@ -25,8 +40,93 @@ from jsonargparse import CLI
 from fusion import tasks
 from fusion.alignment import Aligner
 from fusion.data import IGNORE_INDEX, collate, encode
+from fusion.io import atomic_write_json
+from fusion.sources import UNALIGNED_POLICIES, SourcePool
 from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 from fusion.vocab_map import METHODS, build_vocab_map, vocab_map_counts
+
+
+class TextOracle(torch.nn.Module):
+    """A causal LM that knows the text: at every position it is certain (`confidence` logits above
+    every other token) of the next token of its input. It computes only the logits asked for."""
+
+    def __init__(self, rows: int, confidence: float = 50.0):
+        super().__init__()
+        self.head = torch.nn.Linear(1, rows, bias=False)  # only its shape is read: the output rows
+        self.confidence = confidence
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: torch.Tensor) -> SimpleNamespace:
+        following = input_ids.roll(-1, dims=1)[logits_to_keep]  # [Q]
+        logits = torch.zeros(len(following), self.head.weight.shape[0])
+        logits[torch.arange(len(following)), following] = self.confidence
+        return SimpleNamespace(logits=logits)
+
+
+def policy_table(student, sources: dict, batches: list[dict], domains: list[str], repeats: int = 3) -> dict:
+    """Coverage, gold agreement and tokens/s per source and policy, for sources that know the text."""
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    report = {}
+    for name, source in sources.items():
+        for policy in UNALIGNED_POLICIES:
+            pool = SourcePool([TextOracle(len(source))], [source], [name], student, top_k=10, unaligned=policy)
+            selected = [torch.zeros(len(b["input_ids"]), 1, dtype=torch.long) for b in batches]
+            outputs = [pool.run(s, b) for s, b in zip(selected, batches)]  # warm: tokenization cached, ranges memoized
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for s, b in zip(selected, batches):
+                    pool.run(s, b)
+                seconds.append(time.perf_counter() - start)
+            counts = defaultdict(lambda: [0, 0, 0])  # covered, agreeing, trained
+            for batch, out in zip(batches, outputs):
+                trained = batch["targets"] != IGNORE_INDEX
+                covered = out.aligned[:, 0] & trained
+                agrees = covered & (out.ids[:, 0, :, 0] == batch["targets"])
+                for row, c, a, t in zip(batch["rows"], covered.sum(1).tolist(), agrees.sum(1).tolist(), trained.sum(1).tolist()):
+                    for key in (row["domain"], "all"):
+                        counts[key] = [counts[key][0] + c, counts[key][1] + a, counts[key][2] + t]
+            report.setdefault(name, {})[policy] = {
+                "coverage": counts["all"][0] / counts["all"][2],
+                "gold_agreement": counts["all"][1] / counts["all"][2],
+                "tokens_per_second": tokens / min(seconds),
+                "domains": {d: {"coverage": counts[d][0] / counts[d][2], "gold_agreement": counts[d][1] / counts[d][2]} for d in domains},
+            }
+    return report
+
+
+def print_policy_table(report: dict, domains: list[str]) -> None:
+    print(f"{'source':>14} {'policy':>12} {'coverage':>9} {'gold agreement':>15} {'tok/s':>10} {'x mask':>7}  " + " ".join(f"{d[:22]:>22}" for d in domains))
+    for name, policies in report.items():
+        for policy, row in policies.items():
+            ratio = row["tokens_per_second"] / policies["mask"]["tokens_per_second"]
+            cells = " ".join(f"{row['domains'][d]['coverage']:>10.1%} {row['domains'][d]['gold_agreement']:>11.1%}" for d in domains)
+            print(f"{name:>14} {policy:>12} {row['coverage']:>9.1%} {row['gold_agreement']:>15.1%} {row['tokens_per_second']:>10,.0f} {ratio:>7.2f}  {cells}")
+    print("(per domain: coverage, gold agreement)")
+
+
+def top_k_mass(zoo: str, batches: list[dict], student, top_k: int = 10) -> dict:
+    """Mean probability mass of the K most likely student tokens, at shared boundaries and inside
+    source tokens, for each zoo source with another tokenizer (the marginal policy, online)."""
+    names = [n for n in sorted(os.listdir(zoo)) if os.path.isfile(os.path.join(zoo, n, "config.json")) and n != "student"]
+    pool = SourcePool.load([os.path.join(zoo, n) for n in names], student, top_k=top_k, unaligned="marginal")
+    result = {}
+    for index, name in enumerate(pool.names):
+        if pool.aligners[index] is None:
+            continue
+        sums = {"boundary": [0.0, 0], "inside": [0.0, 0]}
+        for batch in batches:
+            side = pool.aligners[index](batch["input_ids"], batch["attention_mask"], batch["targets"])
+            out = pool.run(torch.full((len(batch["input_ids"]), 1), index), batch)
+            mass = out.logprobs[:, 0].exp().sum(-1)  # [B, T]
+            trained = (batch["targets"] != IGNORE_INDEX) & out.aligned[:, 0]
+            for kind, where in (("boundary", trained & (side.position_map >= 0)), ("inside", trained & (side.position_map < 0))):
+                sums[kind][0] += float(mass[where].sum())
+                sums[kind][1] += int(where.sum())
+        result[name] = {kind: total / max(count, 1) for kind, (total, count) in sums.items()}
+    return result
 
 
 def gold_agreement(batches: list[dict], aligner: Aligner, vocab_map: torch.Tensor) -> float:
@@ -41,14 +141,18 @@ def gold_agreement(batches: list[dict], aligner: Aligner, vocab_map: torch.Tenso
     return hits / max(total, 1)
 
 
-def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_vocab_size: int = 400, seed: int = 0) -> None:
-    """Measure on `train_size` suite examples per domain, batches of `batch_size`, rows of `max_length` tokens."""
+def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_vocab_size: int = 400, seed: int = 0,
+        output: str = "checkpoints/bench/alignment", zoo: str | None = None) -> None:
+    """Measure on `train_size` suite examples per domain, batches of `batch_size`, rows of `max_length` tokens;
+    with `zoo` (a model zoo's directory), also the top-K mass of its sources."""
     rows = tasks.build_splits(tasks.DEFAULT_DOMAINS, {"train": train_size}, seed)["train"]
     student = build_char_tokenizer()
+    texts = [r["prompt"] + r["response"] for r in rows]
     sources = {
         "char": build_char_tokenizer(),
         "gpt2": build_gpt2_tokenizer(),
-        f"bpe{bpe_vocab_size}": train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows], bpe_vocab_size),
+        f"bpe{bpe_vocab_size}": train_bpe_tokenizer(texts, bpe_vocab_size),
+        f"bpe{bpe_vocab_size}-digits": train_bpe_tokenizer(texts, bpe_vocab_size, split_digits=True),
     }
 
     def batches_of(tokenizer) -> list[dict]:
@@ -85,8 +189,24 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
         cells = [f"{counts[d][0] / counts[d][1]:>7.1%} ({counts[d][0]:>5}/{counts[d][1]:>5})" for d in domains]
         print(f"{name:>8} " + " ".join(f"{c:>24}" for c in cells) + f" {counts['all'][0] / counts['all'][1]:>8.1%}")
 
+    domains = sorted({r["domain"] for r in rows})
+    print("\nper unaligned policy, sources that know the text (certain of each next token); tok/s: alignment + projection")
+    report = {"student": "char", "rows": len(rows), "sources": policy_table(student, {k: v for k, v in sources.items() if k != "char"}, batches, domains)}
+    print_policy_table(report["sources"], domains)
+    print("\nstudent coarser than the source (GPT-2 student, char source)")
+    report["coarser"] = policy_table(sources["gpt2"], {"char": sources["char"]}, batches_of(sources["gpt2"]), domains)
+    print_policy_table(report["coarser"], domains)
+    if zoo:
+        print(f"\nmass kept by the top-10 student tokens (marginal policy, {zoo})")
+        report["top_k_mass"] = top_k_mass(zoo, batches, student)
+        for name, row in report["top_k_mass"].items():
+            print(f"  {name:>30}: shared boundaries {row['boundary']:.3f}, inside source tokens {row['inside']:.3f}")
+    os.makedirs(output, exist_ok=True)
+    atomic_write_json(os.path.join(output, "report.json"), report)
+    print(f"wrote {os.path.join(output, 'report.json')}")
+
     print("\nvocabulary maps source -> student (rows = len(source tokenizer))")
-    pairs = [("gpt2", "char"), (f"bpe{bpe_vocab_size}", "char"), ("char", "char"), ("char", "gpt2")]
+    pairs = [("gpt2", "char"), (f"bpe{bpe_vocab_size}", "char"), (f"bpe{bpe_vocab_size}-digits", "char"), ("char", "char"), ("char", "gpt2")]
     print(f"{'pair':>16} {'method':>13} {'special':>8} {'exact':>7} {'fallback':>9} {'dropped':>8} {'gold agreement':>15}")
     for source_name, student_name in pairs:
         source, pair_student = sources[source_name], sources[student_name]
