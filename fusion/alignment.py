@@ -19,6 +19,10 @@ The rule, exact and linear in length:
 - Inside a source token: where c falls inside source token j+1 (it starts at byte b < c),
   `inside_position` is j and `inside_offset` is c - b, the bytes of that token the text has
   already spelled (`fusion.marginal` reads the source's distribution there).
+- A student token spanning several source tokens: where the student's next token (bytes c to e)
+  starts at a shared boundary and holds more than one source token, `span_last` is the source
+  position predicting the last source token that overlaps it and `span_spelled` that token's
+  bytes before e (`fusion.marginal` reads the student token's probability along them).
 - Source targets: source position j is trained (its target is source token j+1) when token j+1
   overlaps the student's trained span, which runs from the first trained student token to the
   end, eos included; other positions get IGNORE_INDEX. So the source's NLL over its targets is
@@ -152,6 +156,8 @@ class AlignedBatch:
     inside_position: torch.Tensor  # [B, T] source position predicting the token the student's next byte is inside of, -1 elsewhere
     inside_offset: torch.Tensor  # [B, T] bytes of that token before the student's next byte (0 elsewhere)
     inside: torch.Tensor  # [B] trained student positions inside a source token
+    span_last: torch.Tensor  # [B, T] where the student's next token spans several source tokens from a shared boundary: the source position predicting the last of them, else -1
+    span_spelled: torch.Tensor  # [B, T] bytes of that last source token inside the student's token (0 elsewhere)
 
     @property
     def coverage(self) -> float:
@@ -284,10 +290,10 @@ class Aligner:
         position_map[:, :-1] = np.where(source_next >= 1, source_next - 1, UNALIGNED)
 
         # Inside a source token: the column of the token covering byte c, and how far into it c is.
-        sizes = token_ends - token_starts  # [M] bytes per token (0 for a dummy prefix space)
-        covered = np.repeat(base[token_row] + token_starts, sizes) + np.arange(sizes.sum()) - np.repeat(sizes.cumsum() - sizes, sizes)
+        token_sizes = token_ends - token_starts  # [M] bytes per token (0 for a dummy prefix space)
+        covered = np.repeat(base[token_row] + token_starts, token_sizes) + np.arange(token_sizes.sum()) - np.repeat(token_sizes.cumsum() - token_sizes, token_sizes)
         covering = np.full(len(first), -1, dtype=np.int64)
-        covering[covered] = np.repeat(np.arange(len(token_col)), sizes)  # index into the [M] arrays
+        covering[covered] = np.repeat(np.arange(len(token_col)), token_sizes)  # index into the [M] arrays
         token = np.where(inside & (source_next < 0), covering[base[:, None] + np.clip(following, 0, text_size[:, None])], -1)
         inside_position = np.full((batch, length), UNALIGNED, dtype=np.int64)
         inside_offset = np.zeros((batch, length), dtype=np.int64)
@@ -296,6 +302,19 @@ class Aligner:
             token = np.where((token >= 0) & (column >= 1), token, -1)  # column 0 is predicted by nothing
             inside_position[:, :-1] = np.where(token >= 0, column - 1, UNALIGNED)
             inside_offset[:, :-1] = np.where(token >= 0, following - token_starts[np.maximum(token, 0)], 0)
+
+        # A student token spanning several source tokens, from a shared boundary: the source
+        # position predicting the last of them, and that token's bytes inside the student token.
+        span_last = np.full((batch, length), UNALIGNED, dtype=np.int64)
+        span_spelled = np.zeros((batch, length), dtype=np.int64)
+        end = following + sizes[:, 1:]  # [B, T-1] byte after the predicted student token
+        spans = (position_map[:, :-1] >= 0) & inside & (end <= text_size[:, None]) & (sizes[:, 1:] > 0)
+        if len(token_col) and spans.any():
+            holder = covering[base[:, None] + np.clip(end - 1, 0, text_size[:, None])]  # the token holding the last byte
+            column = token_col[np.maximum(holder, 0)]
+            spans &= (holder >= 0) & (column > position_map[:, :-1] + 1)
+            span_last[:, :-1] = np.where(spans, column - 1, UNALIGNED)
+            span_spelled[:, :-1] = np.where(spans, end - token_starts[np.maximum(holder, 0)], 0)
 
         # Source targets: the tokens overlapping [first trained student token, end], eos included.
         trained = valid & (targets.cpu().numpy() != IGNORE_INDEX)  # [B, T]
@@ -323,4 +342,6 @@ class Aligner:
             inside_position=torch.from_numpy(inside_position),
             inside_offset=torch.from_numpy(inside_offset),
             inside=torch.from_numpy((trained & (inside_position >= 0)).sum(1)),
+            span_last=torch.from_numpy(span_last),
+            span_spelled=torch.from_numpy(span_spelled),
         )

@@ -27,6 +27,13 @@ equal to u (a boundary exactly at c) become tail instead of being expanded throu
 forward. With a multi-byte student token, the student token a remainder r lands on is the
 longest student token that spells a prefix of r; the student's tokenizer might end its token
 elsewhere depending on the text after r.
+
+The other way round, a student token y spanning several source tokens from a shared boundary
+(a GPT-2 student, a character source): the source's distribution at the boundary is carried by
+the vocabulary map, and y gets P(the source spells y) along the text, the product of the
+source's probabilities of the tokens inside y with the last one's prefix mass, moved from the
+student token y's first source token landed on (`move_mass`). Only the gold path is expanded:
+other multi-token student tokens get no such mass.
 """
 
 from __future__ import annotations
@@ -103,6 +110,14 @@ class TokenPrefixes:
         conditional -= given
         return conditional.masked_fill_(length <= spelled.to(torch.int32)[:, None], -math.inf)  # tokens equal to u: the tail
 
+    def log_mass(self, logprobs: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
+        """log P(tokens beginning with the first `spelled` bytes of `tokens`). [P, V_source], [P], [P] -> [P]"""
+        bounds = torch.tensor([self.prefix_range(v, l) for v, l in zip(tokens.tolist(), spelled.tolist())],
+                              dtype=torch.int32, device=logprobs.device).reshape(-1, 2)
+        rank = self.rank[: logprobs.shape[-1]]
+        outside = (rank < bounds[:, :1]) | (rank >= bounds[:, 1:])
+        return torch.logsumexp(logprobs.float().masked_fill(outside, -math.inf), dim=-1)
+
     def landing(self, candidates: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
         """The student token each candidate's remainder (its bytes after the first `spelled`) lands
         on. candidates [P, W] source ids that go on past `spelled` [P] -> [P, W] student ids"""
@@ -113,6 +128,19 @@ def _successor(prefix: bytes) -> bytes | None:
     """The smallest byte string greater than every string that begins with `prefix` (None: no such string)."""
     trimmed = prefix.rstrip(b"\xff")
     return trimmed[:-1] + bytes([trimmed[-1] + 1]) if trimmed else None
+
+
+def move_mass(ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, spanning: torch.Tensor, log_mass: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A student token spanning several source tokens, at a shared boundary: its probability along
+    the source tokens it holds (`log_mass` [P]) moves to it (`spanning` [P]) from the student token
+    its first source token was carried to (`first` [P]). ids, logprobs [P, K] -> the same, top k."""
+    probs = logprobs.exp()
+    at_first = ids == first[:, None]
+    taken = torch.minimum(probs.masked_fill(~at_first, 0.0).sum(-1), log_mass.exp())  # never more than that entry holds
+    probs = torch.where(at_first, (probs - taken[:, None]).clamp(min=0.0), probs)
+    candidates = torch.cat([ids, spanning[:, None]], dim=-1)
+    return merge_by_student_id(candidates, torch.cat([probs, log_mass.exp()[:, None]], dim=-1).log(), k)
 
 
 CHUNK_ELEMENTS = 2**22  # [positions, V_source] elements handled at once: a few such tensors stay near 100 MB

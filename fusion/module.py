@@ -61,8 +61,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         source_top_k: K, the support kept of each source's distribution per position (the fused
             target lives on the union of the selected sources' top-K, plus a tail bucket).
         unaligned: a student position where a source with another tokenizer has no token
-            boundary gets no distribution from it ("mask") or a one-hot of the gold token
-            ("gold_onehot").
+            boundary: the source's distribution over the bytes that follow, read inside its own
+            token ("marginal", `fusion.marginal`), a one-hot of the gold token ("gold_onehot"),
+            or no distribution from that source ("mask").
         vocab_map: how source tokens map to student tokens: "exact+med" (exact string, else
             minimum edit distance), "exact+prefix" (exact, else the first student token of the
             source token's text) or "exact" (else dropped).
@@ -445,7 +446,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
         else:
             out = self.pool.to(self.device).run(selected, batch, h.temperature, union=True)  # the exact mixture on the union
-            self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # exact-boundary coverage
+            self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # positions with the source's distribution
             all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
             all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
             all_valid &= batch["labelled"].to(self.device)[:, None]  # CE along a source's own answer is no quality signal

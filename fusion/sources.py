@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fusion.alignment import Aligner, token_bytes
 from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk
+from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass
 from fusion.tokenizer import load_tokenizer
 from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
@@ -259,21 +259,52 @@ class SourcePool:
             at = inside[rows, positions].nonzero(as_tuple=True)[0] if prefixes is not None else rows[:0]  # [P'] of the P
             if len(at):
                 tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
+            spans = self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions) if prefixes is not None else None
             if table:  # exact: every source token's mass carried to its student token
                 dense = project_dense(source_logprobs, vocab_map, self.vocab_size)
                 if len(at):
                     dense[at] = marginal_dense(prefixes, source_logprobs[at], tokens, spelled, self.vocab_size)
+                if spans is not None:
+                    where, first, spanning, log_mass = spans
+                    probs, each = dense[where].exp(), torch.arange(len(where), device=dense.device)
+                    taken = torch.minimum(probs[each, first], log_mass.exp())  # as in move_mass
+                    probs[each, first] -= taken
+                    probs[each, spanning] += log_mass.exp()
+                    dense[where] = probs.log()
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None
                 top_ids, top_logprobs = project_topk(source_logprobs, vocab_map, self.top_k)
                 if len(at):
                     top_ids[at], top_logprobs[at] = marginal_topk(prefixes, source_logprobs[at], tokens, spelled, self.top_k)
+                if spans is not None:
+                    where, first, spanning, log_mass = spans
+                    top_ids[where], top_logprobs[where] = move_mass(top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k)
         device = logp.device
         out_ids = torch.full((*usable.shape, self.top_k), -1, device=device)
         out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=device)
         out_ids[usable], out_logprobs[usable] = torch.where(top_logprobs > -math.inf, top_ids, -1), top_logprobs
         return SourceOutputs(out_ids, out_logprobs, ce, finite, usable), (dense if table else None)
+
+    def _spanning(self, index: int, side, source_ids, source_targets, logp, slot, targets, rows, positions):
+        """Where the student's next token spans several source tokens from a shared boundary (of the
+        P usable positions `rows`, `positions`): which, the student token the first source token
+        was carried to, the student's token, and log P(the source spells it) along the text: the
+        source's gold log-probabilities over the tokens inside it, then the mass of the tokens
+        beginning with the last one's bytes inside it. None where there is no such position."""
+        span_last, span_spelled = side.span_last.to(logp.device), side.span_spelled.to(logp.device)
+        where = (span_last[rows, positions] >= 0).nonzero(as_tuple=True)[0]
+        if len(where) == 0:
+            return None
+        r, t = rows[where], positions[where]
+        start, last = side.position_map.to(logp.device)[r, t], span_last[r, t]
+        trained = source_targets != IGNORE_INDEX
+        gold = torch.zeros(source_targets.shape, device=logp.device)
+        gold[trained] = logp[slot[trained], source_targets[trained]]
+        before = torch.nn.functional.pad(gold.cumsum(1), (1, 0))  # [R, T_source + 1]: sum over positions < i
+        along = before[r, last] - before[r, start]  # the tokens before the last one, each certain of its successor
+        log_mass = along + self.prefixes[index].log_mass(logp[slot[r, last]], source_ids[r, last + 1], span_spelled[r, t])
+        return where, self.vocab_maps[index][source_ids[r, start + 1]], targets[r, t], log_mass
 
     @torch.no_grad()
     def answer(self, index: int, prompts: list[str], max_new_tokens: int, sampling: bool = False, temperature: float = 1.0) -> tuple[list[str], torch.Tensor]:

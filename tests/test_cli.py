@@ -35,6 +35,7 @@ def test_every_config_parses(path, capsys):
         "zoo.yaml": ["sources:"],
         "bench.yaml": ["pools:", "methods:", "train:"],
         "bench_unlabeled.yaml": ["pools:", "methods:", "unlabeled_size: 1000"],
+        "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "srft.yaml": ["class_path: fusion.srft.SRFTModule", "entropy_granularity:"],
     }.get(name, ["class_path: fusion.module.FusionDistillModule", "fusion:"])  # no class_path: the default
     assert all(part in printed for part in expected)

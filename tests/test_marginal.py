@@ -34,11 +34,13 @@ class FixedSource(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(int(logits_to_keep.sum()), -1))
 
 
-def student_distributions(student, source, probs: dict[str, float], prompt: str, response: str, policy: str = "marginal"):
-    """Per trained student position: {next student token: probability} from the source, or None."""
-    pool = SourcePool([FixedSource(source, probs)], [source], ["source"], student, top_k=8, unaligned=policy)
+def student_distributions(student, source, probs: dict[str, float], prompt: str, response: str, policy: str = "marginal", union: bool = False):
+    """Per trained student position: {next student token: probability} from the source, or None.
+    `union`: the source twice, on the union of both supports (the online path, whole distributions)."""
+    copies = 2 if union else 1
+    pool = SourcePool([FixedSource(source, probs)] * copies, [source] * copies, ["source", "copy"][:copies], student, top_k=8, unaligned=policy)
     batch = collate([encode(student, prompt, response, 64) | {"row": {}}], student.pad_token_id)
-    out = pool.run(torch.zeros(1, 1, dtype=torch.long), batch)
+    out = pool.run(torch.arange(copies)[None], batch, union=union)
     trained = (batch["targets"][0] != -100).nonzero().flatten().tolist()
     found = []
     for t in trained:
@@ -65,6 +67,8 @@ def test_a_source_token_split_over_several_student_positions(char):
     assert got[1] == pytest.approx({"e": 1.0})  # given "h": hello, help, he all go on with "e"
     assert got[2] == pytest.approx({"l": 0.7 / 0.8})  # given "he": "he" itself ends here (tail 0.1 / 0.8)
     assert got[3] == pytest.approx({"l": 0.5 / 0.7, "p": 0.2 / 0.7})  # given "hel": hello or help
+    whole = student_distributions(char, source, probs, "x", "hello", union=True)  # from whole distributions
+    assert all(whole[t] == pytest.approx(got[t]) for t in range(1, 5))
     assert got[4] == pytest.approx({"o": 1.0})  # given "hell"
     # Without the policy those four positions have no distribution from this source.
     assert [g is None for g in student_distributions(char, source, probs, "x", "hello", "mask")] == [False, True, True, True, True, False]
@@ -98,17 +102,6 @@ def test_digits_merged_by_gpt2_and_split_one_by_one(char):
     assert inside["split"] == ([1], [1])  # only "u", inside "su"
 
 
-def test_a_student_token_spanning_two_source_tokens():
-    # GPT-2 student, character source: every student boundary is a source boundary, so the source's
-    # distribution at it is used as it stands, each character carried to the student token spelling it.
-    gpt2, char = build_gpt2_tokenizer(), build_char_tokenizer()
-    got = student_distributions(gpt2, char, {"h": 0.7, "w": 0.3}, "Say:", " hello")
-    assert gpt2.tokenize(" hello") == ["Ġhello"]
-    # " hello" (one student token) starts at a source boundary; the source's next characters land on
-    # the student's one-character tokens, so the student's own token " hello" gets no mass there.
-    assert got[0] == pytest.approx({"h": 0.7, "w": 0.3})
-
-
 def test_special_tokens_are_never_part_of_a_prefix_range(char):
     source = byte_bpe([("a", "b")])
     source.add_special_tokens({"additional_special_tokens": ["abz"]})  # a special whose text begins with "ab"
@@ -129,3 +122,21 @@ def test_prefix_ranges_by_binary_search():
     assert _successor(b"a\xff") == b"b" and _successor(b"\xff") is None
     assert prefixes.rank.tolist() == [0, 1, 2, 3, 4, 5, -1, -1]  # no range holds a special or a padded row
     assert prefixes.landing(torch.tensor([[2, 1]]), torch.tensor([1])).tolist() == [[1, 1]]  # "abc" and "ab" from byte 1: "b"
+
+
+def test_a_student_token_spanning_source_tokens_gets_their_probability_along_the_text():
+    # GPT-2 student, character source certain of nothing: 0.7 on "h", 0.2 on "e", 0.1 on "w" everywhere.
+    # " hello" is one student token over six source characters; along the text the source spells
+    # it with probability P(" ") P(h) P(e) P(l) P(l) P(o); that mass moves from the student token
+    # its first character lands on to " hello".
+    gpt2, char = build_gpt2_tokenizer(), build_char_tokenizer()
+    probs = {" ": 0.5, "h": 0.2, "e": 0.1, "l": 0.1, "o": 0.05, "w": 0.05}
+    got = student_distributions(gpt2, char, probs, "Say:", " hello")
+    spelled = 0.5 * 0.2 * 0.1 * 0.1 * 0.1 * 0.05
+    assert gpt2.tokenize(" hello") == ["Ġhello"]
+    expected = {"Ġ": 0.5 - spelled, "Ġhello": spelled, "h": 0.2, "e": 0.1, "l": 0.1, "o": 0.05, "w": 0.05}
+    assert got[0] == pytest.approx(expected, rel=1e-4)
+    assert student_distributions(gpt2, char, probs, "Say:", " hello", union=True)[0] == pytest.approx(expected, rel=1e-4)
+    # With `mask` (the policy's other half off), the source's characters alone.
+    assert student_distributions(gpt2, char, probs, "Say:", " hello", "mask")[0] == pytest.approx(
+        {"Ġ": 0.5, "h": 0.2, "e": 0.1, "l": 0.1, "o": 0.05, "w": 0.05}, rel=1e-4)
