@@ -50,8 +50,8 @@ from fusion.vocab_map import DROPPED, merge_by_student_id
 class TokenPrefixes:
     """The source vocabulary sorted by bytes, and where each remainder lands in the student's.
 
-    `rank[v]`: v's place in byte order (-1 for specials and output rows past the tokenizer, which
-    no range holds); `length[v]`: its bytes. `rest[offset[v] + l]`: the student token spelling the
+    `sorted_ids`: the tokens in byte order (specials and output rows past the tokenizer are in no
+    range); `length[v]`: v's bytes. `rest[offset[v] + l]`: the student token spelling the
     longest prefix of v's bytes from l on (-1 when none does).
     """
 
@@ -59,8 +59,8 @@ class TokenPrefixes:
         pieces = list(source_bytes) + [None] * (rows - len(source_bytes))
         order = sorted((p, v) for v, p in enumerate(pieces) if p)
         self.sorted_bytes = [p for p, _ in order]
-        rank = np.full(rows, -1, dtype=np.int32)
-        rank[[v for _, v in order]] = np.arange(len(order))
+        # Padded with as many entries again, so that any window starting inside the order can be read.
+        self.sorted_ids = torch.tensor([v for _, v in order] * 2, dtype=torch.long)
         length = np.array([len(p) if p else 0 for p in pieces], dtype=np.int64)
         student: dict[bytes, int] = {}
         for i, piece in enumerate(student_bytes):  # the lowest id of several spelling the same bytes
@@ -77,12 +77,12 @@ class TokenPrefixes:
                         rest[offset[v] + l] = found
                         break
         self.pieces = pieces
-        self.rank, self.length = torch.from_numpy(rank), torch.from_numpy(length.astype(np.int32))
+        self.length = torch.from_numpy(length)
         self.offset, self.rest = torch.from_numpy(offset), torch.from_numpy(rest)
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}
 
     def to(self, device: torch.device) -> "TokenPrefixes":
-        self.rank, self.length, self.offset, self.rest = (t.to(device) for t in (self.rank, self.length, self.offset, self.rest))
+        self.length, self.offset, self.rest, self.sorted_ids = (t.to(device) for t in (self.length, self.offset, self.rest, self.sorted_ids))
         return self
 
     def prefix_range(self, token: int, spelled: int) -> tuple[int, int]:
@@ -95,28 +95,52 @@ class TokenPrefixes:
             self._ranges[key] = (bisect.bisect_left(self.sorted_bytes, prefix), high)
         return self._ranges[key]
 
-    def conditional(self, logprobs: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
-        """log P(v | the source has spelled the first `spelled` bytes of `tokens`) for every v that
-        goes on past them, -inf for the others. logprobs [P, V_source], tokens [P], spelled [P] (>= 1)
-        """
-        bounds = torch.tensor([self.prefix_range(v, l) for v, l in zip(tokens.tolist(), spelled.tolist())],
-                              dtype=torch.int32, device=logprobs.device).reshape(-1, 2)
-        rank, length = self.rank[: logprobs.shape[-1]], self.length[: logprobs.shape[-1]]
-        outside = (rank < bounds[:, :1]) | (rank >= bounds[:, 1:])  # [P, V]: tokens not beginning with u
-        conditional = logprobs.float().masked_fill(outside, -math.inf)
-        # log P(tokens beginning with u): log-probabilities are normalized, so a plain sum of
-        # exponentials is safe unless every such token is below float32's range (then: no mass).
-        given = conditional.exp().sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny).log()
-        conditional -= given
-        return conditional.masked_fill_(length <= spelled.to(torch.int32)[:, None], -math.inf)  # tokens equal to u: the tail
+    def bounds(self, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
+        """[P, 2] rank ranges [lo, hi) of the tokens beginning with the first `spelled` bytes of `tokens`."""
+        pairs = [self.prefix_range(v, l) for v, l in zip(tokens.tolist(), spelled.tolist())]
+        return torch.tensor(pairs, dtype=torch.long, device=tokens.device).reshape(-1, 2)
 
-    def log_mass(self, logprobs: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
-        """log P(tokens beginning with the first `spelled` bytes of `tokens`). [P, V_source], [P], [P] -> [P]"""
-        bounds = torch.tensor([self.prefix_range(v, l) for v, l in zip(tokens.tolist(), spelled.tolist())],
-                              dtype=torch.int32, device=logprobs.device).reshape(-1, 2)
-        rank = self.rank[: logprobs.shape[-1]]
-        outside = (rank < bounds[:, :1]) | (rank >= bounds[:, 1:])
-        return torch.logsumexp(logprobs.float().masked_fill(outside, -math.inf), dim=-1)
+    def ranges(self, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor):
+        """The tokens beginning with the spelled bytes u of each position, read as one window of the
+        byte order per position (position i's distribution is `logprobs[rows[i]]`). Positions of
+        similar range width go together, so the work is the ranges' total size, not [P, V].
+
+        Yields (positions [b], candidates [b, w] source ids, their log-probs [b, w] with -inf past
+        each range's end and on a token equal to u, log P(tokens beginning with u) [b]). A token
+        equal to u is the first of its range in byte order; it counts in the total only.
+        """
+        bounds = self.bounds(tokens, spelled)
+        widths = bounds[:, 1] - bounds[:, 0]
+        level = torch.ceil(torch.log2(widths.clamp(min=1).double())).long()  # widths within a factor 2 share a window
+        for value in level.unique().tolist():
+            positions = (level == value).nonzero(as_tuple=True)[0]
+            width = int(widths[positions].max())
+            if width == 0:
+                continue
+            offsets = torch.arange(width, device=logprobs.device)
+            windows = self.sorted_ids.unfold(0, width, 1)  # [n, w] view: row lo is the window from lo (padded past the end)
+            flat = logprobs.reshape(-1)
+            for part in positions.split(max(1, CHUNK_ELEMENTS // width)):
+                candidates = windows[bounds[part, 0]]  # [b, w]
+                values = flat.take(candidates + (rows[part] * logprobs.shape[-1])[:, None]).float()
+                values = values.masked_fill(offsets >= widths[part, None], -math.inf)
+                # Normalized log-probabilities: a plain sum of exponentials cannot overflow; where
+                # it underflows (every token below float32's range) logsumexp takes over.
+                mass = values.exp().sum(-1)
+                total = mass.log()
+                if bool((mass == 0).any()):
+                    total[mass == 0] = torch.logsumexp(values[mass == 0], dim=-1)
+                equal = self.length[candidates[:, 0]] == spelled[part]
+                values[:, 0] = torch.where(equal, -math.inf, values[:, 0])
+                yield part, candidates, values, total
+
+    def log_mass(self, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
+        """log P(tokens beginning with the first `spelled` bytes of `tokens`), position i read from
+        `logprobs[rows[i]]`. -> [P]"""
+        mass = torch.full((len(rows),), -math.inf, device=logprobs.device)
+        for part, _, _, total in self.ranges(logprobs, rows, tokens, spelled):
+            mass[part] = total
+        return mass
 
     def landing(self, candidates: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
         """The student token each candidate's remainder (its bytes after the first `spelled`) lands
@@ -143,40 +167,35 @@ def move_mass(ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, sp
     return merge_by_student_id(candidates, torch.cat([probs, log_mass.exp()[:, None]], dim=-1).log(), k)
 
 
-CHUNK_ELEMENTS = 2**22  # [positions, V_source] elements handled at once: a few such tensors stay near 100 MB
+CHUNK_ELEMENTS = 2**22  # window elements handled at once
 
 
-def _chunks(logprobs: torch.Tensor) -> range:
-    return range(0, len(logprobs), max(1, CHUNK_ELEMENTS // max(logprobs.shape[-1], 1)))
+def _finite(total: torch.Tensor) -> torch.Tensor:
+    """A range of no mass has only -inf candidates: dividing by its total must leave them -inf, not nan."""
+    return total.clamp(min=torch.finfo(total.dtype).min)
 
 
-def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
+def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
                   k: int, oversample: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely next student tokens inside source tokens: [P, k] ids (-1 empty) and log-probs."""
-    ids, values = [], []
-    step = _chunks(logprobs).step
-    for start in _chunks(logprobs):
-        part = slice(start, start + step)
-        conditional = prefixes.conditional(logprobs[part], tokens[part], spelled[part])
-        top, candidates = conditional.topk(min(conditional.shape[-1], k * oversample), dim=-1)
-        chunk_ids, chunk_values = merge_by_student_id(prefixes.landing(candidates, spelled[part]).masked_fill(top.isinf(), DROPPED), top, k)
-        ids.append(chunk_ids)
-        values.append(chunk_values)
-    if not ids:
-        return logprobs.new_full((0, k), DROPPED, dtype=torch.long), logprobs.new_full((0, k), -math.inf)
-    return torch.cat(ids), torch.cat(values)
+    """The k most likely next student tokens inside source tokens, position i read from
+    `logprobs[rows[i]]`: [P, k] ids (-1 empty) and log-probs."""
+    ids = torch.full((len(rows), k), DROPPED, dtype=torch.long, device=logprobs.device)
+    values = torch.full((len(rows), k), -math.inf, device=logprobs.device)
+    for part, candidates, joint, total in prefixes.ranges(logprobs, rows, tokens, spelled):
+        top, order = joint.topk(min(joint.shape[-1], k * oversample), dim=-1)
+        landed = prefixes.landing(candidates.gather(1, order), spelled[part]).masked_fill(top.isinf(), DROPPED)
+        ids[part], values[part] = merge_by_student_id(landed, top - _finite(total)[:, None], k)  # log P(v | u)
+    return ids, values
 
 
-def marginal_dense(prefixes: TokenPrefixes, logprobs: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
+def marginal_dense(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
                    student_vocab: int) -> torch.Tensor:
-    """The whole next-student-token marginal inside source tokens: [P, V_student] log-probs."""
-    dense = torch.zeros(len(logprobs), student_vocab, device=logprobs.device)
-    step = _chunks(logprobs).step
-    for start in _chunks(logprobs):
-        part = slice(start, start + step)
-        conditional = prefixes.conditional(logprobs[part], tokens[part], spelled[part])
-        rows, candidates = conditional.isfinite().nonzero(as_tuple=True)
-        student_ids = prefixes.landing(candidates[:, None], spelled[part][rows])[:, 0]
-        keep = student_ids != DROPPED
-        dense.index_put_((rows[keep] + start, student_ids[keep]), conditional[rows[keep], candidates[keep]].exp(), accumulate=True)
+    """The whole next-student-token marginal inside source tokens (position i read from
+    `logprobs[rows[i]]`): [P, V_student] log-probs."""
+    dense = torch.zeros(len(rows), student_vocab, device=logprobs.device)
+    for part, candidates, joint, total in prefixes.ranges(logprobs, rows, tokens, spelled):
+        landed = prefixes.landing(candidates, spelled[part])
+        keep = (landed != DROPPED) & joint.isfinite()
+        positions = part[:, None].expand_as(landed)
+        dense.index_put_((positions[keep], landed[keep]), (joint - _finite(total)[:, None])[keep].exp(), accumulate=True)  # P(v | u)
     return dense.log()

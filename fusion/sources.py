@@ -255,15 +255,16 @@ class SourcePool:
         else:
             usable = trained & (position_map >= 0) & finite[:, None]
             rows, positions = usable.nonzero(as_tuple=True)
-            source_logprobs = logp[slot[rows, position_map[rows, positions]]]  # [P, V_source]
+            read = slot[rows, position_map[rows, positions]]  # [P] each position's row of `logp`
             at = inside[rows, positions].nonzero(as_tuple=True)[0] if prefixes is not None else rows[:0]  # [P'] of the P
+            boundary = rows[:0] if len(at) == 0 else (~inside[rows, positions]).nonzero(as_tuple=True)[0]
             if len(at):
                 tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
             spans = self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions) if prefixes is not None else None
             if table:  # exact: every source token's mass carried to its student token
-                dense = project_dense(source_logprobs, vocab_map, self.vocab_size)
+                dense = project_dense(logp[read], vocab_map, self.vocab_size)
                 if len(at):
-                    dense[at] = marginal_dense(prefixes, source_logprobs[at], tokens, spelled, self.vocab_size)
+                    dense[at] = marginal_dense(prefixes, logp, read[at], tokens, spelled, self.vocab_size)
                 if spans is not None:
                     where, first, spanning, log_mass = spans
                     probs, each = dense[where].exp(), torch.arange(len(where), device=dense.device)
@@ -274,9 +275,13 @@ class SourcePool:
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None
-                top_ids, top_logprobs = project_topk(source_logprobs, vocab_map, self.top_k)
-                if len(at):
-                    top_ids[at], top_logprobs[at] = marginal_topk(prefixes, source_logprobs[at], tokens, spelled, self.top_k)
+                if len(at) == 0:
+                    top_ids, top_logprobs = project_topk(logp[read], vocab_map, self.top_k)
+                else:
+                    top_ids = torch.full((len(rows), self.top_k), -1, device=logp.device)
+                    top_logprobs = torch.full((len(rows), self.top_k), -math.inf, device=logp.device)
+                    top_ids[boundary], top_logprobs[boundary] = project_topk(logp[read[boundary]], vocab_map, self.top_k)
+                    top_ids[at], top_logprobs[at] = marginal_topk(prefixes, logp, read[at], tokens, spelled, self.top_k)
                 if spans is not None:
                     where, first, spanning, log_mass = spans
                     top_ids[where], top_logprobs[where] = move_mass(top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k)
@@ -303,7 +308,7 @@ class SourcePool:
         gold[trained] = logp[slot[trained], source_targets[trained]]
         before = torch.nn.functional.pad(gold.cumsum(1), (1, 0))  # [R, T_source + 1]: sum over positions < i
         along = before[r, last] - before[r, start]  # the tokens before the last one, each certain of its successor
-        log_mass = along + self.prefixes[index].log_mass(logp[slot[r, last]], source_ids[r, last + 1], span_spelled[r, t])
+        log_mass = along + self.prefixes[index].log_mass(logp, slot[r, last], source_ids[r, last + 1], span_spelled[r, t])
         return where, self.vocab_maps[index][source_ids[r, start + 1]], targets[r, t], log_mass
 
     @torch.no_grad()
