@@ -129,6 +129,7 @@ def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
     forward reads the same rows, and the logs count the sampled tokens."""
     module = _module(tiny_zoo, fusion="selector", top_k=2, response_from="student", divergence="jsd")
     _prefer(module, [-1.0, -2.0, -5.0])
+    module._prefitted = True  # a fitted selector explores no more: no noise on the labelled row's selection
     samples, seen = {}, {}
     sample, run = module.sample, module.pool.run
 
