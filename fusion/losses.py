@@ -6,6 +6,7 @@ A position is trained where `targets != IGNORE_INDEX` (the response tokens and e
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -252,6 +253,79 @@ def _kl_grad_(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, base: 
     r, m = present.nonzero(as_tuple=True)
     grad[r, ids[r, m]] = a_rows[r] * logp_s[r, m].exp() - b_rows[r] * p_f[r, m]
     return kl, grad
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TARGET_FLOOR = 1e-8  # the least probability reverse KL lets the target have (see `sparse_divergence`)
+
+
+def sparse_divergence(target: SparseTarget, student_logp: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """D(P_F, P_S) per position on the partition {support ids} + {tail}, as `sparse_kl`. -> [...]
+
+    P = P_F is the teacher (the fused target), Q = P_S the student; both are coarsened to the
+    support's ids and one tail bucket: P's tail is 1 - its mass on the support, Q's is its mass
+    outside the support (`log_mass_outside`), so the student's mass off the support is compared
+    with the target's tail mass, never dropped.
+
+        forward_kl  KL(P || Q) = sum_c P_c log(P_c / Q_c)                       (= `sparse_kl`)
+        reverse_kl  KL(Q || P) = sum_c Q_c log(Q_c / max(P_c, TARGET_FLOOR))
+        jsd         JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+
+    summed over the cells c (support ids and the tail). Reverse KL is infinite where the target
+    has no mass and the student has some (an empty tail, e.g. `unaligned: gold_onehot`): the
+    target is floored at TARGET_FLOOR there, a large finite cost. The JSD follows TRL's
+    GKDTrainer: JSD_beta / beta -> KL(P || Q) as beta -> 0 and JSD_beta / (1 - beta) -> KL(Q || P)
+    as beta -> 1 (0 < beta < 1 here: use forward_kl or reverse_kl at the ends); it is bounded,
+    needs no floor. Positions without a target count 0. Differentiable in `student_logp`.
+    """
+    if kind == "forward_kl":
+        return sparse_kl(target, student_logp)
+    present = target.ids >= 0
+    ids = target.ids.clamp(min=0)
+    p = torch.where(present, target.probs, 0.0)
+    p = torch.cat([p, (1.0 - p.sum(-1, keepdim=True)).clamp(min=0.0)], -1)  # [..., M + 1], the tail last
+    # Empty cells get log -1e4 (probability 0 in float32), not -inf: no NaN in any gradient.
+    log_p = torch.where(p > 0, p.clamp(min=1e-30).log(), -1e4)
+    whole = present.sum(-1, keepdim=True) >= student_logp.shape[-1]  # the support is the vocabulary: no tail
+    log_tail = torch.where(whole, -1e4, log_mass_outside(student_logp, ids, present)[..., None].clamp(min=-1e4))
+    log_q = torch.cat([torch.where(present, student_logp.gather(-1, ids), -1e4), log_tail], -1)
+    q = log_q.exp()
+    if kind == "reverse_kl":
+        cells = q * (log_q - p.clamp(min=TARGET_FLOOR).log())
+    elif kind == "jsd":
+        log_m = torch.logaddexp(math.log(beta) + log_p, math.log(1.0 - beta) + log_q)
+        cells = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
+    else:
+        raise ValueError(f"model.divergence must be one of {DIVERGENCES}, got {kind!r}")
+    return torch.where(target.has_target, cells.sum(-1), torch.zeros_like(p[..., 0]))
+
+
+def divergence_loss(
+    student_logits: torch.Tensor,  # [B, T, V]
+    targets: torch.Tensor,  # [B, T]: the trained positions (!= IGNORE_INDEX)
+    fused: SparseTarget,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """T^2 * D(sg(P_F^T), P_student^T) (`sparse_divergence`), mean over the trained positions.
+
+    Forward KL uses `student_loss`'s closed-form gradient (lam = 0); reverse KL and JSD use
+    autograd on the student's log-softmax, `chunk_size` positions at a time ([chunk, V] kept per
+    chunk for the backward pass).
+    """
+    if kind == "forward_kl":
+        return student_loss(student_logits, targets, fused, 0.0, temperature, chunk_size)["loss"]
+    mask = targets != IGNORE_INDEX
+    rows, cols = mask.nonzero(as_tuple=True)
+    total = student_logits[..., :1].float().nan_to_num().sum() * 0.0  # in the graph when no position is trained
+    for start in range(0, len(rows), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        logp = torch.log_softmax(student_logits[r, c].float() / temperature, -1)
+        chunk = SparseTarget(fused.ids[r, c], fused.probs[r, c].detach())
+        total = total + sparse_divergence(chunk, logp, kind, beta).sum()
+    return temperature**2 * total / mask.sum().clamp(min=1).float()
 
 
 def selector_loss(quality: torch.Tensor, ce: torch.Tensor, observed: torch.Tensor, kind: str = "mse") -> torch.Tensor:

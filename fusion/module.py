@@ -15,7 +15,9 @@ of this one module, a row of `fusion.methods.METHODS`:
 
 The student learns along one response per prompt: the gold answer where the row has one; for an
 unlabelled prompt, the answer of the source the method picks (for the selector, its top source),
-re-tokenized for the student and distilled exactly as gold is. See `answer_prompts`.
+re-tokenized for the student and distilled exactly as gold is. See `answer_prompts`. With
+`response_from: student` (on-policy, GKD) the student samples its own response to every prompt
+instead, and the selected sources score each of its tokens. See `training_step`.
 
 Checkpoints hold the LoRA adapter and the selector only; sources and base weights are
 rebuilt from their paths.
@@ -23,6 +25,7 @@ rebuilt from their paths.
 
 from __future__ import annotations
 
+import math
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -30,16 +33,19 @@ import torch
 
 from fusion import losses
 from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
-from fusion.data import collate, encode, is_labelled
+from fusion.data import IGNORE_INDEX, collate, encode, is_labelled
 from fusion.evaluation import correct, greedy_answers
 from fusion.methods import METHODS, Method
 from fusion.metrics import EvalMetrics
+from fusion.rewards import Rewards
 from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
-from fusion.student import StudentStage, build_student, stop_if_nonfinite, warmup_cosine
+from fusion.student import StudentStage, build_student, pad_right, sample_responses, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 
 FUSION_METHODS = tuple(METHODS)
+RESPONSES = ("source", "student")  # model.response_from
+SELECTOR_SIGNALS = ("gold_ce", "rewards")  # model.selector_signal
 
 
 FEATURE_MEMORY = 2**30  # bytes of prompt features kept per process (float32: 65k rows at D = 4096)
@@ -83,6 +89,19 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         response_max_new_tokens, response_sampling, response_temperature: how a source answers an
             unlabelled prompt: greedy (default) or sampled at this temperature, at most this many
             of its own tokens.
+        response_from: what the student learns along: "source" (off-policy: the gold answer, else
+            the answer of the source the method picks) or "student" (on-policy: its own sample).
+        sample_temperature, sample_max_new_tokens: the student's sampling with `response_from:
+            student` (pure sampling at this temperature, at most this many tokens).
+        on_policy_fraction: GKD's lambda, the share of steps that are on-policy (the rest are
+            off-policy), evenly spread over the steps; with `response_from: student`.
+        divergence: D of the distillation term (`losses.sparse_divergence`): forward_kl,
+            reverse_kl or jsd; jsd_beta: the JSD's beta (0 < beta < 1).
+        selector_signal: what the selector regresses onto: "gold_ce" (-CE of each selected source
+            on the labelled rows' gold) or "rewards" (each selected source answers every prompt and
+            `selector_rewards` scores the answer: k generations per prompt).
+        selector_rewards: dotted path of a reward function -> weight (`fusion.rewards`), with
+            `selector_signal: rewards`; the default reads no gold.
         source_mode: "online" runs the selected sources every step; "cached" reads their outputs
             from `cache_dir`, written beforehand by `predict` (see fusion/cache.py).
         cache_dir: the offline cache's directory (written by `predict`, read when cached).
@@ -120,6 +139,14 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         response_max_new_tokens: int = 32,
         response_sampling: bool = False,
         response_temperature: float = 1.0,
+        response_from: str = "source",
+        sample_temperature: float = 1.0,
+        sample_max_new_tokens: int = 32,
+        on_policy_fraction: float = 1.0,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
+        selector_signal: str = "gold_ce",
+        selector_rewards: dict[str, float] = {"fusion.rewards.answer_format": 1.0},
         dtype: str = "float32",
         trust_remote_code: bool = False,
         source_mode: str = "online",
@@ -131,6 +158,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.method: Method = METHODS[fusion]
+        self.selector_rewards = Rewards(selector_rewards, "model.selector_rewards") if selector_signal == "rewards" else None
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self._pool: SourcePool | None = None  # loaded where sources run (see `pool`)
         for index, path in enumerate(sources):  # a missing source fails here, not at the first step
@@ -176,6 +204,26 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             raise ValueError("model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
                              f"model.selector_prefit_steps at least 0, got {h.response_max_new_tokens}, {h.response_temperature} "
                              f"and {h.selector_prefit_steps}")
+        self._check_on_policy_settings()
+
+    def _check_on_policy_settings(self) -> None:
+        h = self.hparams
+        choices = {"response_from": RESPONSES, "divergence": losses.DIVERGENCES, "selector_signal": SELECTOR_SIGNALS}
+        for key, allowed in choices.items():
+            if h[key] not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
+        if not 0.0 < h.jsd_beta < 1.0:
+            raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {h.jsd_beta}")
+        if h.sample_temperature <= 0 or h.sample_max_new_tokens < 1 or not 0.0 <= h.on_policy_fraction <= 1.0:
+            raise ValueError("model.sample_temperature must be positive, model.sample_max_new_tokens at least 1 and "
+                             f"model.on_policy_fraction in [0, 1], got {h.sample_temperature}, {h.sample_max_new_tokens} and {h.on_policy_fraction}")
+        needs_online = {"response_from": "student", "selector_signal": "rewards"}
+        for key, value in needs_online.items():
+            if h[key] == value and (h.fusion == "none" or h.source_mode != "online"):
+                raise ValueError(f"model.{key} {value!r} runs the sources on what is written during training: it needs "
+                                 f"model.source_mode 'online' and a fusion method with sources, got {h.source_mode!r} and {h.fusion!r}")
+        if h.selector_signal == "rewards" and h.fusion != "selector":
+            raise ValueError(f"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got {h.fusion!r}")
 
     def _check_source_names(self) -> None:
         h = self.hparams
@@ -427,9 +475,45 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             return torch.nn.functional.one_hot(ce.argmin(-1), ce.shape[-1]).float()
         return torch.full_like(ce, 1.0 / ce.shape[-1])  # equal
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def on_policy(self, step: int) -> bool:
+        """Whether step `step` learns along the student's own samples: with `response_from:
+        student`, a share `on_policy_fraction` of the steps (GKD's lambda), evenly spread: step s
+        is on-policy when floor((s + 1) f) > floor(s f). No random draw: a resumed run decides as
+        the uninterrupted one did."""
         h = self.hparams
-        batch = self.answer_prompts(batch)
+        f = h.on_policy_fraction
+        return h.response_from == "student" and math.floor((step + 1) * f) > math.floor(step * f)
+
+    def sample(self, batch: dict) -> dict:
+        """The student's response to every prompt of the batch, sampled in one `generate` call,
+        without gradient; -> input_ids, attention_mask, targets [B, W] in student tokens (trained
+        on the sampled tokens up to the first eos), completion, length [B] (`pack_rollouts`)."""
+        h = self.hparams
+        return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
+                                h.sample_temperature, h.sample_max_new_tokens)
+
+    def _scored_rows(self, batch: dict, samples: dict) -> dict:
+        """The B samples, then the L labelled rows along their gold, right-padded to one width
+        ([B + L, W]): what the sources run on and the student reads in an on-policy step."""
+        gold = batch["labelled"].to(batch["input_ids"].device)
+        width = max(samples["input_ids"].shape[1], batch["input_ids"].shape[1])
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "targets": IGNORE_INDEX}
+        return {key: torch.cat([pad_right(samples[key], width, value), pad_right(batch[key][gold], width, value)]) for key, value in pad.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Off-policy: lam * CE + (1 - lam) * T^2 * D(P_F || student) along the gold answer, or
+        for a prompt without gold the answer of the source the method picks (`answer_prompts`).
+
+        On-policy (`on_policy`): the student samples a response to every prompt, labelled or not
+        (`sample`); the selected sources score each sampled token (their distributions aligned
+        onto the student's positions by `SourcePool.run`, whatever their tokenizer), and the loss
+        is lam * CE on the labelled rows' gold (token mean) + (1 - lam) * T^2 * D(P_F, student)
+        at every sampled position (token mean). The sources also run along the labelled rows'
+        gold, in the same call, so the selector observes gold CE as in an off-policy step.
+        """
+        h = self.hparams
+        on_policy = self.on_policy(self.global_step)
+        batch = batch if on_policy else self.answer_prompts(batch)
         targets = batch["targets"]
         if not self.method.uses_sources:
             logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
@@ -442,28 +526,44 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if self.selector is not None:
             quality = self.selector(self.prompt_features(batch))  # [B, N]
         selected = self.select(batch, quality)  # [B, k]
+        size, labelled = selected.shape[0], batch["labelled"].to(self.device)
+        logs = {"train/on_policy": float(on_policy)}
+        if on_policy:
+            samples = self.sample(batch)
+            scored = self._scored_rows(batch, samples)
+            run = torch.cat([selected, selected[labelled]])
+            logs |= {"train/sampled_tokens": samples["length"].sum().float(), "train/sample_length": samples["length"].float().mean()}
+        else:
+            scored, run = batch, selected
         if self.cache is not None:  # every source's CE on a labelled row is known: the selector observes all N
             out, all_ce, all_valid = self.cache.lookup(batch, selected)
         else:
-            out = self.pool.to(self.device).run(selected, batch, h.temperature, union=True)  # the exact mixture on the union
+            out = self.pool.to(self.device).run(run, scored, h.temperature, union=True)  # the exact mixture on the union
             self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # positions with the source's distribution
-            all_ce = torch.zeros(selected.shape[0], len(self.source_names), device=self.device).scatter(1, selected, out.ce)
-            all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, out.valid)
-            all_valid &= batch["labelled"].to(self.device)[:, None]  # CE along a source's own answer is no quality signal
-        ce, valid = out.ce, out.valid
+            gold_ce, gold_valid = out.ce, out.valid
+            if on_policy:  # the gold rows come after the samples
+                gold_ce, gold_valid = torch.zeros_like(out.ce[:size]), torch.zeros_like(out.valid[:size])
+                gold_ce[labelled], gold_valid[labelled] = out.ce[size:], out.valid[size:]
+            all_ce = torch.zeros(size, len(self.source_names), device=self.device).scatter(1, selected, gold_ce)
+            all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, gold_valid)
+            all_valid &= labelled[:, None]  # CE along a source's answer or the student's sample is no quality signal
+        if self.selector_rewards is not None:
+            all_ce, all_valid, reward_logs = self._reward_observations(batch, selected)
+            logs |= reward_logs
+        ce, valid = out.ce[:size], out.valid[:size]
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
         # A sequence left with no usable source gets no target, so no KL, only gold CE.
         alpha = self.weights(selected_quality, ce.masked_fill(~valid, 1e4)) * valid  # [B, k]
         alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
-        fused = losses.fused_target(out.ids, out.logprobs, alpha, out.aligned)
+        fused = losses.fused_target(out.ids[:size], out.logprobs[:size], alpha, out.aligned[:size])
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
-        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
-        terms = losses.student_loss(logits, targets, fused, h.lam, h.temperature)
+        logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
+        terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None)
         total = terms["loss"]
-        logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/kl": terms["kl"],
-                "train/alpha_max": alpha.max(-1).values.mean()}
+        logs |= {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/divergence": terms["divergence"],
+                 "train/alpha_max": alpha.max(-1).values.mean()}
         # The dynamic weights' mean per source over the batch (0 where a source was not run).
         mean_weight = torch.zeros(alpha.shape[0], len(self.source_names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(self.source_names)}
@@ -476,16 +576,16 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if quality is not None:
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
             selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
-            # Balance the selection where it decides what is observed: on the labelled rows.
-            labelled = batch["labelled"].to(pi.device)
-            feedback_term = losses.feedback_loss(pi[labelled]) if labelled.any() else pi.sum() * 0.0
+            # Balance the selection where it decides what is observed: on the labelled rows (every row with rewards).
+            balanced = labelled if self.selector_rewards is None else torch.ones_like(labelled)
+            feedback_term = losses.feedback_loss(pi[balanced]) if balanced.any() else pi.sum() * 0.0
             total = total + selector_term + (h.feedback_weight * feedback_term if self.explores else 0.0)
             share = torch.zeros_like(quality).scatter(1, selected, valid.float()).mean(0)
             logs |= {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
                      "train/selection_entropy": losses.entropy(share / share.sum()),
                      "train/pi_entropy": losses.entropy(pi).mean()}
             logs |= {f"select/{name}": share[i] for i, name in enumerate(self.source_names)}
-            # The selector's signed error u_i + CE_i on observed pairs: > 0 where it overrates a source.
+            # The selector's signed error u_i - q_i (q = -CE or the reward) on observed pairs: > 0 where it overrates a source.
             residual = torch.where(all_valid, quality.detach() + all_ce, 0.0).sum(0) / all_valid.sum(0).clamp(min=1)
             logs |= {f"bias/{name}": residual[i] for i, name in enumerate(self.source_names) if all_valid[:, i].any()}
         logs["train/loss"] = total
@@ -494,18 +594,63 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
+    def _student_terms(self, logits: torch.Tensor, targets: torch.Tensor, fused: losses.SparseTarget, samples: int | None) -> dict:
+        """loss = lam * CE + (1 - lam) * T^2 * D, with "ce" and "divergence" detached for logging.
+
+        Off-policy (`samples` None): both terms over every trained position (forward KL with
+        `student_loss`'s closed-form gradient). On-policy: D over the first `samples` rows (the
+        student's samples), CE over the rest (the labelled rows' gold), each a token mean.
+        """
+        h = self.hparams
+        if samples is None and h.divergence == "forward_kl":
+            terms = losses.student_loss(logits, targets, fused, h.lam, h.temperature)
+            return {"loss": terms["loss"], "ce": terms["ce"], "divergence": terms["kl"]}
+        gold, end = (samples, samples) if samples is not None else (0, len(targets))
+        ce = losses.student_loss(logits[gold:], targets[gold:], None)["loss"]
+        divergence = losses.divergence_loss(logits[:end], targets[:end], fused, h.divergence, h.jsd_beta, h.temperature)
+        return {"loss": h.lam * ce + (1.0 - h.lam) * divergence, "ce": ce.detach(), "divergence": divergence.detach()}
+
+    @torch.no_grad()
+    def _reward_observations(self, batch: dict, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The selector's reward signal: each selected source answers each prompt of the batch (one
+        `SourcePool.answer` call per source; an answer already written this step is reused) and
+        `selector_rewards` scores the answers. -> (-reward [B, N], observed [B, N]: exactly the
+        selected pairs, logs). The reward functions get the rows' columns: on a prompt without
+        gold, `response` and `metadata` are None."""
+        h, rows = self.hparams, batch["rows"]
+        texts = {(b, a["writer"]): a["text"] for b, a in enumerate(batch.get("answers") or []) if a is not None}
+        written = 0
+        for source in selected.unique().tolist():
+            todo = [b for b in (selected == source).any(-1).nonzero(as_tuple=True)[0].tolist() if (b, source) not in texts]
+            if todo:
+                answers, _ = self.pool.to(self.device).answer(source, [rows[b]["prompt"] for b in todo], h.response_max_new_tokens,
+                                                              h.response_sampling, h.response_temperature)
+                texts |= {(b, source): text.strip() for b, text in zip(todo, answers)}
+                written += len(todo)
+        pairs = [(b, source) for b, chosen in enumerate(selected.tolist()) for source in chosen]
+        scored = [rows[b] for b, _ in pairs]
+        columns = {key: [row.get(key) for row in scored] for key in scored[0] if key != "prompt"}
+        rewards, means = self.selector_rewards([row["prompt"] for row in scored], [texts[pair] for pair in pairs], columns)
+        cost = torch.zeros(len(rows), len(self.source_names), device=self.device).scatter(1, selected, -rewards.to(self.device).view(selected.shape))
+        observed = torch.zeros_like(cost, dtype=torch.bool).scatter(1, selected, True)
+        return cost, observed, {"train/reward_generations": float(written), **{f"reward/{path}": value for path, value in means.items()}}
+
     # ---------------------------------------------------------------- the selector before the first step
 
     @torch.no_grad()
     def _labelled_observations(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt features [R, D] and every source's CE and validity [R, N] on the labelled train rows."""
+        """Prompt features [R, D] and every source's CE and validity [R, N] on the labelled train
+        rows; with `selector_signal: rewards`, every source's -reward on its own answer instead
+        (N generations per labelled row, once)."""
         features, ce, observed = [], [], []
         n = len(self.source_names)
         for batch in self.trainer.datamodule.labelled_loader():
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             features.append(self.prompt_features(batch))
             every = torch.arange(n, device=self.device).expand(batch["input_ids"].shape[0], n)
-            if self.cache is not None:
+            if self.selector_rewards is not None:
+                batch_ce, batch_observed, _ = self._reward_observations(batch, every)
+            elif self.cache is not None:
                 _, batch_ce, batch_observed = self.cache.lookup(batch, every)
             else:
                 out = self.pool.to(self.device).run(every, batch, self.hparams.temperature)
@@ -567,7 +712,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             self._check_oracle_domains({row["domain"] for row in rows})
 
     def on_fit_start(self) -> None:
-        if self.trainer.datamodule.load()["unlabeled"]:
+        if self.trainer.datamodule.load()["unlabeled"] or self.hparams.response_from == "student":
             if self.trainer.ckpt_path is None:
                 self.prefit_selector()
             elif self.selector is not None and self.hparams.selector_prefit_steps > 0:

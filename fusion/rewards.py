@@ -13,7 +13,8 @@ In the config, several functions with weights; the reward of a completion is the
           fusion.rewards.task_score: 1.0
           my_package.rewards.brevity: 0.1
 
-The columns of the embedded suite are `response` (the gold answer), `domain` and `metadata`.
+The columns of the embedded suite are `response` (the gold answer), `domain` and `metadata`; on a
+prompt without gold (see `fusion.data`) `response` and `metadata` are None.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def task_correct(prompts: list[str], completions: list[str], domain: list[str], 
 def exact_match(prompts: list[str], completions: list[str], response: list[str], **columns) -> list[float]:
     """1 where the completion equals the gold response (surrounding whitespace ignored), else 0."""
     return [float(completion.strip() == gold.strip()) for completion, gold in zip(completions, response)]
+
+
+def answer_format(prompts: list[str], completions: list[str], domain: list[str], **columns) -> list[float]:
+    """1 where the completion has the form its prompt asks for (`tasks.well_formed`), else 0.
+
+    Label-free: it reads the prompt, the completion and the domain, never `response` or
+    `metadata`, so it scores an answer to a prompt without gold as it scores any other (the
+    selector's default reward, `model.selector_rewards`).
+    """
+    return [float(tasks.well_formed(d, prompt, completion)) for prompt, completion, d in zip(prompts, completions, domain)]
 
 
 def resolve(path: str, key: str) -> RewardFunction:

@@ -31,7 +31,7 @@ from fusion.evaluation import correct, greedy_answers
 from fusion.metrics import EvalMetrics
 from fusion.rewards import Rewards
 from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
-from fusion.student import StudentStage, build_student, load_adapter, stop_if_nonfinite, warmup_cosine
+from fusion.student import StudentStage, build_student, load_adapter, pad_right, sample_responses, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 
 
@@ -48,42 +48,6 @@ def resolve_init_from(path: str | None) -> str | None:
     if os.path.isfile(path):
         return path
     return resolve_model_path(path, "model.init_from")  # a model directory or a hub name
-
-
-def pack_rollouts(prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts followed by sampled completions -> right-padded training sequences.
-
-    prompt_mask [R, P] (1 on prompt tokens), generated [R, P + L] as `generate` returns it. A
-    completion ends at its first eos (kept, trained); what follows is padding. Returns the
-    data module's layout: input_ids, attention_mask, targets (the next token on completion
-    positions, else IGNORE_INDEX), all [R, W], plus completion [R, L] (eos and after set to
-    pad, for decoding) and length [R] (completion tokens, eos included).
-    """
-    width = prompt_mask.shape[1]
-    completion = generated[:, width:]  # [R, L]
-    is_eos = (completion == eos_id).long()
-    in_completion = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first eos
-    keep = torch.cat([prompt_mask.bool(), in_completion], dim=1)  # [R, P + L]
-    trained = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), in_completion], dim=1)
-    order = torch.sort((~keep).int(), dim=1, stable=True).indices  # kept tokens first, in order
-    input_ids = generated.gather(1, order)
-    keep, trained = keep.gather(1, order), trained.gather(1, order)
-    length = int(keep.sum(1).max())
-    input_ids = input_ids.masked_fill(~keep, pad_id)[:, :length]
-    keep, trained = keep[:, :length], trained[:, :length]
-    targets = torch.full_like(input_ids, IGNORE_INDEX)
-    targets[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": keep.long(),
-        "targets": targets,
-        "completion": completion.masked_fill(~in_completion | (completion == eos_id), pad_id),
-        "length": in_completion.sum(1),
-    }
-
-
-def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 class SRFTModule(StudentStage, L.LightningModule):
@@ -176,27 +140,11 @@ class SRFTModule(StudentStage, L.LightningModule):
 
     # ---------------------------------------------------------------- rollouts and rewards
 
-    @torch.no_grad()
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
         """G sampled completions per prompt, packed for training ([B * G, W], prompt-major)."""
         h = self.hparams
-        was_training = self.student.training
-        self.student.eval()
-        generated = self.student.generate(
-            input_ids=batch["prompt_ids"],
-            attention_mask=batch["prompt_attention_mask"],
-            do_sample=True,
-            temperature=h.temperature,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=h.num_generations,
-            max_new_tokens=h.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        self.student.train(was_training)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(h.num_generations, dim=0)
-        return pack_rollouts(prompt_mask, generated, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], h.temperature,
+                                h.max_new_tokens, h.num_generations)
 
     def score(self, rows: list[dict], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Rewards of the rollouts [B, G] and of the demos [B], in one call of each function."""
@@ -220,9 +168,9 @@ class SRFTModule(StudentStage, L.LightningModule):
         # One forward over the demos (first B rows) and the rollouts (next B * G rows).
         width = max(batch["input_ids"].shape[1], rollouts["input_ids"].shape[1])
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.cat([_pad_right(batch["input_ids"], width, pad), _pad_right(rollouts["input_ids"], width, pad)])
-        attention_mask = torch.cat([_pad_right(batch["attention_mask"], width, 0), _pad_right(rollouts["attention_mask"], width, 0)])
-        targets = torch.cat([_pad_right(batch["targets"], width, IGNORE_INDEX), _pad_right(rollouts["targets"], width, IGNORE_INDEX)])
+        input_ids = torch.cat([pad_right(batch["input_ids"], width, pad), pad_right(rollouts["input_ids"], width, pad)])
+        attention_mask = torch.cat([pad_right(batch["attention_mask"], width, 0), pad_right(rollouts["attention_mask"], width, 0)])
+        targets = torch.cat([pad_right(batch["targets"], width, IGNORE_INDEX), pad_right(rollouts["targets"], width, IGNORE_INDEX)])
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[..., : self.vocab_size]
         mask = targets != IGNORE_INDEX  # [S, W]
         # The demos at T = 1 (their terms are off-policy: SFT and the shaped demo likelihood), the

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from fusion.data import IGNORE_INDEX
 from fusion.io import atomic_write_json
 from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
 from fusion.sources import DTYPES, resolve_model_path
@@ -50,6 +51,62 @@ def load_adapter(student, ckpt_path: str, key: str) -> str | None:
         )
     student.load_state_dict(adapter, strict=False)
     return checkpoint.get("base_model") or checkpoint.get("hyper_parameters", {}).get("student")
+
+
+def pack_rollouts(prompt_mask: torch.Tensor, generated: torch.Tensor, eos_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by sampled completions -> right-padded training sequences.
+
+    prompt_mask [R, P] (1 on prompt tokens), generated [R, P + L] as `generate` returns it. A
+    completion ends at its first eos (kept, trained); what follows is padding. Returns the
+    data module's layout: input_ids, attention_mask, targets (the next token on completion
+    positions, else IGNORE_INDEX), all [R, W], plus completion [R, L] (eos and after set to
+    pad, for decoding) and length [R] (completion tokens, eos included).
+    """
+    width = prompt_mask.shape[1]
+    completion = generated[:, width:]  # [R, L]
+    is_eos = (completion == eos_id).long()
+    in_completion = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first eos
+    keep = torch.cat([prompt_mask.bool(), in_completion], dim=1)  # [R, P + L]
+    trained = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), in_completion], dim=1)
+    order = torch.sort((~keep).int(), dim=1, stable=True).indices  # kept tokens first, in order
+    input_ids = generated.gather(1, order)
+    keep, trained = keep.gather(1, order), trained.gather(1, order)
+    length = int(keep.sum(1).max())
+    input_ids = input_ids.masked_fill(~keep, pad_id)[:, :length]
+    keep, trained = keep[:, :length], trained[:, :length]
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": keep.long(),
+        "targets": targets,
+        "completion": completion.masked_fill(~in_completion | (completion == eos_id), pad_id),
+        "length": in_completion.sum(1),
+    }
+
+
+def pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """[R, W'] -> [R, width], `value` appended on the right."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+@torch.no_grad()
+def sample_responses(student, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float,
+                     max_new_tokens: int, num_return_sequences: int = 1) -> dict[str, torch.Tensor]:
+    """Completions sampled from `student` for left-padded prompts [R, P], all in one `generate`
+    call: pure sampling at `temperature` (no top-k or top-p), in eval mode (no dropout) and
+    without gradient, so the ids are data, never a path for gradients. Packed by `pack_rollouts`
+    ([R * num_return_sequences, W], prompt-major)."""
+    was_training = student.training
+    student.eval()
+    generated = student.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    student.train(was_training)
+    mask = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
+    return pack_rollouts(mask, generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -143,3 +144,26 @@ def score(domain: str, prediction: str, row: dict[str, Any]) -> float:
 def is_correct(domain: str, prediction: str, row: dict[str, Any]) -> bool:
     """Exact-match accuracy as judged by the task's scorer (full score)."""
     return score(domain, prediction, row) >= 1.0
+
+
+def _words(prompt: str) -> list[str]:
+    """The comma-separated words of a word task's prompt ("sort< cat, dog=" -> [cat, dog])."""
+    return [w.strip() for w in prompt.split(" ", 1)[-1].removesuffix("=").split(",")]
+
+
+# domain -> (prompt, answer) -> whether the answer has the form the prompt asks for. Each check
+# reads the prompt alone and is a necessary condition of a correct answer, never a sufficient one.
+_FORMS: dict[str, Callable[[str, str], bool]] = {
+    "spell_backward": lambda prompt, answer: sorted(answer) == sorted(prompt.removeprefix("backward ").removesuffix("=")),
+    "word_sorting": lambda prompt, answer: sorted(w.strip() for w in answer.split(",")) == sorted(_words(prompt)),
+    "word_sequence_reversal": lambda prompt, answer: sorted(w.strip() for w in answer.split(",")) == sorted(_words(prompt)),
+    "chain_sum": lambda prompt, answer: re.fullmatch(r"-?\d+", answer) is not None,
+}
+
+
+def well_formed(domain: str, prompt: str, answer: str) -> bool:
+    """Whether `answer` has the form `prompt` asks for, judged from the prompt alone (no gold): the
+    letters of the word (spell_backward), the words of the list (word_sorting,
+    word_sequence_reversal), an integer (chain_sum); outside the suite, any non-empty answer."""
+    answer = answer.strip()
+    return bool(answer) and _FORMS.get(domain, lambda prompt, answer: True)(prompt, answer)

@@ -136,6 +136,9 @@ def test_bench_config_train_section_parses(capsys, name):
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
     for settings in bench["methods"].values():
         config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})
+        if "after" in settings:  # SRFT from another method's adapter: its own stage's settings
+            srft = {"class_path": "fusion.srft.SRFTModule", "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]}}
+            config = {**bench["train"], "model": srft}
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
@@ -180,3 +183,57 @@ def test_label_scarce_criteria():
     # Interference: selector (0.02 + 0.02) / 2 = 0.02; uniform 0.1; confidence (0.5 + 0.1) / 2 = 0.3.
     assert checks["interference_at_most_half"] == {"selector": pytest.approx(0.02), "uniform": pytest.approx(0.1),
                                                    "confidence": pytest.approx(0.3), "pass": True}
+
+
+def test_on_policy_rows_run_online_and_srft_chains_after_its_fusion_run(tmp_path, monkeypatch):
+    """On-policy methods never read a cache; a chained SRFT row starts from its fusion run's saved
+    adapter, per pool and seed, and is checked against its own settings."""
+    bench = quality.QualityBench(
+        train={"model": {"student": "s"}, "data": {"unlabeled_size": 4}, "trainer": {}},
+        pools={"A": ["a"], "B": ["a", "b"]}, seeds=[0, 1], output=str(tmp_path),
+        methods={"selector k=1": {"fusion": "selector", "top_k": 1},
+                 "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
+                 "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}}})
+    monkeypatch.setattr(quality, "_weights", lambda path: "no weights")
+    planner = quality.Planner(bench, 1)
+    jobs = planner.training_jobs()
+    chained = planner.srft_jobs(jobs)
+    modes = {(j["record"]["method"], j["record"]["pool"]): j["config"]["model"]["source_mode"] for j in jobs if j["record"]["seed"] == 0}
+    assert modes == {("selector k=1", "A"): "cached", ("selector k=1", "B"): "cached",
+                     ("on_policy selector k=1", "A"): "online", ("on_policy selector k=1", "B"): "online"}
+    assert all(j["config"]["model"]["cache_dir"] is None for j in jobs if j["record"]["method"].startswith("on_policy"))
+    adapters = {(j["record"]["pool"], j["record"]["seed"]): j["adapter"] for j in jobs if j.get("adapter")}
+    assert sorted(adapters) == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
+    assert len(chained) == 4
+    for job in chained:
+        model = job["config"]["model"]
+        assert model["class_path"] == "fusion.srft.SRFTModule" and job["config"]["trainer"]["max_steps"] == 5
+        assert model["init_args"] == {"student": "s", "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])], "num_generations": 2}
+    with pytest.raises(ValueError, match=r"methods.x: a chained method is \{after: <a fusion method of methods>, srft: \{steps, model\}\}"):
+        quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]}, methods={"x": {"after": "nothing", "srft": {"steps": 1}}})
+
+
+def test_on_policy_criteria_and_sampled_tokens(tmp_path):
+    """On-policy selector: at least the off-policy selector with its top_k, within 0.02 of the
+    on-policy oracle; the report reads the tokens sampled per step from the run's log."""
+    runs = [_run("selector k=1", "A", 0, {"d1": 0.5, "d2": 0.3}), _run("selector k=1", "B", 0, {"d1": 0.5, "d2": 0.3}),
+            _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.9}),
+            _run("on_policy selector k=1", "A", 0, {"d1": 0.6, "d2": 0.3}), _run("on_policy selector k=1", "B", 0, {"d1": 0.4, "d2": 0.3}),
+            _run("on_policy oracle", "A", 0, {"d1": 0.6, "d2": 0.32}), _run("on_policy oracle", "B", 0, {"d1": 0.6, "d2": 0.32})]
+    (tmp_path / "metrics.csv").write_text("step,train/loss,train/sampled_tokens\n9,1.0,300\n19,0.9,\n19,,\n29,0.8,500\n")
+    runs[3]["log_dir"] = str(tmp_path)
+    methods = {"selector k=1": {"fusion": "selector", "top_k": 1}, "oracle": {"fusion": "oracle"},
+               "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
+               "on_policy oracle": {"fusion": "oracle", "response_from": "student"}}
+    methods = {name: m | {"source_forwards_per_seq": {"A": 1, "B": 1}} for name, m in methods.items()}
+    summary = report_lib.summarize(runs, methods)
+    assert summary["on_policy selector k=1"]["A"]["sampled_tokens_per_step"] == pytest.approx((300 + 0 + 500) / 3)
+    assert "sampled_tokens_per_step" not in summary["selector k=1"]["A"]
+    checks = report_lib.criteria_unlabelled(summary, methods)
+    assert set(checks) == {"selector k=1", "on_policy selector k=1"}
+    assert checks["selector k=1"]["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.9)  # the off-policy oracle
+    on = checks["on_policy selector k=1"]
+    assert on["at_least_off_policy_selector"]["A"]["pass"] and not on["at_least_off_policy_selector"]["B"]["pass"]  # 0.45 >= 0.4; 0.35 < 0.4
+    assert on["within_0.02_of_on_policy_oracle"]["A"]["pass"] and not on["within_0.02_of_on_policy_oracle"]["B"]["pass"]  # 0.45 vs 0.46
+    report = {"quick": True, "seeds": [0], "results": summary, "criteria": checks, "runtime_seconds": 1.0}
+    assert "| sampled tokens / step |" in report_lib.markdown(report, "") and "| 267 |" in report_lib.markdown(report, "")

@@ -114,7 +114,7 @@ def test_training_step_logs_every_term(tiny_zoo):
     module.log = lambda *a, **kw: None
     loss = module.training_step(_batch(module), 0)
     assert torch.isfinite(loss)
-    for key in ("train/loss_student", "train/ce", "train/kl", "train/loss_selector", "train/loss_feedback", "train/selection_entropy", "train/alpha_max"):
+    for key in ("train/loss_student", "train/ce", "train/divergence", "train/loss_selector", "train/loss_feedback", "train/selection_entropy", "train/alpha_max"):
         assert key in logged
     shares = [logged[f"select/{n}"] for n in ("spell", "sum", "noise")]
     assert sum(shares) == pytest.approx(2.0)  # two of three sources per sequence

@@ -18,7 +18,8 @@ from fusion import srft_losses as S
 from fusion.data import IGNORE_INDEX, collate, encode
 from fusion.module import FusionDistillModule
 from fusion.rewards import Rewards, task_correct, task_score
-from fusion.srft import SRFTModule, pack_rollouts
+from fusion.srft import SRFTModule
+from fusion.student import pack_rollouts
 from fusion.train import main
 from tests.conftest import tiny_config
 

@@ -63,6 +63,9 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
             }
             if all("seconds" in r for r in group):
                 entry[pool]["seconds_mean"] = statistics.fmean(r["seconds"] for r in group)
+            sampled = [sampled_tokens_per_step(r.get("log_dir") or "") for r in group]
+            if all(v is not None for v in sampled):
+                entry[pool]["sampled_tokens_per_step"] = statistics.fmean(sampled)
             for key in ("generations_per_prompt", "answers", "cache_seconds"):  # the label-scarce regime's costs
                 if pool in methods[method].get(key, {}):
                     entry[pool][key] = methods[method][key][pool]
@@ -87,7 +90,7 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
             a.update(value)
             b.update(value)
         summary[method] = entry
-    oracle = next((name for name, m in methods.items() if m.get("fusion") == "oracle"), None)
+    oracle = next((name for name, m in methods.items() if m.get("fusion") == "oracle" and not on_policy(m)), None)
     if oracle in grouped:
         reference = {str(r["seed"]): r["acc"] for r in grouped[oracle][SPECIALISTS]}
         for method, entry in summary.items():
@@ -101,10 +104,17 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
     return summary
 
 
-def _selectors(summary: dict, methods: dict[str, dict]):
-    """(by_fusion: fusion setting -> method name, [(name, summary entry) of every selector method])."""
-    by_fusion = {m["fusion"]: name for name, m in methods.items() if m.get("fusion") and name in summary}
-    return by_fusion, [(name, summary[name]) for name, m in methods.items() if m.get("fusion") == "selector" and name in summary]
+def on_policy(method: dict) -> bool:
+    """A method that learns along the student's own samples (on-policy fusion), or a stage after one."""
+    return method.get("response_from") == "student" or "after" in method
+
+
+def _selectors(summary: dict, methods: dict[str, dict], learns_on_policy: bool = False):
+    """(by_fusion: fusion setting -> method name, [(name, summary entry) of every selector method]),
+    among the off-policy methods (or the on-policy ones)."""
+    chosen = {name: m for name, m in methods.items() if on_policy(m) == learns_on_policy and "after" not in m and name in summary}
+    by_fusion = {m["fusion"]: name for name, m in chosen.items() if m.get("fusion")}
+    return by_fusion, [(name, summary[name]) for name, m in chosen.items() if m.get("fusion") == "selector"]
 
 
 def _interference_at_most_half(summary: dict, by_fusion: dict, entry: dict, bases: tuple[str, ...]) -> dict | None:
@@ -178,6 +188,26 @@ def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, di
         if (half := _interference_at_most_half(summary, by_fusion, entry, ("uniform", "confidence"))) is not None:
             check["interference_at_most_half"] = half
         checks[name] = check
+    return checks | criteria_on_policy(summary, methods)
+
+
+def criteria_on_policy(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
+    """Each on-policy selector method against the off-policy selector with the same top_k (at
+    least its accuracy) and the on-policy oracle (within 0.02), in each pool."""
+    off_policy = {name: m for name, m in methods.items() if not on_policy(m) and m.get("fusion") == "selector" and name in summary}
+    by_fusion, selectors = _selectors(summary, methods, learns_on_policy=True)
+    checks: dict[str, dict] = {}
+    for name, entry in selectors:
+        check = {}
+        twin = next((n for n, m in off_policy.items() if m.get("top_k", 2) == methods[name].get("top_k", 2)), None)
+        for reference, margin, key in ((twin, 0.0, "at_least_off_policy_selector"), (by_fusion.get("oracle"), -0.02, "within_0.02_of_on_policy_oracle")):
+            if reference is None:
+                continue
+            check[key] = {pool: {"on_policy": entry[pool]["acc_mean"], "on_policy_std": entry[pool]["acc_mean_std"],
+                                 reference: summary[reference][pool]["acc_mean"], f"{reference}_std": summary[reference][pool]["acc_mean_std"],
+                                 "pass": entry[pool]["acc_mean"] >= summary[reference][pool]["acc_mean"] + margin - 1e-12}
+                          for pool in (SPECIALISTS, DISTRACTED) if pool in entry and pool in summary[reference]}
+        checks[name] = check
     return checks
 
 
@@ -193,6 +223,7 @@ def markdown(report: dict, config_yaml: str) -> str:
     summary = report["results"]
     domains = sorted({d for entry in summary.values() for pool in entry.values() for d in pool["acc"]})
     costs = any("generations_per_prompt" in r for entry in summary.values() for r in entry.values())
+    sampling = any("sampled_tokens_per_step" in r for entry in summary.values() for r in entry.values())
     lines = [f"# Quality benchmark{' (quick)' if report['quick'] else ''}", "",
              f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
              "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
@@ -201,8 +232,9 @@ def markdown(report: dict, config_yaml: str) -> str:
              "max(0, acc_oracle - acc) in the same pool: the accuracy lost to every source other than the "
              "domain's specialist (per seed, paired with the oracle's run of that seed).", "",
              "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) | specialist gap (per seed) |"
-             + (" generations / unlabelled prompt | seconds: cache, run |" if costs else ""),
-             "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0))]
+             + (" generations / unlabelled prompt | seconds: cache, run |" if costs else "")
+             + (" sampled tokens / step |" if sampling else ""),
+             "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0) + (1 if sampling else 0))]
     for method, entry in summary.items():
         for pool in sorted(entry):
             r = entry[pool]
@@ -211,6 +243,8 @@ def markdown(report: dict, config_yaml: str) -> str:
                 generations = f"{r['generations_per_prompt']:.2f}" if "generations_per_prompt" in r else "-"
                 seconds = f"{r.get('cache_seconds', 0):.0f}, {r['seconds_mean']:.0f}" if "seconds_mean" in r else "-"
                 extra = f" {generations} | {seconds} |"
+            if sampling:
+                extra += f" {r['sampled_tokens_per_step']:.0f} |" if "sampled_tokens_per_step" in r else " - |"
             cells = " | ".join(f"{r['acc'][d]:.2f}" for d in domains)
             inter = "-"
             if r.get("interference") is not None:
@@ -258,6 +292,21 @@ def selection_entropy_curve(log_dir: str) -> list[tuple[int, float]]:
     with open(path) as f:
         return [(int(row["step"]), float(row["train/selection_entropy"])) for row in csv.DictReader(f)
                 if row.get("train/selection_entropy")]
+
+
+def sampled_tokens_per_step(log_dir: str) -> float | None:
+    """Tokens the student sampled per training step (`train/sampled_tokens` of on-policy fusion,
+    `train/generated_tokens` of SRFT; 0 on an off-policy step), the mean over the steps in the
+    run's metrics.csv; None for a run that samples nothing (or has no log)."""
+    path = os.path.join(log_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    keys = ("train/sampled_tokens", "train/generated_tokens")
+    if not rows or not any(row.get(key) for row in rows for key in keys):
+        return None
+    return statistics.fmean(float(next((row[key] for key in keys if row.get(key)), 0.0)) for row in rows)
 
 
 def selector_bias(log_dir: str, after: float = 0.5) -> dict[str, float]:

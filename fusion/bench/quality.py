@@ -15,6 +15,12 @@ specialists of the student's base (built once, like the zoo) merged with peft
   not depend on the pool, so they are trained once per seed and reported for both pools.
 - A run whose config is unchanged is reused from `output/runs/*/result.json` (a stopped bench
   resumes; a seed can be added later).
+- On-policy methods (`response_from: student`, or `selector_signal: rewards`) run their sources
+  online whatever `source_mode` says: what they score is written during training.
+- A method with `after: <method>` and `srft: {steps, model}` is SRFT (`fusion.srft`) started from
+  that method's adapter (its fusion run saves it), tested like every run; its wall time is both
+  stages'. SRFT's rollouts are scored by its rewards on the labelled rows only (the SRFT stage's
+  data are the train split's labelled rows).
 - `--quick` applies the `quick_settings` section (fewer seeds and steps, a smaller test split): the same
   code, in a few minutes.
 
@@ -118,12 +124,23 @@ class QualityBench:
         if self.source_mode not in ("cached", "online"):
             raise ValueError(f"source_mode must be 'cached' or 'online', got {self.source_mode!r}")
         for name, settings in self.methods.items():
-            if "fusion" not in settings:
+            if "after" in settings:
+                if settings["after"] not in self.methods or "after" in self.methods[settings["after"]] or set(settings) != {"after", "srft"}:
+                    raise ValueError(f"methods.{name}: a chained method is {{after: <a fusion method of methods>, srft: {{steps, model}}}}, got {settings}")
+                if set(settings["srft"]) - {"steps", "model"} or settings["srft"].get("steps", 0) < 1:
+                    raise ValueError(f"methods.{name}.srft: expected {{steps: >= 1, model: SRFTModule settings}}, got {settings['srft']}")
+            elif "fusion" not in settings:
                 raise ValueError(f"methods.{name} needs a fusion setting (none, uniform, avgce, mince, single, oracle, selector)")
         if self.consistency and (self.consistency.get("method") not in self.methods or self.consistency.get("pool") not in self.pools):
             raise ValueError(f"consistency must name one of methods {list(self.methods)} and a pool A or B, got {self.consistency}")
         if not self.seeds or min(self.steps, self.workers, self.threads) < 1:
             raise ValueError("seeds must not be empty; steps, workers and threads must be at least 1")
+
+
+def online_only(settings: dict) -> bool:
+    """Whether a method scores what is written during training (the student's samples, or the
+    selected sources' answers for the selector's rewards): no cache can hold it."""
+    return settings.get("response_from") == "student" or settings.get("selector_signal") == "rewards"
 
 
 def forwards(settings: dict, pool: list[str]) -> int:
@@ -157,6 +174,8 @@ def _run_job(job: dict) -> dict:
         return result
     if job["kind"] == "fit":
         run.trainer.fit(run.model, datamodule=run.datamodule)
+        if job.get("adapter"):  # a chained stage starts from it
+            run.trainer.save_checkpoint(job["adapter"], weights_only=True)
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
     result = {**job["record"], **run.model.test_results, "log_dir": job["log_dir"], "seconds": time.time() - started}
     atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
@@ -178,7 +197,7 @@ def _run_all(jobs: list[dict], workers: int) -> list[dict]:
         if path and os.path.isfile(path):
             with open(path) as f:
                 stored = json.load(f)
-            if stored["config_hash"] == job["config_hash"]:
+            if stored["config_hash"] == job["config_hash"] and os.path.isfile(job.get("adapter") or path):
                 results[index] = {**stored["result"], "reused": True}
                 continue
         pending.append(index)
@@ -242,20 +261,46 @@ class Planner:
 
     def training_jobs(self) -> list[dict]:
         b, jobs = self.bench, []
+        chained = {m["after"] for m in b.methods.values() if "after" in m}
         for seed in b.seeds:
             for method, settings in b.methods.items():
+                if "after" in settings:
+                    continue
                 pools = ["A"] if settings["fusion"] in POOL_INDEPENDENT else ["A", "B"]
                 for pool in pools:
-                    mode = "online" if settings["fusion"] == "none" else b.source_mode
+                    mode = "online" if settings["fusion"] == "none" or online_only(settings) else b.source_mode
                     model = settings | self.source_settings(pool, mode, settings)
-                    cost = 1.0 + (0.5 if mode == "online" else 0.0) * forwards(settings, b.pools[pool])
-                    jobs.append(self.job("fit", f"{pool}-{_slug(method)}-seed{seed}", seed, model,
-                                         {"method": method, "pool": pool, "seed": seed}, cost))
+                    cost = 1.0 + (0.5 if mode == "online" else 0.0) * forwards(settings, b.pools[pool]) + (3.0 if online_only(settings) else 0.0)
+                    name = f"{pool}-{_slug(method)}-seed{seed}"
+                    jobs.append(self.job("fit", name, seed, model, {"method": method, "pool": pool, "seed": seed}, cost))
+                    if method in chained:
+                        jobs[-1]["adapter"] = os.path.join(self.bench.output, "runs", name, "adapter.ckpt")
         if b.consistency and b.source_mode == "cached":
             c = b.consistency
             model = b.methods[c["method"]] | self.source_settings(c["pool"], "online", b.methods[c["method"]])
             jobs.append(self.job("fit", f"{c['pool']}-{_slug(c['method'])}-seed{c['seed']}-online", c["seed"], model,
                                  {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True}, 5.0))
+        return jobs
+
+    def srft_jobs(self, fitted: list[dict]) -> list[dict]:
+        """SRFT from each chained method's fusion adapter, per seed and pool (after `fitted`, the
+        training jobs, have run)."""
+        jobs = []
+        for method, settings in self.bench.methods.items():
+            if "after" not in settings:
+                continue
+            srft = settings["srft"]
+            for job in fitted:
+                if job["record"].get("method") != settings["after"] or job["record"].get("online"):
+                    continue
+                record = {**job["record"], "method": method}
+                config, log_dir = self.config(f"{job['record']['pool']}-{_slug(method)}-seed{record['seed']}", record["seed"], {})
+                config["model"] = {"class_path": "fusion.srft.SRFTModule",
+                                   "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **srft.get("model", {})}}
+                config["trainer"]["max_steps"] = srft["steps"]
+                config_hash = hashlib.sha256(json.dumps(["srft", config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
+                jobs.append({"kind": "fit", "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": 1.0,
+                             "config_hash": config_hash, "result_path": os.path.join(os.path.dirname(log_dir), "result.json")})
         return jobs
 
     def cache_jobs(self) -> list[dict]:
@@ -353,11 +398,12 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
         built = _run_all(planner.cache_jobs(), bench.workers)
         cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
+    resolved = {name: bench.methods[s["after"]] | s if "after" in s else s for name, s in bench.methods.items()}  # a chain: its fusion's settings
     methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
-               for name, settings in bench.methods.items()}
+               for name, settings in resolved.items()}
     if bench.unlabelled and bench.source_mode == "cached":
-        methods = {name: m | answer_costs(planner, name, m, cache_seconds) for name, m in methods.items()}
-    for name, settings in bench.methods.items():
+        methods = {name: m | answer_costs(planner, name, m, cache_seconds) if not online_only(m) else m for name, m in methods.items()}
+    for name, settings in resolved.items():
         if settings["fusion"] in POOL_INDEPENDENT:
             methods[name] |= {"shared_with": "pool A run",
                               "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
@@ -373,6 +419,11 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
                                        "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
     results = _run_all(jobs + tests, bench.workers)
+    chained = planner.srft_jobs(jobs)
+    if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
+        fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
+        after = {name: s["after"] for name, s in bench.methods.items() if "after" in s}
+        results += [r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]} for r in _run_all(chained, bench.workers)]
     runs, consistency = [], None
     for result in results:
         if result.get("online"):

@@ -1,0 +1,271 @@
+"""On-policy fusion: the divergences against hand values, the student's samples as the data the
+sources score (never a path for gradients), the reward signal of the selector, and bad settings.
+
+Expected numbers are literals or math expressions a reader can check with pencil and paper.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fusion import losses
+from fusion.data import IGNORE_INDEX, collate, encode
+from fusion.module import FusionDistillModule
+from fusion.rewards import answer_format
+
+# ------------------------------------------------------------------ divergences, by hand
+
+# Target P and student Q over a 4-token vocabulary; the target keeps tokens {0, 1}, so its tail
+# is 0.2 = P(2) + P(3) and the student's tail is Q(2) + Q(3) = 0.3.
+P = [0.5, 0.3]
+Q = [0.2, 0.5, 0.1, 0.2]
+P_CELLS, Q_CELLS = [0.5, 0.3, 0.2], [0.2, 0.5, 0.3]
+
+
+def _target(ids=(0, 1), probs=P) -> losses.SparseTarget:
+    return losses.SparseTarget(torch.tensor([list(ids)]), torch.tensor([list(probs)]))
+
+
+def _student() -> torch.Tensor:
+    return torch.log(torch.tensor([Q]))
+
+
+def test_forward_kl_hand_value():
+    expected = sum(p * math.log(p / q) for p, q in zip(P_CELLS, Q_CELLS))
+    assert float(losses.sparse_divergence(_target(), _student(), "forward_kl")) == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.5 * math.log(2.5) + 0.3 * math.log(0.6) + 0.2 * math.log(2 / 3))
+
+
+def test_reverse_kl_hand_value_and_its_floor():
+    expected = 0.2 * math.log(0.2 / 0.5) + 0.5 * math.log(0.5 / 0.3) + 0.3 * math.log(0.3 / 0.2)
+    assert float(losses.sparse_divergence(_target(), _student(), "reverse_kl")) == pytest.approx(expected, abs=1e-6)
+    # A target without tail (one-hot on token 0): the student's 0.8 off it costs log(0.8 / 1e-8).
+    onehot = losses.sparse_divergence(_target((0, -1), (1.0, 0.0)), _student(), "reverse_kl")
+    assert float(onehot) == pytest.approx(0.2 * math.log(0.2) + 0.8 * math.log(0.8 / losses.TARGET_FLOOR), rel=1e-5)
+
+
+def test_jsd_hand_value_and_its_ends():
+    beta = 0.3
+    mixture = [beta * p + (1 - beta) * q for p, q in zip(P_CELLS, Q_CELLS)]  # [0.29, 0.44, 0.27]
+    expected = beta * sum(p * math.log(p / m) for p, m in zip(P_CELLS, mixture)) + (1 - beta) * sum(
+        q * math.log(q / m) for q, m in zip(Q_CELLS, mixture))
+    assert float(losses.sparse_divergence(_target(), _student(), "jsd", beta)) == pytest.approx(expected, abs=1e-6)
+    # JSD_beta / beta -> KL(P || Q) as beta -> 0, JSD_beta / (1 - beta) -> KL(Q || P) as beta -> 1.
+    forward, reverse = (float(losses.sparse_divergence(_target(), _student(), kind)) for kind in ("forward_kl", "reverse_kl"))
+    assert float(losses.sparse_divergence(_target(), _student(), "jsd", 1e-4)) / 1e-4 == pytest.approx(forward, rel=5e-3)
+    assert float(losses.sparse_divergence(_target(), _student(), "jsd", 1 - 1e-4)) / 1e-4 == pytest.approx(reverse, rel=5e-3)
+
+
+def test_divergence_loss_is_the_token_mean_times_t_squared_with_the_hand_gradient():
+    """Two trained positions (the second's target is P, the first has none) and one untrained:
+    the mean counts both trained positions; reverse KL's gradient in the logits is the
+    closed form q_c (log(q_c / p_c) - KL) on each cell, shared within the tail as q_v / q_tail."""
+    logits = torch.log(torch.tensor([[Q, Q, Q]])).requires_grad_()
+    fused = losses.SparseTarget(torch.tensor([[[-1, -1], [0, 1], [0, 1]]]), torch.tensor([[[0.0, 0.0], P, P]]))
+    targets = torch.tensor([[5, 5, IGNORE_INDEX]])
+    loss = losses.divergence_loss(logits, targets, fused, "reverse_kl", temperature=1.0)
+    kl = 0.2 * math.log(0.2 / 0.5) + 0.5 * math.log(0.5 / 0.3) + 0.3 * math.log(0.3 / 0.2)
+    assert float(loss) == pytest.approx(kl / 2, abs=1e-6)
+    loss.backward()
+    cell = {0: (0.2, 0.5), 1: (0.5, 0.3), 2: (0.3, 0.2)}  # cell -> (q, p); tokens 2 and 3 share the tail cell
+    expected = [cell[c][0] * (math.log(cell[c][0] / cell[c][1]) - kl) for c in (0, 1)]
+    expected += [q / 0.3 * cell[2][0] * (math.log(0.3 / 0.2) - kl) for q in (0.1, 0.2)]
+    assert torch.allclose(logits.grad[0, 1], torch.tensor(expected) / 2, atol=1e-6)
+    assert float(logits.grad[0, 0].abs().max()) == 0.0 and float(logits.grad[0, 2].abs().max()) == 0.0
+    # At T = 2 the student is read at z / 2 and the divergence scaled by 4.
+    hot = losses.divergence_loss(torch.log(torch.tensor([[Q]])), torch.tensor([[5]]), _target_3d(), "jsd", 0.5, temperature=2.0)
+    student_t = torch.log_softmax(torch.log(torch.tensor([Q])) / 2.0, -1)
+    assert float(hot) == pytest.approx(4.0 * float(losses.sparse_divergence(_target(), student_t, "jsd", 0.5)), abs=1e-6)
+
+
+def _target_3d() -> losses.SparseTarget:
+    return losses.SparseTarget(torch.tensor([[[0, 1]]]), torch.tensor([[P]]))
+
+
+def test_forward_kl_divergence_loss_is_the_student_loss_kl():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6)
+    fused = losses.SparseTarget(torch.tensor([[[0, 2]] * 3] * 2), torch.tensor([[[0.6, 0.3]] * 3] * 2))
+    targets = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    value = losses.divergence_loss(logits, targets, fused, "forward_kl", temperature=1.5)
+    assert float(value) == pytest.approx(1.5**2 * float(losses.student_loss(logits, targets, fused, 0.0, 1.5)["kl"]), abs=1e-6)
+
+
+# ------------------------------------------------------------------ the module, on the tiny zoo
+
+ROWS = [
+    {"prompt": "backward abc=", "response": "cba", "domain": "spell_backward", "metadata": None},
+    {"prompt": "backward dog=", "response": None, "domain": "spell_backward", "metadata": None},
+    {"prompt": "3 + 4=", "response": None, "domain": "chain_sum", "metadata": None},
+]
+
+
+def _module(zoo: str, **kwargs) -> FusionDistillModule:
+    sources = [os.path.join(zoo, n) for n in ("spell", "sum", "noise")]
+    settings = {"oracle": {"spell_backward": "spell", "chain_sum": "sum"}, "response_max_new_tokens": 8, "sample_max_new_tokens": 6, **kwargs}
+    module = FusionDistillModule(student=os.path.join(zoo, "student"), sources=sources, **settings)
+    module.log_dict = lambda values, **kw: module.logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda *a, **kw: None
+    module.logged = {}
+    return module
+
+
+def _batch(module: FusionDistillModule, rows=ROWS) -> dict:
+    return collate([encode(module.tokenizer, r["prompt"], r["response"], 32) | {"row": r} for r in rows], module.tokenizer.pad_token_id)
+
+
+def _prefer(module: FusionDistillModule, bias: list[float]) -> None:
+    with torch.no_grad():  # the selector's prediction, the same for every prompt
+        module.selector.net[-1].weight.zero_()
+        module.selector.net[-1].bias.copy_(torch.tensor(bias))
+
+
+def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
+    """The sources run on the student's samples (then the labelled row's gold), the student's
+    forward reads the same rows, and the logs count the sampled tokens."""
+    module = _module(tiny_zoo, fusion="selector", top_k=2, response_from="student", divergence="jsd")
+    _prefer(module, [-1.0, -2.0, -5.0])
+    module._prefitted = True  # a fitted selector explores no more: no noise on the labelled row's selection
+    samples, seen = {}, {}
+    sample, run = module.sample, module.pool.run
+
+    def record_sample(batch):
+        samples.update(sample(batch))
+        return samples
+
+    def record_run(selected, batch, *args, **kwargs):
+        seen.update(selected=selected.clone(), **{k: batch[k].clone() for k in ("input_ids", "targets")})
+        return run(selected, batch, *args, **kwargs)
+
+    module.sample, module.pool.run = record_sample, record_run
+    batch = _batch(module)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and module.logged["train/on_policy"] == 1.0
+    width = samples["input_ids"].shape[1]
+    assert torch.equal(seen["input_ids"][:3, :width], samples["input_ids"]) and torch.equal(seen["targets"][:3, :width], samples["targets"])
+    # The labelled row follows along its gold; every row runs the selector's two sources.
+    gold = batch["input_ids"][0]
+    assert torch.equal(seen["input_ids"][3, : len(gold)], gold) and seen["input_ids"].shape[0] == 4
+    assert seen["selected"].tolist() == [[0, 1]] * 4
+    # Trained positions are the sampled tokens up to the first eos: each prompt's completion.
+    for b in range(3):
+        trained = seen["targets"][b][seen["targets"][b] != IGNORE_INDEX]
+        assert trained.tolist() == samples["input_ids"][b][samples["attention_mask"][b].bool()][-len(trained):].tolist()
+        assert len(trained) == int(samples["length"][b]) >= 1
+    assert module.logged["train/sampled_tokens"] == float(samples["length"].sum())
+    assert not module.logged.get("train/answered")  # no source wrote an answer: the student answered
+
+
+def test_no_gradient_flows_through_the_sampling(tiny_zoo):
+    """The sampled ids are integers from `generate` under no_grad; the step's gradient equals the
+    gradient of the same loss with the same tokens fed as fixed data."""
+    module = _module(tiny_zoo, fusion="oracle", response_from="student", divergence="reverse_kl")
+    with torch.no_grad():
+        for name, parameter in module.student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)  # a non-zero adapter: gradients reach lora_A as well
+    batch = _batch(module)
+    torch.manual_seed(0)
+    samples = module.sample(batch)
+    for key in ("input_ids", "attention_mask", "targets"):
+        assert not samples[key].requires_grad and samples[key].grad_fn is None and not samples[key].is_floating_point()
+    params = [p for p in module.student.parameters() if p.requires_grad]
+
+    def step_grads(sample) -> list[torch.Tensor]:
+        module.sample = sample
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        return [p.grad.clone() for p in params]
+
+    inside = {}
+
+    def sample(b):
+        inside.update(FusionDistillModule.sample(module, b))
+        return inside
+
+    torch.manual_seed(0)
+    sampled = step_grads(sample)  # sampling inside the step, from the same seed: the same tokens
+    assert torch.equal(inside["input_ids"], samples["input_ids"])
+    fixed = step_grads(lambda b: {k: v.clone() for k, v in samples.items()})  # those tokens, as data
+    assert any(float(g.abs().max()) > 0 for g in sampled)
+    assert all(torch.equal(a, b) for a, b in zip(sampled, fixed))
+
+
+def test_on_policy_share_of_steps_is_evenly_spread(tiny_zoo):
+    module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
+    assert [module.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
+    module.hparams.on_policy_fraction = 0.25
+    assert [module.on_policy(s) for s in range(8)] == [False, False, False, True] * 2
+    module.hparams.on_policy_fraction = 1.0
+    assert all(module.on_policy(s) for s in range(5))
+    module.hparams.response_from = "source"
+    assert not any(module.on_policy(s) for s in range(5))
+
+
+SEEN_COLUMNS: list[dict] = []
+
+
+def recording_reward(prompts, completions, **columns):
+    SEEN_COLUMNS.append({"prompts": list(prompts), **columns})
+    return [float(len(c)) for c in completions]
+
+
+def test_reward_signal_observes_exactly_the_k_selected_and_reads_no_gold(tiny_zoo):
+    module = _module(tiny_zoo, fusion="selector", top_k=2, selector_signal="rewards",
+                     selector_rewards={"tests.test_on_policy.recording_reward": 1.0})
+    _prefer(module, [-1.0, -2.0, -5.0])  # spell, then sum, never noise
+    calls = []
+    for index, model in enumerate(module.pool.models):
+        original = model.generate
+        model.generate = lambda *a, _i=index, _g=original, **kw: calls.append((_i, kw["input_ids"].shape[0])) or _g(*a, **kw)
+    SEEN_COLUMNS.clear()
+    module.eval()  # no exploration noise: the selection is [0, 1] on every row
+    answered = module.answer_prompts(_batch(module))
+    cost, observed, logs = module._reward_observations(answered, torch.tensor([[0, 1]] * 3))
+    # k = 2 answers per prompt: spell's answers to the two prompts without gold were written by
+    # answer_prompts and are reused; spell answers the labelled prompt, sum every prompt.
+    assert calls == [(0, 2), (0, 1), (1, 3)] and logs["train/reward_generations"] == 4.0
+    assert observed.tolist() == [[True, True, False]] * 3
+    texts = {(1, 0): answered["answers"][1]["text"], (2, 0): answered["answers"][2]["text"]}
+    assert [-float(cost[b, 0]) for b in (1, 2)] == [float(len(texts[(b, 0)])) for b in (1, 2)]
+    assert float(cost[0, 2]) == 0.0
+    (columns,) = SEEN_COLUMNS
+    assert columns["prompts"] == [ROWS[0]["prompt"]] * 2 + [ROWS[1]["prompt"]] * 2 + [ROWS[2]["prompt"]] * 2
+    assert columns["response"] == ["cba", "cba", None, None, None, None] and columns["metadata"] == [None] * 6
+    # Through the step: the regression targets are the rewards, on those six pairs.
+    module.train()
+    module._prefitted = True
+    module.training_step(_batch(module), 0)
+    assert module.logged["train/loss_selector"] > 0 and module.logged["reward/tests.test_on_policy.recording_reward"] >= 0
+
+
+def test_answer_format_reads_the_prompt_not_the_gold():
+    prompts = ["backward dog=", "backward dog=", "sort< cat, ant=", "reverse a, b, c=", "3 + 4=", "3 + 4=", "what?"]
+    completions = ["god", "dg", "ant, cat", "c, a", "7", "seven", "anything"]
+    domains = ["spell_backward", "spell_backward", "word_sorting", "word_sequence_reversal", "chain_sum", "chain_sum", "other"]
+    assert answer_format(prompts, completions, domain=domains) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(TypeError):  # it has no gold to read: a response column is not even accepted positionally
+        answer_format(prompts, completions, domains, ["god"] * 7)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"response_from": "teacher"}, r"model.response_from must be one of \('source', 'student'\), got 'teacher'"),
+    ({"divergence": "tv"}, r"model.divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'tv'"),
+    ({"jsd_beta": 1.0}, r"model.jsd_beta must be in \(0, 1\) \(its ends are forward_kl and reverse_kl\), got 1.0"),
+    ({"on_policy_fraction": 1.5}, r"model.on_policy_fraction in \[0, 1\], got 1.0, 32 and 1.5"),
+    ({"sample_temperature": 0.0}, r"model.sample_temperature must be positive.* got 0.0, 32 and 1.0"),
+    ({"response_from": "student", "source_mode": "cached", "cache_dir": "x"},
+     r"model.response_from 'student' runs the sources on what is written during training: it needs model.source_mode 'online'"),
+    ({"response_from": "student", "fusion": "none"}, r"needs model.source_mode 'online' and a fusion method with sources, got 'online' and 'none'"),
+    ({"selector_signal": "rewards", "fusion": "oracle"}, r"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got 'oracle'"),
+    ({"selector_signal": "ce"}, r"model.selector_signal must be one of \('gold_ce', 'rewards'\), got 'ce'"),
+    ({"selector_signal": "rewards", "selector_rewards": {"fusion.rewards.nothing": 1.0}},
+     r"model.selector_rewards\['fusion.rewards.nothing'\]: cannot import reward function"),
+])
+def test_bad_on_policy_settings_name_the_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FusionDistillModule(student="checkpoints/zoo/student", sources=["checkpoints/zoo/chain_sum-gpt2"], **{"top_k": 1, **settings})
