@@ -12,9 +12,9 @@ of them splitting every digit (as Qwen's tokenizers do). Printed:
   the student's vocabulary for those certain log-probs (`mask` is today's exact-boundary
   alignment; the others add their fill). Also per domain, and for a student coarser than the
   source (GPT-2 student, char source). Written to `--output`/report.json;
-- with `--zoo`, the probability mass the K most likely student tokens keep at shared boundaries
-  and inside source tokens, for the zoo's sources with another tokenizer (what storing top-K in
-  the cache leaves out of the marginal);
+- with `--zoo`, for the zoo's sources with another tokenizer, the mean probability mass of the
+  whole next-student-token distribution and of its K = 10 most likely student tokens (what the
+  cache stores), at shared boundaries and inside source tokens;
 
 - alignment tokens/s (student tokens, attention mask) for each source, cold (every text
   tokenized by the source) and cached (the best of three more epochs over the same texts);
@@ -65,23 +65,26 @@ class TextOracle(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def policy_table(student, sources: dict, batches: list[dict], domains: list[str], repeats: int = 3) -> dict:
-    """Coverage, gold agreement and tokens/s per source and policy, for sources that know the text."""
+def policy_table(student, sources: dict, batches: list[dict], domains: list[str], repeats: int = 5) -> dict:
+    """Coverage, gold agreement and tokens/s per source and policy, for sources that know the text.
+    The policies of one source are timed in turns (the best of `repeats` epochs each), so that a
+    load on the machine that comes and goes does not favour one of them."""
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     report = {}
     for name, source in sources.items():
-        for policy in UNALIGNED_POLICIES:
-            pool = SourcePool([TextOracle(len(source))], [source], [name], student, top_k=10, unaligned=policy)
-            selected = [torch.zeros(len(b["input_ids"]), 1, dtype=torch.long) for b in batches]
-            outputs = [pool.run(s, b) for s, b in zip(selected, batches)]  # warm: tokenization cached, ranges memoized
-            seconds = []
-            for _ in range(repeats):
+        pools = {p: SourcePool([TextOracle(len(source))], [source], [name], student, top_k=10, unaligned=p) for p in UNALIGNED_POLICIES}
+        selected = [torch.zeros(len(b["input_ids"]), 1, dtype=torch.long) for b in batches]
+        outputs = {p: [pool.run(s, b) for s, b in zip(selected, batches)] for p, pool in pools.items()}  # warm: tokenization cached
+        seconds = defaultdict(list)
+        for _ in range(repeats):
+            for policy, pool in pools.items():
                 start = time.perf_counter()
                 for s, b in zip(selected, batches):
                     pool.run(s, b)
-                seconds.append(time.perf_counter() - start)
+                seconds[policy].append(time.perf_counter() - start)
+        for policy in UNALIGNED_POLICIES:
             counts = defaultdict(lambda: [0, 0, 0])  # covered, agreeing, trained
-            for batch, out in zip(batches, outputs):
+            for batch, out in zip(batches, outputs[policy]):
                 trained = batch["targets"] != IGNORE_INDEX
                 covered = out.aligned[:, 0] & trained
                 agrees = covered & (out.ids[:, 0, :, 0] == batch["targets"])
@@ -91,7 +94,7 @@ def policy_table(student, sources: dict, batches: list[dict], domains: list[str]
             report.setdefault(name, {})[policy] = {
                 "coverage": counts["all"][0] / counts["all"][2],
                 "gold_agreement": counts["all"][1] / counts["all"][2],
-                "tokens_per_second": tokens / min(seconds),
+                "tokens_per_second": tokens / min(seconds[policy]),
                 "domains": {d: {"coverage": counts[d][0] / counts[d][2], "gold_agreement": counts[d][1] / counts[d][2]} for d in domains},
             }
     return report
@@ -108,37 +111,31 @@ def print_policy_table(report: dict, domains: list[str]) -> None:
 
 
 def top_k_mass(zoo: str, batches: list[dict], student, top_k: int = 10) -> dict:
-    """Mean probability mass of the K most likely student tokens, at shared boundaries and inside
-    source tokens, for each zoo source with another tokenizer (the marginal policy, online)."""
+    """For each zoo source with another tokenizer (the marginal policy, online): the mean mass of
+    the whole next-student-token distribution (below 1 inside a source token by the share of the
+    token equal to the spelled bytes, the tail) and of its `top_k` most likely student tokens (what
+    the cache stores), at shared boundaries and inside source tokens."""
     names = [n for n in sorted(os.listdir(zoo)) if os.path.isfile(os.path.join(zoo, n, "config.json")) and n != "student"]
-    pool = SourcePool.load([os.path.join(zoo, n) for n in names], student, top_k=top_k, unaligned="marginal")
+    paths = [os.path.join(zoo, n) for n in names]
+    pools = {k: SourcePool.load(paths, student, top_k=k, unaligned="marginal") for k in (top_k, len(student))}
     result = {}
-    for index, name in enumerate(pool.names):
-        if pool.aligners[index] is None:
+    for index, name in enumerate(pools[top_k].names):
+        if pools[top_k].aligners[index] is None:
             continue
-        sums = {"boundary": [0.0, 0], "inside": [0.0, 0]}
+        sums = defaultdict(float)
         for batch in batches:
-            side = pool.aligners[index](batch["input_ids"], batch["attention_mask"], batch["targets"])
-            out = pool.run(torch.full((len(batch["input_ids"]), 1), index), batch)
-            mass = out.logprobs[:, 0].exp().sum(-1)  # [B, T]
-            trained = (batch["targets"] != IGNORE_INDEX) & out.aligned[:, 0]
-            for kind, where in (("boundary", trained & (side.position_map >= 0)), ("inside", trained & (side.position_map < 0))):
-                sums[kind][0] += float(mass[where].sum())
-                sums[kind][1] += int(where.sum())
-        result[name] = {kind: total / max(count, 1) for kind, (total, count) in sums.items()}
+            side = pools[top_k].aligners[index](batch["input_ids"], batch["attention_mask"], batch["targets"])
+            selected = torch.full((len(batch["input_ids"]), 1), index)
+            for k, pool in pools.items():
+                out = pool.run(selected, batch)
+                mass = out.logprobs[:, 0].exp().sum(-1)  # [B, T]
+                trained = (batch["targets"] != IGNORE_INDEX) & out.aligned[:, 0]
+                for kind, where in (("boundary", trained & (side.position_map >= 0)), ("inside", trained & (side.position_map < 0))):
+                    sums[kind, "top" if k == top_k else "whole"] += float(mass[where].sum())
+                    sums[kind, "count"] += int(where.sum()) if k == top_k else 0
+        result[name] = {f"{kind}_{part}": sums[kind, part] / max(sums[kind, "count"], 1)
+                        for kind in ("boundary", "inside") for part in ("whole", "top")}
     return result
-
-
-def gold_agreement(batches: list[dict], aligner: Aligner, vocab_map: torch.Tensor) -> float:
-    """Share of aligned trained positions where the mapped source gold token is the student's gold token."""
-    hits = total = 0
-    for batch in batches:
-        out = aligner(batch["input_ids"], batch["attention_mask"], batch["targets"])
-        keep = (batch["targets"] != IGNORE_INDEX) & (out.position_map >= 0)  # [B, T]
-        source_next = out.input_ids.gather(1, (out.position_map + 1).clamp(min=0, max=out.input_ids.shape[1] - 1))  # [B, T]
-        hits += int((vocab_map[source_next] == batch["targets"])[keep].sum())
-        total += int(keep.sum())
-    return hits / max(total, 1)
 
 
 def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_vocab_size: int = 400, seed: int = 0,
@@ -197,10 +194,11 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
     report["coarser"] = policy_table(sources["gpt2"], {"char": sources["char"]}, batches_of(sources["gpt2"]), domains)
     print_policy_table(report["coarser"], domains)
     if zoo:
-        print(f"\nmass kept by the top-10 student tokens (marginal policy, {zoo})")
+        print(f"\nmean probability mass per trained position, whole distribution and its top 10 student tokens (marginal policy, {zoo})")
         report["top_k_mass"] = top_k_mass(zoo, batches, student)
+        print(f"{'source':>30} {'boundary: whole':>16} {'top 10':>7} {'inside: whole':>14} {'top 10':>7}")
         for name, row in report["top_k_mass"].items():
-            print(f"  {name:>30}: shared boundaries {row['boundary']:.3f}, inside source tokens {row['inside']:.3f}")
+            print(f"{name:>30} {row['boundary_whole']:>16.3f} {row['boundary_top']:>7.3f} {row['inside_whole']:>14.3f} {row['inside_top']:>7.3f}")
     os.makedirs(output, exist_ok=True)
     atomic_write_json(os.path.join(output, "report.json"), report)
     print(f"wrote {os.path.join(output, 'report.json')}")
