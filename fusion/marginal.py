@@ -111,7 +111,8 @@ class TokenPrefixes:
         """
         bounds = self.bounds(tokens, spelled)
         widths = bounds[:, 1] - bounds[:, 0]
-        level = torch.ceil(torch.log2(widths.clamp(min=1).double())).long()  # widths within a factor 2 share a window
+        # Widths within a factor 2 share a window; those up to MIN_WINDOW share one (fewer, larger steps).
+        level = torch.ceil(torch.log2(widths.clamp(min=MIN_WINDOW).double())).long()
         for value in level.unique().tolist():
             positions = (level == value).nonzero(as_tuple=True)[0]
             width = int(widths[positions].max())
@@ -168,6 +169,7 @@ def move_mass(ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, sp
 
 
 CHUNK_ELEMENTS = 2**22  # window elements handled at once
+MIN_WINDOW = 1024  # ranges narrower than this are read in one window of their largest width
 
 
 def _finite(total: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             target lives on the union of the selected sources' top-K, plus a tail bucket).
         unaligned: a student position where a source with another tokenizer has no token
             boundary: the source's distribution over the bytes that follow, read inside its own
-            token ("marginal", `fusion.marginal`), a one-hot of the gold token ("gold_onehot"),
-            or no distribution from that source ("mask").
+            token ("marginal", the default, `fusion.marginal`), a one-hot of the gold token
+            ("gold_onehot"), or no distribution from that source ("mask").
         vocab_map: how source tokens map to student tokens: "exact+med" (exact string, else
             minimum edit distance), "exact+prefix" (exact, else the first student token of the
             source token's text) or "exact" (else dropped).
@@ -118,7 +118,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         lam: float = 0.9,
         temperature: float = 1.0,
         source_top_k: int = 10,
-        unaligned: str = "mask",
+        unaligned: str = "marginal",
         vocab_map: str = "exact+med",
         vocab_map_dir: str | None = "checkpoints/cache/vocab_maps",
         gamma: float = 1.0,

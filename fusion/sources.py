@@ -94,7 +94,7 @@ class SourcePool:
         names: list[str],
         student_tokenizer: PreTrainedTokenizerBase,
         top_k: int = 10,
-        unaligned: str = "mask",
+        unaligned: str = "marginal",
         vocab_map: str = "exact+med",
         vocab_map_dir: str | None = None,
     ):
