@@ -82,18 +82,22 @@ def policy_table(student, sources: dict, batches: list[dict], domains: list[str]
                 for s, b in zip(selected, batches):
                     pool.run(s, b)
                 seconds[policy].append(time.perf_counter() - start)
+        boundaries = [pools["mask"].aligners[0](b["input_ids"], b["attention_mask"], b["targets"]).position_map >= 0 for b in batches]
         for policy in UNALIGNED_POLICIES:
             counts = defaultdict(lambda: [0, 0, 0])  # covered, agreeing, trained
-            for batch, out in zip(batches, outputs[policy]):
+            inside = [0, 0]  # agreeing, trained: positions without a shared boundary
+            for batch, out, boundary in zip(batches, outputs[policy], boundaries):
                 trained = batch["targets"] != IGNORE_INDEX
                 covered = out.aligned[:, 0] & trained
                 agrees = covered & (out.ids[:, 0, :, 0] == batch["targets"])
+                inside = [inside[0] + int((agrees & ~boundary).sum()), inside[1] + int((trained & ~boundary).sum())]
                 for row, c, a, t in zip(batch["rows"], covered.sum(1).tolist(), agrees.sum(1).tolist(), trained.sum(1).tolist()):
                     for key in (row["domain"], "all"):
                         counts[key] = [counts[key][0] + c, counts[key][1] + a, counts[key][2] + t]
             report.setdefault(name, {})[policy] = {
                 "coverage": counts["all"][0] / counts["all"][2],
                 "gold_agreement": counts["all"][1] / counts["all"][2],
+                "gold_agreement_inside": inside[0] / inside[1] if inside[1] else None,  # over the positions without a shared boundary
                 "tokens_per_second": tokens / min(seconds[policy]),
                 "domains": {d: {"coverage": counts[d][0] / counts[d][2], "gold_agreement": counts[d][1] / counts[d][2]} for d in domains},
             }
@@ -101,13 +105,14 @@ def policy_table(student, sources: dict, batches: list[dict], domains: list[str]
 
 
 def print_policy_table(report: dict, domains: list[str]) -> None:
-    print(f"{'source':>14} {'policy':>12} {'coverage':>9} {'gold agreement':>15} {'tok/s':>10} {'x mask':>7}  " + " ".join(f"{d[:22]:>22}" for d in domains))
+    print(f"{'source':>14} {'policy':>12} {'coverage':>9} {'gold agreement':>15} {'inside':>7} {'tok/s':>10} {'x mask':>7}  " + " ".join(f"{d[:22]:>22}" for d in domains))
     for name, policies in report.items():
         for policy, row in policies.items():
             ratio = row["tokens_per_second"] / policies["mask"]["tokens_per_second"]
             cells = " ".join(f"{row['domains'][d]['coverage']:>10.1%} {row['domains'][d]['gold_agreement']:>11.1%}" for d in domains)
-            print(f"{name:>14} {policy:>12} {row['coverage']:>9.1%} {row['gold_agreement']:>15.1%} {row['tokens_per_second']:>10,.0f} {ratio:>7.2f}  {cells}")
-    print("(per domain: coverage, gold agreement)")
+            print(f"{name:>14} {policy:>12} {row['coverage']:>9.1%} {row['gold_agreement']:>15.1%} {'-' if row['gold_agreement_inside'] is None else format(row['gold_agreement_inside'], '.1%'):>7} "
+                  f"{row['tokens_per_second']:>10,.0f} {ratio:>7.2f}  {cells}")
+    print("(gold agreement over all trained positions; inside: over those without a shared boundary; per domain: coverage, gold agreement)")
 
 
 def top_k_mass(zoo: str, batches: list[dict], student, top_k: int = 10) -> dict:
