@@ -155,7 +155,6 @@ class AlignedBatch:
     trained: torch.Tensor  # [B] trained student positions
     inside_position: torch.Tensor  # [B, T] source position predicting the token the student's next byte is inside of, -1 elsewhere
     inside_offset: torch.Tensor  # [B, T] bytes of that token before the student's next byte (0 elsewhere)
-    inside: torch.Tensor  # [B] trained student positions inside a source token
     span_last: torch.Tensor  # [B, T] where the student's next token spans several source tokens from a shared boundary: the source position predicting the last of them, else -1
     span_spelled: torch.Tensor  # [B, T] bytes of that last source token inside the student's token (0 elsewhere)
 
@@ -163,11 +162,6 @@ class AlignedBatch:
     def coverage(self) -> float:
         """Trained student positions at a shared token boundary."""
         return int(self.aligned.sum()) / max(int(self.trained.sum()), 1)
-
-    @property
-    def reach(self) -> float:
-        """Trained student positions at a shared boundary or inside a source token (the `marginal` policy's coverage)."""
-        return int(self.aligned.sum() + self.inside.sum()) / max(int(self.trained.sum()), 1)
 
 
 def _utf8_span(data: bytes) -> tuple[int, int]:
@@ -341,7 +335,6 @@ class Aligner:
             trained=torch.from_numpy(trained.sum(1)),
             inside_position=torch.from_numpy(inside_position),
             inside_offset=torch.from_numpy(inside_offset),
-            inside=torch.from_numpy((trained & (inside_position >= 0)).sum(1)),
             span_last=torch.from_numpy(span_last),
             span_spelled=torch.from_numpy(span_spelled),
         )

@@ -168,6 +168,14 @@ def move_mass(ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, sp
     return merge_by_student_id(candidates, torch.cat([probs, log_mass.exp()[:, None]], dim=-1).log(), k)
 
 
+def move_mass_dense(logprobs: torch.Tensor, first: torch.Tensor, spanning: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """`move_mass` on whole distributions: [P, V_student] log-probs -> the same."""
+    probs, each = logprobs.exp(), torch.arange(len(logprobs), device=logprobs.device)
+    probs[each, first] -= torch.minimum(probs[each, first], log_mass.exp())  # never more than that entry holds
+    probs[each, spanning] += log_mass.exp()
+    return probs.log()
+
+
 CHUNK_ELEMENTS = 2**22  # window elements handled at once
 MIN_WINDOW = 1024  # ranges narrower than this are read in one window of their largest width
 

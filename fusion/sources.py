@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from fusion.alignment import Aligner, token_bytes
+from fusion.alignment import Aligner
 from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass
+from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
 from fusion.tokenizer import load_tokenizer
 from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
@@ -134,15 +134,12 @@ class SourcePool:
     def load(cls, paths: list[str], student_tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
              trust_remote_code: bool = False, **settings) -> "SourcePool":
         """The sources at `paths` (model directories or hub names), frozen; `settings`: `__init__`'s."""
-        names = [source_name(p) for p in paths]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model.sources: source directory names must be unique, got {names}")
         models, tokenizers = [], []
         for index, path in enumerate(paths):
             path = resolve_model_path(path, f"model.sources[{index}]")
             tokenizers.append(load_tokenizer(path, trust_remote_code))
             models.append(load_frozen(path, dtype, trust_remote_code))
-        return cls(models, tokenizers, names, student_tokenizer, **settings)
+        return cls(models, tokenizers, [source_name(p) for p in paths], student_tokenizer, **settings)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -267,11 +264,7 @@ class SourcePool:
                     dense[at] = marginal_dense(prefixes, logp, read[at], tokens, spelled, self.vocab_size)
                 if spans is not None:
                     where, first, spanning, log_mass = spans
-                    probs, each = dense[where].exp(), torch.arange(len(where), device=dense.device)
-                    taken = torch.minimum(probs[each, first], log_mass.exp())  # as in move_mass
-                    probs[each, first] -= taken
-                    probs[each, spanning] += log_mass.exp()
-                    dense[where] = probs.log()
+                    dense[where] = move_mass_dense(dense[where], first, spanning, log_mass)
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None

@@ -153,10 +153,14 @@ def _words(prompt: str) -> list[str]:
 
 # domain -> (prompt, answer) -> whether the answer has the form the prompt asks for. Each check
 # reads the prompt alone and is a necessary condition of a correct answer, never a sufficient one.
+def _same_words(prompt: str, answer: str) -> bool:
+    return sorted(w.strip() for w in answer.split(",")) == sorted(_words(prompt))
+
+
 _FORMS: dict[str, Callable[[str, str], bool]] = {
     "spell_backward": lambda prompt, answer: sorted(answer) == sorted(prompt.removeprefix("backward ").removesuffix("=")),
-    "word_sorting": lambda prompt, answer: sorted(w.strip() for w in answer.split(",")) == sorted(_words(prompt)),
-    "word_sequence_reversal": lambda prompt, answer: sorted(w.strip() for w in answer.split(",")) == sorted(_words(prompt)),
+    "word_sorting": _same_words,
+    "word_sequence_reversal": _same_words,
     "chain_sum": lambda prompt, answer: re.fullmatch(r"-?\d+", answer) is not None,
 }
 
