@@ -26,6 +26,7 @@ rebuilt from their paths.
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -39,7 +40,7 @@ from fusion.methods import METHODS, Method
 from fusion.metrics import EvalMetrics
 from fusion.rewards import Rewards
 from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
-from fusion.student import StudentStage, build_student, pad_right, sample_responses, stop_if_nonfinite, warmup_cosine
+from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
 
@@ -102,6 +103,12 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             `selector_rewards` scores the answer: k generations per prompt).
         selector_rewards: dotted path of a reward function -> weight (`fusion.rewards`), with
             `selector_signal: rewards`; the default reads no gold.
+        init_from: where the student starts: null (a fresh adapter on `student`), a checkpoint of
+            an earlier stage (`.ckpt`: its adapter, and its selector when it has one for the same
+            sources, are loaded and trained on; a loaded selector is not fitted again), a model
+            directory (`fusion.export`'s output: a fresh adapter on it) or a glob (its newest match).
+            On-policy fusion starts best from an off-policy fusion checkpoint: a student whose own
+            answers are close enough to the sources' for their scores along them to teach.
         source_mode: "online" runs the selected sources every step; "cached" reads their outputs
             from `cache_dir`, written beforehand by `predict` (see fusion/cache.py).
         cache_dir: the offline cache's directory (written by `predict`, read when cached).
@@ -147,6 +154,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         jsd_beta: float = 0.5,
         selector_signal: str = "gold_ce",
         selector_rewards: dict[str, float] = {"fusion.rewards.answer_format": 1.0},
+        init_from: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
         source_mode: str = "online",
@@ -166,18 +174,35 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.cache: SourceCache | None = None
         self.source_names = [source_name(p) for p in sources]
         self._check_source_names()
-        self.student = build_student(student, lora, dtype, trust_remote_code)
+        self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
         self.selector = (
             SourceSelector(self.student.config.get_text_config().hidden_size, len(sources), selector_hidden, initial_quality)
             if fusion == "selector"
             else None
         )
+        if self.selector is not None and self.init_path is not None and os.path.isfile(self.init_path):
+            self._prefitted = self._load_selector(self.init_path)
         self._features: dict[str, torch.Tensor] = {}  # row key -> the base's prompt features (see prompt_features)
         self._feature_bytes = 0
         self.vocab_size = len(self.tokenizer)
         self.max_length = 64  # of a re-encoded answered row; the data module's data.max_length once attached
         self.eval_metrics: EvalMetrics | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    def _load_selector(self, path: str) -> bool:
+        """The selector of a fusion checkpoint, if it has one: True when loaded. Its sources must
+        be this run's, in the same order (a selector scores sources by position)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("selector."): v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("selector.")}
+        if not state:
+            return False
+        trained_for = [source_name(p) for p in checkpoint.get("hyper_parameters", {}).get("sources", [])]
+        if trained_for != self.source_names:
+            raise ValueError(f"model.init_from: the selector in {path!r} scores the sources {trained_for}, model.sources are "
+                             f"{self.source_names}: list the same sources in the same order, or start from a checkpoint without a selector")
+        self.selector.load_state_dict(state)
+        rank_zero_info(f"model.init_from: the selector of {path!r} routes from the first step (not fitted again)")
+        return True
 
     def _check_settings(self) -> None:
         h = self.hparams

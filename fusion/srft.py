@@ -18,36 +18,18 @@ answers scored by each task's scorer, per-domain accuracy, `metrics.json` after 
 from __future__ import annotations
 
 import copy
-import glob
-import os
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fusion import srft_losses
 from fusion.data import IGNORE_INDEX
 from fusion.evaluation import correct, greedy_answers
 from fusion.metrics import EvalMetrics
 from fusion.rewards import Rewards
-from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
-from fusion.student import StudentStage, build_student, load_adapter, pad_right, sample_responses, stop_if_nonfinite, warmup_cosine
+from fusion.sources import DTYPES, resolve_model_path
+from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
-
-
-def resolve_init_from(path: str | None) -> str | None:
-    """A checkpoint file or model directory; a glob pattern picks its newest match."""
-    if path is None:
-        return None
-    if glob.has_magic(path):
-        matches = sorted(glob.glob(path), key=os.path.getmtime)
-        if not matches:
-            raise FileNotFoundError(f"model.init_from: nothing matches {path!r} (run the fusion stage first, or set model.init_from: null)")
-        rank_zero_info(f"model.init_from: {matches[-1]} (the newest of {len(matches)} matching {path!r})")
-        return matches[-1]
-    if os.path.isfile(path):
-        return path
-    return resolve_model_path(path, "model.init_from")  # a model directory or a hub name
 
 
 class SRFTModule(StudentStage, L.LightningModule):
@@ -104,16 +86,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         self._check_settings()
         self.reward_functions = Rewards(rewards)
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
-        self.init_path = resolve_init_from(init_from)
-        self.base_model = student
-        if self.init_path is not None and not os.path.isfile(self.init_path):  # a model directory: the new base
-            check_same_vocabulary(self.tokenizer, load_tokenizer(self.init_path, trust_remote_code), "model.init_from")
-            self.base_model = self.init_path
-        self.student = build_student(self.base_model, lora, dtype, trust_remote_code)
-        if self.init_path is not None and os.path.isfile(self.init_path):
-            trained_base = load_adapter(self.student, self.init_path, "model.init_from")
-            if trained_base and os.path.realpath(str(trained_base)) != os.path.realpath(self.base_model):
-                rank_zero_warn(f"model.init_from: the adapter was trained on {trained_base!r}, model.student is {student!r}")
+        self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
         # The frozen starting policy for the optional KL term; never trained, never saved.
         self.reference = copy.deepcopy(self.student).merge_and_unload().requires_grad_(False) if kl_weight > 0 else None
         self.vocab_size = len(self.tokenizer)
@@ -238,7 +211,3 @@ class SRFTModule(StudentStage, L.LightningModule):
         optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=h.learning_rate, weight_decay=h.weight_decay)
         scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["base_model"] = self.base_model  # what the adapter sits on (fusion.export reads it)

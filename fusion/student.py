@@ -5,18 +5,21 @@ schedule and the atomic `metrics.json` write.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fusion.data import IGNORE_INDEX
 from fusion.io import atomic_write_json
 from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
-from fusion.sources import DTYPES, resolve_model_path
+from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.tokenizer import load_tokenizer
 
 
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
@@ -25,6 +28,41 @@ def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote
         resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+def resolve_init_from(path: str | None) -> str | None:
+    """A checkpoint file or model directory; a glob pattern picks its newest match."""
+    if path is None:
+        return None
+    if glob.has_magic(path):
+        matches = sorted(glob.glob(path), key=os.path.getmtime)
+        if not matches:
+            raise FileNotFoundError(f"model.init_from: nothing matches {path!r} (run the earlier stage first, or set model.init_from: null)")
+        rank_zero_info(f"model.init_from: {matches[-1]} (the newest of {len(matches)} matching {path!r})")
+        return matches[-1]
+    if os.path.isfile(path):
+        return path
+    return resolve_model_path(path, "model.init_from")  # a model directory or a hub name
+
+
+def start_student(student: str, init_from: str | None, lora: dict, dtype: str, trust_remote_code: bool, tokenizer):
+    """Where a training stage's student starts -> (peft model, its base model, the resolved init_from).
+
+    `init_from`: null (a fresh adapter on `student`), a checkpoint of an earlier stage (`.ckpt`:
+    its adapter is loaded and trained on), a model directory (`fusion.export`'s output: the new
+    base, with a fresh adapter; its tokenizer must be `tokenizer`'s) or a glob (its newest match).
+    """
+    init_path = resolve_init_from(init_from)
+    base_model = student
+    if init_path is not None and not os.path.isfile(init_path):  # a model directory: the new base
+        check_same_vocabulary(tokenizer, load_tokenizer(init_path, trust_remote_code), "model.init_from")
+        base_model = init_path
+    model = build_student(base_model, lora, dtype, trust_remote_code)
+    if init_path is not None and os.path.isfile(init_path):
+        trained_base = load_adapter(model, init_path, "model.init_from")
+        if trained_base and os.path.realpath(str(trained_base)) != os.path.realpath(base_model):
+            rank_zero_warn(f"model.init_from: the adapter was trained on {trained_base!r}, model.student is {student!r}")
+    return model, base_model, init_path
 
 
 def load_adapter(student, ckpt_path: str, key: str) -> str | None:
@@ -173,6 +211,7 @@ class StudentStage:
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["base_model"] = self.base_model  # what the adapter sits on (fusion.export reads it)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         start_next_epoch_cleanly(checkpoint)

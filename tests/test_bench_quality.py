@@ -185,32 +185,44 @@ def test_label_scarce_criteria():
                                                    "confidence": pytest.approx(0.3), "pass": True}
 
 
-def test_on_policy_rows_run_online_and_srft_chains_after_its_fusion_run(tmp_path, monkeypatch):
-    """On-policy methods never read a cache; a chained SRFT row starts from its fusion run's saved
-    adapter, per pool and seed, and is checked against its own settings."""
+def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_path, monkeypatch):
+    """On-policy methods never read a cache; a chained row (SRFT, or a second fusion stage) starts
+    from its fusion run's saved adapter, per pool and seed, and is checked against its own settings."""
     bench = quality.QualityBench(
         train={"model": {"student": "s"}, "data": {"unlabeled_size": 4}, "trainer": {}},
         pools={"A": ["a"], "B": ["a", "b"]}, seeds=[0, 1], output=str(tmp_path),
         methods={"selector k=1": {"fusion": "selector", "top_k": 1},
                  "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
-                 "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}}})
+                 "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}},
+                 "on_policy after": {"after": "selector k=1", "fusion_stage": {"steps": 7, "model": {"response_from": "student", "learning_rate": 0.5}}}})
     monkeypatch.setattr(quality, "_weights", lambda path: "no weights")
     planner = quality.Planner(bench, 1)
     jobs = planner.training_jobs()
-    chained = planner.srft_jobs(jobs)
+    chained = planner.chained_jobs(jobs)
     modes = {(j["record"]["method"], j["record"]["pool"]): j["config"]["model"]["source_mode"] for j in jobs if j["record"]["seed"] == 0}
     assert modes == {("selector k=1", "A"): "cached", ("selector k=1", "B"): "cached",
                      ("on_policy selector k=1", "A"): "online", ("on_policy selector k=1", "B"): "online"}
     assert all(j["config"]["model"]["cache_dir"] is None for j in jobs if j["record"]["method"].startswith("on_policy"))
     adapters = {(j["record"]["pool"], j["record"]["seed"]): j["adapter"] for j in jobs if j.get("adapter")}
     assert sorted(adapters) == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
-    assert len(chained) == 4
-    for job in chained:
+    srft = [job for job in chained if job["record"]["method"] == "on_policy srft"]
+    assert len(srft) == 4
+    for job in srft:
         model = job["config"]["model"]
         assert model["class_path"] == "fusion.srft.SRFTModule" and job["config"]["trainer"]["max_steps"] == 5
         assert model["init_args"] == {"student": "s", "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])], "num_generations": 2}
-    with pytest.raises(ValueError, match=r"methods.x: a chained method is \{after: <a fusion method of methods>, srft: \{steps, model\}\}"):
+    stages = {(job["record"]["pool"], job["record"]["seed"]): job for job in chained if job["record"]["method"] == "on_policy after"}
+    assert sorted(stages) == sorted(adapters)
+    for key, job in stages.items():
+        model = job["config"]["model"]
+        assert job["config"]["trainer"]["max_steps"] == 7
+        assert model == {"student": "s", "fusion": "selector", "top_k": 1, "response_from": "student", "learning_rate": 0.5,
+                         "sources": bench.pools[key[0]], "source_mode": "online", "cache_dir": None, "init_from": adapters[key]}
+    with pytest.raises(ValueError, match=r"methods.x: a chained method is \{after: <a fusion method of methods>, srft or fusion_stage: \{steps, model\}\}"):
         quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]}, methods={"x": {"after": "nothing", "srft": {"steps": 1}}})
+    with pytest.raises(ValueError, match=r"methods.x.fusion_stage: expected \{steps: >= 1"):
+        quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]},
+                             methods={"s": {"fusion": "selector"}, "x": {"after": "s", "fusion_stage": {"steps": 0}}})
 
 
 def test_on_policy_criteria_and_sampled_tokens(tmp_path):

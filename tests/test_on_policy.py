@@ -269,3 +269,42 @@ def test_answer_format_reads_the_prompt_not_the_gold():
 def test_bad_on_policy_settings_name_the_key(settings, message):
     with pytest.raises(ValueError, match=message):
         FusionDistillModule(student="checkpoints/zoo/student", sources=["checkpoints/zoo/chain_sum-gpt2"], **{"top_k": 1, **settings})
+
+
+# ------------------------------------------------------------------ a second stage from a fusion checkpoint
+
+
+def test_init_from_restores_the_adapter_and_the_selector(tiny_zoo, tmp_path):
+    """On-policy fusion after off-policy fusion: `init_from` gives the student the earlier run's
+    adapter and the selector its weights, fitted already (no exploration, no second prefit)."""
+    student = os.path.join(tiny_zoo, "student")
+    sources = [os.path.join(tiny_zoo, name) for name in ("spell", "sum", "noise")]
+    torch.manual_seed(1)
+    first = FusionDistillModule(student=student, sources=sources, fusion="selector", top_k=1)
+    with torch.no_grad():
+        for name, p in first.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    path = str(tmp_path / "off_policy.ckpt")
+    torch.save({"state_dict": first.trainable_state_dict(), "hyper_parameters": dict(first.hparams)}, path)
+
+    second = FusionDistillModule(student=student, sources=sources, fusion="selector", top_k=1, init_from=path, response_from="student")
+    fresh = FusionDistillModule(student=student, sources=sources, fusion="selector", top_k=1)
+    ids, features = torch.tensor([[1, 40, 41, 42, 33, 20]]), torch.randn(3, first.student.config.hidden_size)
+    with torch.no_grad():
+        expected, got, base = (m.student(input_ids=ids).logits for m in (first, second, fresh))
+        assert torch.equal(second.selector(features), first.selector(features))
+        assert not torch.equal(fresh.selector(features), first.selector(features))
+    assert torch.equal(got, expected) and (got - base).abs().max() > 1e-2
+    second.train()
+    assert second._prefitted and not second.explores  # routes with the loaded selector from the first step
+    for key, value in first.trainable_state_dict().items():
+        assert torch.equal(second.trainable_state_dict()[key], value), key
+
+    # A selector scores sources by position: another source list is refused, naming both.
+    with pytest.raises(ValueError, match=r"model.init_from: the selector in .* scores the sources \['spell', 'sum', 'noise'\], model.sources are \['sum', 'spell', 'noise'\]"):
+        FusionDistillModule(student=student, sources=[sources[1], sources[0], sources[2]], fusion="selector", top_k=1, init_from=path)
+    # A method without a selector takes the adapter alone.
+    oracle = FusionDistillModule(student=student, sources=sources, fusion="oracle", oracle={"spell_backward": "spell"}, init_from=path)
+    with torch.no_grad():
+        assert torch.equal(oracle.student(input_ids=ids).logits, expected)

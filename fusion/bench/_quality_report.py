@@ -112,7 +112,7 @@ def on_policy(method: dict) -> bool:
 def _selectors(summary: dict, methods: dict[str, dict], learns_on_policy: bool = False):
     """(by_fusion: fusion setting -> method name, [(name, summary entry) of every selector method]),
     among the off-policy methods (or the on-policy ones)."""
-    chosen = {name: m for name, m in methods.items() if on_policy(m) == learns_on_policy and "after" not in m and name in summary}
+    chosen = {name: m for name, m in methods.items() if on_policy(m) == learns_on_policy and "srft" not in m and name in summary}
     by_fusion = {m["fusion"]: name for name, m in chosen.items() if m.get("fusion")}
     return by_fusion, [(name, summary[name]) for name, m in chosen.items() if m.get("fusion") == "selector"]
 

@@ -19,7 +19,9 @@ specialists of the student's base (built once, like the zoo) merged with peft
   online whatever `source_mode` says: what they score is written during training.
 - A method with `after: <method>` and `srft: {steps, model}` is SRFT (`fusion.srft`) started from
   that method's adapter (its fusion run saves it), tested like every run; its wall time is both
-  stages'. SRFT's rollouts are scored by its rewards on the labelled rows only (the SRFT stage's
+  stages'. With `fusion_stage: {steps, model}` instead, the second stage is fusion again
+  (`model.init_from` that adapter, and its selector), with `model` merged over the `after`
+  method's settings: e.g. on-policy fusion after off-policy fusion. SRFT's rollouts are scored by its rewards on the labelled rows only (the SRFT stage's
   data are the train split's labelled rows).
 - `--quick` applies the `quick_settings` section (fewer seeds and steps, a smaller test split): the same
   code, in a few minutes.
@@ -46,7 +48,9 @@ import yaml
 from fusion.bench import _quality_report as report_lib
 from fusion.io import atomic_write_json
 
-POOL_INDEPENDENT = ("none", "oracle")  # train once per seed, report for both pools
+POOL_INDEPENDENT = ("none", "oracle")
+# A chained method's second stage, started from the adapter of its `after` method: the settings it takes.
+CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train, over the after method's"}  # train once per seed, report for both pools
 CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
 # With prompts without gold, the cache also holds their answers: who writes them depends on these.
 ANSWER_SETTINGS = ("fusion", "top_k", "single_source", "response_max_new_tokens", "response_sampling", "response_temperature",
@@ -125,10 +129,13 @@ class QualityBench:
             raise ValueError(f"source_mode must be 'cached' or 'online', got {self.source_mode!r}")
         for name, settings in self.methods.items():
             if "after" in settings:
-                if settings["after"] not in self.methods or "after" in self.methods[settings["after"]] or set(settings) != {"after", "srft"}:
-                    raise ValueError(f"methods.{name}: a chained method is {{after: <a fusion method of methods>, srft: {{steps, model}}}}, got {settings}")
-                if set(settings["srft"]) - {"steps", "model"} or settings["srft"].get("steps", 0) < 1:
-                    raise ValueError(f"methods.{name}.srft: expected {{steps: >= 1, model: SRFTModule settings}}, got {settings['srft']}")
+                stages = [key for key in CHAINED_STAGES if key in settings]
+                if settings["after"] not in self.methods or "after" in self.methods[settings["after"]] or len(stages) != 1 or len(settings) != 2:
+                    raise ValueError(f"methods.{name}: a chained method is {{after: <a fusion method of methods>, srft or fusion_stage: "
+                                     f"{{steps, model}}}}, got {settings}")
+                stage = settings[stages[0]]
+                if set(stage) - {"steps", "model"} or stage.get("steps", 0) < 1:
+                    raise ValueError(f"methods.{name}.{stages[0]}: expected {{steps: >= 1, model: {CHAINED_STAGES[stages[0]]} settings}}, got {stage}")
             elif "fusion" not in settings:
                 raise ValueError(f"methods.{name} needs a fusion setting (none, uniform, avgce, mince, single, oracle, selector)")
         if self.consistency and (self.consistency.get("method") not in self.methods or self.consistency.get("pool") not in self.pools):
@@ -282,23 +289,30 @@ class Planner:
                                  {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True}, 5.0))
         return jobs
 
-    def srft_jobs(self, fitted: list[dict]) -> list[dict]:
-        """SRFT from each chained method's fusion adapter, per seed and pool (after `fitted`, the
-        training jobs, have run)."""
+    def chained_jobs(self, fitted: list[dict]) -> list[dict]:
+        """The second stage of each chained method, from its `after` method's adapter, per seed and
+        pool (after `fitted`, the training jobs, have run): SRFT, or fusion again (`fusion_stage`)."""
         jobs = []
         for method, settings in self.bench.methods.items():
             if "after" not in settings:
                 continue
-            srft = settings["srft"]
+            kind = "srft" if "srft" in settings else "fusion_stage"
+            stage = settings[kind]
             for job in fitted:
                 if job["record"].get("method") != settings["after"] or job["record"].get("online"):
                     continue
                 record = {**job["record"], "method": method}
-                config, log_dir = self.config(f"{job['record']['pool']}-{_slug(method)}-seed{record['seed']}", record["seed"], {})
-                config["model"] = {"class_path": "fusion.srft.SRFTModule",
-                                   "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **srft.get("model", {})}}
-                config["trainer"]["max_steps"] = srft["steps"]
-                config_hash = hashlib.sha256(json.dumps(["srft", config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
+                pool, name = record["pool"], f"{record['pool']}-{_slug(method)}-seed{record['seed']}"
+                if kind == "srft":
+                    config, log_dir = self.config(name, record["seed"], {})
+                    config["model"] = {"class_path": "fusion.srft.SRFTModule",
+                                       "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}}
+                else:
+                    merged = self.bench.methods[settings["after"]] | stage.get("model", {})
+                    mode = "online" if online_only(merged) else self.bench.source_mode
+                    config, log_dir = self.config(name, record["seed"], merged | self.source_settings(pool, mode, merged) | {"init_from": job["adapter"]})
+                config["trainer"]["max_steps"] = stage["steps"]
+                config_hash = hashlib.sha256(json.dumps([kind, config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
                 jobs.append({"kind": "fit", "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": 1.0,
                              "config_hash": config_hash, "result_path": os.path.join(os.path.dirname(log_dir), "result.json")})
         return jobs
@@ -398,7 +412,8 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
         built = _run_all(planner.cache_jobs(), bench.workers)
         cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
-    resolved = {name: bench.methods[s["after"]] | s if "after" in s else s for name, s in bench.methods.items()}  # a chain: its fusion's settings
+    resolved = {name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
+                for name, s in bench.methods.items()}  # a chain: its fusion's settings (and its second fusion stage's)
     methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
                for name, settings in resolved.items()}
     if bench.unlabelled and bench.source_mode == "cached":
@@ -419,7 +434,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
                                        "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
     results = _run_all(jobs + tests, bench.workers)
-    chained = planner.srft_jobs(jobs)
+    chained = planner.chained_jobs(jobs)
     if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
         fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
         after = {name: s["after"] for name, s in bench.methods.items() if "after" in s}
