@@ -28,6 +28,17 @@ forward. With a multi-byte student token, the student token a remainder r lands 
 longest student token that spells a prefix of r; the student's tokenizer might end its token
 elsewhere depending on the text after r.
 
+At a shared boundary the source's next-token distribution assumes its token v* ended there,
+which the text decided by what follows c: along a gold answer that is the truth, but along the
+student's own sample it lets the sample's next token choose its own target (a wrong student token
+can end v* early, and the source then predicts what follows a finished v*). With
+`boundary: prefix` the position is read from the text before c only: the source's position
+before v*, u = all of v*'s bytes, the tokens that go on past u as above, plus the token equal to
+u with its probability times the boundary's distribution (`ended`): P(x | u) = sum_{v = u + r}
+p(v) [r lands on x] / P(u...) + p(u) / P(u...) * P_boundary(x). That is the exact next-token
+distribution along the source's canonical split before v*, and it expands the term (2) above
+where the forward after u exists.
+
 The other way round, a student token y spanning several source tokens from a shared boundary
 (a GPT-2 student, a character source): the source's distribution at the boundary is carried by
 the vocabulary map, and y gets P(the source spells y) along the text, the product of the
@@ -186,26 +197,41 @@ def _finite(total: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
-                  k: int, oversample: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                  k: int, oversample: int = 4, ended: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely next student tokens inside source tokens, position i read from
-    `logprobs[rows[i]]`: [P, k] ids (-1 empty) and log-probs."""
+    `logprobs[rows[i]]`: [P, k] ids (-1 empty) and log-probs.
+
+    `ended` (ids, log-probs [P, K]): at a shared boundary read from the prefix (`boundary_mixture`),
+    the distribution after the token that ends there, given weight P(that token | u) instead of
+    falling into the tail; each position's `spelled` must then be its whole `tokens`.
+    """
     ids = torch.full((len(rows), k), DROPPED, dtype=torch.long, device=logprobs.device)
     values = torch.full((len(rows), k), -math.inf, device=logprobs.device)
+    if ended is not None:
+        ids[:, : ended[0].shape[-1]], values[:, : ended[0].shape[-1]] = ended[0][:, :k], ended[1][:, :k]
     for part, candidates, joint, total in prefixes.ranges(logprobs, rows, tokens, spelled):
         top, order = joint.topk(min(joint.shape[-1], k * oversample), dim=-1)
         landed = prefixes.landing(candidates.gather(1, order), spelled[part]).masked_fill(top.isinf(), DROPPED)
-        ids[part], values[part] = merge_by_student_id(landed, top - _finite(total)[:, None], k)  # log P(v | u)
+        top = top - _finite(total)[:, None]  # log P(v | u)
+        if ended is not None:
+            log_end = logprobs[rows[part], tokens[part]] - _finite(total)  # log P(the token equal to u | u)
+            landed = torch.cat([landed, ended[0][part]], dim=-1)
+            top = torch.cat([top, ended[1][part] + log_end[:, None]], dim=-1)
+        ids[part], values[part] = merge_by_student_id(landed, top, k)
     return ids, values
 
 
 def marginal_dense(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
-                   student_vocab: int) -> torch.Tensor:
+                   student_vocab: int, ended: torch.Tensor | None = None) -> torch.Tensor:
     """The whole next-student-token marginal inside source tokens (position i read from
-    `logprobs[rows[i]]`): [P, V_student] log-probs."""
-    dense = torch.zeros(len(rows), student_vocab, device=logprobs.device)
+    `logprobs[rows[i]]`): [P, V_student] log-probs. `ended` [P, V_student] log-probs: as in
+    `marginal_topk`, the distribution after the token equal to u, weighted by P(it | u)."""
+    dense = torch.zeros(len(rows), student_vocab, device=logprobs.device) if ended is None else ended.exp()
     for part, candidates, joint, total in prefixes.ranges(logprobs, rows, tokens, spelled):
         landed = prefixes.landing(candidates, spelled[part])
         keep = (landed != DROPPED) & joint.isfinite()
         positions = part[:, None].expand_as(landed)
+        if ended is not None:
+            dense[part] *= (logprobs[rows[part], tokens[part]] - _finite(total)).exp()[:, None]  # P(the token equal to u | u)
         dense.index_put_((positions[keep], landed[keep]), (joint - _finite(total)[:, None])[keep].exp(), accumulate=True)  # P(v | u)
     return dense.log()

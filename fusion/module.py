@@ -42,7 +42,7 @@ from fusion.rewards import Rewards
 from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
 from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
-from fusion.sources import DTYPES, SourcePool, resolve_model_path, source_name
+from fusion.sources import BOUNDARY_READS, DTYPES, SourcePool, resolve_model_path, source_name
 
 FUSION_METHODS = tuple(METHODS)
 RESPONSES = ("source", "student")  # model.response_from
@@ -75,6 +75,13 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             minimum edit distance), "exact+prefix" (exact, else the first student token of the
             source token's text) or "exact" (else dropped).
         vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers.
+        boundary: a student position where a source with another tokenizer has a token boundary
+            too: the source's next-token distribution there, which assumes its token ended there
+            ("token_end"), or the distribution given the text before the position only
+            ("prefix", with `unaligned: marginal`: `fusion.marginal`). Where the student's next
+            token is its own sample, "token_end" lets that token choose its target (a wrong token
+            can end the source's token early). null: "prefix" with `response_from: student` and
+            `unaligned: marginal`, else "token_end".
         gamma: sharpness of the dynamic weights on observed quality (0: selector only).
         tau: temperature of the selection distribution pi = softmax(u / tau).
         feedback_weight: beta, weight of the CV^2 feedback loss (online only: see `explores`).
@@ -128,6 +135,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         unaligned: str = "marginal",
         vocab_map: str = "exact+med",
         vocab_map_dir: str | None = "checkpoints/cache/vocab_maps",
+        boundary: str | None = None,
         gamma: float = 1.0,
         tau: float = 1.0,
         feedback_weight: float = 0.1,
@@ -237,6 +245,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         for key, allowed in choices.items():
             if h[key] not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
+        if h.boundary not in (None, *BOUNDARY_READS) or (h.boundary == "prefix" and h.unaligned != "marginal"):
+            raise ValueError(f"model.boundary must be null or one of {BOUNDARY_READS} ('prefix' reads sources inside their tokens: "
+                             f"it needs model.unaligned 'marginal'), got {h.boundary!r} with unaligned {h.unaligned!r}")
         if not 0.0 < h.jsd_beta < 1.0:
             raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {h.jsd_beta}")
         if h.sample_temperature <= 0 or h.sample_max_new_tokens < 1 or not 0.0 <= h.on_policy_fraction <= 1.0:
@@ -272,7 +283,15 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     def _load_pool(self) -> SourcePool:
         h = self.hparams
         return SourcePool.load(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, top_k=h.source_top_k,
-                               unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir)
+                               unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir, boundary=self.boundary)
+
+    @property
+    def boundary(self) -> str:
+        """`model.boundary`, null resolved: "prefix" along the student's own samples (with `marginal`)."""
+        h = self.hparams
+        if h.boundary is not None:
+            return h.boundary
+        return "prefix" if h.response_from == "student" and h.unaligned == "marginal" else "token_end"
 
     @property
     def explores(self) -> bool:
@@ -313,6 +332,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
         settings = {"top_k": h.source_top_k, "temperature": h.temperature, "unaligned": h.unaligned,
                     "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
+        if self.boundary != "token_end":
+            settings["boundary"] = self.boundary
         if data.load()["unlabeled"]:
             settings["answers"] = self.response_settings()
             if self.method.runs == "top_k":  # the selector routes from the base student's features

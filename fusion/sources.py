@@ -20,6 +20,7 @@ from fusion.tokenizer import load_tokenizer
 from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
+BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.marginal`)
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +85,10 @@ class SourcePool:
     student's vocabulary (`fusion.vocab_map`). A student position where such a source has no
     exact boundary gets the source's distribution over the bytes that follow, read inside the
     source's token (`unaligned="marginal"`, `fusion.marginal`), a one-hot of the gold token
-    (`"gold_onehot"`), or nothing from that source (`"mask"`).
+    (`"gold_onehot"`), or nothing from that source (`"mask"`). At a shared boundary the source's
+    next-token distribution assumes its token ended there (`boundary="token_end"`), or
+    (`"prefix"`, with `marginal`) it is read from the text before the boundary only, as the
+    student's own samples need (`fusion.marginal`).
     """
 
     def __init__(
@@ -97,10 +101,14 @@ class SourcePool:
         unaligned: str = "marginal",
         vocab_map: str = "exact+med",
         vocab_map_dir: str | None = None,
+        boundary: str = "token_end",
     ):
         """Frozen models in memory with their tokenizers (`load` reads them from paths)."""
         if unaligned not in UNALIGNED_POLICIES:
             raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
+        if boundary not in BOUNDARY_READS or (boundary == "prefix" and unaligned != "marginal"):
+            raise ValueError(f"model.boundary must be one of {BOUNDARY_READS} ('prefix' reads sources inside their tokens: it needs "
+                             f"model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}")
         if vocab_map not in VOCAB_MAP_METHODS:
             raise ValueError(f"model.vocab_map must be one of {VOCAB_MAP_METHODS}, got {vocab_map!r}")
         if len(set(names)) != len(names):
@@ -108,7 +116,7 @@ class SourcePool:
         self.names, self.models, self.tokenizers = list(names), list(models), list(tokenizers)
         self.vocab_size = len(student_tokenizer)
         self.top_k = min(top_k, self.vocab_size)
-        self.unaligned = unaligned
+        self.unaligned, self.boundary = unaligned, boundary
         self.aligners, self.vocab_maps, self.prefixes = [], [], []
         for index, (model, tokenizer) in enumerate(zip(models, tokenizers)):
             key = f"model.sources[{index}]"
@@ -201,6 +209,7 @@ class SourcePool:
         """
         aligner, vocab_map, prefixes = self.aligners[index], self.vocab_maps[index], self.prefixes[index]
         trained = targets != IGNORE_INDEX  # [R, T]
+        from_prefix = None  # [R, T] shared boundaries read from the text before them (`boundary: prefix`)
         if aligner is None:  # the student's tokenizer: position t is position t
             source_ids, source_mask, source_targets, position_map = input_ids, attention_mask, targets, None
         else:
@@ -213,11 +222,16 @@ class SourcePool:
                 spelled_token = source_ids.gather(1, (inside_position + 1).clamp(min=0))  # [R, T] the token c is inside of
                 inside = trained & (inside_position >= 0) & (prefixes.length[spelled_token] > inside_offset)
                 position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
+                if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.marginal`)
+                    ending = source_ids.gather(1, position_map.clamp(min=0))  # [R, T] the source token that ends there
+                    from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0)  # not a special token
         source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
         keep = source_trained.clone()  # the source positions whose logits are needed
         if position_map is not None:
             mapped = trained & (position_map >= 0)
             keep[mapped.nonzero(as_tuple=True)[0], position_map[mapped]] = True
+            if from_prefix is not None:
+                keep[from_prefix.nonzero(as_tuple=True)[0], position_map[from_prefix] - 1] = True
         logits = _logits_at(model, source_ids, source_mask, keep)  # [Q', V_source], row-major over `keep`
         if aligner is None:
             logits = logits[:, : self.vocab_size]  # rows past the tokenizer (padded embeddings)
@@ -258,10 +272,16 @@ class SourcePool:
             if len(at):
                 tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
             spans = self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions) if prefixes is not None else None
+            mix = rows[:0] if from_prefix is None else from_prefix[rows, positions].nonzero(as_tuple=True)[0]  # [P''] of the P
+            if len(mix):  # the token ending at the boundary, whole, read before it
+                ended_token = ending[rows[mix], positions[mix]]
+                mix_read = slot[rows[mix], position_map[rows[mix], positions[mix]] - 1]
             if table:  # exact: every source token's mass carried to its student token
                 dense = project_dense(logp[read], vocab_map, self.vocab_size)
                 if len(at):
                     dense[at] = marginal_dense(prefixes, logp, read[at], tokens, spelled, self.vocab_size)
+                if len(mix):
+                    dense[mix] = marginal_dense(prefixes, logp, mix_read, ended_token, prefixes.length[ended_token], self.vocab_size, ended=dense[mix])
                 if spans is not None:
                     where, first, spanning, log_mass = spans
                     dense[where] = move_mass_dense(dense[where], first, spanning, log_mass)
@@ -275,6 +295,9 @@ class SourcePool:
                     top_logprobs = torch.full((len(rows), self.top_k), -math.inf, device=logp.device)
                     top_ids[boundary], top_logprobs[boundary] = project_topk(logp[read[boundary]], vocab_map, self.top_k)
                     top_ids[at], top_logprobs[at] = marginal_topk(prefixes, logp, read[at], tokens, spelled, self.top_k)
+                if len(mix):
+                    top_ids[mix], top_logprobs[mix] = marginal_topk(prefixes, logp, mix_read, ended_token, prefixes.length[ended_token],
+                                                                    self.top_k, ended=(top_ids[mix], top_logprobs[mix]))
                 if spans is not None:
                     where, first, spanning, log_mass = spans
                     top_ids[where], top_logprobs[where] = move_mass(top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k)

@@ -226,26 +226,32 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
 
 
 def test_on_policy_criteria_and_sampled_tokens(tmp_path):
-    """On-policy selector: at least the off-policy selector with its top_k, within 0.02 of the
-    on-policy oracle; the report reads the tokens sampled per step from the run's log."""
+    """On-policy selector: at least the off-policy selector with its top_k (and that run continued
+    off-policy, for a stage after it), within 0.02 of the on-policy oracle; the report reads the
+    tokens sampled per step from the run's log."""
     runs = [_run("selector k=1", "A", 0, {"d1": 0.5, "d2": 0.3}), _run("selector k=1", "B", 0, {"d1": 0.5, "d2": 0.3}),
             _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.9}),
             _run("on_policy selector k=1", "A", 0, {"d1": 0.6, "d2": 0.3}), _run("on_policy selector k=1", "B", 0, {"d1": 0.4, "d2": 0.3}),
-            _run("on_policy oracle", "A", 0, {"d1": 0.6, "d2": 0.32}), _run("on_policy oracle", "B", 0, {"d1": 0.6, "d2": 0.32})]
+            _run("on_policy oracle", "A", 0, {"d1": 0.6, "d2": 0.32}), _run("on_policy oracle", "B", 0, {"d1": 0.6, "d2": 0.32}),
+            _run("selector k=1 continued", "A", 0, {"d1": 0.5, "d2": 0.5}), _run("selector k=1 continued", "B", 0, {"d1": 0.3, "d2": 0.3})]
     (tmp_path / "metrics.csv").write_text("step,train/loss,train/sampled_tokens\n9,1.0,300\n19,0.9,\n19,,\n29,0.8,500\n")
     runs[3]["log_dir"] = str(tmp_path)
     methods = {"selector k=1": {"fusion": "selector", "top_k": 1}, "oracle": {"fusion": "oracle"},
-               "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
-               "on_policy oracle": {"fusion": "oracle", "response_from": "student"}}
+               "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student", "after": "selector k=1", "fusion_stage": {"steps": 2}},
+               "on_policy oracle": {"fusion": "oracle", "response_from": "student"},
+               "selector k=1 continued": {"fusion": "selector", "top_k": 1, "after": "selector k=1", "fusion_stage": {"steps": 2}}}
     methods = {name: m | {"source_forwards_per_seq": {"A": 1, "B": 1}} for name, m in methods.items()}
     summary = report_lib.summarize(runs, methods)
     assert summary["on_policy selector k=1"]["A"]["sampled_tokens_per_step"] == pytest.approx((300 + 0 + 500) / 3)
     assert "sampled_tokens_per_step" not in summary["selector k=1"]["A"]
     checks = report_lib.criteria_unlabelled(summary, methods)
-    assert set(checks) == {"selector k=1", "on_policy selector k=1"}
+    assert set(checks) == {"selector k=1", "selector k=1 continued", "on_policy selector k=1"}
     assert checks["selector k=1"]["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.9)  # the off-policy oracle
     on = checks["on_policy selector k=1"]
     assert on["at_least_off_policy_selector"]["A"]["pass"] and not on["at_least_off_policy_selector"]["B"]["pass"]  # 0.45 >= 0.4; 0.35 < 0.4
     assert on["within_0.02_of_on_policy_oracle"]["A"]["pass"] and not on["within_0.02_of_on_policy_oracle"]["B"]["pass"]  # 0.45 vs 0.46
+    # A stage after "selector k=1" also faces that run continued off-policy: 0.45 < 0.5 in A, 0.35 >= 0.3 in B.
+    assert [on["at_least_off_policy_continued"][pool]["pass"] for pool in ("A", "B")] == [False, True]
+    assert on["at_least_off_policy_continued"]["A"]["selector k=1 continued"] == pytest.approx(0.5)
     report = {"quick": True, "seeds": [0], "results": summary, "criteria": checks, "runtime_seconds": 1.0}
     assert "| sampled tokens / step |" in report_lib.markdown(report, "") and "| 267 |" in report_lib.markdown(report, "")

@@ -34,11 +34,13 @@ class FixedSource(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(int(logits_to_keep.sum()), -1))
 
 
-def student_distributions(student, source, probs: dict[str, float], prompt: str, response: str, policy: str = "marginal", union: bool = False):
+def student_distributions(student, source, probs: dict[str, float], prompt: str, response: str, policy: str = "marginal", union: bool = False,
+                          boundary: str = "token_end"):
     """Per trained student position: {next student token: probability} from the source, or None.
     `union`: the source twice, on the union of both supports (the online path, whole distributions)."""
     copies = 2 if union else 1
-    pool = SourcePool([FixedSource(source, probs)] * copies, [source] * copies, ["source", "copy"][:copies], student, top_k=8, unaligned=policy)
+    pool = SourcePool([FixedSource(source, probs)] * copies, [source] * copies, ["source", "copy"][:copies], student, top_k=8, unaligned=policy,
+                      boundary=boundary)
     batch = collate([encode(student, prompt, response, 64) | {"row": {}}], student.pad_token_id)
     out = pool.run(torch.arange(copies)[None], batch, union=union)
     trained = (batch["targets"][0] != -100).nonzero().flatten().tolist()
@@ -72,6 +74,28 @@ def test_a_source_token_split_over_several_student_positions(char):
     assert got[4] == pytest.approx({"o": 1.0})  # given "hell"
     # Without the policy those four positions have no distribution from this source.
     assert [g is None for g in student_distributions(char, source, probs, "x", "hello", "mask")] == [False, True, True, True, True, False]
+
+
+def test_a_shared_boundary_read_from_the_text_before_it(char):
+    # "hew" is read "he" + "w": the source token "he" ends where the student predicts "w". Its
+    # distribution there ({hello, help, he} -> h 0.8, w 0.2) assumes "he" ended, which only the
+    # "w" that follows decided. Read from "he" alone: hello and help go on with "l" (0.7 of the
+    # 0.8 beginning with "he"), and "he" ends with 0.1 / 0.8, followed by the boundary's h or w.
+    source = byte_bpe([("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("he", "l"), ("hel", "p")])
+    assert source.tokenize("xhew") == ["x", "he", "w"]
+    probs = {"hello": 0.5, "help": 0.2, "he": 0.1, "w": 0.2}
+    token_end = student_distributions(char, source, probs, "x", "hew")
+    prefix = student_distributions(char, source, probs, "x", "hew", boundary="prefix")
+    assert token_end[2] == pytest.approx({"h": 0.8, "w": 0.2})
+    assert prefix[2] == pytest.approx({"l": 0.7 / 0.8, "h": 0.1 / 0.8 * 0.8, "w": 0.1 / 0.8 * 0.2})
+    # Where the token that ends has no longer one ("w"; "x", which the source never predicts), and
+    # inside "he", both reads agree.
+    for t in (0, 1, 3):
+        assert prefix[t] == pytest.approx(token_end[t])
+    whole = student_distributions(char, source, probs, "x", "hew", union=True, boundary="prefix")  # from whole distributions
+    assert all(whole[t] == pytest.approx(prefix[t]) for t in range(4))
+    with pytest.raises(ValueError, match=r"model.boundary must be one of \('token_end', 'prefix'\) \('prefix' reads sources inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'"):
+        student_distributions(char, source, probs, "x", "hew", policy="mask", boundary="prefix")
 
 
 def test_multibyte_utf8_inside_a_token():

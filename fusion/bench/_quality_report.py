@@ -105,8 +105,8 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
 
 
 def on_policy(method: dict) -> bool:
-    """A method that learns along the student's own samples (on-policy fusion), or a stage after one."""
-    return method.get("response_from") == "student" or "after" in method
+    """A method that learns along the student's own samples: on-policy fusion, or SRFT's rollouts."""
+    return method.get("response_from") == "student" or "srft" in method
 
 
 def _selectors(summary: dict, methods: dict[str, dict], learns_on_policy: bool = False):
@@ -193,14 +193,20 @@ def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, di
 
 def criteria_on_policy(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
     """Each on-policy selector method against the off-policy selector with the same top_k (at
-    least its accuracy) and the on-policy oracle (within 0.02), in each pool."""
+    least its accuracy; and at least that run continued off-policy, where the on-policy method is
+    a stage after it and the bench has that continuation) and the on-policy oracle (within 0.02),
+    in each pool."""
     off_policy = {name: m for name, m in methods.items() if not on_policy(m) and m.get("fusion") == "selector" and name in summary}
     by_fusion, selectors = _selectors(summary, methods, learns_on_policy=True)
     checks: dict[str, dict] = {}
     for name, entry in selectors:
         check = {}
-        twin = next((n for n, m in off_policy.items() if m.get("top_k", 2) == methods[name].get("top_k", 2)), None)
-        for reference, margin, key in ((twin, 0.0, "at_least_off_policy_selector"), (by_fusion.get("oracle"), -0.02, "within_0.02_of_on_policy_oracle")):
+        top_k, after = methods[name].get("top_k", 2), methods[name].get("after")
+        twin = next((n for n, m in off_policy.items() if m.get("top_k", 2) == top_k and "after" not in m), None)
+        # An on-policy stage after an off-policy run also faces the same run continued off-policy for as many steps.
+        continued = next((n for n, m in off_policy.items() if m.get("top_k", 2) == top_k and after and m.get("after") == after), None)
+        for reference, margin, key in ((twin, 0.0, "at_least_off_policy_selector"), (continued, 0.0, "at_least_off_policy_continued"),
+                                       (by_fusion.get("oracle"), -0.02, "within_0.02_of_on_policy_oracle")):
             if reference is None:
                 continue
             check[key] = {pool: {"on_policy": entry[pool]["acc_mean"], "on_policy_std": entry[pool]["acc_mean_std"],

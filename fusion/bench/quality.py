@@ -51,7 +51,7 @@ from fusion.io import atomic_write_json
 POOL_INDEPENDENT = ("none", "oracle")
 # A chained method's second stage, started from the adapter of its `after` method: the settings it takes.
 CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train, over the after method's"}  # train once per seed, report for both pools
-CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map")  # what cached numbers depend on
+CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map", "boundary")  # what cached numbers depend on
 # With prompts without gold, the cache also holds their answers: who writes them depends on these.
 ANSWER_SETTINGS = ("fusion", "top_k", "single_source", "response_max_new_tokens", "response_sampling", "response_temperature",
                    "selector_hidden", "initial_quality", "selector_prefit_steps", "selector_learning_rate", "selector_loss")
