@@ -26,10 +26,12 @@ class FusionCLI(LightningCLI):
         parser.link_arguments("model.init_args.student", "data.tokenizer")
 
 
-def main(args=None, run: bool = True) -> FusionCLI:
+def main(args=None, run: bool = True, cli: type[FusionCLI] = FusionCLI) -> FusionCLI:
+    """Parse `args` (default: the command line) and run the subcommand. `cli`: a subclass of
+    `FusionCLI`, for tools that parse a command as `fusion.train` does (`fusion.eval_harness`)."""
     disable_progress_bar()  # per-file weight-loading bars of transformers; Lightning shows progress
     datasets.disable_progress_bars()  # and the per-split bars of datasets (data files, cache shards)
-    return FusionCLI(
+    return cli(
         L.LightningModule,
         FusionDataModule,
         subclass_mode_model=True,

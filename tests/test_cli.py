@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from fusion import export, zoo
 from fusion.bench import quality
 from fusion.module import FusionDistillModule
+from fusion.tokenizer import load_tokenizer
 from fusion.train import main
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
@@ -92,6 +93,10 @@ def test_fit_test_resume_export(write_config, tmp_path, monkeypatch):
         got = merged(input_ids=ids).logits
     assert torch.allclose(expected, got, atol=1e-4)
     assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    # AutoTokenizer reads the character tokenizer of this Qwen2 student as Qwen2's own (no spaces);
+    # alone in tokenizer/ it reads it as saved, with the same ids as fusion's loader.
+    assert not export.auto_tokenizer_matches(out, load_tokenizer(out))
+    assert export.auto_tokenizer_matches(os.path.join(out, "tokenizer"), load_tokenizer(out))
 
 
 @pytest.mark.parametrize("fusion", ["none", "uniform", "avgce", "mince", "confidence", "single", "oracle"])
