@@ -309,7 +309,7 @@ class Planner:
                                        "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}}
                 else:
                     merged = self.bench.methods[settings["after"]] | stage.get("model", {})
-                    mode = "online" if online_only(merged) else self.bench.source_mode
+                    mode = "online" if online_only(merged) or merged.get("source_mode") == "online" else self.bench.source_mode
                     config, log_dir = self.config(name, record["seed"], merged | self.source_settings(pool, mode, merged) | {"init_from": job["adapter"]})
                 config["trainer"]["max_steps"] = stage["steps"]
                 config_hash = hashlib.sha256(json.dumps([kind, config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
@@ -417,7 +417,8 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
                for name, settings in resolved.items()}
     if bench.unlabelled and bench.source_mode == "cached":
-        methods = {name: m | answer_costs(planner, name, m, cache_seconds) if not online_only(m) else m for name, m in methods.items()}
+        methods = {name: m | answer_costs(planner, name, m, cache_seconds) if not online_only(m) and m.get("source_mode") != "online" else m
+                   for name, m in methods.items()}
     for name, settings in resolved.items():
         if settings["fusion"] in POOL_INDEPENDENT:
             methods[name] |= {"shared_with": "pool A run",
