@@ -263,6 +263,9 @@ def test_answer_format_reads_the_prompt_not_the_gold():
     ({"response_from": "student", "fusion": "none"}, r"needs model.source_mode 'online' and a fusion method with sources, got 'online' and 'none'"),
     ({"selector_signal": "rewards", "fusion": "oracle"}, r"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got 'oracle'"),
     ({"selector_signal": "ce"}, r"model.selector_signal must be one of \('gold_ce', 'rewards'\), got 'ce'"),
+    ({"boundary": "prefix", "unaligned": "mask"}, r"model.boundary must be null or one of \('token_end', 'prefix'\) \('prefix' reads sources "
+                                                  r"inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'"),
+    ({"boundary": "start"}, r"model.boundary must be null or one of .*got 'start' with unaligned 'marginal'"),
     ({"selector_signal": "rewards", "selector_rewards": {"fusion.rewards.nothing": 1.0}},
      r"model.selector_rewards\['fusion.rewards.nothing'\]: cannot import reward function"),
 ])
@@ -308,3 +311,16 @@ def test_init_from_restores_the_adapter_and_the_selector(tiny_zoo, tmp_path):
     oracle = FusionDistillModule(student=student, sources=sources, fusion="oracle", oracle={"spell_backward": "spell"}, init_from=path)
     with torch.no_grad():
         assert torch.equal(oracle.student(input_ids=ids).logits, expected)
+
+
+def test_boundary_null_reads_from_the_prefix_along_the_students_own_samples(tiny_zoo):
+    """`model.boundary: null` is "prefix" where the student's next token is its own sample (with the
+    marginal policy, which it needs) and "token_end" elsewhere; the pool and the cache fingerprint
+    follow it."""
+    student, sources = os.path.join(tiny_zoo, "student"), [os.path.join(tiny_zoo, "sum")]
+    cases = [({}, "token_end"), ({"response_from": "student"}, "prefix"), ({"response_from": "student", "unaligned": "mask"}, "token_end"),
+             ({"response_from": "student", "boundary": "token_end"}, "token_end"), ({"boundary": "prefix"}, "prefix")]
+    for settings, expected in cases:
+        module = FusionDistillModule(student=student, sources=sources, fusion="uniform", **settings)
+        assert module.boundary == expected, settings
+    assert module.pool.boundary == "prefix"
