@@ -17,7 +17,8 @@ The student learns along one response per prompt: the gold answer where the row 
 unlabelled prompt, the answer of the source the method picks (for the selector, its top source),
 re-tokenized for the student and distilled exactly as gold is. See `answer_prompts`. With
 `response_from: student` (on-policy, GKD) the student samples its own response to every prompt
-instead, and the selected sources score each of its tokens. See `training_step`.
+instead, and the selected sources score each of its tokens. See `training_step`. On-policy
+fusion is best run as a second stage (`init_from` an off-policy checkpoint).
 
 Checkpoints hold the LoRA adapter and the selector only; sources and base weights are
 rebuilt from their paths.
