@@ -201,7 +201,7 @@ def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.T
     """The k most likely next student tokens inside source tokens, position i read from
     `logprobs[rows[i]]`: [P, k] ids (-1 empty) and log-probs.
 
-    `ended` (ids, log-probs [P, K]): at a shared boundary read from the prefix (`boundary_mixture`),
+    `ended` (ids, log-probs [P, K]): at a shared boundary read from the prefix (`boundary: prefix`, `SourcePool._run_one`),
     the distribution after the token that ends there, given weight P(that token | u) instead of
     falling into the tail; each position's `spelled` must then be its whole `tokens`.
     """

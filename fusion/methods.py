@@ -4,7 +4,7 @@ LightningModule; the module reads the row's fields, never the method's name.
 
     method      runs        weights                     answers an unlabelled prompt
     none        no source   -                           - (learns from labelled rows only)
-    uniform     all N       equal                       a source drawn at random
+    uniform     all N       equal                       a source chosen by a hash of the prompt
     avgce       all N       softmax(-CE)                - (needs gold: CE on the gold answer)
     mince       all N       the lowest CE               - (needs gold)
     confidence  all N       softmax(-CE)                the source most confident in its own answer (N generations)

@@ -10,7 +10,7 @@ of this one module, a row of `fusion.methods.METHODS`:
     confidence  all N sources, alpha = softmax(-CE); a prompt without gold is answered by the
                 source most confident in its own answer (the label-free AvgCE, N generations)
     single      one fixed source (`single_source`)
-    oracle      the specialist of the example's domain (`oracle`); an upper bound, never a method
+    oracle      the specialist of the example's domain (`oracle`): label routing (MOPD), needs the domain label
     selector    ours: the selector's top-k sources, dynamic weights, feedback loss
 
 The student learns along one response per prompt: the gold answer where the row has one; for an
