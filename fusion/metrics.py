@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchmetrics import Metric, SumMetric
+from torchmetrics import Metric
+from torchmetrics.text import Perplexity
 
 from fusion.data import IGNORE_INDEX
-from fusion.losses import entropy, target_logprobs
+from fusion.losses import entropy
 
 
 class DomainAccuracy(Metric):
@@ -61,13 +62,13 @@ class EvalMetrics(nn.Module):
         super().__init__()
         self.domains, self.source_names = list(domains), list(source_names)
         self.accuracy = DomainAccuracy(len(self.domains))
-        self.nll, self.tokens = SumMetric(), SumMetric()
+        self.perplexity = Perplexity()  # exp(mean NLL of the response tokens)
         self.selection = SelectionCounts(len(self.domains), len(self.source_names)) if self.source_names else None
 
     def update(self, logits, targets, domains: list[str], correct: list[bool], selected: torch.Tensor | None = None) -> None:
         mask = targets != IGNORE_INDEX
-        self.nll.update(-(target_logprobs(logits, targets) * mask).sum())
-        self.tokens.update(mask.sum())
+        if mask.any():  # the trained positions only, as one sequence: no [B, T, V] softmax over prompt positions
+            self.perplexity.update(logits[mask][None].float(), targets[mask][None])
         index = torch.tensor([self.domains.index(d) for d in domains], device=logits.device)
         self.accuracy.update(index, torch.tensor(correct, dtype=torch.float, device=logits.device))
         if self.selection is not None and selected is not None:
@@ -83,7 +84,7 @@ class EvalMetrics(nn.Module):
             results[f"acc_{domain}"] = value
         results["acc_mean"] = sum(per_domain.values()) / max(1, len(per_domain))
         results["sequences"] = {d: int(n) for d, n in zip(self.domains, counts) if n > 0}
-        results["perplexity"] = float(torch.exp(self.nll.compute() / self.tokens.compute().clamp(min=1)))
+        results["perplexity"] = float(self.perplexity.compute()) if int(self.perplexity.count) > 0 else 1.0
         if self.selection is not None:
             selection = self.selection.compute()
             by_domain, sequences = selection["share"], selection["sequences"]  # [D, N], [D]
@@ -97,5 +98,5 @@ class EvalMetrics(nn.Module):
         return results
 
     def reset(self) -> None:
-        for metric in [self.accuracy, self.nll, self.tokens] + ([self.selection] if self.selection is not None else []):
+        for metric in [self.accuracy, self.perplexity] + ([self.selection] if self.selection is not None else []):
             metric.reset()

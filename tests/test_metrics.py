@@ -1,0 +1,29 @@
+"""Evaluation metrics on hand-made numbers: perplexity over the response tokens only, and accuracy
+per domain with its mean over domains."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion.data import IGNORE_INDEX
+from fusion.metrics import EvalMetrics
+
+
+def test_perplexity_and_accuracy_by_hand():
+    metrics = EvalMetrics(["a", "b"], [])
+    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]],
+                          [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3], [0.3, 0.3, 0.4]]])
+    targets = torch.tensor([[0, 2, IGNORE_INDEX], [IGNORE_INDEX, 1, IGNORE_INDEX]])  # ignored: a prompt or padding
+    metrics.update(probs.log() + 5.0, targets, ["a", "b"], [True, False])  # logits up to a constant
+    metrics.update(probs[:1].log(), targets[:1], ["a"], [False])
+    result = metrics.compute()
+    nll = [-math.log(0.5), -math.log(0.7), -math.log(1 / 3), -math.log(0.5), -math.log(0.7)]
+    assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert result["acc"] == {"a": 0.5, "b": 0.0} and result["acc_mean"] == 0.25
+    assert result["sequences"] == {"a": 2, "b": 1}
+    metrics.reset()
+    metrics.update(probs[1:].log(), targets[1:], ["b"], [True])
+    assert metrics.compute()["perplexity"] == pytest.approx(3.0, rel=1e-5)  # one token at 1/3
