@@ -44,6 +44,7 @@ from fusion.selection import SourceSelector, exploration_scale, fit_selector, no
 from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
 from fusion.sources import BOUNDARY_READS, DTYPES, SourcePool, resolve_model_path, source_name
+from fusion.vocab_map import default_cache_dir
 
 FUSION_METHODS = tuple(METHODS)
 RESPONSES = ("source", "student")  # model.response_from
@@ -75,7 +76,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         vocab_map: how source tokens map to student tokens: "exact+med" (exact string, else
             minimum edit distance), "exact+prefix" (exact, else the first student token of the
             source token's text) or "exact" (else dropped).
-        vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers.
+        vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers; null
+            (default): the per-user cache, `$FUSION_CACHE/vocab_maps` if FUSION_CACHE is set, else
+            `$XDG_CACHE_HOME/fusion/vocab_maps`, else `~/.cache/fusion/vocab_maps`
+            (`fusion.vocab_map.default_cache_dir`).
         boundary: a student position where a source with another tokenizer has a token boundary
             too: the source's next-token distribution there, which assumes its token ended there
             ("token_end"), or the distribution given the text before the position only
@@ -135,7 +139,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         source_top_k: int = 10,
         unaligned: str = "marginal",
         vocab_map: str = "exact+med",
-        vocab_map_dir: str | None = "checkpoints/cache/vocab_maps",
+        vocab_map_dir: str | None = None,
         boundary: str | None = None,
         gamma: float = 1.0,
         tau: float = 1.0,
@@ -284,7 +288,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     def _load_pool(self) -> SourcePool:
         h = self.hparams
         return SourcePool.load(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, top_k=h.source_top_k,
-                               unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir, boundary=self.boundary)
+                               unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir or default_cache_dir(),
+                               boundary=self.boundary)
 
     @property
     def boundary(self) -> str:

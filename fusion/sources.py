@@ -103,7 +103,11 @@ class SourcePool:
         vocab_map_dir: str | None = None,
         boundary: str = "token_end",
     ):
-        """Frozen models in memory with their tokenizers (`load` reads them from paths)."""
+        """Frozen models in memory with their tokenizers (`load` reads them from paths).
+
+        `vocab_map_dir`: where the vocabulary maps of sources with another tokenizer are cached
+        (None: built every time, not cached; the fusion module passes `model.vocab_map_dir` or
+        the per-user cache, `fusion.vocab_map.default_cache_dir`)."""
         if unaligned not in UNALIGNED_POLICIES:
             raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
         if boundary not in BOUNDARY_READS or (boundary == "prefix" and unaligned != "marginal"):

@@ -16,6 +16,9 @@ so GPT-2's `Ġ`, SentencePiece's `▁` and `<0xNN>` pieces match plain text.
   kept when it spells a prefix of that text. When the student is finer (GPT-2 "52" -> char "5")
   this is the exact marginal: all the mass of "52" belongs to "5" as the next student token.
 - Whatever none of these maps is dropped; its probability becomes the projection's tail.
+
+Maps are cached on disk (`build_vocab_map`); the fusion module's default cache directory is the
+per-user one of `default_cache_dir`, outside any repository or run directory.
 """
 
 from __future__ import annotations
@@ -39,6 +42,21 @@ METHODS = ("exact+med", "exact+prefix", "exact")
 RULES_VERSION = 1  # part of the fingerprint: a change to the rules above invalidates cached maps
 DROPPED = -1
 _ROLES = ("pad", "bos", "eos")  # assignment order: a later role overrides an earlier one on a shared id
+
+
+def default_cache_dir() -> str:
+    """Where vocabulary maps are cached when `model.vocab_map_dir` is not set, one directory per user:
+
+        $FUSION_CACHE/vocab_maps               if FUSION_CACHE is set (fusion's cache root)
+        $XDG_CACHE_HOME/fusion/vocab_maps      else, if XDG_CACHE_HOME is set
+        ~/.cache/fusion/vocab_maps             else
+
+    Read at each call (not at import), so a process can point it elsewhere before it loads sources.
+    """
+    if os.environ.get("FUSION_CACHE"):
+        return os.path.join(os.environ["FUSION_CACHE"], "vocab_maps")
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "fusion", "vocab_maps")
 
 
 def _exact_index(student: PreTrainedTokenizerBase, pieces: list[bytes | None]) -> dict[bytes, int]:

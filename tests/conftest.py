@@ -35,6 +35,16 @@ def tiny_zoo_recipe(root: str) -> dict:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fusion_cache(tmp_path_factory) -> str:
+    """The per-user cache (vocabulary maps) in a temporary directory for the whole session, so the
+    suite writes nothing into the repository or the user's cache; subprocesses inherit it."""
+    root = str(tmp_path_factory.mktemp("fusion_cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUSION_CACHE", root)
+        yield root
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> str:
     torch.set_num_threads(2)

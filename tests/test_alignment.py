@@ -291,3 +291,18 @@ def test_the_first_source_token_at_a_byte_is_the_first_in_text_order(char):
     # Columns: bos 0, "a" 1, the zero-width tokens 2..41, "b" 42, "=" 43, ...
     assert out.position_map[0, 1] == 1  # byte 1: predicted where the first zero-width token is
     assert out.position_map[0, 2] == width + 2  # byte 2: the token after "b"
+
+
+def test_default_vocab_map_dir_is_the_per_user_cache(monkeypatch, tmp_path):
+    """FUSION_CACHE, else XDG_CACHE_HOME, else ~/.cache; read when called, not at import."""
+    from fusion.vocab_map import default_cache_dir
+
+    monkeypatch.setenv("FUSION_CACHE", "/data/me/fusion")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg/cache")
+    assert default_cache_dir() == "/data/me/fusion/vocab_maps"
+    monkeypatch.setenv("FUSION_CACHE", "")  # set but empty: as if unset
+    assert default_cache_dir() == "/xdg/cache/fusion/vocab_maps"
+    monkeypatch.delenv("FUSION_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert default_cache_dir() == "/home/someone/.cache/fusion/vocab_maps"

@@ -211,6 +211,24 @@ def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):
     assert torch.isfinite(module.training_step(batch, 0))
 
 
+def test_vocabulary_maps_go_to_the_per_user_cache_by_default(tiny_zoo, tmp_path, monkeypatch):
+    """Without model.vocab_map_dir the maps of the two sources with other tokenizers (BPE-300 and
+    GPT-2) are written under $FUSION_CACHE/vocab_maps, and nothing under the working directory."""
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    module = _module(tiny_zoo, fusion="uniform")
+    assert module.hparams.vocab_map_dir is None  # the checkpoint keeps no machine's path
+    pool = module.pool
+    maps = tmp_path / "cache" / "vocab_maps"
+    written = sorted(os.listdir(maps))
+    assert [name.split(".")[-1] for name in written] == ["json", "safetensors"] * 2
+    summaries = [json.loads((maps / name).read_text()) for name in written if name.endswith(".json")]
+    # One map per source with another tokenizer: BPE-300 (its own rows) and GPT-2 (50257 tokens in 50304 rows).
+    assert sorted(s["source_rows"] for s in summaries) == sorted([pool.vocab_maps[1].shape[0], 50304])
+    assert os.listdir(tmp_path / "work") == [] and os.listdir(tmp_path / "cache") == ["vocab_maps"]
+
+
 def test_data_file_without_configured_column(tiny_zoo, tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(20)))
