@@ -124,6 +124,37 @@ def log_mass_outside(logp: torch.Tensor, ids: torch.Tensor, present: torch.Tenso
     return result
 
 
+EMPTY_LOG = -1e4  # the log-probability of an empty cell: probability 0 in float32, never -inf (no NaN in a gradient)
+
+
+class _Partition(NamedTuple):
+    """Target and student on the partition {support ids} + {tail} (`_support_and_tail`).
+
+    present [..., M]: the slot holds an id;
+    p [..., M]: the target's probability of each support id, 0 on empty slots;
+    log_q [..., M]: the student's log-probability of each, EMPTY_LOG on empty slots;
+    p_tail [...]: the target's tail, 1 - its mass on the support (at least 0);
+    log_q_tail [...]: the student's log mass outside the support (`log_mass_outside`; 0 where
+    the support is the whole vocabulary).
+    """
+
+    present: torch.Tensor
+    p: torch.Tensor
+    log_q: torch.Tensor
+    p_tail: torch.Tensor
+    log_q_tail: torch.Tensor
+
+
+def _support_and_tail(ids: torch.Tensor, probs: torch.Tensor, student_logp: torch.Tensor) -> _Partition:
+    """The cells every sparse divergence compares the target and the student on. [..., M] x2, [..., V]"""
+    present = ids >= 0
+    safe = ids.clamp(min=0)
+    p = torch.where(present, probs, 0.0)
+    log_q = torch.where(present, student_logp.gather(-1, safe), EMPTY_LOG)  # no -inf * 0 on an empty slot
+    p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    return _Partition(present, p, log_q, p_tail, log_mass_outside(student_logp, safe, present))
+
+
 def sparse_kl(target: SparseTarget, student_logp: torch.Tensor) -> torch.Tensor:
     """KL(P_F || P_S) on the partition {support ids} + {tail}, per position. -> [B, T]
 
@@ -135,13 +166,9 @@ def sparse_kl(target: SparseTarget, student_logp: torch.Tensor) -> torch.Tensor:
     where each source keeps only its own top-K, it is not (see `fusion.cache`). Empty support
     slots (id -1) count nothing, whatever the student's log-probability there.
     """
-    present = target.ids >= 0
-    ids = target.ids.clamp(min=0)
-    p_f = torch.where(present, target.probs, 0.0)
-    logp_s = torch.where(present, student_logp.gather(-1, ids), 0.0)  # [B, T, M]; no -inf * 0
-    support = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1)
-    tail_f = (1.0 - p_f.sum(-1)).clamp(min=0.0)
-    tail = torch.xlogy(tail_f, tail_f) - tail_f * log_mass_outside(student_logp, ids, present)
+    partition = _support_and_tail(target.ids, target.probs, student_logp)
+    support = (torch.xlogy(partition.p, partition.p) - partition.p * partition.log_q).sum(-1)
+    tail = torch.xlogy(partition.p_tail, partition.p_tail) - partition.p_tail * partition.log_q_tail
     return torch.where(target.has_target, support + tail, torch.zeros_like(support))
 
 
@@ -227,13 +254,9 @@ def _kl_grad_(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, base: 
     q is the target over the whole vocabulary as the sparse KL sees it: P_F on the support ids,
     and off the support the target's tail shared in proportion to the student, tail_F * p_v / tail_S.
     """
-    present = ids >= 0
+    partition = _support_and_tail(ids, probs, logp)  # the student's log tail exact however small
+    present, p_f, logp_s, tail_f, log_tail = partition
     has = present.any(-1)  # [C] rows with a target
-    safe = ids.clamp(min=0)
-    p_f = torch.where(present, probs, 0.0)
-    logp_s = torch.where(present, logp.gather(-1, safe), 0.0)
-    log_tail = log_mass_outside(logp, safe, present)  # [C], exact however small
-    tail_f = (1.0 - p_f.sum(-1)).clamp(min=0.0)
     kl_rows = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1) + torch.xlogy(tail_f, tail_f) - tail_f * log_tail
     kl = torch.where(has, kl_rows, 0.0).sum()
     b_rows = torch.where(has, b, 0.0)  # [C]
@@ -280,15 +303,13 @@ def sparse_divergence(target: SparseTarget, student_logp: torch.Tensor, kind: st
     """
     if kind == "forward_kl":
         return sparse_kl(target, student_logp)
-    present = target.ids >= 0
-    ids = target.ids.clamp(min=0)
-    p = torch.where(present, target.probs, 0.0)
-    p = torch.cat([p, (1.0 - p.sum(-1, keepdim=True)).clamp(min=0.0)], -1)  # [..., M + 1], the tail last
-    # Empty cells get log -1e4 (probability 0 in float32), not -inf: no NaN in any gradient.
-    log_p = torch.where(p > 0, p.clamp(min=1e-30).log(), -1e4)
-    whole = present.sum(-1, keepdim=True) >= student_logp.shape[-1]  # the support is the vocabulary: no tail
-    log_tail = torch.where(whole, -1e4, log_mass_outside(student_logp, ids, present)[..., None].clamp(min=-1e4))
-    log_q = torch.cat([torch.where(present, student_logp.gather(-1, ids), -1e4), log_tail], -1)
+    partition = _support_and_tail(target.ids, target.probs, student_logp)
+    p = torch.cat([partition.p, partition.p_tail[..., None]], -1)  # [..., M + 1], the tail last
+    # Empty cells get log EMPTY_LOG (probability 0 in float32), not -inf: no NaN in any gradient.
+    log_p = torch.where(p > 0, p.clamp(min=1e-30).log(), EMPTY_LOG)
+    whole = partition.present.sum(-1, keepdim=True) >= student_logp.shape[-1]  # the support is the vocabulary: no tail
+    log_tail = torch.where(whole, EMPTY_LOG, partition.log_q_tail[..., None].clamp(min=EMPTY_LOG))
+    log_q = torch.cat([partition.log_q, log_tail], -1)
     q = log_q.exp()
     if kind == "reverse_kl":
         cells = q * (log_q - p.clamp(min=TARGET_FLOOR).log())
