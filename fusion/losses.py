@@ -22,12 +22,6 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
-def sequence_ce(token_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """CE = sum_t m_t (-log p(y_t)) / sum_t m_t per sequence. [B, T] -> [B]"""
-    mask = (targets != IGNORE_INDEX).float()
-    return -(token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-
-
 def dynamic_weights(quality: torch.Tensor, ce: torch.Tensor, tau: float, gamma: float) -> torch.Tensor:
     """alpha_i = w_i q_i^gamma / sum_j w_j q_j^gamma with w = softmax(u / tau) and q = exp(-CE).
 
@@ -48,12 +42,6 @@ class SparseTarget(NamedTuple):
 
     ids: torch.Tensor
     probs: torch.Tensor
-
-    @classmethod
-    def from_dense(cls, probs: torch.Tensor) -> "SparseTarget":
-        """The whole vocabulary as the support: [B, T, V] -> ids [B, T, V], no tail."""
-        ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-        return cls(ids, probs)
 
     @property
     def has_target(self) -> torch.Tensor:

@@ -18,7 +18,6 @@ that directory as `model.student` (an untrained LoRA adapter is the identity).
 
 from __future__ import annotations
 
-import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
@@ -68,12 +67,3 @@ def save_merged(model, base: str, directory: str) -> str:
         model.save_pretrained(temporary, safe_serialization=True)
         load_tokenizer(base).save_pretrained(temporary)
     return directory
-
-
-@torch.no_grad()
-def adapter_delta(adapter: str, base: str) -> dict[str, torch.Tensor]:
-    """Per base weight, the update B A * scaling an adapter adds (for checks and tests)."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
-    before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(base).state_dict().items()}
-    after = model.merge_and_unload().state_dict()
-    return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}

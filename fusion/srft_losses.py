@@ -36,10 +36,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H_t = -sum_v p_v log p_v in nats, per position. [..., V] -> [...]"""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H_t = -sum_v p_v log p_v in nats, per position, from log-probabilities. [..., V] -> [...]"""
     return -(logp.exp() * logp).sum(-1)
+
+
+def kl_to_reference(logp: torch.Tensor, reference_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v) per position, from log-probabilities;
+    differentiable in `logp` only. [..., V] x2 -> [...]"""
+    return (logp.exp() * (logp - reference_logp.detach())).sum(-1)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -141,18 +146,11 @@ def token_statistics(
 def _chunk_statistics(logits, targets, temperature: float, reference):
     logp = torch.log_softmax(logits.float() / temperature, -1)  # [C, V]
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = token_entropy(logp)
     kl = torch.zeros_like(entropy)
     if reference is not None:
-        reference_logp = torch.log_softmax(reference.float() / temperature, -1).detach()
-        kl = (logp.exp() * (logp - reference_logp)).sum(-1)
+        kl = kl_to_reference(logp, torch.log_softmax(reference.float() / temperature, -1))
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy, kl
-
-
-def kl_to_reference(logp: torch.Tensor, reference_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(pi || pi_ref) per position, summed over the vocabulary, masked token mean. [S, T, V] x2, [S, T] -> scalar"""
-    kl = (logp.exp() * (logp - reference_logp.detach())).sum(-1)
-    return masked_mean(kl, mask)
 
 
 def srft_loss(

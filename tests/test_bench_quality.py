@@ -79,6 +79,17 @@ def test_new_recipe_fields_keep_old_fingerprints():
     assert zoo.recipe_fingerprint(zoo.SourceRecipe("spell", architecture=TINY, seed=7))["seed"] == 7
 
 
+@torch.no_grad()
+def adapter_delta(adapter: str, base: str) -> dict[str, torch.Tensor]:
+    """Per base weight, the update B A * scaling an adapter adds to it."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(zoo.AutoModelForCausalLM.from_pretrained(base), adapter)
+    before = {k: v.clone() for k, v in zoo.AutoModelForCausalLM.from_pretrained(base).state_dict().items()}
+    after = model.merge_and_unload().state_dict()
+    return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}
+
+
 def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     """LoRA specialists of the student's base, merged by peft, evaluated by fusion.train's test path."""
     base = os.path.join(tiny_zoo, "student")
@@ -100,7 +111,7 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     assert card["recipe"]["recipe"]["base"] == base and card["tokenizer"]["kind"] == "base"
 
     # The merged model adds exactly the mean of the specialists' updates B A * scaling.
-    deltas = [merging.adapter_delta(str(tmp_path / "lora" / name), base) for name in ("l-spell", "l-sum")]
+    deltas = [adapter_delta(str(tmp_path / "lora" / name), base) for name in ("l-spell", "l-sum")]
     merged = merging.merge_adapters(base, [str(tmp_path / "lora" / n) for n in ("l-spell", "l-sum")], "cat", "mean").state_dict()
     original = zoo.AutoModelForCausalLM.from_pretrained(base).state_dict()
     assert len(deltas[0]) == 7  # q, k, v, o, gate, up, down of the one layer

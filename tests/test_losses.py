@@ -21,7 +21,6 @@ from fusion.losses import (
     merge_duplicates,
     selector_loss,
     sparse_kl,
-    sequence_ce,
     student_loss,
     target_logprobs,
 )
@@ -36,13 +35,18 @@ def approx(value, expected, abs: float = 1e-6) -> bool:
     return value.shape == expected.shape and bool(torch.allclose(value, expected, rtol=0.0, atol=abs))
 
 
+def dense_target(probs: torch.Tensor) -> SparseTarget:
+    """The whole vocabulary as the support: [B, T, V] probabilities -> ids [B, T, V], no tail."""
+    return SparseTarget(torch.arange(probs.shape[-1]).expand_as(probs), probs)
+
+
 def logits_from_probs(*rows: list[float]) -> torch.Tensor:
     """Logits log(p): softmax(log p) = p for any p that sums to 1 (or is proportional to it)."""
     return torch.tensor([[L(p) for p in row] for row in rows])
 
 
 # ---------------------------------------------------------------------------------------------
-# target_logprobs / sequence_ce
+# target_logprobs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -62,32 +66,6 @@ def test_target_logprobs_is_shift_invariant_and_batched():
     targets = torch.tensor([[1], [1]])
     out = target_logprobs(logits, targets)
     assert approx(out, [[L(1 / 2)], [L(3 / 4)]])
-
-
-def test_sequence_ce_masked_mean():
-    # Row 0: positions 0 and 1 trained, 2 ignored; the value at the ignored position is garbage
-    # and must not count. CE = -(log 1/2 + log 1/4) / 2 = 1.5 log 2.
-    # Row 1: only position 1 trained: CE = -log(1/3) = log 3.
-    token_logprobs = torch.tensor([[L(1 / 2), L(1 / 4), -123.0], [-7.0, L(1 / 3), -9.0]])
-    targets = torch.tensor([[1, 0, IGNORE_INDEX], [IGNORE_INDEX, 2, IGNORE_INDEX]])
-    ce = sequence_ce(token_logprobs, targets)
-    assert approx(ce, [1.5 * L(2), L(3)])
-
-
-def test_sequence_ce_all_ignored_row_is_zero_not_nan():
-    token_logprobs = torch.tensor([[-1.0, -2.0]])
-    targets = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX]])
-    assert approx(sequence_ce(token_logprobs, targets), [0.0])
-
-
-def test_target_logprobs_then_sequence_ce_end_to_end():
-    logits = logits_from_probs([1, 2, 3], [1, 1, 2], [5, 1, 1]).unsqueeze(0)
-    targets = torch.tensor([[2, 0, IGNORE_INDEX]])
-    ce = sequence_ce(target_logprobs(logits, targets), targets)
-    # -(log(1/2) + log(1/4)) / 2 = (log 2 + log 4) / 2
-    assert approx(ce, [(L(2) + L(4)) / 2])
-    # strength q = exp(-CE) is the geometric mean of the gold probabilities: sqrt(1/2 * 1/4)
-    assert approx(torch.exp(-ce), [math.sqrt(1 / 8)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +274,7 @@ def test_sparse_kl_with_full_support_equals_the_dense_kl():
     p_f = torch.softmax(torch.randn(2, 3, 7), -1)
     student_logp = torch.log_softmax(torch.randn(2, 3, 7), -1)
     dense_kl = (p_f * (p_f.log() - student_logp)).sum(-1)
-    assert torch.allclose(sparse_kl(SparseTarget.from_dense(p_f), student_logp), dense_kl, atol=1e-6)
+    assert torch.allclose(sparse_kl(dense_target(p_f), student_logp), dense_kl, atol=1e-6)
 
 
 def test_sparse_kl_is_a_lower_bound_of_the_dense_kl_on_top_k():
@@ -328,7 +306,7 @@ def _student_case():
     fused = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]])
     ce = (L(4 / 3) + L(2)) / 2
     kl = ((0.5 * L(2) + 0.5 * L(2 / 3)) + L(2)) / 2
-    return logits, targets, SparseTarget.from_dense(fused), ce, kl
+    return logits, targets, dense_target(fused), ce, kl
 
 
 def test_student_loss_by_hand_default_lambda():
@@ -361,7 +339,7 @@ def test_student_loss_lambda_one_ignores_kl():
     assert approx(out["loss"], ce)
     assert approx(out["kl"], kl)  # still reported
     # a completely different target leaves the loss unchanged
-    other = SparseTarget.from_dense(torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]]))
+    other = dense_target(torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]]))
     assert approx(student_loss(logits, targets, other, lam=1.0)["loss"], ce)
 
 
@@ -371,7 +349,7 @@ def test_student_loss_temperature_two_scaling():
     # KL = 1/2 log 2 + 1/2 log(2/3); loss = lam CE + (1 - lam) * 2^2 * KL.
     logits = torch.tensor([[[0.0, L(9)]]])
     targets = torch.tensor([[1]])
-    fused = SparseTarget.from_dense(torch.tensor([[[0.5, 0.5]]]))
+    fused = dense_target(torch.tensor([[[0.5, 0.5]]]))
     kl = 0.5 * L(2) + 0.5 * L(2 / 3)
     out = student_loss(logits, targets, fused, lam=0.9, temperature=2.0)
     assert approx(out["ce"], L(10 / 9))
@@ -403,7 +381,7 @@ def test_student_loss_kl_gradient_by_hand():
     # d/dz [T^2 KL(P_F || softmax(z/T))] = T (softmax(z/T) - P_F). With lam = 0, one token,
     # T = 2, z = (0, log 9): p^T = (1/4, 3/4), P_F = (1/2, 1/2) -> grad = 2 * (-1/4, 1/4).
     logits = torch.tensor([[[0.0, L(9)]]], requires_grad=True)
-    fused = SparseTarget.from_dense(torch.tensor([[[0.5, 0.5]]]))
+    fused = dense_target(torch.tensor([[[0.5, 0.5]]]))
     student_loss(logits, torch.tensor([[1]]), fused, lam=0.0, temperature=2.0)["loss"].backward()
     assert approx(logits.grad[0, 0], [-0.5, 0.5])
 

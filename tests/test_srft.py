@@ -50,7 +50,23 @@ def test_correct_demo_among_wrong_rollouts_gets_a_positive_advantage():
 def test_token_entropy_hand_values():
     uniform = torch.zeros(1, 1, 4)  # H = log 4
     certain = torch.tensor([[[0.0, -1e4, -1e4, -1e4]]])  # H = 0
-    assert approx(S.token_entropy(torch.cat([uniform, certain], 1)), [[math.log(4), 0.0]], abs=1e-5)
+    logp = torch.log_softmax(torch.cat([uniform, certain], 1), -1)
+    assert approx(S.token_entropy(logp), [[math.log(4), 0.0]], abs=1e-5)
+    # p = (1/2, 1/4, 1/4): H = 1/2 log 2 + 2 * 1/4 log 4 = 1.5 log 2
+    assert approx(S.token_entropy(torch.log(torch.tensor([0.5, 0.25, 0.25]))), 1.5 * math.log(2))
+
+
+def test_token_statistics_entropy_and_kl_by_hand():
+    """One trained position at T = 2: logits (0, 2 log 3) give pi = (1/4, 3/4); against the
+    reference logits (0, 0), pi_ref = (1/2, 1/2). Untrained positions hold 0."""
+    logits = torch.tensor([[[0.0, 2 * math.log(3)], [5.0, -5.0]]], requires_grad=True)
+    targets = torch.tensor([[1, IGNORE_INDEX]])
+    out = S.token_statistics(logits, targets, temperature=2.0, reference_logits=torch.zeros(1, 2, 2))
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert approx(out["logp"], [[math.log(0.75), 0.0]]) and approx(out["entropy"], [[entropy, 0.0]])
+    assert approx(out["kl"], [[kl, 0.0]])
+    assert not out["entropy"].requires_grad and out["kl"].requires_grad
 
 
 def test_entropy_granularity():
@@ -117,8 +133,8 @@ def test_each_loss_term_hand_values():
     # KL(pi || ref): 0 for equal distributions; hand value for [1/2, 1/2] against [1/4, 3/4].
     pi = torch.log(torch.tensor([[[0.5, 0.5]]]))
     ref = torch.log(torch.tensor([[[0.25, 0.75]]]))
-    assert approx(S.kl_to_reference(pi, pi, torch.ones(1, 1)), 0.0)
-    assert approx(S.kl_to_reference(pi, ref, torch.ones(1, 1)), 0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert approx(S.kl_to_reference(pi, pi), [[0.0]])
+    assert approx(S.kl_to_reference(pi, ref), [[0.5 * math.log(2) + 0.5 * math.log(2 / 3)]])
 
 
 def test_srft_sums_the_three_terms_and_the_modes_drop_the_right_ones():
@@ -278,7 +294,7 @@ def _logged(module: SRFTModule) -> dict:
 
 def test_training_step_sft_only_is_the_demo_ce(tiny_zoo):
     """sft_only with constant weights: the loss is 0.5 times the demos' per-sequence CE, averaged."""
-    from fusion.losses import sequence_ce, target_logprobs
+    from fusion.losses import target_logprobs
 
     torch.manual_seed(0)
     module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="sft_only", weights="constant", num_generations=3, max_new_tokens=5)
@@ -287,7 +303,9 @@ def test_training_step_sft_only_is_the_demo_ce(tiny_zoo):
     loss = module.training_step(batch, 0)
     with torch.no_grad():
         logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = 0.5 * sequence_ce(target_logprobs(logits, batch["targets"]), batch["targets"]).mean()
+    trained = (batch["targets"] != IGNORE_INDEX).float()
+    per_sequence = -(target_logprobs(logits, batch["targets"]) * trained).sum(-1) / trained.sum(-1)  # each demo's token-mean CE
+    expected = 0.5 * per_sequence.mean()
     assert approx(loss, expected, abs=1e-5)
     for key in ("train/entropy", "train/w_sft", "train/w_rl", "train/reward_mean", "train/reward_std", "train/zero_std_groups", "train/response_length", "train/demo_reward"):
         assert key in logged, key
