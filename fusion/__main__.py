@@ -1,3 +1,3 @@
-from fusion.train import main
+from fusion.train import command_line
 
-main()
+command_line()

@@ -158,6 +158,58 @@ def test_checkpoint_from_another_setup_is_refused(tiny_zoo, write_config, tmp_pa
         no_selector.on_load_checkpoint(checkpoint)
 
 
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
+
+
+def _error_lines(run, capfd) -> list[str]:
+    """The non-empty lines `python -m fusion.train` prints on stderr when it refuses its input (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    return [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def test_a_refused_setting_is_the_first_and_last_line_printed(capfd):
+    """The module's own message, not jsonargparse's Union noise or the config dump around it."""
+    from fusion.train import command_line
+
+    lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, "--model.lam", "2.0", "--trainer.max_steps", "1"]), capfd)
+    assert lines[0] == lines[-1] == "error: model.lam must be in [0, 1], got 2.0"
+    assert "Namespace(" not in "\n".join(lines) and "NoneType" not in "\n".join(lines)
+    assert lines[-2] == "ValueError: model.lam must be in [0, 1], got 2.0"  # where it was raised, just above
+
+
+def test_a_refused_argument_is_the_first_and_last_line_printed(capfd):
+    from fusion.train import command_line
+
+    lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, "--model.feedback_wieght", "0.1"]), capfd)
+    assert lines[0] == lines[-1] == "error: model: Option 'feedback_wieght' is not accepted"
+    assert "`python -m fusion.train fit --help` lists every option." in lines
+    lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, "--model.lam", "abc"]), capfd)
+    assert lines[0] == lines[-1] == "error: model.lam: Expected a <class 'float'>. Got value: abc"
+
+
+def test_an_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):
+    """A bug (here a TypeError) is not reported as bad input: it propagates as raised."""
+    import fusion.train
+
+    monkeypatch.setattr(fusion.train, "main", lambda *a, **k: None + 1)
+    with pytest.raises(TypeError):
+        fusion.train.command_line(["fit"])
+
+
+@pytest.mark.slow
+def test_the_command_prints_the_refused_setting_first_and_last():
+    """The same through `python -m fusion.train`, as a user types it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fusion.train", "fit", "--config", "configs/quickstart.yaml", "--model.lam", "2.0",
+                             "--trainer.max_steps", "1"], cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and lines[0] == lines[-1] == "error: model.lam must be in [0, 1], got 2.0", result.stderr[-2000:]
+
+
 def test_unknown_config_key_fails(write_config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", write_config(), "--model.feedback_wieght", "0.1"])
