@@ -15,12 +15,13 @@ from transformers.utils.logging import disable_progress_bar
 
 from fusion.data import FusionDataModule
 from fusion.module import FusionDistillModule
+from fusion.optional import require_tensorboard
 from fusion.srft import SRFTModule  # noqa: F401  (imported so that its class_path resolves)
 
 DEFAULT_MODEL = f"{FusionDistillModule.__module__}.{FusionDistillModule.__name__}"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What fusion raises for bad input (config, data, checkpoints, caches) or a run it stops.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, ImportError)
 EXIT_BAD_INPUT = 2
 
 
@@ -34,6 +35,15 @@ class FusionCLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         # The data is tokenized with the student's tokenizer (every stage has `student`).
         parser.link_arguments("model.init_args.student", "data.tokenizer")
+
+    def instantiate_classes(self) -> None:
+        # An optional dependency a configured class needs is named before anything is built.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.get("trainer.logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+                require_tensorboard("trainer.logger")
+        super().instantiate_classes()
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -64,10 +74,10 @@ def command_line(args=None) -> FusionCLI:
     first and last on stderr (what went wrong in between), and exit code 2.
 
     Bad input is an argument the parser refuses, or an error fusion raises on purpose (a
-    ValueError, FileNotFoundError, FloatingPointError or RuntimeError raised in the fusion
-    package: a config key out of range, a missing file, a refused cache, a non-finite loss), even
-    when jsonargparse or Lightning caught it and raised their own error about it. Anything else
-    propagates with its traceback.
+    ValueError, FileNotFoundError, FloatingPointError, RuntimeError or ImportError raised in the
+    fusion package: a config key out of range, a missing file, a refused cache, a non-finite loss,
+    a missing optional dependency), even when jsonargparse or Lightning caught it and raised their
+    own error about it. Anything else propagates with its traceback.
     """
     argv = sys.argv[1:] if args is None else list(args)
     held = _HeldLogs()
@@ -141,8 +151,7 @@ def _raised_in_package(error: BaseException) -> bool:
         return False
     while frame.tb_next is not None:
         frame = frame.tb_next
-    path = os.path.abspath(frame.tb_frame.f_code.co_filename)
-    return path.startswith(PACKAGE + os.sep) and path != os.path.abspath(__file__)
+    return os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(PACKAGE + os.sep)
 
 
 # jsonargparse's lines around the one that says what is wrong: a config's `model` is a Union

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -187,6 +188,28 @@ def test_a_refused_argument_is_the_first_and_last_line_printed(capfd):
     assert "`python -m fusion.train fit --help` lists every option." in lines
     lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, "--model.lam", "abc"]), capfd)
     assert lines[0] == lines[-1] == "error: model.lam: Expected a <class 'float'>. Got value: abc"
+
+
+def test_tensorboard_logger_without_tensorboard_names_the_extra(capfd, monkeypatch, tmp_path):
+    """TensorBoard is an extra: a config that logs to it, where it is not installed, says what to install."""
+    from fusion.train import command_line
+
+    for name in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    logger = json.dumps({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}})
+    lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, f"--trainer.logger={logger}"]), capfd)
+    assert lines[0] == lines[-1] == ("error: trainer.logger: TensorBoardLogger needs tensorboard, which is not installed: "
+                                     "pip install 'fusion[tensorboard]' (or log with lightning.pytorch.loggers.CSVLogger)")
+    assert os.listdir(tmp_path) == []  # refused before anything was built or written
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    """matplotlib is an extra: the benchmark report's plots, where it is not installed, say what to install."""
+    from fusion.bench.srft import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"^the benchmark plots need matplotlib, which is not installed: pip install 'fusion\[plots\]'$"):
+        plot({"runs": []}, str(tmp_path))
 
 
 def test_an_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):

@@ -346,11 +346,11 @@ def _save(figure, path: str) -> str:
 
 def plots(report: dict, runs: list[dict], output: str) -> list[str]:
     """accuracy.png, interference.png, selection_heatmap.png, selection_entropy.png under `output`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from fusion.optional import pyplot
+
+    plt = pyplot()
 
     summary, written = report["results"], []
     pools = sorted({p for e in summary.values() for p in e})

@@ -171,11 +171,11 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, output: str) -> list[str]:
     """accuracy_id.png, accuracy_ood.png, score_ood.png, entropy.png: mean over seeds, shaded ± std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from fusion.optional import pyplot
+
+    plt = pyplot()
 
     paths = []
     panels = [("accuracy_id", "acc_id_mean", "accuracy in distribution"), ("accuracy_ood", "acc_ood_mean", "accuracy out of distribution"),

@@ -1,0 +1,38 @@
+"""Optional dependencies, imported only where they are used. Each is an extra of the package:
+
+    plots        matplotlib   the benchmarks' PNG figures (`fusion.bench`)
+    tensorboard  tensorboard  Lightning's TensorBoardLogger (`configs/real_models.yaml`)
+
+`pip install 'fusion[dev]'` (what `make setup` installs) includes both. When one is missing, the
+code that needs it raises an ImportError naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (files only, no display)."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the benchmark plots need matplotlib, which is not installed: pip install 'fusion[plots]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def require_tensorboard(key: str) -> None:
+    """Lightning's TensorBoardLogger writes with tensorboard (or tensorboardX); `key` names the setting that asks for it."""
+    if not any(_installed(name) for name in ("tensorboard", "tensorboardX")):
+        raise ImportError(f"{key}: TensorBoardLogger needs tensorboard, which is not installed: pip install 'fusion[tensorboard]' "
+                          "(or log with lightning.pytorch.loggers.CSVLogger)")
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules without a spec
+        return False
