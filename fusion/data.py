@@ -4,6 +4,7 @@ for distillation (loss on response tokens only) and for greedy evaluation (left-
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -20,6 +21,19 @@ from fusion.tokenizer import load_tokenizer
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HELD_OUT, TEST_OF_HELD_OUT = 0.2, 0.5  # one data file: 80% train; the other 20% half val, half test
+
+
+def one_file_split_sizes(rows: int) -> dict[str, int]:
+    """Rows of each split of a single data file, as `datasets`' train_test_split rounds them
+    (held-out and test counts rounded up)."""
+    held_out = math.ceil(HELD_OUT * rows)
+    test = math.ceil(TEST_OF_HELD_OUT * held_out)
+    return {"train": rows - held_out, "val": held_out - test, "test": test}
+
+
+# The fewest rows a single file needs for a train, a val and a test row (6).
+MIN_ONE_FILE_ROWS = next(n for n in range(1, 1000) if min(one_file_split_sizes(n).values()) >= 1)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int) -> dict[str, Any]:
@@ -112,9 +126,14 @@ def _table(dataset: str, split: str):
         if not os.path.isfile(dataset):
             raise FileNotFoundError(f"data.dataset {dataset!r}: file not found")
         whole = _read_file(dataset)
+        if len(whole) < MIN_ONE_FILE_ROWS:
+            sizes = one_file_split_sizes(MIN_ONE_FILE_ROWS)
+            raise ValueError(f"data.dataset {dataset!r}: {len(whole)} row{'s' if len(whole) != 1 else ''}; one file is split 80/10/10 "
+                             f"into train, val and test, which needs at least {MIN_ONE_FILE_ROWS} rows (then {sizes['train']}, "
+                             f"{sizes['val']} and {sizes['test']}). Add rows, or give a directory with train, val and test files")
         # One file: a fixed 80/10/10 split by a fixed seed, so every run sees the same test rows.
-        parts = whole.train_test_split(test_size=0.2, seed=0)
-        held_out = parts["test"].train_test_split(test_size=0.5, seed=0)
+        parts = whole.train_test_split(test_size=HELD_OUT, seed=0)
+        held_out = parts["test"].train_test_split(test_size=TEST_OF_HELD_OUT, seed=0)
         return dataset, {"train": parts["train"], "val": held_out["train"], "test": held_out["test"]}[split]
     return dataset, datasets.load_dataset(dataset, split={"val": "validation"}.get(split, split))
 
@@ -202,7 +221,8 @@ class FusionDataModule(L.LightningDataModule):
     Args:
         tokenizer: path of the student's tokenizer (linked to `model.student` by the CLI).
         dataset: "suite" for the embedded reasoning-gym suite, else a directory with
-            {train,val,test}.jsonl|parquet, one such file (split 80/10/10 with a fixed seed), or a
+            {train,val,test}.jsonl|parquet, one such file (split 80/10/10 with a fixed seed; at
+            least MIN_ONE_FILE_ROWS = 6 rows, so that val and test get one each), or a
             `datasets` name.
         domains: the suite's domains (only with dataset "suite").
         train_size, val_size, test_size: examples per domain in each split of the suite.

@@ -378,3 +378,28 @@ def test_data_file_that_is_not_json(tiny_zoo, tmp_path):
     data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "broken.jsonl"))
     with pytest.raises(ValueError, match=r"broken.jsonl: could not be read as JSON lines"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_data_file_too_small_to_split_names_its_rows(tmp_path, rows):
+    """One file is split 80/10/10; with fewer than 6 rows a split would be empty: the file, its
+    row count and the minimum are named (datasets' own error named none of them)."""
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(rows)))
+    data = FusionDataModule(tokenizer="unused", dataset=str(path), domain_column=None)
+    noun = "row" if rows == 1 else "rows"
+    with pytest.raises(ValueError, match=rf"^data.dataset '{path}': {rows} {noun}; one file is split 80/10/10 into train, val and test, "
+                                         r"which needs at least 6 rows \(then 4, 1 and 1\)"):
+        data.load()
+
+
+def test_one_file_split_sizes_follow_datasets_rounding(tmp_path):
+    """6 rows: 4 / 1 / 1 (20% of 6 rounds up to 2 held out, half of them test); 10: 8 / 1 / 1; 11: 8 / 1 / 2."""
+    from fusion.data import MIN_ONE_FILE_ROWS, one_file_split_sizes
+
+    assert MIN_ONE_FILE_ROWS == 6 and one_file_split_sizes(5) == {"train": 4, "val": 0, "test": 1}
+    for rows, sizes in ((6, [4, 1, 1]), (10, [8, 1, 1]), (11, [8, 1, 2])):
+        path = tmp_path / f"{rows}.jsonl"
+        path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(rows)))
+        loaded = FusionDataModule(tokenizer="unused", dataset=str(path), domain_column=None).load()
+        assert [len(loaded[s]) for s in ("train", "val", "test")] == sizes == list(one_file_split_sizes(rows).values())
