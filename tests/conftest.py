@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -33,6 +34,15 @@ def tiny_zoo_recipe(root: str) -> dict:
         test_size=8,
         workers=1,
     )
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that needs the tiny zoo is slow: the session builds it first (four small models
+    trained for a few steps, tens of seconds on 2 cores). `pytest -m "not slow"` leaves those out,
+    with the tests marked slow by hand (runs through the CLI or the Trainer, longer trainings)."""
+    for item in items:
+        if "tiny_zoo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,3 +102,29 @@ def write_config(tiny_zoo, tmp_path):
         return str(path)
 
     return write
+
+
+def reference_test_metrics(model, tokenizer, data: dict, max_new_tokens: int) -> dict:
+    """Accuracy per domain, its mean and the response perplexity of `model` on the test split of
+    the `data` settings, computed here (the model's forward, greedy decoding, the task scorers),
+    apart from Lightning's test loop, to hold `metrics.json` against."""
+    from fusion.data import IGNORE_INDEX, FusionDataModule
+    from fusion.evaluation import correct, greedy_answers
+    from fusion.losses import target_logprobs
+
+    module = FusionDataModule(tokenizer=tokenizer.name_or_path, **data)
+    module._tokenizer = tokenizer
+    hits, nll, tokens = {}, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in module.test_dataloader():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : len(tokenizer)]
+            mask = batch["targets"] != IGNORE_INDEX
+            nll -= float((target_logprobs(logits, batch["targets"]) * mask).sum())
+            tokens += int(mask.sum())
+            answers = greedy_answers(model, tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], max_new_tokens)
+            for row, ok in zip(batch["rows"], correct(answers, batch["rows"])):
+                hits.setdefault(row["domain"], []).append(ok)
+    acc = {domain: sum(oks) / len(oks) for domain, oks in hits.items()}
+    return {"acc": acc, "acc_mean": sum(acc.values()) / len(acc), "sequences": {d: len(oks) for d, oks in hits.items()},
+            "perplexity": math.exp(nll / tokens)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -41,6 +42,7 @@ def _module_and_batch(settings: dict, source_mode: str):
     return module, data, batch
 
 
+@pytest.mark.slow
 def test_predict_writes_shards_with_a_fingerprint(cached_run):
     shards = glob.glob(os.path.join(cached_run["cache"], "shard-r0-*"))
     assert len(shards) == 1
@@ -54,6 +56,7 @@ def test_predict_writes_shards_with_a_fingerprint(cached_run):
     assert not glob.glob(os.path.join(cached_run["cache"], "*.tmp"))  # nothing half-written left
 
 
+@pytest.mark.slow
 def test_cached_outputs_equal_the_online_ones(cached_run):
     """Same batch, all three sources: the cache gives the online top-K within float16 rounding."""
     from fusion.cache import SourceCache
@@ -75,6 +78,7 @@ def test_cached_outputs_equal_the_online_ones(cached_run):
     assert 40 <= per_token < 60
 
 
+@pytest.mark.slow
 def test_cache_is_read_memory_mapped(cached_run):
     """The top-K arrays stay in the mapped Arrow files (views, not copies); a batch slices its rows."""
     from fusion.cache import SourceCache
@@ -89,6 +93,7 @@ def test_cache_is_read_memory_mapped(cached_run):
     assert torch.equal(out.ids[:, 0], full.ids[:, 2]) and torch.equal(out.logprobs[:, 1], full.logprobs[:, 0])
 
 
+@pytest.mark.slow
 def test_cached_fit_trains_without_running_sources(cached_run, monkeypatch):
     import fusion.sources
 
@@ -97,26 +102,36 @@ def test_cached_fit_trains_without_running_sources(cached_run, monkeypatch):
 
     monkeypatch.setattr(fusion.sources, "load_frozen", refuse)
     main(["fit", "--config", cached_run["config"], "--model.fusion=selector", "--model.top_k=2", "--trainer.max_steps=3"])
-    logs = glob.glob(os.path.join(str(cached_run["root"]), "runs", "run", "version_*", "metrics.csv"))
-    assert logs
+    (log,) = glob.glob(os.path.join(str(cached_run["root"]), "runs", "run", "version_*", "metrics.csv"))
+    with open(log) as f:
+        steps = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")]
+    assert [int(s["step"]) for s in steps] == [0, 1, 2]
+    for step in steps:  # two sources per sequence, read from the cache: none skipped, their weights sum to 1
+        assert sum(step[f"select/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(2.0)
+        assert sum(step[f"weight/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0)
+        assert step["train/source_skipped"] == 0.0
 
 
+@pytest.mark.slow
 def test_cache_from_other_data_is_refused(cached_run):
     with pytest.raises(ValueError, match=r"computed for a different setup \(data differ\)"):
         main(["fit", "--config", cached_run["config"], "--data.train_size=12", "--trainer.max_steps=1"])
 
 
+@pytest.mark.slow
 def test_cache_from_another_source_is_refused(cached_run, tiny_zoo):
     sources = [os.path.join(tiny_zoo, n) for n in ("spell", "sum", "student")]
     with pytest.raises(ValueError, match=r"\(source 2 tokenizer, source 2 weights, sources differ\): source 2 tokenizer: cache has '\w+', this run has '\w+'"):
         main(["fit", "--config", cached_run["config"], "--model.sources", json.dumps(sources), "--trainer.max_steps=1"])
 
 
+@pytest.mark.slow
 def test_cache_with_other_top_k_is_refused(cached_run):
     with pytest.raises(ValueError, match=r"top_k: cache has 10, this run has 5"):
         main(["fit", "--config", cached_run["config"], "--model.source_top_k=5", "--trainer.max_steps=1"])
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_refused(cached_run, tmp_path):
     import shutil
 
@@ -146,6 +161,7 @@ def test_an_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
     assert list_shards(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_missing_cache_is_named(cached_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.cache_dir .*: no cache here"):
         main(["fit", "--config", cached_run["config"], f"--model.cache_dir={tmp_path}", "--trainer.max_steps=1"])

@@ -30,6 +30,7 @@ def _metrics(run_dir: str, version: int) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_fit_and_test(tiny_zoo, tmp_path):
     run_dir = str(tmp_path / "runs")
     config = tiny_config(tiny_zoo, run_dir, fusion="selector", top_k=1)

@@ -91,6 +91,7 @@ def _assert_same_as_uninterrupted(config: str, run_dir: str, interrupted: dict, 
     assert metrics == {k: v for k, v in reference_metrics.items() if k != "perplexity"}  # accuracy, selection shares
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupted):
     run_dir = str(tmp_path / "killed")
     config = _write_config(tiny_zoo, run_dir)
@@ -109,6 +110,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupte
     _assert_same_as_uninterrupted(config, run_dir, killed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_at_an_epoch_end_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupted):
     """SIGTERM in the epoch-end hooks: OnExceptionCheckpoint saves, and the resume starts the next
     epoch at its first batch (Lightning 2.6 alone would end that epoch after one batch)."""

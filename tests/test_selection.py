@@ -85,12 +85,14 @@ def test_source_selector_scalar_and_default_initial_quality():
 
 
 def test_source_selector_trains_from_selector_loss():
+    """The regression's gradient reaches every layer; on the output bias it is d/db_j mean((u + CE)^2) = sum_b 2 (u_bj + CE_bj) / 6."""
     torch.manual_seed(0)
     selector = SourceSelector(4, 3)
     u = selector(torch.randn(2, 4))
     loss = selector_loss(u, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in selector.parameters())
+    assert torch.allclose(selector.net[-1].bias.grad, (2 * (u.detach() + 1.0) / 6).sum(0), atol=1e-6)
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in selector.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +239,7 @@ def run_bandit(k: int, beta: float, noise: float, anneal_steps: int = 200, steps
 #   k=2, beta=0.1 or noise 1.0: accuracy 1.00, second slot mostly the weak source, liar 0
 
 
+@pytest.mark.slow
 def test_collapse_without_feedback_or_noise_k1():
     r = run_bandit(k=1, beta=0.0, noise=0.0)
     assert r["share_last100"][0] >= 0.95  # locked onto the first source it tried
@@ -245,6 +248,7 @@ def test_collapse_without_feedback_or_noise_k1():
     assert r["specialists_at_eval"][0] >= 0.95
 
 
+@pytest.mark.slow
 def test_collapse_without_feedback_or_noise_k2_gets_stuck():
     r = run_bandit(k=2, beta=0.0, noise=0.0)
     assert min(r["share_last100"][:N_DOMAINS]) == 0.0  # some specialist is never tried any more
@@ -260,6 +264,7 @@ def test_collapse_without_feedback_or_noise_k2_gets_stuck():
         (2, 0.0, 1.0),
     ],
 )
+@pytest.mark.slow
 def test_feedback_or_exploration_rescues_selector(k, beta, noise):
     r = run_bandit(k=k, beta=beta, noise=noise, anneal_steps=200)
     # every specialist keeps being selected (k=1: each ~25% of the last 100 steps)

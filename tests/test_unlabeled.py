@@ -3,6 +3,7 @@ cache that stores the answers, and the messages for bad input."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -224,6 +225,7 @@ def test_answers_are_not_quality_observations(tiny_zoo):
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in module.selector.parameters())
 
 
+@pytest.mark.slow
 def test_fit_selector_learns_the_best_source_per_prompt():
     """Prompts in three clusters (domains), each with its own best source: after the fit the
     selector ranks that source first on every row."""
@@ -240,6 +242,7 @@ def test_fit_selector_learns_the_best_source_per_prompt():
     assert result["selector_loss"] < 0.5
 
 
+@pytest.mark.slow
 def test_fit_selector_stops_before_it_memorizes_noise():
     """CE unrelated to the prompt: the held-out rows stop the fit early (the mean, set before
     the first step, is the best prediction), where 500 steps would memorize the training rows."""
@@ -269,6 +272,7 @@ def unlabelled_cache(tiny_zoo, tmp_path_factory):
     return {"config": str(path), "cache": str(root / "cache"), "root": root}
 
 
+@pytest.mark.slow
 def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
     from fusion.cache import answer_summary
 
@@ -277,13 +281,22 @@ def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
     assert sum(summary["writers"]) == 12 - summary["empty_answers"]
 
 
+@pytest.mark.slow
 def test_cached_fit_on_answered_prompts_runs_no_source(unlabelled_cache, monkeypatch):
     import fusion.sources
 
     monkeypatch.setattr(fusion.sources, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
     main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3"])
+    (log,) = (unlabelled_cache["root"] / "runs" / "run").glob("version_*/metrics.csv")
+    with open(log) as f:
+        steps = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")]
+    assert [int(s["step"]) for s in steps] == [0, 1, 2]
+    # 32 labelled rows and 12 answered prompts, 8 rows a step: the answers come from the cache, no generation.
+    assert sum(s.get("train/answered", 0.0) for s in steps) >= 1 and all(s.get("train/generations", 0.0) == 0.0 for s in steps)
+    assert all(sum(s[f"select/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0) for s in steps)  # top_k 1
 
 
+@pytest.mark.slow
 def test_cache_answered_for_another_method_is_refused(unlabelled_cache):
     with pytest.raises(ValueError, match=r"computed for a different setup \(answers differ\): answers: cache has \{'fusion': 'selector'"):
         main(["fit", "--config", unlabelled_cache["config"], "--model.fusion=confidence", "--trainer.max_steps=1"])
@@ -294,6 +307,7 @@ def test_cache_answered_for_another_method_is_refused(unlabelled_cache):
 # ------------------------------------------------------------------ bad input
 
 
+@pytest.mark.slow
 def test_methods_that_need_gold_refuse_unlabelled_prompts(write_config):
     config = write_config(fusion="avgce")
     with pytest.raises(ValueError, match=r"model.fusion 'avgce' weighs sources by their CE on gold answers, and the fusion corpus "
@@ -301,6 +315,7 @@ def test_methods_that_need_gold_refuse_unlabelled_prompts(write_config):
         main(["fit", "--config", config, "--data.unlabeled_size=2", "--trainer.max_steps=1"])
 
 
+@pytest.mark.slow
 def test_oracle_without_a_domain_column(tiny_zoo, tmp_path):
     rows = [{"prompt": f"backward w{i}=", "response": "" if i % 2 else f"{i}w"} for i in range(12)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -318,6 +333,7 @@ def test_unlabeled_size_needs_the_suite(tiny_zoo, tmp_path):
         FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "x.jsonl"), unlabeled_size=3)
 
 
+@pytest.mark.slow
 def test_feedback_loss_biases_the_fitted_selector_towards_the_distractor(tiny_zoo):
     """`python -m fusion.bench selector`'s measurement on the tiny zoo: balancing the selection
     raises the predicted quality of the distractor (the random source, never the best) and lowers

@@ -8,12 +8,14 @@ import os
 import shutil
 import statistics
 
+import pytest
 import torch
 
 from fusion.zoo import build_zoo
 from tests.conftest import tiny_zoo_recipe
 
 
+@pytest.mark.slow
 def test_zoo_rebuilds_a_source_whose_fingerprint_does_not_match(tiny_zoo, tmp_path):
     root = str(tmp_path / "zoo")
     shutil.copytree(tiny_zoo, root)
@@ -33,6 +35,7 @@ def test_zoo_rebuilds_a_source_whose_fingerprint_does_not_match(tiny_zoo, tmp_pa
     assert sorted(os.listdir(root)) == sorted(weights)  # no temporary directory left behind
 
 
+@pytest.mark.slow
 def test_zoo_builds_only_the_named_models_with_the_seeds_of_the_whole_zoo(tiny_zoo, tmp_path):
     """`only`: a run that uses part of the zoo builds that part, and each model is the one the whole zoo has."""
     root = str(tmp_path / "part")
@@ -60,6 +63,7 @@ def test_demo_builds_the_zoo_models_its_config_names():
     assert "corrupted-llama" not in names  # in the zoo, not in the quick start: not built by make demo
 
 
+@pytest.mark.slow
 def test_demo_runs_every_method_per_seed_and_reports_the_spread(tiny_zoo, tmp_path, monkeypatch):
     """`fusion.demo --seeds`: each method once per seed, from one cache; a rerun with the same
     setting resumes, and a changed setting starts over."""
@@ -76,7 +80,16 @@ def test_demo_runs_every_method_per_seed_and_reports_the_spread(tiny_zoo, tmp_pa
     argv = ["--zoo", "", "--config", str(path), "--methods", "none", "selector", "--seeds", "0", "1", "--output", str(tmp_path / "out")]
     results = demo.main(argv)
     assert [r["seed"] for r in results["selector"]] == [0, 1]
-    assert all(0.0 <= r["acc_mean"] <= 1.0 and r["generations_per_prompt"] == 1 for r in results["selector"])
+    assert all(r["generations_per_prompt"] == 1 for r in results["selector"])
+    # Each row of the table is its run's test: the metrics.json that `test` wrote for it.
+    for method in ("none", "selector"):
+        for result in results[method]:
+            (path,) = (tmp_path / "runs" / f"{method}-seed{result['seed']}").glob("version_*/metrics.json")
+            written = json.loads(path.read_text())
+            assert {k: result[k] for k in ("acc", "acc_mean", "perplexity", "sequences")} == {k: written[k] for k in ("acc", "acc_mean", "perplexity", "sequences")}
+            assert result["sequences"] == {"spell_backward": 4, "chain_sum": 4}
+    # The two seeds trained two different students (their test perplexities differ).
+    assert results["selector"][0]["perplexity"] != results["selector"][1]["perplexity"]
     report = (tmp_path / "out" / "results.md").read_text()
     means = [statistics.mean(r["acc_mean"] for r in results[m]) for m in ("none", "selector")]
     assert f"{means[0]:.3f} ± " in report and f"{means[1]:.3f} ± " in report
