@@ -155,9 +155,12 @@ def test_bench_config_train_section_parses(capsys, name):
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
     for settings in bench["methods"].values():
         config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})
-        if "after" in settings:  # SRFT from another method's adapter: its own stage's settings
+        if "srft" in settings:  # SRFT from another method's adapter: its own stage's settings
             srft = {"class_path": "fusion.srft.SRFTModule", "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]}}
             config = {**bench["train"], "model": srft}
+        elif "fusion_stage" in settings:  # fusion again from another method's adapter: that method's settings and the stage's
+            stage = bench["methods"][settings["after"]] | settings["fusion_stage"].get("model", {})
+            config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **stage}})
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
