@@ -28,7 +28,8 @@ def _write_rows(directory, seed: int = 0) -> None:
 
 
 def _module(directory, tokenizer, **settings) -> FusionDataModule:
-    data = FusionDataModule(tokenizer="built-in-test", dataset=str(directory), missing_response="unlabeled", max_length=32, **settings)
+    settings = {"missing_response": "unlabeled", "max_length": 32} | settings
+    data = FusionDataModule(tokenizer="built-in-test", dataset=str(directory), **settings)
     data._tokenizer = tokenizer
     return data
 
@@ -101,3 +102,68 @@ def test_the_map_is_cached_by_datasets(tmp_path):
     assert [f["filename"] for f in again.cache_files] == [cache] and os.path.getmtime(cache) == written
     other = encode_table(_read_file(str(tmp_path / "data" / "train.jsonl")), tokenizer, "prompt", "response", 16)
     assert [f["filename"] for f in other.cache_files] != [cache]  # another max_length: another cache
+
+
+# ------------------------------------------------------------------ chat templates
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _chat_tokenizer(template: str = TEMPLATE):
+    """The char tokenizer with a special end-of-turn token <|end|> and a hand-written template."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens(["<|end|>"], special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_chat_template_renders_prompts_and_ends_responses_with_the_end_of_turn(tmp_path):
+    tokenizer = _chat_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end == 99 != tokenizer.eos_token_id
+    _write_rows(tmp_path / "data")
+    for split in ("train", "val", "test"):  # every row labelled
+        path = tmp_path / "data" / f"{split}.jsonl"
+        path.write_text("\n".join(json.dumps(r | {"response": r["response"] or "x"}) for r in map(json.loads, path.read_text().splitlines())))
+    with pytest.warns(UserWarning, match=r"data.chat_template: responses end with the template's end of turn '<\|end\|>', but generation stops at eos '<eos>'"):
+        data = _module(tmp_path / "data", tokenizer, chat_template=True, max_length=200)
+        data.setup("fit")
+    assert data.chat.end_id == end
+    assert data.chat.render("backward ab=") == "<|user|>backward ab=<|end|><|assistant|>"
+    features = data._features("train")
+    assert len(features) == 300 and data.overlong_counts["train"] == 0
+    for f in features:
+        row = f["row"]
+        prompt = tokenizer(data.chat.render(row["prompt"]), add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [end]
+        assert f["input_ids"] == prompt + response  # no bos added: the template decides
+        assert f["labels"] == [-100] * len(prompt) + response and f["prompt_length"] == len(prompt)
+        assert tokenizer.decode(prompt) == f"<|user|>{row['prompt']}<|end|><|assistant|>"
+    assert [{k: f[k] for k in FEATURES} for f in features] == [encode(tokenizer, f["row"]["prompt"], f["row"]["response"], 200, data.chat) for f in features]
+    # The suite's rows (encode_batch) render the same way.
+    suite = FusionDataModule(tokenizer="built-in-test", domains=["chain_sum"], train_size=20, max_length=96, chat_template=True)
+    suite._tokenizer = tokenizer
+    first = suite._features("train")[0]
+    assert first["input_ids"] == tokenizer(suite.chat.render(first["row"]["prompt"]) + first["row"]["response"] + "<|end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_end_of_turn_is_eos_when_the_template_writes_eos(tmp_path, recwarn):
+    tokenizer = _chat_tokenizer(TEMPLATE.replace("<|end|>", "<eos>"))
+    data = FusionDataModule(tokenizer="built-in-test", domains=["chain_sum"], train_size=4, chat_template=True)
+    data._tokenizer = tokenizer
+    feature = data._features("train")[0]
+    assert data.chat.end_id == tokenizer.eos_token_id and feature["input_ids"][-1] == tokenizer.eos_token_id
+    assert feature["labels"][-1] == tokenizer.eos_token_id
+    assert not [w for w in recwarn if "chat_template" in str(w.message)]
+
+
+def test_chat_template_needs_a_template_and_labelled_rows(tmp_path):
+    data = FusionDataModule(tokenizer="built-in-test", domains=["chain_sum"], train_size=4, chat_template=True)
+    data._tokenizer = build_char_tokenizer()
+    with pytest.raises(ValueError, match=r"data.chat_template: the tokenizer .* has no chat template .* set data.chat_template: false"):
+        data.setup("fit")
+    data = FusionDataModule(tokenizer="built-in-test", domains=["chain_sum"], train_size=4, unlabeled_size=2, chat_template=True)
+    data._tokenizer = _chat_tokenizer()
+    with pytest.raises(ValueError, match=r"data.chat_template applies to labelled rows only"):
+        data.setup("fit")
