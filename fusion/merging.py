@@ -36,7 +36,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from fusion.io import atomic_directory
+from fusion.io import atomic_directory, atomic_open
 from fusion.optional import mergekit_api
 from fusion.tokenizer import load_tokenizer
 
@@ -165,7 +165,7 @@ def merge_models(
         options = MergeOptions(device="cpu", lora_merge_cache=lora_cache, copy_tokenizer=False, safe_serialization=True,
                                write_model_card=False, random_seed=seed, quiet=True)
         run_merge(config, temporary, options)
-        with open(os.path.join(temporary, "mergekit_config.yml"), "w") as f:
+        with atomic_open(os.path.join(temporary, "mergekit_config.yml")) as f:
             f.write(config.to_yaml() + "\n")
         donor = base if base is not None else models[0]
         if os.path.isfile(os.path.join(donor, "tokenizer_config.json")):
