@@ -128,3 +128,11 @@ def test_bad_merges_are_refused(models, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"models\[1\]: 'org/model' is neither a model directory .* never the hub"):
         merging.merge_models([models["m1"], "org/model"], str(tmp_path / "x"), "linear")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_without_mergekit_the_error_names_the_extra(models, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mergekit.config", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"full-model merging needs mergekit, which is not installed: pip install 'fusion\[merge\]'"):
+        merging.merge_models([models["m1"], models["m2"]], str(tmp_path / "x"), "linear")
