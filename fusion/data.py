@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -36,19 +36,66 @@ def one_file_split_sizes(rows: int) -> dict[str, int]:
 MIN_ONE_FILE_ROWS = next(n for n in range(1, 1000) if min(one_file_split_sizes(n).values()) >= 1)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int) -> dict[str, Any]:
+class ChatFormat:
+    """A tokenizer's chat template applied to the data (`data.chat_template: true`).
+
+    A prompt becomes one user turn followed by the template's generation prompt, the text
+    `apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    tokenize=False)` (its bos, if any, is the template's); a response ends with the template's
+    end-of-turn token: the first token it writes after an assistant message (e.g. Qwen's
+    <|im_end|>), or eos if it writes none.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, key: str = "data.chat_template"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{key}: the tokenizer {tokenizer.name_or_path!r} has no chat template (no chat_template in its "
+                             f"tokenizer_config.json or chat_template.jinja); use an instruct model's tokenizer, or set {key}: false "
+                             "to train on the raw prompt text")
+        self.tokenizer = tokenizer
+        marker = "\x1fRESPONSE\x1f"
+        turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        after = text[text.index(marker) + len(marker):] if marker in text else ""
+        after_ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        self.end_id: int = after_ids[0] if after_ids else tokenizer.eos_token_id
+        self.template = tokenizer.chat_template  # what the encoding depends on (cache fingerprints)
+        if self.end_id != tokenizer.eos_token_id:
+            rank_zero_warn(f"{key}: responses end with the template's end of turn {tokenizer.convert_ids_to_tokens(self.end_id)!r}, "
+                           f"but generation stops at eos {tokenizer.eos_token!r}: evaluation answers may run past the end of turn")
+
+    def render(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int,
+           chat: ChatFormat | None = None) -> dict[str, Any]:
     """`[bos] prompt response [eos]`; labels only on response and eos. Long prompts lose their start.
 
     With no response (a prompt without an answer yet) the sequence is `[bos] prompt` and no
-    position is trained.
+    position is trained. With `chat` (the tokenizer's chat template): the rendered prompt's ids,
+    then the response and the template's end-of-turn token (labels on those).
     """
+    prompt_ids = _prompt_ids(tokenizer, [prompt], chat)[0]
+    response_ids = None if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
+    return _assemble(prompt_ids, response_ids, chat.end_id if chat else tokenizer.eos_token_id, max_length)
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat: ChatFormat | None) -> list[list[int]]:
+    """`[bos] prompt` ids of each prompt, or with `chat` the ids of its rendered text; one tokenizer call."""
+    if not prompts:
+        return []
+    if chat is not None:
+        return tokenizer([chat.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if response is None:
+    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def _assemble(prompt_ids: list[int], response_ids: list[int] | None, eos_id: int, max_length: int) -> dict[str, Any]:
+    """`encode`'s sequence from the prompt's ids (bos included) and the response's (eos not yet)."""
+    if response_ids is None:
         prompt_ids = prompt_ids[-max_length:]
         return {"input_ids": prompt_ids, "labels": [IGNORE_INDEX] * len(prompt_ids), "prompt_length": len(prompt_ids), "truncated": False}
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    response_ids = response_ids[: max_length - 1]
+    response_ids = (response_ids + [eos_id])[: max_length - 1]
     keep = max_length - len(response_ids)
     truncated = len(prompt_ids) > keep
     prompt_ids = prompt_ids[-keep:]
@@ -58,6 +105,43 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None
         "prompt_length": len(prompt_ids),
         "truncated": truncated,
     }
+
+
+FEATURES = ("input_ids", "labels", "prompt_length", "truncated")  # what `encode` returns
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str | None], max_length: int,
+                 chat: ChatFormat | None = None) -> dict[str, list]:
+    """`encode` of many rows, with one tokenizer call for the prompts and one for the responses:
+    the same ids, as columns (a `FEATURES` key -> one value per row)."""
+    prompt_ids = _prompt_ids(tokenizer, prompts, chat)
+    end_id = chat.end_id if chat else tokenizer.eos_token_id
+    answered = [i for i, response in enumerate(responses) if response is not None]
+    response_ids = tokenizer([responses[i] for i in answered], add_special_tokens=False)["input_ids"] if answered else []
+    by_row = dict(zip(answered, response_ids))
+    columns: dict[str, list] = {key: [] for key in FEATURES}
+    for i, ids in enumerate(prompt_ids):
+        feature = _assemble(ids, by_row.get(i), end_id, max_length)
+        for key in FEATURES:
+            columns[key].append(feature[key])
+    return columns
+
+
+def encode_table(table, tokenizer: PreTrainedTokenizerBase, prompt_column: str, response_column: str | None, max_length: int,
+                 chat: ChatFormat | None = None):
+    """A `datasets.Dataset` of rows -> the `datasets.Dataset` of their `encode` features, one row
+    each, in order, by `Dataset.map` in batches. A table read from files (or a `datasets` name)
+    keeps the result in its cache, keyed by datasets' fingerprint of the table, the tokenizer and
+    these settings: a later run with the same ones reads it instead of tokenizing again. Values
+    are read as `load_rows` reads them (as text; an empty or missing response: none)."""
+
+    def encode_rows(batch: dict[str, list]) -> dict[str, list]:
+        prompts = [str(value) for value in batch[prompt_column]]
+        responses = [None if response_column is None or _empty(value) else str(value)
+                     for value in (batch[response_column] if response_column is not None else [None] * len(prompts))]
+        return encode_batch(tokenizer, prompts, responses, max_length, chat)
+
+    return table.map(encode_rows, batched=True, num_proc=None, remove_columns=table.column_names, desc="data: tokenizing")
 
 
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -163,6 +247,12 @@ def load_rows(
     Val and test rows always need their answer.
     """
     path, table = _table(dataset, split)
+    return _table_rows(path, table, split, prompt_column, response_column, domain_column, missing_response)
+
+
+def _table_rows(path: str, table, split: str, prompt_column: str, response_column: str, domain_column: str | None,
+                missing_response: str) -> list[dict[str, Any]]:
+    """`load_rows` of a table already read: one row per record, in order, or an error."""
     columns = {"prompt": prompt_column, "response": response_column} | ({"domain": domain_column} if domain_column else {})
     _check_columns(path, table, columns)
     rows = []
@@ -189,6 +279,11 @@ def load_rows(
 def load_prompts(path: str, prompt_column: str, domain_column: str | None) -> list[dict[str, Any]]:
     """A file of prompts without answers (JSONL or Parquet): unlabelled rows. Any other column,
     an answer included, is left out, so nothing downstream can read it."""
+    return _prompt_table(path, prompt_column, domain_column)[1]
+
+
+def _prompt_table(path: str, prompt_column: str, domain_column: str | None) -> tuple[Any, list[dict[str, Any]]]:
+    """(the table, `load_prompts`' rows: one per record, in order)."""
     if os.path.splitext(path)[1] not in _EXTENSIONS:
         raise ValueError(f"data.unlabeled_file {path!r}: expected a .jsonl, .json or .parquet file of prompts")
     if not os.path.isfile(path):
@@ -203,7 +298,7 @@ def load_prompts(path: str, prompt_column: str, domain_column: str | None) -> li
         rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if "domain" in columns else "default"))
     if not rows:
         raise ValueError(f"data.unlabeled_file {path!r}: the file has no rows")
-    return rows
+    return table, rows
 
 
 def unlabelled_row(prompt: str, domain: str) -> dict[str, Any]:
@@ -238,6 +333,9 @@ class FusionDataModule(L.LightningDataModule):
         max_length: longest tokenized example.
         overlong: what happens to a longer example: "truncate" cuts its prompt from the left,
             "drop" leaves it out; either way the count is reported per split.
+        chat_template: render each prompt with the student tokenizer's chat template (one user
+            turn and the generation prompt) and end each response with the template's
+            end-of-turn token, for instruct models (see `ChatFormat`); false: the raw text.
     """
 
     def __init__(
@@ -257,6 +355,7 @@ class FusionDataModule(L.LightningDataModule):
         domain_column: str | None = "domain",
         max_length: int = 64,
         overlong: str = "truncate",
+        chat_template: bool = False,
         batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
@@ -281,12 +380,28 @@ class FusionDataModule(L.LightningDataModule):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.overlong_counts: dict[str, int] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._chat: ChatFormat | None = None
+        # Rows read from files or a `datasets` name are tokenized by `Dataset.map` over their
+        # table (cached by datasets): per row list of `rows`, where each row came from, (table
+        # key, record index) or None (made in Python: the suite); table key -> (table, columns).
+        self._origins: dict[str, list[tuple[str, int] | None]] = {}
+        self._tables: dict[str, tuple[Any, str, str | None]] = {}
+        self._encoded: dict[str, list[dict[str, Any]]] = {}
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
+
+    @property
+    def chat(self) -> ChatFormat | None:
+        """The student tokenizer's chat template when data.chat_template is set, else None."""
+        if not self.hparams.chat_template:
+            return None
+        if self._chat is None or self._chat.tokenizer is not self.tokenizer:
+            self._chat = ChatFormat(self.tokenizer)
+        return self._chat
 
     def load(self) -> dict[str, list[dict[str, Any]]]:
         """Read (or generate) every split once; validates columns before any training.
@@ -302,11 +417,26 @@ class FusionDataModule(L.LightningDataModule):
                 rows = tasks.build_splits(h.domains, sizes, h.seed)
                 rows["unlabeled"] = [unlabelled_row(r["prompt"], r["domain"]) for r in rows.get("unlabeled", [])]
             else:
-                rows = {s: load_rows(h.dataset, s, h.prompt_column, h.response_column, h.domain_column, h.missing_response) for s in SPLITS}
-                rows["unlabeled"] = [r for r in rows["train"] if not is_labelled(r)]
-                rows["train"] = [r for r in rows["train"] if is_labelled(r)]
+                rows = {}
+                for split in SPLITS:
+                    path, table = _table(h.dataset, split)
+                    rows[split] = _table_rows(path, table, split, h.prompt_column, h.response_column, h.domain_column, h.missing_response)
+                    self._tables[split] = (table, h.prompt_column, h.response_column)
+                    self._origins[split] = [(split, index) for index in range(len(rows[split]))]
+                labelled = [is_labelled(r) for r in rows["train"]]
+                for key, keep in (("unlabeled", False), ("train", True)):
+                    self._origins[key] = [o for o, is_gold in zip(self._origins["train"], labelled) if is_gold == keep]
+                    rows[key] = [r for r, is_gold in zip(rows["train"], labelled) if is_gold == keep]
             if h.unlabeled_file:
-                rows["unlabeled"] += load_prompts(h.unlabeled_file, h.prompt_column, h.domain_column)
+                table, prompts = _prompt_table(h.unlabeled_file, h.prompt_column, h.domain_column)
+                self._tables["unlabeled_file"] = (table, h.prompt_column, None)
+                self._origins["unlabeled"] = self._origins.get("unlabeled", [None] * len(rows["unlabeled"])) + [
+                    ("unlabeled_file", index) for index in range(len(prompts))]
+                rows["unlabeled"] += prompts
+            if h.chat_template and rows["unlabeled"]:
+                raise ValueError("data.chat_template applies to labelled rows only: the answers written for unlabelled prompts are "
+                                 "encoded from the raw prompt; leave out the unlabelled prompts (data.unlabeled_size, "
+                                 "data.unlabeled_file, data.missing_response) or set data.chat_template: false")
             if not rows["train"]:
                 raise ValueError(f"data.dataset {h.dataset!r}: the train split has no labelled row; the fusion corpus needs some "
                                  "gold answers (they are how sources are weighed and the selector learns)")
@@ -324,13 +454,35 @@ class FusionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+        self.chat  # a tokenizer without a chat template stops here, before any training step
 
-    def _features(self, split: str, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        features = []
-        for row in self.load()[split] if rows is None else rows:
-            feature = encode(self.tokenizer, row["prompt"], row["response"], self.hparams.max_length)
-            feature["row"] = row
-            features.append(feature)
+    def encoded(self, key: str) -> list[dict[str, Any]]:
+        """The `encode` features of the rows `load()[key]`, each with its row, computed once: rows
+        read from files or a `datasets` name by `Dataset.map` over their table (`encode_table`),
+        the suite's in one batched tokenizer call (`encode_batch`)."""
+        if key not in self._encoded:
+            rows = self.load()[key]
+            origins = self._origins.get(key, [None] * len(rows))
+            features: list[dict[str, Any] | None] = [None] * len(rows)
+            for source in sorted({o[0] for o in origins if o is not None}):
+                table, prompt_column, response_column = self._tables[source]
+                columns = encode_table(table, self.tokenizer, prompt_column, response_column, self.hparams.max_length, self.chat).to_dict()
+                for i, origin in enumerate(origins):
+                    if origin is not None and origin[0] == source:
+                        features[i] = {name: columns[name][origin[1]] for name in FEATURES}
+            python = [i for i, origin in enumerate(origins) if origin is None]
+            if python:
+                columns = encode_batch(self.tokenizer, [rows[i]["prompt"] for i in python], [rows[i]["response"] for i in python],
+                                       self.hparams.max_length, self.chat)
+                for j, i in enumerate(python):
+                    features[i] = {name: columns[name][j] for name in FEATURES}
+            self._encoded[key] = [feature | {"row": row} for feature, row in zip(features, rows)]
+        return self._encoded[key]
+
+    def _features(self, split: str, keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The features of `split` (or of the row lists `keys`, reported as `split`), overlong rows
+        truncated or dropped (data.overlong) and counted."""
+        features = [f for key in (keys or (split,)) for f in self.encoded(key)]
         overlong = sum(f["truncated"] for f in features)
         self.overlong_counts[split] = overlong
         if overlong:
@@ -352,7 +504,7 @@ class FusionDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer else None
         unlabelled = getattr(module, "learns_from_unlabeled", False)
         return ResumableLoader(
-            self._features("train", self.corpus(unlabelled)),
+            self._features("train", ("train", "unlabeled") if unlabelled else ("train",)),
             batch_size=self.hparams.batch_size,
             seed=run_seed(),
             num_replicas=trainer.world_size if trainer else 1,

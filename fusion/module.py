@@ -340,6 +340,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                     "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
         if self.boundary != "token_end":
             settings["boundary"] = self.boundary
+        if data.hparams.get("chat_template"):  # the sources read the rendered prompts
+            settings["chat_template"] = data.chat.template
         if data.load()["unlabeled"]:
             settings["answers"] = self.response_settings()
             if self.method.runs == "top_k":  # the selector routes from the base student's features

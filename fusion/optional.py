@@ -2,8 +2,9 @@
 
     plots        matplotlib   the benchmarks' PNG figures (`fusion.bench`)
     tensorboard  tensorboard  Lightning's TensorBoardLogger (`configs/real_models.yaml`)
+    merge        mergekit     full-model weight merging (`fusion.merging.merge_models`)
 
-`pip install 'fusion[dev]'` (what `make setup` installs) includes both. When one is missing, the
+`pip install 'fusion[dev]'` (what `make setup` installs) includes all of them. When one is missing, the
 code that needs it raises an ImportError naming the extra to install.
 """
 
@@ -29,6 +30,16 @@ def require_tensorboard(key: str) -> None:
     if not any(_installed(name) for name in ("tensorboard", "tensorboardX")):
         raise ImportError(f"{key}: TensorBoardLogger needs tensorboard, which is not installed: pip install 'fusion[tensorboard]' "
                           "(or log with lightning.pytorch.loggers.CSVLogger)")
+
+
+def mergekit_api():
+    """mergekit's Python API: (MergeConfiguration, MergeOptions, run_merge)."""
+    try:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+    except ImportError as error:
+        raise ImportError("full-model merging needs mergekit, which is not installed: pip install 'fusion[merge]'") from error
+    return MergeConfiguration, MergeOptions, run_merge
 
 
 def _installed(name: str) -> bool:

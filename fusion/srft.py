@@ -18,9 +18,11 @@ answers scored by each task's scorer, per-domain accuracy, `metrics.json` after 
 from __future__ import annotations
 
 import copy
+import os
 
 import lightning as L
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fusion import srft_losses
 from fusion.data import IGNORE_INDEX
@@ -30,6 +32,8 @@ from fusion.rewards import Rewards
 from fusion.sources import DTYPES, resolve_model_path
 from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
+
+REFERENCE_ADAPTER = "reference"  # the frozen copy of a checkpoint's starting adapter (KL term only)
 
 
 class SRFTModule(StudentStage, L.LightningModule):
@@ -48,7 +52,11 @@ class SRFTModule(StudentStage, L.LightningModule):
         rl_weight: c_j = rl_weight * exp(H) for rollouts with a positive advantage, else 1.
         shaping: gamma of LUFFY's f(p) = p / (p + gamma) on the demo's RL term.
         advantage_eps: eps of A = (r - mean) / (std + eps).
-        kl_weight: weight of KL(student || frozen starting student) on rollout tokens (0: off).
+        kl_weight: weight of KL(student || frozen starting student) on rollout tokens (0: off). The
+            starting policy is read off the same model, never a copy of it: the base with the
+            adapter disabled when the adapter starts fresh (LoRA B = 0, so the student is its
+            base; init_from null or a model directory), else a second, frozen adapter
+            (`reference`) holding the checkpoint's starting adapter.
         rewards: dotted path of a reward function -> weight (see `fusion.rewards`).
         num_generations: G, rollouts per prompt (at least 2 in rl_only).
         temperature: sampling temperature of the rollouts (pure sampling, no top-k or top-p).
@@ -87,8 +95,9 @@ class SRFTModule(StudentStage, L.LightningModule):
         self.reward_functions = Rewards(rewards)
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
-        # The frozen starting policy for the optional KL term; never trained, never saved.
-        self.reference = copy.deepcopy(self.student).merge_and_unload().requires_grad_(False) if kl_weight > 0 else None
+        # The frozen starting policy of the optional KL term: None (no KL term), "base" (the adapter
+        # disabled) or the name of a frozen second adapter. Never trained, never saved.
+        self.reference = self._start_reference() if kl_weight > 0 else None
         self.vocab_size = len(self.tokenizer)
         self.eval_metrics: EvalMetrics | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
@@ -110,6 +119,44 @@ class SRFTModule(StudentStage, L.LightningModule):
                 raise ValueError(f"model.{key} must be {'positive' if key in ('shaping', 'advantage_eps') else 'non-negative'}, got {h[key]}")
         if h.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
+
+    def _start_reference(self) -> str:
+        """The starting policy for the KL term, in the student itself (peft's adapter switching)."""
+        if self.init_path is None or not os.path.isfile(self.init_path):
+            return "base"  # a fresh adapter (LoRA B = 0): the student starts as its base
+        trained = self.student.active_adapter
+        config = copy.deepcopy(self.student.peft_config[trained])
+        config.inference_mode = True
+        self.student.add_adapter(REFERENCE_ADAPTER, config)
+        set_peft_model_state_dict(self.student, get_peft_model_state_dict(self.student, adapter_name=trained), adapter_name=REFERENCE_ADAPTER)
+        self.student.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+        return REFERENCE_ADAPTER
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the frozen starting policy (eval mode, no gradient), [R, W, vocab].
+
+        The student's adapter is disabled, or the frozen reference adapter is made the active one
+        for this forward; afterwards the trained adapter is active and trainable again (peft's
+        `set_adapter` freezes the adapters it does not activate and unfreezes the one it does).
+        """
+        if self.reference is None:
+            raise ValueError("the reference policy exists only with model.kl_weight > 0")
+        was_training, trained = self.student.training, self.student.active_adapter
+        self.student.eval()
+        try:
+            if self.reference == "base":
+                with self.student.disable_adapter():
+                    logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+            else:
+                self.student.set_adapter(self.reference, inference_mode=True)
+                try:
+                    logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+                finally:
+                    self.student.set_adapter(trained)
+        finally:
+            self.student.train(was_training)
+        return logits[..., : self.vocab_size]
 
     # ---------------------------------------------------------------- rollouts and rewards
 
@@ -150,9 +197,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         # rollouts at the temperature they were sampled at (on-policy: see `token_statistics`).
         reference_logits = None
         if self.reference is not None:
-            self.reference.eval()
-            with torch.no_grad():
-                reference_logits = self.reference(input_ids=input_ids[size:], attention_mask=attention_mask[size:]).logits[..., : self.vocab_size]
+            reference_logits = self.reference_logits(input_ids[size:], attention_mask[size:])
         demo = srft_losses.token_statistics(logits[:size], targets[:size])
         rollout = srft_losses.token_statistics(logits[size:], targets[size:], h.temperature, reference_logits)
         token_logp, entropy = torch.cat([demo["logp"], rollout["logp"]]), torch.cat([demo["entropy"], rollout["entropy"]])  # [S, W]

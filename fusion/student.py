@@ -148,7 +148,18 @@ def sample_responses(student, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (stepped per step)."""
+    """Linear warmup over `warmup_steps` multiplied into a cosine decay to 0 at `total_steps`
+    (stepped per optimizer step): the factor at step s (from 0) is
+
+        min(1, (s + 1) / warmup_steps) * 0.5 * (1 + cos(pi * min(1, s / total_steps)))
+
+    so the first step already runs at 1 / warmup_steps of the rate and the cosine spans the
+    whole run, warmup included. This is deliberately not transformers'
+    `get_cosine_schedule_with_warmup`, which starts at 0 at step 0 (s / warmup_steps) and runs
+    its cosine over the steps after the warmup only: switching would change every step's
+    learning rate, and so every benchmark result in the README. `tests/test_student.py` pins
+    the values.
+    """
     total = max(1, total_steps)
 
     def schedule(step: int) -> float:

@@ -103,13 +103,21 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
                             {"name": "l-sum", "domains": ["chain_sum"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
                             {"name": "l-noise", "kind": "random", "base": base, "lora": lora}]},
                 "pools": {"A": ["l-spell", "l-sum"], "B": ["l-spell", "l-sum", "l-noise"]},
-                "methods": {"mean": {"combination_type": "cat", "weights": "mean"}}}
+                "methods": {"mean": {"combination_type": "cat", "weights": "mean"},
+                            "mean (mergekit)": {"mergekit": "task_arithmetic", "weights": "mean"}}}
     train = tiny_config(tiny_zoo, str(tmp_path / "unused"))
     train["data"]["test_size"] = 2
     bench = quality.QualityBench(train=train, pools={"A": train["model"]["sources"][:2], "B": train["model"]["sources"]},
                                  methods={"none": {"fusion": "none"}}, merging=settings, workers=1, output=str(tmp_path / "out"))
     built = quality.build_merged(bench)
-    assert [(m, p) for m, p, _ in built] == [("mean", "A"), ("mean", "B")]
+    assert [(m, p) for m, p, _ in built] == [("mean", "A"), ("mean", "B"), ("mean (mergekit)", "A"), ("mean (mergekit)", "B")]
+    # mergekit's task arithmetic over the folded adapters is peft's exact `cat` merge, per pool.
+    for (_, _, peft_dir), (_, _, kit_dir) in zip(built[:2], built[2:]):
+        peft_merged, kit_merged = (zoo.AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (peft_dir, kit_dir))
+        assert peft_merged.keys() == kit_merged.keys()
+        assert max(float((peft_merged[k] - kit_merged[k]).abs().max()) for k in peft_merged) < 1e-5
+    with pytest.raises(ValueError, match=r"merging.methods.m.mergekit must be one of \('linear', .*\), got 'mean'"):
+        quality.Merging(methods={"m": {"mergekit": "mean"}})
     card = json.loads((tmp_path / "lora" / "l-spell" / "card.json").read_text())
     assert card["recipe"]["recipe"]["base"] == base and card["tokenizer"]["kind"] == "base"
 

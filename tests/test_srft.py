@@ -271,10 +271,69 @@ def test_init_from_an_exported_directory(tiny_zoo, tmp_path):
     directory = export.export(str(tmp_path / "fused.ckpt"), str(tmp_path / "exported"))
     module = SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=directory, kl_weight=0.1)
     with torch.no_grad():
-        expected, got, reference = fused.student(input_ids=_ids()).logits, module.student(input_ids=_ids()).logits, module.reference(input_ids=_ids()).logits
+        expected, got, reference = fused.student(input_ids=_ids()).logits, module.student(input_ids=_ids()).logits, module.reference_logits(_ids())
     assert torch.allclose(got, expected, atol=1e-4) and torch.allclose(reference, expected, atol=1e-4)
     assert module.base_model == directory
     assert not any("reference" in k for k in module.trainable_state_dict())  # the frozen reference is never saved
+
+
+def _parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("start", ["fresh", "checkpoint", "exported"])
+def test_kl_reference_is_the_starting_policy_held_by_adapter_switching(tiny_zoo, tmp_path, start):
+    """The KL term's reference is the starting student, read off the student itself (its adapter
+    disabled, or a frozen second adapter holding a checkpoint's starting adapter): equal logits
+    before training, unchanged by an optimizer step on the trained adapter, no second model."""
+    from fusion import export
+
+    student = os.path.join(tiny_zoo, "student")
+    init_from = None
+    if start != "fresh":
+        _fusion_checkpoint(tiny_zoo, str(tmp_path / "fused.ckpt"))
+        init_from = str(tmp_path / "fused.ckpt")
+        if start == "exported":
+            init_from = export.export(init_from, str(tmp_path / "exported"))
+    plain = SRFTModule(student=student, init_from=init_from)
+    module = SRFTModule(student=student, init_from=init_from, kl_weight=0.1, num_generations=2, max_new_tokens=4)
+    assert module.reference == ("reference" if start == "checkpoint" else "base")
+
+    def trained(m) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in m.named_parameters() if p.requires_grad}
+
+    # The trainable weights (and so the checkpoint keys) are the default adapter's, as without KL.
+    names = sorted(trained(module))
+    assert names == sorted(trained(plain)) == sorted(module.trainable_state_dict()) == sorted(plain.trainable_state_dict())
+    assert names and all(".default." in name for name in names)
+    # No second model: a fresh adapter adds nothing, a checkpoint's adds one adapter's worth.
+    adapter = sum(p.numel() for p in trained(plain).values())
+    extra = _parameter_count(module) - _parameter_count(plain)
+    assert extra == (adapter if start == "checkpoint" else 0)
+    base = [sum(p.numel() for name, p in m.named_parameters() if "lora_" not in name) for m in (module, plain)]
+    assert base[0] == base[1] == _parameter_count(plain) - adapter  # one copy of the base weights, not two
+
+    ids = torch.tensor([[1, 40, 41, 42, 33, 20], [1, 33, 34, 20, 40, 41]])
+    with torch.no_grad():
+        start_logits = module.student(input_ids=ids).logits
+    module.student.train()
+    reference = module.reference_logits(ids)
+    assert torch.equal(reference, start_logits) if start != "checkpoint" else torch.allclose(reference, start_logits, atol=1e-6)
+    assert module.student.training and sorted(trained(module)) == names  # mode and trainable set restored
+
+    # One optimizer step (a training step with the KL term on) over the trainable weights.
+    optimizer = torch.optim.AdamW(list(trained(module).values()), lr=1e-2)
+    _logged(module)
+    torch.manual_seed(0)
+    loss = module.training_step(_module_batch(module), 0)
+    loss.backward()
+    optimizer.step()
+    assert sorted(trained(module)) == names and sorted(module.trainable_state_dict()) == names
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in trained(module).values()}
+    with torch.no_grad():
+        after = module.student(input_ids=ids).logits
+    assert (after - start_logits).abs().max() > 1e-3  # the student moved
+    assert torch.equal(module.reference_logits(ids), reference)  # its reference did not
 
 
 def _module_batch(module: SRFTModule) -> dict:

@@ -70,7 +70,10 @@ class Merging:
 
     zoo: `fusion.zoo.build_zoo` arguments for the LoRA sources (recipes with `base`); no student.
     pools: pool name -> names of the zoo's adapters merged for that pool.
-    methods: name -> `merge_adapters` arguments (combination_type, weights, density, svd_rank).
+    methods: name -> `merge_adapters` arguments (combination_type, weights, density, svd_rank: the
+        LoRA-native merge by peft), or {mergekit: <a `merging.MERGEKIT_METHODS` name>, ...} and
+        `merge_models` arguments (weights, density, t, seed, parameters): the adapters folded
+        into the base, then merged as full models by mergekit over that base.
     steps: when set, every recipe of `zoo` trains this many steps (for `quick`).
     """
 
@@ -78,6 +81,13 @@ class Merging:
     pools: dict[str, list[str]] = field(default_factory=dict)
     methods: dict[str, dict] = field(default_factory=dict)
     steps: int | None = None
+
+    def __post_init__(self):
+        from fusion.merging import MERGEKIT_METHODS
+
+        for name, options in self.methods.items():
+            if "mergekit" in options and options["mergekit"] not in MERGEKIT_METHODS:
+                raise ValueError(f"merging.methods.{name}.mergekit must be one of {MERGEKIT_METHODS}, got {options['mergekit']!r}")
 
 
 @dataclass
@@ -372,7 +382,11 @@ def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
         for pool, names in m.pools.items():
             directory = os.path.join(bench.output, "merged", f"{_slug(method)}-{pool}")
             adapters = [os.path.join(settings["output_dir"], name) for name in names]
-            merging.save_merged(merging.merge_adapters(base, adapters, **options), base, directory)
+            if "mergekit" in options:
+                arguments = {k: v for k, v in options.items() if k != "mergekit"}
+                merging.merge_models(adapters, directory, method=options["mergekit"], base=base, **arguments)
+            else:
+                merging.save_merged(merging.merge_adapters(base, adapters, **options), base, directory)
             built.append((method, pool, directory))
     return built
 

@@ -1,0 +1,55 @@
+"""The student's learning-rate schedule, pinned by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion.student import warmup_cosine
+
+
+def _factors(warmup: int, total: int, steps: list[int]) -> list[float]:
+    """The learning rate (base rate 1) at each of `steps`, as the scheduler steps through them."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup, total)
+    rates = []
+    for step in range(max(steps) + 1):
+        if step in steps:
+            rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_multiplies_a_cosine_over_the_whole_run():
+    """warmup 10, 100 steps: factor(s) = min(1, (s + 1) / 10) * 0.5 * (1 + cos(pi * s / 100))."""
+    steps = [0, 4, 9, 10, 50, 75, 100, 130]
+    expected = [
+        0.1,  # step 0: 1/10 of the rate, times cos(0) = 1
+        0.5 * 0.5 * (1 + math.cos(0.04 * math.pi)),  # 0.49803: still warming up, the cosine already under 1
+        0.5 * (1 + math.cos(0.09 * math.pi)),  # 0.98015: the last warmup step
+        0.5 * (1 + math.cos(0.10 * math.pi)),  # 0.97553
+        0.5,  # half way: cos(pi / 2) = 0
+        0.5 * (1 - math.sqrt(0.5)),  # 0.14645
+        0.0,  # the end
+        0.0,  # and past it
+    ]
+    assert _factors(10, 100, steps) == pytest.approx(expected, abs=1e-12)
+    assert expected[1] == pytest.approx(0.498029, abs=1e-6) and expected[2] == pytest.approx(0.980147, abs=1e-6)
+
+
+def test_no_warmup_and_not_transformers_schedule():
+    # warmup 0 or 1: the cosine alone from the first step.
+    assert _factors(0, 4, [0, 1, 2, 4]) == pytest.approx([1.0, 0.5 * (1 + math.sqrt(0.5)), 0.5, 0.0], abs=1e-12)
+    assert _factors(1, 4, [0, 2]) == pytest.approx([1.0, 0.5], abs=1e-12)
+    # transformers' cosine-with-warmup starts at 0 and runs its cosine after the warmup only:
+    # another learning rate at every step (here at steps 0, 4 and 50 of 10 + 90).
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(optimizer, 10, 100)
+    values = [theirs.lr_lambdas[0](s) for s in (0, 4, 50)]
+    assert values == pytest.approx([0.0, 0.4, 0.5 * (1 + math.cos(math.pi * 40 / 90))], abs=1e-12)
+    assert _factors(10, 100, [0, 4, 50]) != pytest.approx(values, abs=1e-3)
