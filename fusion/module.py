@@ -43,7 +43,7 @@ from fusion.rewards import Rewards
 from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
 from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.tokenizer import load_tokenizer
-from fusion.sources import BOUNDARY_READS, DTYPES, SourcePool, resolve_model_path, source_name
+from fusion.sources import DTYPES, SourcePool, check_boundary, resolve_model_path, source_name
 from fusion.vocab_map import default_cache_dir
 
 FUSION_METHODS = tuple(METHODS)
@@ -250,9 +250,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         for key, allowed in choices.items():
             if h[key] not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
-        if h.boundary not in (None, *BOUNDARY_READS) or (h.boundary == "prefix" and h.unaligned != "marginal"):
-            raise ValueError(f"model.boundary must be null or one of {BOUNDARY_READS} ('prefix' reads sources inside their tokens: "
-                             f"it needs model.unaligned 'marginal'), got {h.boundary!r} with unaligned {h.unaligned!r}")
+        check_boundary(h.boundary, h.unaligned, null_ok=True)  # here too: the pool loads only when sources first run
         if not 0.0 < h.jsd_beta < 1.0:
             raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {h.jsd_beta}")
         if h.sample_temperature <= 0 or h.sample_max_new_tokens < 1 or not 0.0 <= h.on_policy_fraction <= 1.0:

@@ -22,6 +22,15 @@ from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, proj
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
 BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.marginal`)
 
+
+
+def check_boundary(boundary: str | None, unaligned: str, null_ok: bool = False) -> None:
+    """`model.boundary` against `model.unaligned`: "prefix" reads sources inside their tokens (`marginal`)."""
+    if boundary not in (*((None,) if null_ok else ()), *BOUNDARY_READS) or (boundary == "prefix" and unaligned != "marginal"):
+        raise ValueError(f"model.boundary must be {'null or ' if null_ok else ''}one of {BOUNDARY_READS} ('prefix' reads sources inside "
+                         f"their tokens: it needs model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}")
+
+
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,9 +119,7 @@ class SourcePool:
         the per-user cache, `fusion.vocab_map.default_cache_dir`)."""
         if unaligned not in UNALIGNED_POLICIES:
             raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
-        if boundary not in BOUNDARY_READS or (boundary == "prefix" and unaligned != "marginal"):
-            raise ValueError(f"model.boundary must be one of {BOUNDARY_READS} ('prefix' reads sources inside their tokens: it needs "
-                             f"model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}")
+        check_boundary(boundary, unaligned)
         if vocab_map not in VOCAB_MAP_METHODS:
             raise ValueError(f"model.vocab_map must be one of {VOCAB_MAP_METHODS}, got {vocab_map!r}")
         if len(set(names)) != len(names):
