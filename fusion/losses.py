@@ -91,20 +91,6 @@ def fused_target(ids: torch.Tensor, logprobs: torch.Tensor, alpha: torch.Tensor,
     return merge_duplicates(ids, probs)
 
 
-def up_to_first_miss(target: SparseTarget, tokens: torch.Tensor, floor: float) -> torch.Tensor:
-    """The positions of each row up to and including the first token the target calls unlikely.
-
-    target [B, T, M], tokens [B, T] (the written token at each trained position, IGNORE_INDEX
-    elsewhere) -> kept [B, T] bool: trained positions before or at the first one where the target
-    gives its token a probability below `floor`. A position without a target never ends the prefix.
-    """
-    trained = tokens != IGNORE_INDEX
-    p = (target.probs * (target.ids == tokens[..., None])).sum(-1)  # [B, T]; 0 off the support
-    miss = (trained & target.has_target & (p < floor)).long()
-    before = miss.cumsum(-1) - miss  # misses strictly before each position
-    return trained & (before == 0)
-
-
 def log_mass_outside(logp: torch.Tensor, ids: torch.Tensor, present: torch.Tensor, exact_below: float = 1e-4) -> torch.Tensor:
     """log of the probability `logp` puts outside a support. [..., V], [..., M], [..., M] -> [...]
 

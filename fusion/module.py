@@ -108,10 +108,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             student` (pure sampling at this temperature, at most this many tokens).
         on_policy_fraction: GKD's lambda, the share of steps that are on-policy (the rest are
             off-policy), evenly spread over the steps; with `response_from: student`.
-        sample_cutoff: on a sample, train up to and including the first sampled token to which the
-            fused target gives less than this probability (the student's first mistake, as the
-            sources see it); the positions after it, scored by sources reading a prefix they
-            would not have written, are not trained. null: every sampled position.
         divergence: D of the distillation term (`losses.sparse_divergence`): forward_kl,
             reverse_kl or jsd; jsd_beta: the JSD's beta (0 < beta < 1).
         selector_signal: what the selector regresses onto: "gold_ce" (-CE of each selected source
@@ -167,7 +163,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         sample_temperature: float = 1.0,
         sample_max_new_tokens: int = 32,
         on_policy_fraction: float = 1.0,
-        sample_cutoff: float | None = None,
         divergence: str = "forward_kl",
         jsd_beta: float = 0.5,
         selector_signal: str = "gold_ce",
@@ -256,8 +251,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             if h[key] not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
         check_boundary(h.boundary, h.unaligned, null_ok=True)  # here too: the pool loads only when sources first run
-        if h.sample_cutoff is not None and not 0.0 < h.sample_cutoff < 1.0:
-            raise ValueError(f"model.sample_cutoff must be null or in (0, 1), got {h.sample_cutoff}")
         if not 0.0 < h.jsd_beta < 1.0:
             raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {h.jsd_beta}")
         if h.sample_temperature <= 0 or h.sample_max_new_tokens < 1 or not 0.0 <= h.on_policy_fraction <= 1.0:
@@ -618,11 +611,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         fused = losses.fused_target(out.ids[:size], out.logprobs[:size], alpha, out.aligned[:size])
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
-        if on_policy and h.sample_cutoff is not None:
-            sampled = scored["targets"][:size]
-            kept = losses.up_to_first_miss(fused, sampled, h.sample_cutoff)
-            scored = {**scored, "targets": torch.cat([sampled.masked_fill(~kept, IGNORE_INDEX), scored["targets"][size:]])}
-            logs["train/sample_trained"] = kept.sum() / (sampled != IGNORE_INDEX).sum().clamp(min=1)
         logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
         terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None)
         total = terms["loss"]

@@ -195,46 +195,6 @@ def test_no_gradient_flows_through_the_sampling(tiny_zoo):
     assert all(torch.equal(a, b) for a, b in zip(sampled, fixed))
 
 
-def test_up_to_first_miss_keeps_the_prefix_through_the_first_unlikely_token():
-    """Row 0 writes tokens with target probabilities 0.9, 0.6, 0.05 (the miss), 0.8: the first
-    three positions are kept. Row 1's second position has no target (it never ends the prefix)
-    and its token 3 is off the support (probability 0): kept through position 2."""
-    ids = torch.tensor([[[1, 2], [2, 3], [3, 4], [4, 1], [1, -1]],
-                        [[1, 2], [-1, -1], [1, 2], [1, 2], [2, -1]]])
-    probs = torch.tensor([[[0.9, 0.1], [0.4, 0.6], [0.95, 0.05], [0.8, 0.2], [1.0, 0.0]],
-                          [[0.3, 0.7], [0.0, 0.0], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]]])
-    tokens = torch.tensor([[1, 3, 4, 4, IGNORE_INDEX], [2, 4, 3, 1, 2]])
-    kept = losses.up_to_first_miss(losses.SparseTarget(ids, probs), tokens, 0.1)
-    assert kept.tolist() == [[True, True, True, False, False], [True, True, True, False, False]]
-    assert losses.up_to_first_miss(losses.SparseTarget(ids, probs), tokens, 0.01)[0].tolist() == [True] * 4 + [False]
-
-
-def test_sample_cutoff_trains_each_sample_up_to_its_first_miss(tiny_zoo):
-    """With `sample_cutoff`, the student's loss reads the sampled targets cut after the first
-    token the fused target gives less than the cutoff; the labelled row's gold stays whole."""
-    module = _module(tiny_zoo, fusion="oracle", response_from="student", sample_cutoff=0.5)
-    seen = {}
-
-    def record_terms(logits, targets, fused, samples):
-        seen.update(targets=targets.clone(), fused=fused, samples=samples)
-        return terms(logits, targets, fused, samples)
-
-    terms, module._student_terms = module._student_terms, record_terms
-    sample, samples = module.sample, {}
-    module.sample = lambda b: samples.update(sample(b)) or samples
-    batch = _batch(module)
-    torch.manual_seed(0)
-    module.training_step(batch, 0)
-    size = seen["samples"]
-    written = torch.nn.functional.pad(samples["targets"], (0, seen["targets"].shape[1] - samples["targets"].shape[1]), value=IGNORE_INDEX)
-    kept = losses.up_to_first_miss(seen["fused"], written, 0.5)
-    assert torch.equal(seen["targets"][:size], written.masked_fill(~kept, IGNORE_INDEX))
-    assert 0 < int(kept.sum()) < int((written != IGNORE_INDEX).sum())  # this seed's samples miss somewhere
-    assert module.logged["train/sample_trained"] == pytest.approx(float(kept.sum()) / float((written != IGNORE_INDEX).sum()))
-    gold = batch["targets"][batch["labelled"]]
-    assert torch.equal(seen["targets"][size:, : gold.shape[1]], gold)
-
-
 def test_on_policy_share_of_steps_is_evenly_spread(tiny_zoo):
     module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
     assert [module.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
@@ -297,7 +257,6 @@ def test_answer_format_reads_the_prompt_not_the_gold():
     ({"divergence": "tv"}, r"model.divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'tv'"),
     ({"jsd_beta": 1.0}, r"model.jsd_beta must be in \(0, 1\) \(its ends are forward_kl and reverse_kl\), got 1.0"),
     ({"on_policy_fraction": 1.5}, r"model.on_policy_fraction in \[0, 1\], got 1.0, 32 and 1.5"),
-    ({"sample_cutoff": 1.0}, r"model.sample_cutoff must be null or in \(0, 1\), got 1.0"),
     ({"sample_temperature": 0.0}, r"model.sample_temperature must be positive.* got 0.0, 32 and 1.0"),
     ({"response_from": "student", "source_mode": "cached", "cache_dir": "x"},
      r"model.response_from 'student' runs the sources on what is written during training: it needs model.source_mode 'online'"),
