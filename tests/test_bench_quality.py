@@ -152,7 +152,7 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml", "bench_unaligned.yaml", "bench_unaligned_unlabeled.yaml", "bench_on_policy.yaml"])
+@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml", "bench_unaligned.yaml", "bench_unaligned_unlabeled.yaml"])
 def test_bench_config_train_section_parses(capsys, name):
     """A bench config's `train` section, with a pool and each method, validates against fusion.train."""
     from fusion.train import main

@@ -39,10 +39,9 @@ def test_every_config_parses(path, capsys):
     expected = {
         "zoo.yaml": ["sources:"],
         "bench.yaml": ["pools:", "methods:", "train:"],
-        "bench_unlabeled.yaml": ["pools:", "methods:", "unlabeled_size: 1000"],
+        "bench_unlabeled.yaml": ["pools:", "methods:", "unlabeled_size: 1000", "response_from: student", "after: selector k=1"],
         "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "bench_unaligned_unlabeled.yaml": ["pools:", "unaligned: marginal", "unlabeled_size: 1000"],
-        "bench_on_policy.yaml": ["pools:", "response_from: student", "after: selector k=1"],
         "srft.yaml": ["class_path: fusion.srft.SRFTModule", "entropy_granularity:"],
     }.get(name, ["class_path: fusion.module.FusionDistillModule", "fusion:"])  # no class_path: the default
     assert all(part in printed for part in expected)
