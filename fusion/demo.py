@@ -28,9 +28,9 @@ import time
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from fusion import zoo
-from fusion.cache import is_current, model_fingerprint
-from fusion.io import atomic_write_json, atomic_write_text
-from fusion.methods import METHODS, generations_per_prompt
+from fusion.sources.cache import is_current, model_fingerprint
+from fusion.utils.io import atomic_write_json, atomic_write_text
+from fusion.objectives.methods import METHODS, generations_per_prompt
 from fusion.train import main as cli
 
 BEFORE = "before training"

@@ -16,7 +16,7 @@ data, in the same order; a row that `data.overlong: drop` drops is left out, and
 and a group `<name>` (default `fusion_suite`) whose `acc` is the unweighted mean over domains,
 as `acc_mean` in `metrics.json`. Each task is what `fusion.train test` does: the prompt string
 alone (no chat template, no few-shot examples), greedy decoding of at most `model.max_new_tokens`
-tokens, stopped by eos only, special tokens dropped, and the answer judged by `fusion.tasks.is_correct`
+tokens, stopped by eos only, special tokens dropped, and the answer judged by `fusion.data.tasks.is_correct`
 (the domain's reasoning-gym scorer on the stripped answer; exact match outside the suite)
 through `utils.py`, so lm-eval's process must be able to import `fusion`. The data files are
 named by absolute path; nothing is downloaded.
@@ -24,7 +24,7 @@ named by absolute path; nothing is downloaded.
 With `--export` (a `fusion.export` directory) the tool prints lm-eval's `--model_args` for it:
 `tokenizer=<export>/tokenizer` where `AutoTokenizer` would read the export's tokenizer otherwise
 (see `fusion.export`), and `add_bos_token=True` where the tokenizer has a bos token, since
-`fusion` puts one before every prompt (`fusion.data.encode`). It checks first that lm-eval will
+`fusion` puts one before every prompt (`fusion.data.datamodule.encode`). It checks first that lm-eval will
 feed the model every prompt as fusion does: the same token ids, and whole (lm-eval keeps only the
 last `context length - max_new_tokens` tokens of a prompt). Run lm_eval without
 `--apply_chat_template` and `--num_fewshot`: fusion feeds the prompt alone.
@@ -41,17 +41,17 @@ from typing import Any
 
 import yaml
 
-from fusion.data import FusionDataModule, encode
+from fusion.data.datamodule import FusionDataModule, encode
 from fusion.export import TOKENIZER_SUBDIR, auto_tokenizer_matches
-from fusion.io import atomic_directory, atomic_write_text
-from fusion.tokenizer import load_tokenizer
+from fusion.utils.io import atomic_directory, atomic_write_text
+from fusion.data.tokenizer import load_tokenizer
 
 DEFAULT_NAME = "fusion_suite"
 FIELDS = ("prompt", "response", "domain", "metadata")
 
 UTILS = '''"""Written by fusion.eval_harness: an answer is scored by fusion's own scorer, as `fusion.train test` scores it."""
 
-from fusion import tasks
+from fusion.data import tasks
 
 
 def process_results(doc, results):
@@ -88,7 +88,7 @@ def test_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
         rows.append(row)
     if cut and h.overlong == "truncate":
-        # fusion.data.encode fits prompt + response + eos into max_length, so the prompt it greedily
+        # fusion.data.datamodule.encode fits prompt + response + eos into max_length, so the prompt it greedily
         # answers loses its start (bos included); an lm-eval task feeds every prompt whole.
         needed = max(len(encode(module.tokenizer, r["prompt"], r["response"], 10**9)["input_ids"]) for r in cut)
         raise ValueError(f"{len(cut)} test rows ({', '.join(sorted({r['domain'] for r in cut}))}) are longer than "
@@ -169,7 +169,7 @@ def lm_eval_model_args(export_dir: str) -> dict[str, Any]:
 
 
 def check_export(model_args: dict[str, Any], prompts: list[str], max_new_tokens: int) -> None:
-    """Raise unless lm-eval, given `model_args`, feeds the model each prompt as `fusion.data.encode`
+    """Raise unless lm-eval, given `model_args`, feeds the model each prompt as `fusion.data.datamodule.encode`
     does, whole: the same token ids, and room for `max_new_tokens` more in the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 

@@ -18,9 +18,9 @@ import os
 
 import torch
 
-from fusion.io import atomic_directory
-from fusion.student import build_student
-from fusion.tokenizer import load_tokenizer
+from fusion.utils.io import atomic_directory
+from fusion.stages.student import build_student
+from fusion.data.tokenizer import load_tokenizer
 
 TOKENIZER_SUBDIR = "tokenizer"
 # Text that every tokenizer of the embedded suite splits into several tokens, spaces included.

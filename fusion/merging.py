@@ -36,9 +36,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from fusion.io import atomic_directory, atomic_open
-from fusion.optional import mergekit_api
-from fusion.tokenizer import load_tokenizer
+from fusion.utils.io import atomic_directory, atomic_open
+from fusion.utils.optional import mergekit_api
+from fusion.data.tokenizer import load_tokenizer
 
 
 def merge_adapters(
@@ -73,7 +73,7 @@ def merge_adapters(
 
 
 def save_merged(model, base: str, directory: str) -> str:
-    """Save a merged model with the base's tokenizer, atomically (`fusion.io.atomic_directory`)."""
+    """Save a merged model with the base's tokenizer, atomically (`fusion.utils.io.atomic_directory`)."""
     with atomic_directory(directory) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         load_tokenizer(base).save_pretrained(temporary)

@@ -13,10 +13,10 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from transformers.utils.logging import disable_progress_bar
 
-from fusion.data import FusionDataModule
-from fusion.module import FusionDistillModule
-from fusion.optional import require_tensorboard
-from fusion.srft import SRFTModule  # noqa: F401  (imported so that its class_path resolves)
+from fusion.data.datamodule import FusionDataModule
+from fusion.stages.fusion import FusionDistillModule
+from fusion.utils.optional import require_tensorboard
+from fusion.stages.srft import SRFTModule  # noqa: F401  (imported so that its class_path resolves)
 
 DEFAULT_MODEL = f"{FusionDistillModule.__module__}.{FusionDistillModule.__name__}"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +29,7 @@ class FusionCLI(LightningCLI):
     """One CLI for every stage. The model is any LightningModule named by `model.class_path`
     (subclass mode); without one it is `FusionDistillModule`, so the fusion configs and
     overrides like `--model.fusion=none` read as before, while `configs/srft.yaml` names
-    `fusion.srft.SRFTModule`. A checkpoint records its class, so `test --ckpt_path` rebuilds it."""
+    `fusion.stages.srft.SRFTModule`. A checkpoint records its class, so `test --ckpt_path` rebuilds it."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})

@@ -28,11 +28,11 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 from transformers.utils.logging import disable_progress_bar
 
-from fusion import tasks
-from fusion.data import collate, encode
-from fusion.evaluation import correct, greedy_answers
-from fusion.io import atomic_directory, atomic_write_json
-from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
+from fusion.data import tasks
+from fusion.data.datamodule import collate, encode
+from fusion.stages.evaluation import correct, greedy_answers
+from fusion.utils.io import atomic_directory, atomic_write_json
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 
 KINDS = ("specialist", "corrupted", "confident", "random")
 
@@ -100,7 +100,7 @@ def recipe_fingerprint(recipe: SourceRecipe) -> dict:
     """What a source depends on: its recipe and, for an adapter, its base's weights."""
     fingerprint = {k: v for k, v in asdict(recipe).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
     if recipe.base is not None:
-        from fusion.cache import model_fingerprint
+        from fusion.sources.cache import model_fingerprint
 
         fingerprint["base_weights"] = model_fingerprint(recipe.base)
     return fingerprint

@@ -14,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
-from fusion import vocab_map as vocab_map_module
-from fusion.alignment import Aligner, token_bytes
-from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
-from fusion.vocab_map import build_vocab_map, fingerprint, project_topk, vocab_map_counts
+from fusion.sources import vocab_map as vocab_map_module
+from fusion.sources.alignment import Aligner, token_bytes
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.data.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources.vocab_map import build_vocab_map, fingerprint, project_topk, vocab_map_counts
 
 X = IGNORE_INDEX
 
@@ -295,7 +295,7 @@ def test_the_first_source_token_at_a_byte_is_the_first_in_text_order(char):
 
 def test_default_vocab_map_dir_is_the_per_user_cache(monkeypatch, tmp_path):
     """FUSION_CACHE, else XDG_CACHE_HOME, else ~/.cache; read when called, not at import."""
-    from fusion.vocab_map import default_cache_dir
+    from fusion.sources.vocab_map import default_cache_dir
 
     monkeypatch.setenv("FUSION_CACHE", "/data/me/fusion")
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg/cache")

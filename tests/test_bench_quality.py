@@ -14,7 +14,7 @@ from fusion import merging, zoo
 from fusion.bench import _quality_report as report_lib
 from fusion.bench import quality
 
-from fusion.tokenizer import load_tokenizer
+from fusion.data.tokenizer import load_tokenizer
 
 from .conftest import DOMAINS, TINY, reference_test_metrics, tiny_config
 
@@ -164,7 +164,7 @@ def test_bench_config_train_section_parses(capsys, name):
     for settings in bench["methods"].values():
         config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})
         if "srft" in settings:  # SRFT from another method's adapter: its own stage's settings
-            srft = {"class_path": "fusion.srft.SRFTModule", "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]}}
+            srft = {"class_path": "fusion.stages.srft.SRFTModule", "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]}}
             config = {**bench["train"], "model": srft}
         elif "fusion_stage" in settings:  # fusion again from another method's adapter: that method's settings and the stage's
             stage = bench["methods"][settings["after"]] | settings["fusion_stage"].get("model", {})
@@ -239,7 +239,7 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
     assert len(srft) == 4
     for job in srft:
         model = job["config"]["model"]
-        assert model["class_path"] == "fusion.srft.SRFTModule" and job["config"]["trainer"]["max_steps"] == 5
+        assert model["class_path"] == "fusion.stages.srft.SRFTModule" and job["config"]["trainer"]["max_steps"] == 5
         assert model["init_args"] == {"student": "s", "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])], "num_generations": 2}
     stages = {(job["record"]["pool"], job["record"]["seed"]): job for job in chained if job["record"]["method"] == "on_policy after"}
     assert sorted(stages) == sorted(adapters)

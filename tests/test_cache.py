@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from fusion.cache import cache_size, list_shards, write_shard
+from fusion.sources.cache import cache_size, list_shards, write_shard
 from fusion.train import main
 
 
@@ -30,8 +30,8 @@ def cached_run(tiny_zoo, tmp_path_factory):
 
 
 def _module_and_batch(settings: dict, source_mode: str):
-    from fusion.data import FusionDataModule
-    from fusion.module import FusionDistillModule
+    from fusion.data.datamodule import FusionDataModule
+    from fusion.stages.fusion import FusionDistillModule
 
     model = dict(settings["model"], source_mode=source_mode)
     module = FusionDistillModule(**model)
@@ -59,7 +59,7 @@ def test_predict_writes_shards_with_a_fingerprint(cached_run):
 @pytest.mark.slow
 def test_cached_outputs_equal_the_online_ones(cached_run):
     """Same batch, all three sources: the cache gives the online top-K within float16 rounding."""
-    from fusion.cache import SourceCache
+    from fusion.sources.cache import SourceCache
 
     module, data, batch = _module_and_batch(cached_run["settings"], "online")
     selected = torch.arange(3).expand(batch["input_ids"].shape[0], 3)
@@ -81,7 +81,7 @@ def test_cached_outputs_equal_the_online_ones(cached_run):
 @pytest.mark.slow
 def test_cache_is_read_memory_mapped(cached_run):
     """The top-K arrays stay in the mapped Arrow files (views, not copies); a batch slices its rows."""
-    from fusion.cache import SourceCache
+    from fusion.sources.cache import SourceCache
 
     module, data, batch = _module_and_batch(cached_run["settings"], "cached")
     cache = SourceCache(cached_run["cache"], module.cache_fingerprint(), 3)
@@ -95,12 +95,12 @@ def test_cache_is_read_memory_mapped(cached_run):
 
 @pytest.mark.slow
 def test_cached_fit_trains_without_running_sources(cached_run, monkeypatch):
-    import fusion.sources
+    import fusion.sources.pool
 
     def refuse(*args, **kwargs):
         raise AssertionError("a source model was loaded in cached mode")
 
-    monkeypatch.setattr(fusion.sources, "load_frozen", refuse)
+    monkeypatch.setattr(fusion.sources.pool, "load_frozen", refuse)
     main(["fit", "--config", cached_run["config"], "--model.fusion=selector", "--model.top_k=2", "--trainer.max_steps=3"])
     (log,) = glob.glob(os.path.join(str(cached_run["root"]), "runs", "run", "version_*", "metrics.csv"))
     with open(log) as f:

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from fusion import export, zoo
 from fusion.bench import quality
-from fusion.module import FusionDistillModule
-from fusion.tokenizer import load_tokenizer
+from fusion.stages.fusion import FusionDistillModule
+from fusion.data.tokenizer import load_tokenizer
 from fusion.train import main
 from tests.conftest import reference_test_metrics
 
@@ -42,8 +42,8 @@ def test_every_config_parses(path, capsys):
         "bench_unlabeled.yaml": ["pools:", "methods:", "unlabeled_size: 1000", "response_from: student", "after: selector k=1"],
         "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "bench_unaligned_unlabeled.yaml": ["pools:", "unaligned: marginal", "unlabeled_size: 1000"],
-        "srft.yaml": ["class_path: fusion.srft.SRFTModule", "entropy_granularity:"],
-    }.get(name, ["class_path: fusion.module.FusionDistillModule", "fusion:"])  # no class_path: the default
+        "srft.yaml": ["class_path: fusion.stages.srft.SRFTModule", "entropy_granularity:"],
+    }.get(name, ["class_path: fusion.stages.fusion.FusionDistillModule", "fusion:"])  # no class_path: the default
     assert all(part in printed for part in expected)
 
 
@@ -53,15 +53,15 @@ def _last(run_dir: str, version: int) -> str:
 
 @pytest.mark.slow
 def test_fit_test_resume_export(write_config, tmp_path, monkeypatch):
-    import fusion.sources
+    import fusion.sources.pool
 
     config = write_config(fusion="selector", top_k=2)
     runs = str(tmp_path / "runs")
 
     main(["fit", "--config", config])
     loaded = []
-    load_frozen = fusion.sources.load_frozen
-    monkeypatch.setattr(fusion.sources, "load_frozen", lambda *a, **k: loaded.append(a[0]) or load_frozen(*a, **k))
+    load_frozen = fusion.sources.pool.load_frozen
+    monkeypatch.setattr(fusion.sources.pool, "load_frozen", lambda *a, **k: loaded.append(a[0]) or load_frozen(*a, **k))
     checkpoint = torch.load(_last(runs, 0), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     keys = list(checkpoint["state_dict"])
@@ -151,7 +151,7 @@ def test_every_baseline_trains(write_config, tmp_path, fusion):
 @pytest.mark.slow
 def test_nonfinite_loss_stops_with_a_checkpoint(write_config, tmp_path, monkeypatch):
     """A non-finite training loss saves the last finite state and stops with a message."""
-    from fusion import losses
+    from fusion.objectives import losses
 
     calls = {"n": 0}
     real = losses.student_loss

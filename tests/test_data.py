@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from fusion.data import FEATURES, FusionDataModule, _read_file, encode, encode_batch, encode_table
-from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer
+from fusion.data.datamodule import FEATURES, FusionDataModule, _read_file, encode, encode_batch, encode_table
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer
 
 
 def _write_rows(directory, seed: int = 0) -> None:

@@ -12,10 +12,10 @@ import yaml
 from transformers import AutoTokenizer
 
 from fusion import eval_harness, export
-from fusion.data import FusionDataModule
-from fusion.evaluation import greedy_answers
-from fusion.module import FusionDistillModule
-from fusion.tokenizer import load_tokenizer
+from fusion.data.datamodule import FusionDataModule
+from fusion.stages.evaluation import greedy_answers
+from fusion.stages.fusion import FusionDistillModule
+from fusion.data.tokenizer import load_tokenizer
 from fusion.train import main
 
 TEST_SIZE = 25  # rows per domain

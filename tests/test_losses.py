@@ -1,4 +1,4 @@
-"""Hand-checked values for every formula in fusion/losses.py.
+"""Hand-checked values for every formula in fusion/objectives/losses.py.
 
 Every expected number is written as a literal or a math.log / math.exp expression on tiny
 tensors, so a reader can verify it with pencil and paper.
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from fusion.data import IGNORE_INDEX
-from fusion.losses import (
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.objectives.losses import (
     dynamic_weights,
     entropy,
     feedback_loss,
@@ -158,7 +158,7 @@ def test_union_of_supports_gives_the_true_mixture():
     """Two sources with K = 1: P_1 = (0.9, 0.05, 0.05), P_2 = (0.05, 0.9, 0.05), alpha = (0.5, 0.5).
     Own supports only: (0.45, 0.45) and a tail of 0.1, the tail overstated. Each source's
     log-probability on the union {0, 1}: (0.475, 0.475), tail 0.05, the true mixture."""
-    from fusion.sources import _on_union
+    from fusion.sources.pool import _on_union
 
     p1, p2 = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.05, 0.9, 0.05])
     own_ids = torch.tensor([[0], [1]]).view(1, 2, 1, 1)

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusion.alignment import Aligner
-from fusion.data import collate, encode
-from fusion.marginal import TokenPrefixes, _successor
-from fusion.sources import SourcePool
-from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources.alignment import Aligner
+from fusion.data.datamodule import collate, encode
+from fusion.sources.marginal import TokenPrefixes, _successor
+from fusion.sources.pool import SourcePool
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 from tests.test_alignment import byte_bpe
 
 

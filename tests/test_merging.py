@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fusion import merging
-from fusion.tokenizer import build_char_tokenizer, load_tokenizer
+from fusion.data.tokenizer import build_char_tokenizer, load_tokenizer
 from fusion.zoo import Architecture, build_model
 
 pytest.importorskip("mergekit")

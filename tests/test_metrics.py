@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fusion.data import IGNORE_INDEX
-from fusion.metrics import EvalMetrics
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.stages.metrics import EvalMetrics
 
 
 def test_perplexity_and_accuracy_by_hand():

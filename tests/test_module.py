@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusion.data import FusionDataModule, collate, encode
-from fusion.module import FusionDistillModule
-from fusion.student import stop_if_nonfinite
-from fusion.tokenizer import build_char_tokenizer
+from fusion.data.datamodule import FusionDataModule, collate, encode
+from fusion.stages.fusion import FusionDistillModule
+from fusion.stages.student import stop_if_nonfinite
+from fusion.data.tokenizer import build_char_tokenizer
 from fusion.train import main
 from fusion.zoo import Architecture, build_model
 
@@ -62,7 +62,7 @@ def test_only_selected_sources_run(tiny_zoo):
 def test_online_sources_report_their_probability_on_the_union_of_supports(tiny_zoo):
     """union=True: every selected source's log-probability at each id of the union of the
     selected sources' top-K; the fused target then holds more mass than with own supports."""
-    from fusion.losses import fused_target
+    from fusion.objectives.losses import fused_target
 
     module = _module(tiny_zoo, fusion="uniform")
     batch = _batch(module)
@@ -401,7 +401,7 @@ def test_a_data_file_too_small_to_split_names_its_rows(tmp_path, rows):
 
 def test_one_file_split_sizes_follow_datasets_rounding(tmp_path):
     """6 rows: 4 / 1 / 1 (20% of 6 rounds up to 2 held out, half of them test); 10: 8 / 1 / 1; 11: 8 / 1 / 2."""
-    from fusion.data import MIN_ONE_FILE_ROWS, one_file_split_sizes
+    from fusion.data.datamodule import MIN_ONE_FILE_ROWS, one_file_split_sizes
 
     assert MIN_ONE_FILE_ROWS == 6 and one_file_split_sizes(5) == {"train": 4, "val": 0, "test": 1}
     for rows, sizes in ((6, [4, 1, 1]), (10, [8, 1, 1]), (11, [8, 1, 2])):

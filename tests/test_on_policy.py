@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from fusion import losses
-from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.module import FusionDistillModule
-from fusion.rewards import answer_format
+from fusion.objectives import losses
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.stages.fusion import FusionDistillModule
+from fusion.stages.rewards import answer_format
 
 # ------------------------------------------------------------------ divergences, by hand
 
@@ -266,8 +266,8 @@ def test_answer_format_reads_the_prompt_not_the_gold():
     ({"boundary": "prefix", "unaligned": "mask"}, r"model.boundary must be null or one of \('token_end', 'prefix'\) \('prefix' reads sources "
                                                   r"inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'"),
     ({"boundary": "start"}, r"model.boundary must be null or one of .*got 'start' with unaligned 'marginal'"),
-    ({"selector_signal": "rewards", "selector_rewards": {"fusion.rewards.nothing": 1.0}},
-     r"model.selector_rewards\['fusion.rewards.nothing'\]: cannot import reward function"),
+    ({"selector_signal": "rewards", "selector_rewards": {"fusion.stages.rewards.nothing": 1.0}},
+     r"model.selector_rewards\['fusion.stages.rewards.nothing'\]: cannot import reward function"),
 ])
 def test_bad_on_policy_settings_name_the_key(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from fusion.resume import ResumableLoader
+from fusion.utils.resume import ResumableLoader
 from fusion.train import main
 from tests.conftest import tiny_config
 

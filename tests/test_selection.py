@@ -1,4 +1,4 @@
-"""The selection network (fusion/selection.py): features, the quality predictor, noisy top-k,
+"""The selection network (fusion/objectives/selection.py): features, the quality predictor, noisy top-k,
 the exploration schedule, and, on a synthetic bandit, why noise and balancing keep the
 selector from collapsing onto the sources it tried first.
 """
@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from fusion.losses import feedback_loss, selector_loss
-from fusion.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
+from fusion.objectives.losses import feedback_loss, selector_loss
+from fusion.objectives.selection import SourceSelector, exploration_scale, noisy_top_k, prompt_features
 
 # ---------------------------------------------------------------------------------------------
 # prompt_features

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from fusion import srft_losses as S
-from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.module import FusionDistillModule
-from fusion.rewards import Rewards, task_correct, task_score
-from fusion.srft import SRFTModule
-from fusion.student import pack_rollouts
+from fusion.objectives import srft_losses as S
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.stages.fusion import FusionDistillModule
+from fusion.stages.rewards import Rewards, task_correct, task_score
+from fusion.stages.srft import SRFTModule
+from fusion.stages.student import pack_rollouts
 from fusion.train import main
 from tests.conftest import reference_test_metrics, tiny_config
 
@@ -206,10 +206,10 @@ def length_reward(prompts, completions, **columns):
 
 def test_rewards_are_weighted_and_checked():
     rows = {"response": ["cba", "7"], "domain": ["spell_backward", "chain_sum"], "metadata": [None, None]}
-    rewards = Rewards({"fusion.rewards.exact_match": 1.0, "tests.test_srft.length_reward": 0.5})
+    rewards = Rewards({"fusion.stages.rewards.exact_match": 1.0, "tests.test_srft.length_reward": 0.5})
     total, means = rewards(["backward abc=", "3+4="], ["cba", "8"], rows)
     assert total.tolist() == [1.0 + 0.5 * 3, 0.0 + 0.5 * 1]
-    assert means == {"fusion.rewards.exact_match": 0.5, "tests.test_srft.length_reward": 2.0}
+    assert means == {"fusion.stages.rewards.exact_match": 0.5, "tests.test_srft.length_reward": 2.0}
     with pytest.raises(RuntimeError, match=r"reward function 'tests.test_srft.raising_reward' raised KeyError: 'gold'"):
         Rewards({"tests.test_srft.raising_reward": 1.0})(["p"], ["c"], {"response": ["r"]})
     with pytest.raises(ValueError, match=r"reward function 'tests.test_srft.short_reward' returned 1 values for 2 completions"):
@@ -353,7 +353,7 @@ def _logged(module: SRFTModule) -> dict:
 
 def test_training_step_sft_only_is_the_demo_ce(tiny_zoo):
     """sft_only with constant weights: the loss is 0.5 times the demos' per-sequence CE, averaged."""
-    from fusion.losses import target_logprobs
+    from fusion.objectives.losses import target_logprobs
 
     torch.manual_seed(0)
     module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="sft_only", weights="constant", num_generations=3, max_new_tokens=5)
@@ -437,7 +437,7 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     config = tiny_config(tiny_zoo, runs)
     config["trainer"]["max_steps"] = 3
     config["model"] = {
-        "class_path": "fusion.srft.SRFTModule",
+        "class_path": "fusion.stages.srft.SRFTModule",
         "init_args": {"student": os.path.join(tiny_zoo, "student"), "init_from": fused, "num_generations": 2, "max_new_tokens": 6, "entropy_granularity": "token"},
     }
     config["data"]["batch_size"] = 4
@@ -448,7 +448,7 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     last = os.path.join(runs, "run", "version_0", "checkpoints", "last.ckpt")
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3
-    assert checkpoint["hyper_parameters"]["_class_path"] == "fusion.srft.SRFTModule"
+    assert checkpoint["hyper_parameters"]["_class_path"] == "fusion.stages.srft.SRFTModule"
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     with open(os.path.join(runs, "run", "version_0", "metrics.csv")) as f:
         header = f.readline()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fusion.student import warmup_cosine
+from fusion.stages.student import warmup_cosine
 
 
 def _factors(warmup: int, total: int, steps: list[int]) -> list[float]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from fusion.data import FusionDataModule, collate, encode
-from fusion.module import FusionDistillModule
-from fusion.selection import SourceSelector, fit_selector
+from fusion.data.datamodule import FusionDataModule, collate, encode
+from fusion.stages.fusion import FusionDistillModule
+from fusion.objectives.selection import SourceSelector, fit_selector
 from fusion.train import main
 from tests.conftest import DOMAINS, tiny_config
 
@@ -184,7 +184,7 @@ def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
 
 
 def test_uniform_answer_comes_from_one_source_drawn_per_prompt(tiny_zoo):
-    from fusion.cache import row_key
+    from fusion.sources.cache import row_key
 
     module = _module(tiny_zoo, fusion="uniform")
     calls = _count_generations(module)
@@ -274,7 +274,7 @@ def unlabelled_cache(tiny_zoo, tmp_path_factory):
 
 @pytest.mark.slow
 def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
-    from fusion.cache import answer_summary
+    from fusion.sources.cache import answer_summary
 
     summary = answer_summary(unlabelled_cache["cache"])
     assert summary["prompts"] == 12 and summary["generations"] == 12 and summary["generations_per_prompt"] == 1.0
@@ -283,9 +283,9 @@ def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
 
 @pytest.mark.slow
 def test_cached_fit_on_answered_prompts_runs_no_source(unlabelled_cache, monkeypatch):
-    import fusion.sources
+    import fusion.sources.pool
 
-    monkeypatch.setattr(fusion.sources, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
+    monkeypatch.setattr(fusion.sources.pool, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
     main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3"])
     (log,) = (unlabelled_cache["root"] / "runs" / "run").glob("version_*/metrics.csv")
     with open(log) as f:

@@ -13,7 +13,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from fusion.io import atomic_open, atomic_write_json, atomic_write_text
+from fusion.utils.io import atomic_open, atomic_write_json, atomic_write_text
 
 SPECIALISTS, DISTRACTED = "A", "B"
 
@@ -348,7 +348,7 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
     """accuracy.png, interference.png, selection_heatmap.png, selection_entropy.png under `output`."""
     import numpy as np
 
-    from fusion.optional import pyplot
+    from fusion.utils.optional import pyplot
 
     plt = pyplot()
 

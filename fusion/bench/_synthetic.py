@@ -15,9 +15,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from fusion.data import FusionDataModule
-from fusion.io import atomic_open
-from fusion.module import FusionDistillModule
+from fusion.data.datamodule import FusionDataModule
+from fusion.utils.io import atomic_open
+from fusion.stages.fusion import FusionDistillModule
 from fusion.zoo import Architecture, build_model
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]

@@ -23,7 +23,7 @@ of them splitting every digit (as Qwen's tokenizers do). Printed:
   positions where the source's gold next token maps to the student's gold next token (the mass
   a perfectly confident source would put on the right student token);
 - the offline cache's size on disk in bytes per trained token per source at K = 10, written by
-  `fusion.cache.write_shard` for these rows, for a small and a large student vocabulary
+  `fusion.sources.cache.write_shard` for these rows, for a small and a large student vocabulary
   (FuseLLM stores 60: K float16 log-probs and K int32 ids for every token).
 """
 
@@ -37,13 +37,13 @@ from types import SimpleNamespace
 import torch
 from jsonargparse import CLI
 
-from fusion import tasks
-from fusion.alignment import Aligner
-from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.io import atomic_write_json
-from fusion.sources import UNALIGNED_POLICIES, SourcePool
-from fusion.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
-from fusion.vocab_map import METHODS, build_vocab_map, vocab_map_counts
+from fusion.data import tasks
+from fusion.sources.alignment import Aligner
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.utils.io import atomic_write_json
+from fusion.sources.pool import UNALIGNED_POLICIES, SourcePool
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources.vocab_map import METHODS, build_vocab_map, vocab_map_counts
 
 
 class TextOracle(torch.nn.Module):
@@ -239,8 +239,8 @@ def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, to
     """Write a cache of random top-K entries for every trained position and measure its Arrow files."""
     import tempfile
 
-    from fusion.cache import cache_size, rows_to_records, write_shard
-    from fusion.sources import SourceOutputs
+    from fusion.sources.cache import cache_size, rows_to_records, write_shard
+    from fusion.sources.pool import SourceOutputs
 
     generator = torch.Generator().manual_seed(0)
     records, trained = [], 0

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 
-from fusion.io import atomic_write_json
+from fusion.utils.io import atomic_write_json
 
 METHODS = ("sft", "selector-online", "selector-cached", "dense-reference")
 

@@ -17,7 +17,7 @@ specialists of the student's base (built once, like the zoo) merged with peft
   resumes; a seed can be added later).
 - On-policy methods (`response_from: student`, or `selector_signal: rewards`) run their sources
   online whatever `source_mode` says: what they score is written during training.
-- A method with `after: <method>` and `srft: {steps, model}` is SRFT (`fusion.srft`) started from
+- A method with `after: <method>` and `srft: {steps, model}` is SRFT (`fusion.stages.srft`) started from
   that method's adapter (its fusion run saves it), tested like every run; its wall time is both
   stages'. With `fusion_stage: {steps, model}` instead, the second stage is fusion again
   (`model.init_from` that adapter, and its selector), with `model` merged over the `after`
@@ -46,7 +46,7 @@ from multiprocessing import get_context
 import yaml
 
 from fusion.bench import _quality_report as report_lib
-from fusion.io import atomic_write_json
+from fusion.utils.io import atomic_write_json
 
 POOL_INDEPENDENT = ("none", "oracle")
 # A chained method's second stage, started from the adapter of its `after` method: the settings it takes.
@@ -200,7 +200,7 @@ def _run_job(job: dict) -> dict:
 
 
 def _cache_is_current(run) -> bool:
-    from fusion.cache import is_current
+    from fusion.sources.cache import is_current
 
     run.datamodule.setup("predict")
     return is_current(run.model.hparams.cache_dir, run.model.cache_fingerprint(run.datamodule))
@@ -315,7 +315,7 @@ class Planner:
                 pool, name = record["pool"], f"{record['pool']}-{_slug(method)}-seed{record['seed']}"
                 if kind == "srft":
                     config, log_dir = self.config(name, record["seed"], {})
-                    config["model"] = {"class_path": "fusion.srft.SRFTModule",
+                    config["model"] = {"class_path": "fusion.stages.srft.SRFTModule",
                                        "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}}
                 else:
                     merged = self.bench.methods[settings["after"]] | stage.get("model", {})
@@ -339,7 +339,7 @@ class Planner:
 
 @functools.cache
 def _weights(path: str) -> str:
-    from fusion.cache import model_fingerprint
+    from fusion.sources.cache import model_fingerprint
 
     return model_fingerprint(path)
 
@@ -348,11 +348,14 @@ def _weights(path: str) -> str:
 def _code_version() -> str:
     """Hash of the fusion package's modules (the bench's own files excluded)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "bench")
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), "rb") as f:
-                digest.update(name.encode() + f.read())
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if os.path.join(directory, d) != bench and d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + f.read())
     return digest.hexdigest()[:16]
 
 
@@ -398,7 +401,7 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
     """Per pool, as measured when the cache was written: sources that wrote an answer per
     unlabelled prompt, empty answers, each source's share of the answers used, and the seconds
     the cache took (its labelled rows included)."""
-    from fusion.cache import answer_summary
+    from fusion.sources.cache import answer_summary
 
     if settings["fusion"] == "none":
         return {"generations_per_prompt": {p: 0.0 for p in planner.bench.pools}, "cache_seconds": {p: 0.0 for p in planner.bench.pools}}

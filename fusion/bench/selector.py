@@ -4,7 +4,7 @@
 
 For each pool of the bench config, every source runs once on the labelled rows (every source's
 CE observed), and the selector is fitted to them as `fit` does before it routes the first
-unlabelled prompt (`fusion.selection.fit_selector`), with the feedback loss at each weight of
+unlabelled prompt (`fusion.objectives.selection.fit_selector`), with the feedback loss at each weight of
 `--feedback_weights` and one selector initialization per seed. Reported per pool and weight,
 mean ± std over seeds:
 
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from fusion.io import atomic_write_json, atomic_write_text
+from fusion.utils.io import atomic_write_json, atomic_write_text
 
 
 def _std(values: list[float]) -> float:
@@ -35,10 +35,10 @@ def _std(values: list[float]) -> float:
 def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: list[int]) -> dict:
     from types import SimpleNamespace
 
-    from fusion.data import FusionDataModule
-    from fusion.module import FusionDistillModule
-    from fusion.selection import SourceSelector, fit_selector
-    from fusion.sources import source_name
+    from fusion.data.datamodule import FusionDataModule
+    from fusion.stages.fusion import FusionDistillModule
+    from fusion.objectives.selection import SourceSelector, fit_selector
+    from fusion.sources.pool import source_name
 
     model = bench["train"]["model"]
     sources = bench["pools"][pool]

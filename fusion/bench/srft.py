@@ -27,11 +27,11 @@ import lightning as L
 import torch
 import yaml
 
-from fusion import tasks
-from fusion.data import FusionDataModule, collate, encode
-from fusion.evaluation import greedy_answers
-from fusion.srft import SRFTModule
-from fusion.io import atomic_open, atomic_write_json, atomic_write_text
+from fusion.data import tasks
+from fusion.data.datamodule import FusionDataModule, collate, encode
+from fusion.stages.evaluation import greedy_answers
+from fusion.stages.srft import SRFTModule
+from fusion.utils.io import atomic_open, atomic_write_json, atomic_write_text
 
 GRPO = {"mode": "rl_only", "weights": "constant", "rl_weight": 1.0}
 SFT = {"mode": "sft_only", "weights": "constant"}
@@ -173,7 +173,7 @@ def plot(report: dict, output: str) -> list[str]:
     """accuracy_id.png, accuracy_ood.png, score_ood.png, entropy.png: mean over seeds, shaded ± std."""
     import numpy as np
 
-    from fusion.optional import pyplot
+    from fusion.utils.optional import pyplot
 
     plt = pyplot()
 

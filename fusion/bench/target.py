@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from fusion.io import atomic_write_json
+from fusion.utils.io import atomic_write_json
 
 
 def _quantiles(values: torch.Tensor) -> dict[str, float]:
@@ -33,9 +33,9 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     from types import SimpleNamespace
 
-    from fusion.data import IGNORE_INDEX, FusionDataModule
-    from fusion.losses import fused_target
-    from fusion.module import FusionDistillModule
+    from fusion.data.datamodule import IGNORE_INDEX, FusionDataModule
+    from fusion.objectives.losses import fused_target
+    from fusion.stages.fusion import FusionDistillModule
 
     model = bench["train"]["model"]
     module = FusionDistillModule(student=model["student"], sources=bench["pools"][pool], fusion="uniform",

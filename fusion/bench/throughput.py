@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from fusion.io import atomic_write_json
+from fusion.utils.io import atomic_write_json
 
 METHODS = ("sft", "selector-cached", "selector-online", "avgce-online")
 

@@ -1,7 +1,7 @@
 """`FusionDistillModule`: a LoRA student distilled from N frozen sources.
 
 The `fusion` setting picks how the target is built; every baseline of the method is a setting
-of this one module, a row of `fusion.methods.METHODS`:
+of this one module, a row of `fusion.objectives.methods.METHODS`:
 
     none        SFT on the gold tokens only, no source runs
     uniform     all N sources, equal weights
@@ -33,18 +33,18 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
-from fusion import losses
-from fusion.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
-from fusion.data import IGNORE_INDEX, collate, encode, is_labelled
-from fusion.evaluation import correct, greedy_answers
-from fusion.methods import METHODS, Method
-from fusion.metrics import EvalMetrics
-from fusion.rewards import Rewards
-from fusion.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
-from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
-from fusion.tokenizer import load_tokenizer
-from fusion.sources import DTYPES, SourcePool, check_boundary, resolve_model_path, source_name
-from fusion.vocab_map import default_cache_dir
+from fusion.objectives import losses
+from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode, is_labelled
+from fusion.stages.evaluation import correct, greedy_answers
+from fusion.objectives.methods import METHODS, Method
+from fusion.stages.metrics import EvalMetrics
+from fusion.stages.rewards import Rewards
+from fusion.objectives.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
+from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
+from fusion.data.tokenizer import load_tokenizer
+from fusion.sources.pool import DTYPES, SourcePool, check_boundary, resolve_model_path, source_name
+from fusion.sources.vocab_map import default_cache_dir
 
 FUSION_METHODS = tuple(METHODS)
 RESPONSES = ("source", "student")  # model.response_from
@@ -61,7 +61,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         student: path (or hub name) of the student's base model; its tokenizer is the data's.
         sources: paths (or hub names) of the source models; a source is named by its last path part.
         fusion: how the target is built, one of none, uniform, avgce, mince, confidence, single,
-            oracle, selector (`fusion.methods`).
+            oracle, selector (`fusion.objectives.methods`).
         top_k: sources run per sequence with `selector` (1 <= top_k <= N).
         single_source: the source name used by `single`.
         oracle: domain -> source name, used by `oracle`.
@@ -71,7 +71,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             target lives on the union of the selected sources' top-K, plus a tail bucket).
         unaligned: a student position where a source with another tokenizer has no token
             boundary: the source's distribution over the bytes that follow, read inside its own
-            token ("marginal", the default, `fusion.marginal`), a one-hot of the gold token
+            token ("marginal", the default, `fusion.sources.marginal`), a one-hot of the gold token
             ("gold_onehot"), or no distribution from that source ("mask").
         vocab_map: how source tokens map to student tokens: "exact+med" (exact string, else
             minimum edit distance), "exact+prefix" (exact, else the first student token of the
@@ -79,11 +79,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         vocab_map_dir: where vocabulary maps are cached, one file per pair of tokenizers; null
             (default): the per-user cache, `$FUSION_CACHE/vocab_maps` if FUSION_CACHE is set, else
             `$XDG_CACHE_HOME/fusion/vocab_maps`, else `~/.cache/fusion/vocab_maps`
-            (`fusion.vocab_map.default_cache_dir`).
+            (`fusion.sources.vocab_map.default_cache_dir`).
         boundary: a student position where a source with another tokenizer has a token boundary
             too: the source's next-token distribution there, which assumes its token ended there
             ("token_end"), or the distribution given the text before the position only
-            ("prefix", with `unaligned: marginal`: `fusion.marginal`). Where the student's next
+            ("prefix", with `unaligned: marginal`: `fusion.sources.marginal`). Where the student's next
             token is its own sample, "token_end" lets that token choose its target (a wrong token
             can end the source's token early). null: "prefix" with `response_from: student` and
             `unaligned: marginal`, else "token_end".
@@ -113,7 +113,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         selector_signal: what the selector regresses onto: "gold_ce" (-CE of each selected source
             on the labelled rows' gold) or "rewards" (each selected source answers every prompt and
             `selector_rewards` scores the answer: k generations per prompt).
-        selector_rewards: dotted path of a reward function -> weight (`fusion.rewards`), with
+        selector_rewards: dotted path of a reward function -> weight (`fusion.stages.rewards`), with
             `selector_signal: rewards`; the default reads no gold.
         init_from: where the student starts: null (a fresh adapter on `student`), a checkpoint of
             an earlier stage (`.ckpt`: its adapter, and its selector when it has one for the same
@@ -122,7 +122,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             On-policy fusion starts best from an off-policy fusion checkpoint: a student whose own
             answers are close enough to the sources' for their scores along them to teach.
         source_mode: "online" runs the selected sources every step; "cached" reads their outputs
-            from `cache_dir`, written beforehand by `predict` (see fusion/cache.py).
+            from `cache_dir`, written beforehand by `predict` (see fusion/sources/cache.py).
         cache_dir: the offline cache's directory (written by `predict`, read when cached).
     """
 
@@ -166,7 +166,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         divergence: str = "forward_kl",
         jsd_beta: float = 0.5,
         selector_signal: str = "gold_ce",
-        selector_rewards: dict[str, float] = {"fusion.rewards.answer_format": 1.0},
+        selector_rewards: dict[str, float] = {"fusion.stages.rewards.answer_format": 1.0},
         init_from: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import IGNORE_INDEX
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def sparse_kl(target: SparseTarget, student_logp: torch.Tensor) -> torch.Tensor:
     it (`log_mass_outside`). This is the exact KL between the two distributions coarsened to
     that partition. When the target is the true distribution on its support (online, the union
     of the selected sources' supports) it is a lower bound of the full KL; from the cache,
-    where each source keeps only its own top-K, it is not (see `fusion.cache`). Empty support
+    where each source keeps only its own top-K, it is not (see `fusion.sources.cache`). Empty support
     slots (id -1) count nothing, whatever the student's log-probability there.
     """
     partition = _support_and_tail(target.ids, target.probs, student_logp)

@@ -13,14 +13,14 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from fusion.alignment import Aligner
-from fusion.data import IGNORE_INDEX, collate, encode
-from fusion.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
-from fusion.tokenizer import load_tokenizer
-from fusion.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
+from fusion.sources.alignment import Aligner
+from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
+from fusion.data.tokenizer import load_tokenizer
+from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
-BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.marginal`)
+BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.sources.marginal`)
 
 
 
@@ -90,14 +90,14 @@ class SourcePool:
 
     Each source's outputs are expressed over the student's vocabulary as top-K sparse
     distributions. A source with the student's own tokenizer is read position by position; any
-    other is aligned by byte offsets (`fusion.alignment`) and its tokens mapped onto the
-    student's vocabulary (`fusion.vocab_map`). A student position where such a source has no
+    other is aligned by byte offsets (`fusion.sources.alignment`) and its tokens mapped onto the
+    student's vocabulary (`fusion.sources.vocab_map`). A student position where such a source has no
     exact boundary gets the source's distribution over the bytes that follow, read inside the
-    source's token (`unaligned="marginal"`, `fusion.marginal`), a one-hot of the gold token
+    source's token (`unaligned="marginal"`, `fusion.sources.marginal`), a one-hot of the gold token
     (`"gold_onehot"`), or nothing from that source (`"mask"`). At a shared boundary the source's
     next-token distribution assumes its token ended there (`boundary="token_end"`), or
     (`"prefix"`, with `marginal`) it is read from the text before the boundary only, as the
-    student's own samples need (`fusion.marginal`).
+    student's own samples need (`fusion.sources.marginal`).
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class SourcePool:
 
         `vocab_map_dir`: where the vocabulary maps of sources with another tokenizer are cached
         (None: built every time, not cached; the fusion module passes `model.vocab_map_dir` or
-        the per-user cache, `fusion.vocab_map.default_cache_dir`)."""
+        the per-user cache, `fusion.sources.vocab_map.default_cache_dir`)."""
         if unaligned not in UNALIGNED_POLICIES:
             raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
         check_boundary(boundary, unaligned)
@@ -233,7 +233,7 @@ class SourcePool:
                 spelled_token = source_ids.gather(1, (inside_position + 1).clamp(min=0))  # [R, T] the token c is inside of
                 inside = trained & (inside_position >= 0) & (prefixes.length[spelled_token] > inside_offset)
                 position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
-                if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.marginal`)
+                if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.sources.marginal`)
                     ending = source_ids.gather(1, position_map.clamp(min=0))  # [R, T] the source token that ends there
                     from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0)  # not a special token
         source_trained = source_targets != IGNORE_INDEX  # [R, T_source]

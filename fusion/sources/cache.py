@@ -10,7 +10,7 @@ position is aligned, and the source's CE on the gold response. Training with
 all N sources for free on every labelled row.
 
 Unlabelled prompts come after the labelled rows: the source the method picks writes each answer
-once (`fusion.module`: the selector, fitted first on the labelled rows' cached CE, picks it), and
+once (`fusion.stages.fusion`: the selector, fitted first on the labelled rows' cached CE, picks it), and
 the record holds that answer's text, the sources that ran along it (the k selected, or all N for
 `uniform` and `confidence`) with their top-K, and how many sources wrote an answer for it. The
 answer settings are part of the fingerprint: a cache answered for another method, k or decoding
@@ -44,9 +44,9 @@ import shutil
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fusion.data import IGNORE_INDEX
-from fusion.io import atomic_directory, atomic_write_json
-from fusion.sources import SourceOutputs
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.utils.io import atomic_directory, atomic_write_json
+from fusion.sources.pool import SourceOutputs
 
 FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabelled prompts
 SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")
@@ -137,7 +137,7 @@ def check_fingerprint(directory: str, expected: dict) -> None:
 def rows_to_records(batch: dict, out: SourceOutputs, selected: torch.Tensor) -> list[dict]:
     """One record per row from the outputs of its selected sources ([B, k, ...]), trained positions only.
 
-    An answered prompt (batch["answers"], see `fusion.module`) also records its answer, how
+    An answered prompt (batch["answers"], see `fusion.stages.fusion`) also records its answer, how
     many sources wrote one, and which source's was used.
     """
     records = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.losses import feedback_loss, selector_loss
+from fusion.objectives.losses import feedback_loss, selector_loss
 
 
 def prompt_features(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fusion import tasks
-from fusion.resume import ResumableLoader, run_seed
-from fusion.tokenizer import load_tokenizer
+from fusion.data import tasks
+from fusion.utils.resume import ResumableLoader, run_seed
+from fusion.data.tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
@@ -311,7 +311,7 @@ class FusionDataModule(L.LightningDataModule):
 
     The fusion corpus (what the student trains on) is the train split's labelled rows plus, when
     the config declares them, unlabelled prompts: rows whose response is None and whose answer
-    the sources write during training (see `fusion.module`). Val and test rows are always labelled.
+    the sources write during training (see `fusion.stages.fusion`). Val and test rows are always labelled.
 
     Args:
         tokenizer: path of the student's tokenizer (linked to `model.student` by the CLI).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusion import tasks
+from fusion.data import tasks
 
 
 @torch.no_grad()

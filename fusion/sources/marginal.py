@@ -3,7 +3,7 @@ inside one of the source's tokens (`model.unaligned: marginal`).
 
 Student position t predicts the student token that starts at byte c. When a source token starts
 at c too, the source's distribution at that boundary is carried onto the student's vocabulary by
-the vocabulary map (`fusion.vocab_map`). When c falls inside a source token v* that starts at
+the vocabulary map (`fusion.sources.vocab_map`). When c falls inside a source token v* that starts at
 byte b < c, the source's position before b still knows what comes next: its distribution p over
 its tokens, conditioned on the bytes u = text[b:c] it has already spelled, is a distribution over
 the bytes that follow c:
@@ -55,7 +55,7 @@ import math
 import numpy as np
 import torch
 
-from fusion.vocab_map import DROPPED, merge_by_student_id
+from fusion.sources.vocab_map import DROPPED, merge_by_student_id
 
 
 class TokenPrefixes:

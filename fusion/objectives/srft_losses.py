@@ -1,4 +1,4 @@
-"""SRFT's advantage, entropy-aware weights and losses as pure functions (see `fusion.srft`).
+"""SRFT's advantage, entropy-aware weights and losses as pure functions (see `fusion.stages.srft`).
 
 Shapes: B prompts, G rollouts per prompt, T positions, V vocabulary. `*_logp` holds log p of
 each position's target token and `*_mask` is 1 on trained positions (response tokens and eos).

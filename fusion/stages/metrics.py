@@ -7,8 +7,8 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
-from fusion.data import IGNORE_INDEX
-from fusion.losses import entropy
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.objectives.losses import entropy
 
 
 class DomainAccuracy(Metric):

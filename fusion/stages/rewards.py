@@ -10,11 +10,11 @@ In the config, several functions with weights; the reward of a completion is the
     model:
       init_args:
         rewards:
-          fusion.rewards.task_score: 1.0
+          fusion.stages.rewards.task_score: 1.0
           my_package.rewards.brevity: 0.1
 
 The columns of the embedded suite are `response` (the gold answer), `domain` and `metadata`; on a
-prompt without gold (see `fusion.data`) `response` and `metadata` are None.
+prompt without gold (see `fusion.data.datamodule`) `response` and `metadata` are None.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from fusion import tasks
+from fusion.data import tasks
 
 RewardFunction = Callable[..., list[float]]
 
@@ -65,7 +65,7 @@ def resolve(path: str, key: str) -> RewardFunction:
     """The callable at dotted `path` ("package.module.function"), or an error naming `key`."""
     module_name, _, attribute = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"{key}: {path!r} is not a dotted path like 'fusion.rewards.task_score'")
+        raise ValueError(f"{key}: {path!r} is not a dotted path like 'fusion.stages.rewards.task_score'")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
@@ -84,7 +84,7 @@ class Rewards:
 
     def __init__(self, spec: dict[str, float], key: str = "model.rewards"):
         if not spec:
-            raise ValueError(f"{key} is empty; name at least one reward function, e.g. {{'fusion.rewards.task_score': 1.0}}")
+            raise ValueError(f"{key} is empty; name at least one reward function, e.g. {{'fusion.stages.rewards.task_score': 1.0}}")
         self.functions: dict[str, tuple[RewardFunction, float]] = {}
         for path, weight in spec.items():
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):

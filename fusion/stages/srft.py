@@ -4,7 +4,7 @@
 Per training step, for each of the batch's B prompts: G rollouts are sampled from the student,
 every rollout and the demonstration (the gold response) are scored by the reward functions,
 and one forward over the B demos and B * G rollouts gives the three loss terms of
-`fusion.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy) and is
+`fusion.objectives.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy) and is
 scored at the temperature it was sampled at, so the importance ratio between the policy trained
 on and the one that sampled is 1 and nothing is clipped, as long as the training forward equals
 the sampling one: sampling runs in eval mode, so that holds with no dropout (`lora.lora_dropout`
@@ -24,14 +24,14 @@ import lightning as L
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fusion import srft_losses
-from fusion.data import IGNORE_INDEX
-from fusion.evaluation import correct, greedy_answers
-from fusion.metrics import EvalMetrics
-from fusion.rewards import Rewards
-from fusion.sources import DTYPES, resolve_model_path
-from fusion.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
-from fusion.tokenizer import load_tokenizer
+from fusion.objectives import srft_losses
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.stages.evaluation import correct, greedy_answers
+from fusion.stages.metrics import EvalMetrics
+from fusion.stages.rewards import Rewards
+from fusion.sources.pool import DTYPES, resolve_model_path
+from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
+from fusion.data.tokenizer import load_tokenizer
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a checkpoint's starting adapter (KL term only)
 
@@ -57,7 +57,7 @@ class SRFTModule(StudentStage, L.LightningModule):
             adapter disabled when the adapter starts fresh (LoRA B = 0, so the student is its
             base; init_from null or a model directory), else a second, frozen adapter
             (`reference`) holding the checkpoint's starting adapter.
-        rewards: dotted path of a reward function -> weight (see `fusion.rewards`).
+        rewards: dotted path of a reward function -> weight (see `fusion.stages.rewards`).
         num_generations: G, rollouts per prompt (at least 2 in rl_only).
         temperature: sampling temperature of the rollouts (pure sampling, no top-k or top-p).
         max_new_tokens: longest rollout, and greedy decoding budget at evaluation.
@@ -78,7 +78,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         shaping: float = 0.1,
         advantage_eps: float = 1e-6,
         kl_weight: float = 0.0,
-        rewards: dict[str, float] = {"fusion.rewards.task_correct": 1.0},
+        rewards: dict[str, float] = {"fusion.stages.rewards.task_correct": 1.0},
         num_generations: int = 8,
         temperature: float = 1.0,
         max_new_tokens: int = 24,

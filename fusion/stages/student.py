@@ -15,11 +15,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fusion.data import IGNORE_INDEX
-from fusion.io import atomic_write_json
-from fusion.resume import run_seed, start_next_epoch_cleanly, step_seed
-from fusion.sources import DTYPES, check_same_vocabulary, resolve_model_path
-from fusion.tokenizer import load_tokenizer
+from fusion.data.datamodule import IGNORE_INDEX
+from fusion.utils.io import atomic_write_json
+from fusion.utils.resume import run_seed, start_next_epoch_cleanly, step_seed
+from fusion.sources.pool import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.data.tokenizer import load_tokenizer
 
 
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
@@ -189,7 +189,7 @@ class StudentStage:
                 if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path):
                     os.remove(callback.ckpt_path)
 
-    # Evaluation: a stage's `_evaluate(batch)` updates `self.eval_metrics` (fusion.metrics), and
+    # Evaluation: a stage's `_evaluate(batch)` updates `self.eval_metrics` (fusion.stages.metrics), and
     # `run_record()` names the run in `metrics.json`.
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from fusion.alignment import BYTE_PIECE, fast_backend, special_ids, token_bytes, tokenizer_name
-from fusion.io import atomic_open, atomic_write_json
+from fusion.sources.alignment import BYTE_PIECE, fast_backend, special_ids, token_bytes, tokenizer_name
+from fusion.utils.io import atomic_open, atomic_write_json
 
 METHODS = ("exact+med", "exact+prefix", "exact")
 RULES_VERSION = 1  # part of the fingerprint: a change to the rules above invalidates cached maps

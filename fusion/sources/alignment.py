@@ -18,11 +18,11 @@ The rule, exact and linear in length:
   bos position when the source has a bos, and is unaligned when it has none.
 - Inside a source token: where c falls inside source token j+1 (it starts at byte b < c),
   `inside_position` is j and `inside_offset` is c - b, the bytes of that token the text has
-  already spelled (`fusion.marginal` reads the source's distribution there).
+  already spelled (`fusion.sources.marginal` reads the source's distribution there).
 - A student token spanning several source tokens: where the student's next token (bytes c to e)
   starts at a shared boundary and holds more than one source token, `span_last` is the source
   position predicting the last source token that overlaps it and `span_spelled` that token's
-  bytes before e (`fusion.marginal` reads the student token's probability along them).
+  bytes before e (`fusion.sources.marginal` reads the student token's probability along them).
 - Source targets: source position j is trained (its target is source token j+1) when token j+1
   overlaps the student's trained span, which runs from the first trained student token to the
   end, eos included; other positions get IGNORE_INDEX. So the source's NLL over its targets is
@@ -48,7 +48,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import IGNORE_INDEX
 
 UNALIGNED = -1
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -149,7 +149,7 @@ class AlignedBatch:
 
     input_ids: torch.Tensor  # [B, S] the source's tokens of each row's text with its bos/eos, right-padded
     attention_mask: torch.Tensor  # [B, S]
-    targets: torch.Tensor  # [B, S] pre-shifted like fusion.data.collate's; IGNORE_INDEX off the trained span
+    targets: torch.Tensor  # [B, S] pre-shifted like fusion.data.datamodule.collate's; IGNORE_INDEX off the trained span
     position_map: torch.Tensor  # [B, T] source position aligned with each student position, -1 unaligned
     aligned: torch.Tensor  # [B] trained student positions that are aligned
     trained: torch.Tensor  # [B] trained student positions
@@ -182,7 +182,7 @@ def _utf8_span(data: bytes) -> tuple[int, int]:
 class Aligner:
     """Aligns the student's batches with one source's tokenization of the same texts (rule: module docstring).
 
-    `aligner(input_ids, attention_mask, targets)` takes a batch from fusion.data.collate. Each
+    `aligner(input_ids, attention_mask, targets)` takes a batch from fusion.data.datamodule.collate. Each
     row's text is rebuilt from the student's tokens; the source's tokenization of each text is
     cached (up to `cache_size` texts), so epochs after the first tokenize nothing. Everything else
     is vectorized over the batch.
