@@ -23,6 +23,23 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What fusion raises for bad input (config, data, checkpoints, caches) or a run it stops.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, ImportError)
 EXIT_BAD_INPUT = 2
+# Modules moved when the package was laid out by concern. Checkpoints written before then name
+# their class (`_class_path`) and reward functions (`rewards`, `selector_rewards`) by these paths.
+MOVED = {"fusion.module.": "fusion.stages.fusion.", "fusion.srft.": "fusion.stages.srft.", "fusion.rewards.": "fusion.stages.rewards."}
+
+
+def renamed(value):
+    """`value` with every string that starts with a moved module's dotted path pointed at its new one."""
+    if isinstance(value, str):
+        for old, new in MOVED.items():
+            if value.startswith(old):
+                return new + value[len(old):]
+        return value
+    if isinstance(value, dict):
+        return {renamed(k): renamed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(renamed(v) for v in value)
+    return value
 
 
 class FusionCLI(LightningCLI):
@@ -35,6 +52,15 @@ class FusionCLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         # The data is tokenized with the student's tokenizer (every stage has `student`).
         parser.link_arguments("model.init_args.student", "data.tokenizer")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads `--ckpt_path`'s hyperparameters into the config: old paths are renamed first.
+        parse_object = self.parser.parse_object
+        self.parser.parse_object = lambda cfg, *args, **kwargs: parse_object(renamed(cfg), *args, **kwargs)
+        try:
+            super()._parse_ckpt_path()
+        finally:
+            del self.parser.parse_object
 
     def instantiate_classes(self) -> None:
         # An optional dependency a configured class needs is named before anything is built.

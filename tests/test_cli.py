@@ -340,3 +340,15 @@ def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp
     main(["fit", "--config", str(path)])  # a fresh run: 4 steps from step 0, not 0 steps from step 4
     assert [int(s["step"]) for s in _logged_steps(str(tmp_path / "runs"), 2)] == [0, 1, 2, 3]
     assert len(_logged_steps(str(tmp_path / "runs"), 1)) == 2  # the resumed one: steps 3 and 4 only
+
+
+def test_a_checkpoint_from_before_the_relayout_names_the_moved_class(write_config, tmp_path):
+    """Checkpoints written before fusion/ was laid out by concern record `fusion.module...`."""
+    from fusion.train import renamed
+
+    hparams = {"_class_path": "fusion.module.FusionDistillModule", "selector_rewards": {"fusion.rewards.answer_format": 1.0},
+               "sources": ["checkpoints/zoo/fusion.module"], "top_k": 2}
+    assert renamed(hparams) == {"_class_path": "fusion.stages.fusion.FusionDistillModule",
+                                "selector_rewards": {"fusion.stages.rewards.answer_format": 1.0},
+                                "sources": ["checkpoints/zoo/fusion.module"], "top_k": 2}
+    assert renamed({"class_path": "fusion.srft.SRFTModule"}) == {"class_path": "fusion.stages.srft.SRFTModule"}
