@@ -342,7 +342,7 @@ def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp
     assert len(_logged_steps(str(tmp_path / "runs"), 1)) == 2  # the resumed one: steps 3 and 4 only
 
 
-def test_a_checkpoint_from_before_the_relayout_names_the_moved_class(write_config, tmp_path):
+def test_a_checkpoint_from_before_the_relayout_names_the_moved_class():
     """Checkpoints written before fusion/ was laid out by concern record `fusion.module...`."""
     from fusion.train import renamed
 
