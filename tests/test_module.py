@@ -62,7 +62,7 @@ def test_only_selected_sources_run(tiny_zoo):
 def test_online_sources_report_their_probability_on_the_union_of_supports(tiny_zoo):
     """union=True: every selected source's log-probability at each id of the union of the
     selected sources' top-K; the fused target then holds more mass than with own supports."""
-    from fusion.objectives.losses import fused_target
+    from fusion.objectives.fusion_rule import fused_target
 
     module = _module(tiny_zoo, fusion="uniform")
     batch = _batch(module)
@@ -96,7 +96,7 @@ def test_baseline_selection_and_weights(tiny_zoo):
     for fusion, alpha in expectations.items():
         module = _module(tiny_zoo, fusion=fusion)
         assert module.select(batch, None).tolist() == [[0, 1, 2]] * 3
-        assert torch.allclose(module.weights(None, ce), alpha)
+        assert torch.allclose(module.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), alpha)
     assert _module(tiny_zoo, fusion="oracle").select(batch, None).tolist() == [[0], [1], [0]]
     assert _module(tiny_zoo, fusion="single", single_source="noise").select(batch, None).tolist() == [[2]] * 3
     selector = _module(tiny_zoo, fusion="selector", top_k=2, gamma=0.0, tau=1.0)
@@ -104,7 +104,7 @@ def test_baseline_selection_and_weights(tiny_zoo):
     selector.eval()
     assert selector.select(batch, quality).tolist() == [[0, 1], [1, 2], [0, 2]]
     # gamma = 0: the weights are the selector's softmax over the selected.
-    assert torch.allclose(selector.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
+    assert torch.allclose(selector.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]]), torch.tensor([[True, True]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
 
 
 def test_training_step_logs_every_term(tiny_zoo):

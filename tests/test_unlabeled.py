@@ -180,7 +180,7 @@ def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
         assert batch["answers"][b]["generations"] == 3
     # Its weights are softmax(-CE) along the response (AvgCE where there is gold).
     ce = torch.tensor([[1.0, 2.0, 4.0]])
-    assert torch.allclose(module.weights(None, ce), torch.softmax(-ce, -1))
+    assert torch.allclose(module.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), torch.softmax(-ce, -1))
 
 
 def test_uniform_answer_comes_from_one_source_drawn_per_prompt(tiny_zoo):

@@ -34,7 +34,7 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     from types import SimpleNamespace
 
     from fusion.data.datamodule import IGNORE_INDEX, FusionDataModule
-    from fusion.objectives.losses import fused_target
+    from fusion.objectives.fusion_rule import fused_target
     from fusion.stages.fusion import FusionDistillModule
 
     model = bench["train"]["model"]

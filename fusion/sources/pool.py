@@ -17,6 +17,7 @@ from fusion.sources.alignment import Aligner
 from fusion.data.datamodule import IGNORE_INDEX, collate, encode
 from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
 from fusion.data.tokenizer import load_tokenizer
+from fusion.objectives.fusion_rule import gold_onehot
 from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
@@ -204,12 +205,7 @@ class SourcePool:
         if union:
             ids, logprobs = _on_union(ids, aligned, tables)
         if self.unaligned == "gold_onehot":  # the gold token, certain, where a source has no boundary
-            fill = trained[:, None, :] & ~aligned & valid[:, :, None]  # [B, k, T]
-            ids[..., 0] = torch.where(fill, targets[:, None, :].expand(-1, k, -1), ids[..., 0])
-            logprobs[..., 0] = torch.where(fill, 0.0, logprobs[..., 0])
-            ids[..., 1:] = torch.where(fill[..., None], -1, ids[..., 1:])
-            logprobs[..., 1:] = torch.where(fill[..., None], -math.inf, logprobs[..., 1:])
-            aligned = aligned | fill
+            ids, logprobs, aligned = gold_onehot(ids, logprobs, aligned, valid, targets)
         return SourceOutputs(ids, logprobs, ce, valid, aligned)
 
     def _run_one(self, index: int, model, input_ids, attention_mask, targets, temperature: float, table: bool = False):

@@ -33,7 +33,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
-from fusion.objectives import losses
+from fusion.objectives import fusion_rule, losses
 from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
 from fusion.data.datamodule import IGNORE_INDEX, collate, encode, is_labelled
 from fusion.stages.evaluation import correct, greedy_answers
@@ -516,16 +516,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             selected = torch.where(fixed[:, :1] >= 0, fixed.to(selected.device), selected)
         return selected
 
-    def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor) -> torch.Tensor:
-        """alpha over the selected sources. [B, k] -> [B, k]"""
-        h, rule = self.hparams, self.method.weights
-        if rule == "dynamic":
-            return losses.dynamic_weights(selected_quality.detach(), ce, h.tau, h.gamma)
-        if rule == "softmax_ce":
-            return torch.softmax(-ce, dim=-1)
-        if rule == "min_ce":
-            return torch.nn.functional.one_hot(ce.argmin(-1), ce.shape[-1]).float()
-        return torch.full_like(ce, 1.0 / ce.shape[-1])  # equal
+    def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """alpha over the selected sources, 0 on a skipped one (`fusion_rule.fusion_weights`). [B, k] x3 -> [B, k]"""
+        h = self.hparams
+        return fusion_rule.fusion_weights(self.method.weights, selected_quality, ce, valid, h.tau, h.gamma)
 
     def on_policy(self, step: int) -> bool:
         """Whether step `step` learns along the student's own samples: with `response_from:
@@ -606,9 +600,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
         # A sequence left with no usable source gets no target, so no KL, only gold CE.
-        alpha = self.weights(selected_quality, ce.masked_fill(~valid, 1e4)) * valid  # [B, k]
-        alpha = alpha / alpha.sum(-1, keepdim=True).clamp(min=1e-12)
-        fused = losses.fused_target(out.ids[:size], out.logprobs[:size], alpha, out.aligned[:size])
+        alpha = self.weights(selected_quality, ce, valid)  # [B, k]
+        fused = fusion_rule.fused_target(out.ids[:size], out.logprobs[:size], alpha, out.aligned[:size])
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
         logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
@@ -646,7 +639,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
-    def _student_terms(self, logits: torch.Tensor, targets: torch.Tensor, fused: losses.SparseTarget, samples: int | None) -> dict:
+    def _student_terms(self, logits: torch.Tensor, targets: torch.Tensor, fused: fusion_rule.SparseTarget, samples: int | None) -> dict:
         """loss = lam * CE + (1 - lam) * T^2 * D, with "ce" and "divergence" detached for logging.
 
         Off-policy (`samples` None): both terms over every trained position (forward KL with
