@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.objectives.fusion_rule import SparseTarget, dynamic_weights, fused_target, fusion_weights, gold_onehot, merge_duplicates, rule_weights
 from tests.test_losses import L, approx
 

@@ -7,11 +7,12 @@ tensors, so a reader can verify it with pencil and paper.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.objectives.fusion_rule import SparseTarget, merge_duplicates
 from fusion.objectives.losses import (
     entropy,
@@ -389,3 +390,15 @@ def test_closed_form_gradient_equals_autograd_through_the_sparse_kl(lam, tempera
     assert approx(out["ce"], float(ce), abs=1e-5) and approx(out["kl"], float(kl), abs=1e-5)
     assert torch.allclose(grad, expected, atol=1e-5), float((grad - expected).abs().max())
     assert grad[2, 4].abs().sum() > 1e-3  # the confident row still learns its tail (over 18 tokens)
+
+
+def test_the_losses_and_the_fusion_rule_load_no_lightning():
+    """They read IGNORE_INDEX from `fusion.data`, which imports nothing, not from the datamodule."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fusion.objectives.losses, fusion.objectives.fusion_rule; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'reasoning_gym'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

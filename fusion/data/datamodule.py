@@ -14,11 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fusion.data import tasks
+from fusion.data import IGNORE_INDEX, tasks
 from fusion.utils.resume import ResumableLoader, run_seed
 from fusion.data.tokenizer import load_tokenizer
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HELD_OUT, TEST_OF_HELD_OUT = 0.2, 0.5  # one data file: 80% train; the other 20% half val, half test

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 
 SKIPPED_CE = 1e4  # the CE a weight rule sees for a skipped source (its weight is then masked to 0)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.objectives.fusion_rule import SparseTarget
 
 

@@ -48,7 +48,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 
 UNALIGNED = -1
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
