@@ -23,13 +23,18 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What fusion raises for bad input (config, data, checkpoints, caches) or a run it stops.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, ImportError)
 EXIT_BAD_INPUT = 2
-# Modules moved when the package was laid out by concern. Checkpoints written before then name
-# their class (`_class_path`) and reward functions (`rewards`, `selector_rewards`) by these paths.
+# Checkpoints written before fusion/ was laid out by concern (data/, sources/, objectives/,
+# stages/, utils/) name their class (`_class_path`: fusion.module.FusionDistillModule,
+# fusion.srft.SRFTModule) and reward functions (the keys of `rewards`, `selector_rewards`:
+# fusion.rewards.*) by the old module paths. `--ckpt_path` reads those hyperparameters into the
+# config, where they must import (`FusionCLI._parse_ckpt_path`), so they are renamed first.
+# `model.init_from` and `fusion.export` read only tensors and plain settings: no renaming there.
 MOVED = {"fusion.module.": "fusion.stages.fusion.", "fusion.srft.": "fusion.stages.srft.", "fusion.rewards.": "fusion.stages.rewards."}
 
 
 def renamed(value):
-    """`value` with every string that starts with a moved module's dotted path pointed at its new one."""
+    """`value` (a checkpoint's hyperparameters) with every string that starts with a moved
+    module's dotted path, dictionary keys included, pointed at the module's new path."""
     if isinstance(value, str):
         for old, new in MOVED.items():
             if value.startswith(old):
@@ -54,7 +59,8 @@ class FusionCLI(LightningCLI):
         parser.link_arguments("model.init_args.student", "data.tokenizer")
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads `--ckpt_path`'s hyperparameters into the config: old paths are renamed first.
+        # Lightning reads `--ckpt_path`'s hyperparameters into the config with `parser.parse_object`;
+        # for this call only, that parse sees them with the old module paths renamed (`MOVED`).
         parse_object = self.parser.parse_object
         self.parser.parse_object = lambda cfg, *args, **kwargs: parse_object(renamed(cfg), *args, **kwargs)
         try:

@@ -342,13 +342,33 @@ def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp
     assert len(_logged_steps(str(tmp_path / "runs"), 1)) == 2  # the resumed one: steps 3 and 4 only
 
 
-def test_a_checkpoint_from_before_the_relayout_names_the_moved_class():
-    """Checkpoints written before fusion/ was laid out by concern record `fusion.module...`."""
-    from fusion.train import renamed
+@pytest.mark.parametrize("old_class, new_class, rewards_key", [
+    ("fusion.module.FusionDistillModule", "fusion.stages.fusion.FusionDistillModule", "selector_rewards"),
+    ("fusion.srft.SRFTModule", "fusion.stages.srft.SRFTModule", "rewards"),
+])
+def test_ckpt_path_from_before_the_relayout_reads_its_moved_class_and_rewards(tmp_path, old_class, new_class, rewards_key):
+    """A checkpoint written before fusion/ was laid out by concern names its class and reward
+    functions by the old module paths (`fusion.module`, `fusion.srft`, `fusion.rewards`); `--ckpt_path`
+    reads them into the config under the new ones (`fusion.train.MOVED`)."""
+    from fusion.train import FusionCLI
+    from tests.conftest import tiny_config
 
-    hparams = {"_class_path": "fusion.module.FusionDistillModule", "selector_rewards": {"fusion.rewards.answer_format": 1.0},
-               "sources": ["checkpoints/zoo/fusion.module"], "top_k": 2}
-    assert renamed(hparams) == {"_class_path": "fusion.stages.fusion.FusionDistillModule",
-                                "selector_rewards": {"fusion.stages.rewards.answer_format": 1.0},
-                                "sources": ["checkpoints/zoo/fusion.module"], "top_k": 2}
-    assert renamed({"class_path": "fusion.srft.SRFTModule"}) == {"class_path": "fusion.stages.srft.SRFTModule"}
+    class Parsed(Exception):
+        pass
+
+    class ParseOnly(FusionCLI):
+        def instantiate_classes(self) -> None:  # the checkpoint's hyperparameters are in the config by now
+            raise Parsed(self.config.test.model)
+
+    hparams = {"_class_path": old_class, "_instantiator": "lightning.pytorch.cli.instantiate_module",
+               "student": "checkpoints/zoo/fusion.module", rewards_key: {"fusion.rewards.answer_format": 1.0}}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
+    config = tiny_config(str(tmp_path / "zoo"), str(tmp_path / "runs"))
+    config["model"] = {"class_path": new_class, "init_args": {"student": "unused"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(Parsed) as parsed:
+        main(["test", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(tmp_path / "old.ckpt")], cli=ParseOnly)
+    model = parsed.value.args[0]
+    assert model.class_path == new_class
+    assert model.init_args[rewards_key] == {"fusion.stages.rewards.answer_format": 1.0}
+    assert model.init_args.student == "checkpoints/zoo/fusion.module"  # only dotted module paths are renamed
