@@ -49,13 +49,18 @@ def test_a_source_with_the_students_tokenizer_never_reads_the_written_token():
                       ["same", "bpe"], char, top_k=8, unaligned="marginal")
     rows = [encode(char, "x", answer, 32) | {"row": {}} for answer in ("hello", "hew", "help", "hewhe", "hehe")]
     batch = collate(rows, char.pad_token_id)
-    got = measure(pool, [batch], per_row=5, seed=0)
+    got = measure(pool, [batch], per_row=5, student=char, seed=0)
     assert len(got["same"]["token_end"]) == len(got["same"]["prefix"]) == 5 + 3 + 4 + 5 + 4
-    assert max(got["same"]["token_end"] + got["same"]["prefix"]) == 0.0
-    token_end, prefix = torch.tensor(got["bpe"]["token_end"]), torch.tensor(got["bpe"]["prefix"])
+    assert max(tv for tv, _ in got["same"]["token_end"] + got["same"]["prefix"]) == 0.0
+    assert not any(split for _, split in got["same"]["prefix"])  # one char, one token: nothing to split
+    token_end, prefix = (torch.tensor([tv for tv, _ in got["bpe"][b]]) for b in ("token_end", "prefix"))
     assert len(token_end) == len(prefix) == 5 + 3 + 4 + 5 + 4
     # token_end: 12 of the 21 changes move the whole target (a boundary where the other row has
     # none, or none where it has one). prefix: what is left is the 0.125 of "he" ending after "he"
     # (spelled out as the boundary's h 0.1 and w 0.025 where the source splits there, tail elsewhere).
     assert int((token_end == 1.0).sum()) == 12 and int((token_end > 0).sum()) == 12
     assert sorted(set(prefix.tolist())) == [0.0, pytest.approx(0.125)] and int((prefix > 0).sum()) == 2
+    # Every difference is where the written token moves the source's split of the text before it.
+    split = [s for _, s in got["bpe"]["token_end"]]
+    assert split == [s for _, s in got["bpe"]["prefix"]] and (token_end > 0).tolist() == split
+    assert all(s for tv, s in got["bpe"]["prefix"] if tv > 0)

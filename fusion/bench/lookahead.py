@@ -11,8 +11,11 @@ after it is the gold's) and compares the source's distribution at each such posi
 that predicts the changed token, with the same position along the unchanged row. Both read the
 same text before it, so an exact target gives the same distribution: the printed total variation
 (TV, on the union of both supports plus the tail) is 0. It is, for a source with the student's
-tokenizer. For a source with another tokenizer, `model.unaligned: marginal`, each
-`model.boundary` (`fusion.sources.marginal`) is measured.
+tokenizer. For a source with another tokenizer (`model.unaligned: marginal`, each
+`model.boundary` of `fusion.sources.marginal`), the table also splits the positions by whether
+the source's tokenizer ends its tokens before the position at the same places in both rows: BPE
+merges read ahead, so the written token can change how the text before it is split, and with it
+the context the source is read in.
 
 Writes `report.json` under `--output`.
 """
@@ -70,35 +73,53 @@ def total_variation(a: dict[int, float], b: dict[int, float]) -> float:
     return 0.5 * (sum(abs(a.get(t, 0.0) - b.get(t, 0.0)) for t in set(a) | set(b)) + tails)
 
 
-def measure(pool, batches: list[dict], per_row: int, temperature: float = 1.0, seed: int = 0) -> dict:
-    """-> {source: {boundary: {"positions", "tv": [...]}}}; positions where both rows have the source's distribution."""
+def _splits_before(student, source, ids: torch.Tensor, position: int) -> list[int]:
+    """Where `source` ends its tokens before the text that student position `position` predicts,
+    reading the whole row's text (as the alignment does): character offsets."""
+    text = student.decode(ids, skip_special_tokens=True)
+    before = len(student.decode(ids[: position + 1], skip_special_tokens=True))
+    return [end for _, end in source(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"] if end <= before]
+
+
+def measure(pool, batches: list[dict], per_row: int, student, temperature: float = 1.0, seed: int = 0) -> dict:
+    """-> {source: {boundary: [(TV, whether the source splits the text before the position
+    differently in the two rows)]}}, at the changed positions where both rows have the source's
+    distribution. `student`: the student's tokenizer."""
     from fusion.objectives.fusion_rule import fused_target
 
     results = {name: {b: [] for b in BOUNDARIES} for name in pool.names}
     rng = random.Random(seed)
     pairs = [_changed_rows(batch, per_row, rng) for batch in batches]
     for index, name in enumerate(pool.names):
-        for boundary in BOUNDARIES:
-            pool.boundary = boundary
-            for both, changed in pairs:
-                size = len(both["input_ids"])
-                out = pool.run(torch.full((size, 1), index), both, temperature)
-                target = fused_target(out.ids, out.logprobs, torch.ones(size, 1), out.aligned)
-                rows = len(both["input_ids"]) - len(changed)
+        source = pool.tokenizers[index]
+        for both, changed in pairs:
+            rows = len(both["input_ids"]) - len(changed)
+            real = [both["input_ids"][r][both["attention_mask"][r].bool()] for r in range(len(both["input_ids"]))]
+            split = [_splits_before(student, source, real[row], p) != _splits_before(student, source, real[copy], p)
+                     for copy, (row, p) in enumerate(changed, start=rows)]
+            for boundary in BOUNDARIES:
+                pool.boundary = boundary
+                out = pool.run(torch.full((len(real), 1), index), both, temperature)
+                target = fused_target(out.ids, out.logprobs, torch.ones(len(real), 1), out.aligned)
                 for copy, (row, position) in enumerate(changed, start=rows):
                     if out.aligned[row, 0, position] and out.aligned[copy, 0, position]:
-                        results[name][boundary].append(total_variation(
+                        results[name][boundary].append((total_variation(
                             _distribution(target.ids[row, position], target.probs[row, position]),
-                            _distribution(target.ids[copy, position], target.probs[copy, position])))
+                            _distribution(target.ids[copy, position], target.probs[copy, position])), split[copy - rows]))
     return results
 
 
-def summary(tvs: list[float]) -> dict:
-    t = torch.tensor(tvs) if tvs else torch.zeros(0)
-    if not len(t):
+def summary(found: list[tuple[float, bool]]) -> dict:
+    if not found:
         return {"positions": 0}
+    t, split = torch.tensor([tv for tv, _ in found]), torch.tensor([s for _, s in found])
+
+    def mean(values: torch.Tensor) -> float | None:
+        return float(values.mean()) if len(values) else None
+
     return {"positions": len(t), "mean_tv": float(t.mean()), "share_above_0.05": float((t > 0.05).float().mean()),
-            "share_above_0.3": float((t > 0.3).float().mean())}
+            "share_above_0.3": float((t > 0.3).float().mean()), "share_split_differs": float(split.float().mean()),
+            "mean_tv_split_differs": mean(t[split]), "mean_tv_same_split": mean(t[~split])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,15 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
         seen += take
         if args.rows is not None and seen >= args.rows:
             break
-    results = {name: {b: summary(tvs) for b, tvs in by.items()} for name, by in measure(pool, batches, args.per_row, seed=args.seed).items()}
+    measured = measure(pool, batches, args.per_row, tokenizer, seed=args.seed)
+    results = {name: {b: summary(found) for b, found in by.items()} for name, by in measured.items()}
     print(f"pool {args.pool}, {seen} labelled rows, {args.per_row} changed positions per row, unaligned: marginal; "
           "TV between the targets at the same text before the predicted token:\n")
-    print("| source | boundary | positions | mean TV | TV > 0.05 | TV > 0.3 |")
-    print("|---|---|---|---|---|---|")
+    print("| source | boundary | positions | mean TV | TV > 0.05 | TV > 0.3 | source splits the text before differently | mean TV there | mean TV elsewhere |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, by in results.items():
         for boundary, r in by.items():
             if r["positions"]:
-                print(f"| {name} | {boundary} | {r['positions']} | {r['mean_tv']:.3f} | {r['share_above_0.05']:.2f} | {r['share_above_0.3']:.2f} |")
+                there, elsewhere = (f"{v:.3f}" if v is not None else "-" for v in (r["mean_tv_split_differs"], r["mean_tv_same_split"]))
+                print(f"| {name} | {boundary} | {r['positions']} | {r['mean_tv']:.3f} | {r['share_above_0.05']:.2f} | {r['share_above_0.3']:.2f} "
+                      f"| {r['share_split_differs']:.2f} | {there} | {elsewhere} |")
     atomic_write_json(os.path.join(args.output, "report.json"), {"config": args.config, "pool": args.pool, "rows": seen,
                                                                   "per_row": args.per_row, "seed": args.seed, "results": results})
     return results
