@@ -20,20 +20,19 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ALPHABET = [chr(code) for code in range(32, 127)]  # printable ASCII, space included
 
 
+
+def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` backend as a transformers tokenizer with the zoo's special tokens."""
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="right")
+
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """A fast tokenizer with one token per printable ASCII character (99 tokens in all)."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + ALPHABET)}
     # BPE without merges splits a string into its characters and keeps character offsets.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="right",
-    )
+    return _wrap(backend)
 
 
 def build_gpt2_tokenizer() -> PreTrainedTokenizerFast:
@@ -69,14 +68,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: boo
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="right",
-    )
+    return _wrap(backend)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
