@@ -88,7 +88,7 @@ def measure(pool, batches: list[dict], per_row: int, student, temperature: float
     from fusion.objectives.fusion_rule import fused_target
 
     results = {name: {b: [] for b in BOUNDARIES} for name in pool.names}
-    rng = random.Random(seed)
+    rng, setting = random.Random(seed), pool.boundary
     pairs = [_changed_rows(batch, per_row, rng) for batch in batches]
     for index, name in enumerate(pool.names):
         source = pool.tokenizers[index]
@@ -106,6 +106,7 @@ def measure(pool, batches: list[dict], per_row: int, student, temperature: float
                         results[name][boundary].append((total_variation(
                             _distribution(target.ids[row, position], target.probs[row, position]),
                             _distribution(target.ids[copy, position], target.probs[copy, position])), split[copy - rows]))
+    pool.boundary = setting  # the pool as it came
     return results
 
 
