@@ -195,6 +195,32 @@ def test_no_gradient_flows_through_the_sampling(tiny_zoo):
     assert all(torch.equal(a, b) for a, b in zip(sampled, fixed))
 
 
+def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo):
+    """`on_policy_mix: joint`: the sources score the samples, then every row along its gold or its
+    source's answer (2B rows), and the student's loss is the off-policy step's on the same batch
+    plus (1 - lam) times the samples' divergence of the alternate on-policy step."""
+    module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_mix="joint", divergence="reverse_kl", lam=0.3)
+    batch = _batch(module)
+    torch.manual_seed(0)
+    samples = module.sample(batch)
+    module.sample = lambda b: {k: v.clone() for k, v in samples.items()}
+    rows, run = [], module.pool.run
+    module.pool.run = lambda selected, scored, *a, **kw: rows.append(scored["input_ids"].shape[0]) or run(selected, scored, *a, **kw)
+
+    def student_terms(**settings) -> tuple[float, float]:
+        module.hparams.update(settings)
+        module.training_step(batch, 0)
+        return module.logged["train/loss_student"], module.logged["train/divergence"]
+
+    joint, joint_divergence = student_terms()
+    off_policy, _ = student_terms(response_from="source")
+    _, divergence = student_terms(response_from="student", on_policy_mix="alternate")
+    assert rows == [6, 3, 4]  # joint: 3 samples + 3 answered rows; off-policy: 3 rows; alternate: 3 samples + 1 gold row
+    assert divergence > 0 and off_policy > 0
+    assert joint_divergence == pytest.approx(divergence, rel=1e-5)
+    assert joint == pytest.approx(off_policy + 0.7 * divergence, rel=1e-5)
+
+
 def test_on_policy_share_of_steps_is_evenly_spread(tiny_zoo):
     module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
     assert [module.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
@@ -257,6 +283,7 @@ def test_answer_format_reads_the_prompt_not_the_gold():
     ({"divergence": "tv"}, r"model.divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'tv'"),
     ({"jsd_beta": 1.0}, r"model.jsd_beta must be in \(0, 1\) \(its ends are forward_kl and reverse_kl\), got 1.0"),
     ({"on_policy_fraction": 1.5}, r"model.on_policy_fraction in \[0, 1\], got 1.0, 32 and 1.5"),
+    ({"on_policy_mix": "both"}, r"model.on_policy_mix must be one of \('alternate', 'joint'\), got 'both'"),
     ({"sample_temperature": 0.0}, r"model.sample_temperature must be positive.* got 0.0, 32 and 1.0"),
     ({"response_from": "student", "source_mode": "cached", "cache_dir": "x"},
      r"model.response_from 'student' runs the sources on what is written during training: it needs model.source_mode 'online'"),

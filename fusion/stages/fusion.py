@@ -48,6 +48,7 @@ from fusion.sources.vocab_map import default_cache_dir
 
 FUSION_METHODS = tuple(METHODS)
 RESPONSES = ("source", "student")  # model.response_from
+ON_POLICY_MIXES = ("alternate", "joint")  # model.on_policy_mix
 SELECTOR_SIGNALS = ("gold_ce", "rewards")  # model.selector_signal
 
 
@@ -108,6 +109,10 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             student` (pure sampling at this temperature, at most this many tokens).
         on_policy_fraction: GKD's lambda, the share of steps that are on-policy (the rest are
             off-policy), evenly spread over the steps; with `response_from: student`.
+        on_policy_mix: what an on-policy step learns besides the student's samples: "alternate"
+            (GKD's batches: only the labelled rows' gold CE) or "joint" (the whole off-policy
+            loss along the same prompts' gold or source answers too, as MiniLLM keeps its
+            language-modelling term: the samples' divergence is added to an off-policy step).
         divergence: D of the distillation term (`losses.sparse_divergence`): forward_kl,
             reverse_kl or jsd; jsd_beta: the JSD's beta (0 < beta < 1).
         selector_signal: what the selector regresses onto: "gold_ce" (-CE of each selected source
@@ -163,6 +168,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         sample_temperature: float = 1.0,
         sample_max_new_tokens: int = 32,
         on_policy_fraction: float = 1.0,
+        on_policy_mix: str = "alternate",
         divergence: str = "forward_kl",
         jsd_beta: float = 0.5,
         selector_signal: str = "gold_ce",
@@ -246,7 +252,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def _check_on_policy_settings(self) -> None:
         h = self.hparams
-        choices = {"response_from": RESPONSES, "divergence": losses.DIVERGENCES, "selector_signal": SELECTOR_SIGNALS}
+        choices = {"response_from": RESPONSES, "divergence": losses.DIVERGENCES, "selector_signal": SELECTOR_SIGNALS,
+                   "on_policy_mix": ON_POLICY_MIXES}
         for key, allowed in choices.items():
             if h[key] not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
@@ -538,13 +545,13 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
                                 h.sample_temperature, h.sample_max_new_tokens)
 
-    def _scored_rows(self, batch: dict, samples: dict) -> dict:
-        """The B samples, then the L labelled rows along their gold, right-padded to one width
-        ([B + L, W]): what the sources run on and the student reads in an on-policy step."""
-        gold = batch["labelled"].to(batch["input_ids"].device)
+    def _scored_rows(self, batch: dict, samples: dict, kept: torch.Tensor) -> dict:
+        """The B samples, then the `kept` rows of the batch along their gold or source answer,
+        right-padded to one width ([B + kept, W]): what the sources run on and the student reads
+        in an on-policy step."""
         width = max(samples["input_ids"].shape[1], batch["input_ids"].shape[1])
         pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "targets": IGNORE_INDEX}
-        return {key: torch.cat([pad_right(samples[key], width, value), pad_right(batch[key][gold], width, value)]) for key, value in pad.items()}
+        return {key: torch.cat([pad_right(samples[key], width, value), pad_right(batch[key][kept], width, value)]) for key, value in pad.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Off-policy: lam * CE + (1 - lam) * T^2 * D(P_F || student) along the gold answer, or
@@ -555,11 +562,14 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         onto the student's positions by `SourcePool.run`, whatever their tokenizer), and the loss
         is lam * CE on the labelled rows' gold (token mean) + (1 - lam) * T^2 * D(P_F, student)
         at every sampled position (token mean). The sources also run along the labelled rows'
-        gold, in the same call, so the selector observes gold CE as in an off-policy step.
+        gold, in the same call, so the selector observes gold CE as in an off-policy step. With
+        `on_policy_mix: joint` they run along every row's gold or source answer, and the loss is
+        the off-policy step's along those plus (1 - lam) * T^2 * D at the sampled positions.
         """
         h = self.hparams
         on_policy = self.on_policy(self.global_step)
-        batch = batch if on_policy else self.answer_prompts(batch)
+        joint = on_policy and h.on_policy_mix == "joint"
+        batch = batch if on_policy and not joint else self.answer_prompts(batch)
         targets = batch["targets"]
         if not self.method.uses_sources:
             logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
@@ -576,8 +586,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         logs = {"train/on_policy": float(on_policy)}
         if on_policy:
             samples = self.sample(batch)
-            scored = self._scored_rows(batch, samples)
-            run = torch.cat([selected, selected[labelled]])
+            kept = torch.ones_like(labelled) if joint else labelled  # the rows also read along gold or an answer
+            scored = self._scored_rows(batch, samples, kept)
+            run = torch.cat([selected, selected[kept]])
             logs |= {"train/sampled_tokens": samples["length"].sum().float(), "train/sample_length": samples["length"].float().mean()}
         else:
             scored, run = batch, selected
@@ -587,25 +598,27 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             out = self.pool.to(self.device).run(run, scored, h.temperature, union=True)  # the exact mixture on the union
             self.log_dict({f"align/{name}": value for name, value in self.pool.coverage.items()})  # positions with the source's distribution
             gold_ce, gold_valid = out.ce, out.valid
-            if on_policy:  # the gold rows come after the samples
+            if on_policy:  # the rows along gold or answers come after the samples
                 gold_ce, gold_valid = torch.zeros_like(out.ce[:size]), torch.zeros_like(out.valid[:size])
-                gold_ce[labelled], gold_valid[labelled] = out.ce[size:], out.valid[size:]
+                gold_ce[kept], gold_valid[kept] = out.ce[size:], out.valid[size:]
             all_ce = torch.zeros(size, len(self.source_names), device=self.device).scatter(1, selected, gold_ce)
             all_valid = torch.zeros_like(all_ce, dtype=torch.bool).scatter(1, selected, gold_valid)
             all_valid &= labelled[:, None]  # CE along a source's answer or the student's sample is no quality signal
         if self.selector_rewards is not None:
             all_ce, all_valid, reward_logs = self._reward_observations(batch, selected)
             logs |= reward_logs
-        ce, valid = out.ce[:size], out.valid[:size]
+        # Joint: each prompt's weights come from its sources' CE along its gold or answer, not its sample.
+        ce, valid = (out.ce[size:], out.valid[size:]) if joint else (out.ce[:size], out.valid[:size])
         selected_quality = quality.gather(1, selected) if quality is not None else None
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
         # A sequence left with no usable source gets no target, so no KL, only gold CE.
         alpha = self.weights(selected_quality, ce, valid)  # [B, k]
-        fused = fusion_rule.fused_target(out.ids[:size], out.logprobs[:size], alpha, out.aligned[:size])
+        rows = 2 * size if joint else size  # the rows with a fused target: the samples, and joint's answers
+        fused = fusion_rule.fused_target(out.ids[:rows], out.logprobs[:rows], alpha.repeat(rows // size, 1), out.aligned[:rows])
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
         logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
-        terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None)
+        terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None, joint)
         total = terms["loss"]
         logs |= {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/divergence": terms["divergence"],
                  "train/alpha_max": alpha.max(-1).values.mean()}
@@ -639,14 +652,22 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False)
         return total
 
-    def _student_terms(self, logits: torch.Tensor, targets: torch.Tensor, fused: fusion_rule.SparseTarget, samples: int | None) -> dict:
+    def _student_terms(self, logits: torch.Tensor, targets: torch.Tensor, fused: fusion_rule.SparseTarget,
+                       samples: int | None, joint: bool = False) -> dict:
         """loss = lam * CE + (1 - lam) * T^2 * D, with "ce" and "divergence" detached for logging.
 
         Off-policy (`samples` None): both terms over every trained position (forward KL with
         `student_loss`'s closed-form gradient). On-policy: D over the first `samples` rows (the
-        student's samples), CE over the rest (the labelled rows' gold), each a token mean.
+        student's samples), CE over the rest (the labelled rows' gold), each a token mean. Joint:
+        the off-policy loss over the rest (gold or source answers, with their targets) plus
+        (1 - lam) * T^2 * D over the samples ("divergence" logs the samples').
         """
         h = self.hparams
+        if joint:
+            rest = self._student_terms(logits[samples:], targets[samples:], fusion_rule.SparseTarget(*(t[samples:] for t in fused)), None)
+            sampled = fusion_rule.SparseTarget(*(t[:samples] for t in fused))
+            divergence = losses.divergence_loss(logits[:samples], targets[:samples], sampled, h.divergence, h.jsd_beta, h.temperature)
+            return {"loss": rest["loss"] + (1.0 - h.lam) * divergence, "ce": rest["ce"], "divergence": divergence.detach()}
         if samples is None and h.divergence == "forward_kl":
             terms = losses.student_loss(logits, targets, fused, h.lam, h.temperature)
             return {"loss": terms["loss"], "ce": terms["ce"], "divergence": terms["kl"]}
