@@ -60,11 +60,8 @@ def _changed_rows(batch: dict, per_row: int, rng: random.Random) -> tuple[dict, 
 
 
 def _distribution(ids: torch.Tensor, probs: torch.Tensor) -> dict[int, float]:
-    out = {}
-    for token, p in zip(ids.tolist(), probs.tolist()):
-        if token >= 0:
-            out[token] = out.get(token, 0.0) + p
-    return out
+    """One position of a `SparseTarget` (each id at most once) as token -> probability."""
+    return {token: p for token, p in zip(ids.tolist(), probs.tolist()) if token >= 0}
 
 
 def total_variation(a: dict[int, float], b: dict[int, float]) -> float:
@@ -90,23 +87,25 @@ def measure(pool, batches: list[dict], per_row: int, student, temperature: float
     results = {name: {b: [] for b in BOUNDARIES} for name in pool.names}
     rng, setting = random.Random(seed), pool.boundary
     pairs = [_changed_rows(batch, per_row, rng) for batch in batches]
-    for index, name in enumerate(pool.names):
-        source = pool.tokenizers[index]
-        for both, changed in pairs:
-            rows = len(both["input_ids"]) - len(changed)
-            real = [both["input_ids"][r][both["attention_mask"][r].bool()] for r in range(len(both["input_ids"]))]
-            split = [_splits_before(student, source, real[row], p) != _splits_before(student, source, real[copy], p)
-                     for copy, (row, p) in enumerate(changed, start=rows)]
-            for boundary in BOUNDARIES:
-                pool.boundary = boundary
-                out = pool.run(torch.full((len(real), 1), index), both, temperature)
-                target = fused_target(out.ids, out.logprobs, torch.ones(len(real), 1), out.aligned)
-                for copy, (row, position) in enumerate(changed, start=rows):
-                    if out.aligned[row, 0, position] and out.aligned[copy, 0, position]:
-                        results[name][boundary].append((total_variation(
-                            _distribution(target.ids[row, position], target.probs[row, position]),
-                            _distribution(target.ids[copy, position], target.probs[copy, position])), split[copy - rows]))
-    pool.boundary = setting  # the pool as it came
+    texts = [[ids[m.bool()] for ids, m in zip(both["input_ids"], both["attention_mask"])] for both, _ in pairs]  # unpadded
+    try:
+        for index, name in enumerate(pool.names):
+            source = pool.tokenizers[index]
+            for (both, changed), real in zip(pairs, texts):
+                rows = len(real) - len(changed)
+                split = [_splits_before(student, source, real[row], p) != _splits_before(student, source, real[copy], p)
+                         for copy, (row, p) in enumerate(changed, start=rows)]
+                for boundary in BOUNDARIES:
+                    pool.boundary = boundary
+                    out = pool.run(torch.full((len(real), 1), index), both, temperature)
+                    target = fused_target(out.ids, out.logprobs, torch.ones(len(real), 1), out.aligned)
+                    for copy, (row, position) in enumerate(changed, start=rows):
+                        if out.aligned[row, 0, position] and out.aligned[copy, 0, position]:
+                            results[name][boundary].append((total_variation(
+                                _distribution(target.ids[row, position], target.probs[row, position]),
+                                _distribution(target.ids[copy, position], target.probs[copy, position])), split[copy - rows]))
+    finally:
+        pool.boundary = setting  # the pool as it came, also when a source fails
     return results
 
 

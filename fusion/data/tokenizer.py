@@ -20,11 +20,11 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ALPHABET = [chr(code) for code in range(32, 127)]  # printable ASCII, space included
 
 
-
 def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
     """A `tokenizers` backend as a transformers tokenizer with the zoo's special tokens."""
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="right")
+
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """A fast tokenizer with one token per printable ASCII character (99 tokens in all)."""
