@@ -31,7 +31,10 @@ from fusion import zoo
 from fusion.sources.cache import is_current, model_fingerprint
 from fusion.utils.io import atomic_write_json, atomic_write_text
 from fusion.objectives.methods import METHODS, generations_per_prompt
+from fusion.sources.pool import source_name
+from fusion.stages.evaluation import best_sources, ratio_to_sources, source_accuracy
 from fusion.train import main as cli
+from fusion.utils.callbacks import best_checkpoint
 
 BEFORE = "before training"
 
@@ -77,29 +80,59 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False,
         if not is_current(run.model.hparams.cache_dir, run.model.cache_fingerprint(run.datamodule)):
             run.trainer.predict(run.model, datamodule=run.datamodule, return_predictions=False)
         timings["cache_seconds"] = time.time() - started
+    best = None
     if method != BEFORE:
         run.trainer.fit(run.model, datamodule=run.datamodule)
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+        best = best_checkpoint(run.trainer)  # the weights that did best on the validation split
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best)
     sources = len(run.model.source_names)
     return run.model.test_results | timings | {"generations_per_prompt": generations_per_prompt(METHODS[fusion], sources)}
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    """One row per method: accuracy per domain and mean, as mean ± std when there are several seeds."""
-    domains = sorted({d for runs in results.values() for r in runs for d in r["acc"]})
+def source_ceiling(config: str, extra: list[str]) -> dict[str, dict[str, float]]:
+    """Each source of the config answering the test prompts itself (greedy, its own tokens):
+    source name -> accuracy per domain."""
+    run = cli(args=["--config", config, "--model.fusion=none", *extra], run=False)
+    h, data = run.model.hparams, run.datamodule
+    rows = data.load()["test"]
+    return {source_name(path): source_accuracy(path, rows, h.max_new_tokens, f"model.sources[{i}]", h.dtype, h.trust_remote_code,
+                                               data.hparams.max_length)
+            for i, path in enumerate(h.sources)}
 
-    def cell(values: list[float], digits: int) -> str:
+
+def table(results: dict[str, list[dict]], sources: dict[str, dict[str, float]] | None = None) -> str:
+    """One row per method: accuracy per domain with its ratio to the best source there (in
+    brackets), mean accuracy, mean and worst ratio; mean ± std when there are several seeds.
+    First a row of the best source per domain (its own greedy answers)."""
+    domains = sorted({d for runs in results.values() for r in runs for d in r["acc"]})
+    best = {d: value for d, (_, value) in best_sources(sources or {}).items()}
+
+    def cell(values: list[float | None], digits: int) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
         if len(values) == 1:
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
-    header = "| method | generations / unlabelled prompt | " + " | ".join(domains) + " | mean | seconds |"
-    lines = [header, "|" + "---|" * (len(domains) + 4)]
+    header = "| method | generations / unlabelled prompt | " + " | ".join(domains) + " | mean | mean ratio | worst ratio | seconds |"
+    lines = [header, "|" + "---|" * (len(domains) + 6)]
+    if best:
+        names = best_sources(sources)
+        cells = " | ".join(f"{best[d]:.2f} ({names[d][0]})" if d in best else "-" for d in domains)
+        lines.append(f"| best source (its own answers) | | {cells} | {sum(best.get(d, 0.0) for d in domains) / len(domains):.3f} | 1 | 1 | |")
     for method, runs in results.items():
-        cells = " | ".join(cell([r["acc"].get(d, 0.0) for r in runs], 2) for d in domains)
+        ratios = [ratio_to_sources(r["acc"], best) for r in runs] if best else []
+        cells = []
+        for d in domains:
+            accuracy = cell([r["acc"].get(d, 0.0) for r in runs], 2)
+            ratio = f" ({cell([x['ratio'][d] for x in ratios], 2)})" if ratios else ""
+            cells.append(accuracy + ratio)
         mean = cell([r["acc_mean"] for r in runs], 3)
+        ratio_mean = cell([x["ratio_mean"] for x in ratios], 2) if ratios else "-"
+        ratio_min = cell([x["ratio_min"] for x in ratios], 2) if ratios else "-"
         seconds = statistics.mean(r["seconds"] for r in runs)
-        lines.append(f"| {method} | {runs[0]['generations_per_prompt']} | {cells} | {mean} | {seconds:.0f} |")
+        lines.append(f"| {method} | {runs[0]['generations_per_prompt']} | {' | '.join(cells)} | {mean} | {ratio_mean} | {ratio_min} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -131,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if args.zoo:  # only the models the fusion config uses
         zoo.main(["--config", args.zoo, "--only", json.dumps(zoo_names(args.config, args.zoo))])
         print(f"zoo ready after {time.time() - started:.0f} s", flush=True)
+    sources = source_ceiling(args.config, overrides)
+    print("sources, their own greedy answers: " + "; ".join(f"{n} {acc}" for n, acc in sources.items()), flush=True)
     results: dict[str, list[dict]] = {method: [] for method in args.methods}
     for seed in args.seeds or [None]:
         for method in args.methods:
@@ -139,11 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             result["seconds"] = time.time() - method_started
             results[method].append(result | {"seed": seed})
             print(f"{method}{'' if seed is None else f' (seed {seed})'}: mean accuracy {result['acc_mean']:.3f} ({result['seconds']:.0f} s)", flush=True)
-    report = table(results)
+    report = table(results, sources)
     atomic_write_text(os.path.join(args.output, "results.md"), report + "\n")
-    atomic_write_json(os.path.join(args.output, "results.json"), results)
+    atomic_write_json(os.path.join(args.output, "results.json"), {"sources": sources, "methods": results})
     seeds = "" if not args.seeds else f", mean ± std over seeds {', '.join(map(str, args.seeds))}"
-    print(f"\nTest accuracy (exact match) per domain, student after each method{seeds}:\n" + report)
+    print(f"\nTest accuracy (exact match) per domain, student after each method{seeds}; in brackets, the ratio to the best "
+          f"source of the pool there:\n" + report)
     selector = results.get("selector", [{}])[0]
     if "selection_by_domain" in selector:
         print("\nSelector: share of each domain's test prompts it routes to each source")

@@ -30,7 +30,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from fusion.data import tasks
 from fusion.data.datamodule import collate, encode
-from fusion.stages.evaluation import correct, greedy_answers
+from fusion.stages.evaluation import model_accuracy
 from fusion.utils.io import atomic_directory, atomic_write_json
 from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 
@@ -166,18 +166,6 @@ def train_causal_lm(model, tokenizer, rows, steps: int, learning_rate: float, ba
     return model
 
 
-def domain_accuracy(model, tokenizer, rows, max_new_tokens: int = 24, batch_size: int = 200) -> dict[str, float]:
-    """Greedy exact-match accuracy per domain."""
-    hits: dict[str, list[bool]] = {}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = collate([encode(tokenizer, r["prompt"], r["response"], 64) | {"row": r} for r in chunk], tokenizer.pad_token_id)
-        answers = greedy_answers(model, tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], max_new_tokens)
-        for row, ok in zip(chunk, correct(answers, chunk)):
-            hits.setdefault(row["domain"], []).append(ok)
-    return {domain: sum(v) / len(v) for domain, v in sorted(hits.items())}
-
-
 def corrupt(rows: list[dict], seed: int) -> list[dict]:
     """Answers shuffled within each domain: fluent, confident and wrong."""
     generator = random.Random(seed)
@@ -249,7 +237,7 @@ def _make_source(job: dict) -> dict:
                       "output_rows": model.get_output_embeddings().weight.shape[0]},
         "train_examples": len(rows),
         "train_seconds": round(time.time() - started, 1),
-        "accuracy": domain_accuracy(model, tokenizer, test_rows),
+        "accuracy": model_accuracy(model, tokenizer, test_rows),
     }
     save_atomically(model, tokenizer, card, job["directory"])
     return card

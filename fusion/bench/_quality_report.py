@@ -104,6 +104,44 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
     return summary
 
 
+def add_ratios(summary: dict, runs: list[dict], sources: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
+    """Every entry's accuracy against its pool's best source per domain (`ratio_to_sources`): per
+    domain (from the seed-mean accuracy), and the mean and worst ratio over domains with their std
+    over seeds (each seed's run against the same ceiling). -> pool -> domain -> [best source, its accuracy]."""
+    from fusion.stages.evaluation import best_sources, ratio_to_sources
+
+    if not sources:
+        return {}
+    best = {pool: best_sources({n: sources[n] for n in names if n in sources}) for pool, names in pools.items()}
+    for method, entry in summary.items():
+        for pool, result in entry.items():
+            ceiling = {d: value for d, (_, value) in best[pool].items()}
+            overall = ratio_to_sources(result["acc"], ceiling)
+            per_seed = [ratio_to_sources(r["acc"], ceiling) for r in runs if r["method"] == method and r["pool"] == pool]
+            result |= {"ratio": overall["ratio"], "ratio_undefined": overall["undefined"]}
+            for key in ("ratio_mean", "ratio_min"):
+                values = [r[key] for r in per_seed if r[key] is not None]
+                result[key] = statistics.fmean(values) if values else None
+                result[f"{key}_std"] = std(values) if values else None
+    return {pool: {d: list(v) for d, v in b.items()} for pool, b in best.items()}
+
+
+def criteria_floor(summary: dict, base: str) -> dict[str, dict]:
+    """Every method at or above the untrained student (`base`), in each pool: a method that ends
+    below it is reported, never hidden behind a gain over another method."""
+    if base not in summary or SPECIALISTS not in summary[base]:
+        return {}
+    floor = summary[base][SPECIALISTS]["acc_mean"]
+    checks: dict[str, dict] = {}
+    for method, entry in summary.items():
+        if method == base:
+            continue
+        check = {pool: {"method": r["acc_mean"], "method_std": r["acc_mean_std"], "untrained": floor, "pass": r["acc_mean"] >= floor - 1e-12}
+                 for pool, r in sorted(entry.items())}
+        checks.setdefault(method, {})["at_least_untrained_student"] = check
+    return checks
+
+
 def on_policy(method: dict) -> bool:
     """A method that learns along the student's own samples: on-policy fusion, or SRFT's rollouts."""
     return method.get("response_from") == "student" or "srft" in method
@@ -261,6 +299,8 @@ def markdown(report: dict, config_yaml: str) -> str:
             label = method + (f" (= {r['shared_with']})" if r.get("shared_with") else "")
             lines.append(f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
                          f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |{extra}")
+    if report.get("sources"):
+        lines += ["", *ratio_table(report, domains)]
     notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -278,6 +318,36 @@ def markdown(report: dict, config_yaml: str) -> str:
     reused = f" ({report['runs_reused']} of {report['runs']} runs reused from an earlier invocation; each run's own seconds are in report.json)" if report.get("runs_reused") else ""
     lines += ["", f"Runtime of this invocation: {report['runtime_seconds']:.0f} s{reused}.", "", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _ratio_cell(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if spread is None else f"{value:.2f} ± {spread:.2f}"
+
+
+def ratio_table(report: dict, domains: list[str]) -> list[str]:
+    """The sources' own accuracy, then every method's ratio to its pool's best source per domain."""
+    sources, best = report["sources"], report["best_source"]
+    lines = ["## Against the sources", "",
+             "Each source's own greedy accuracy on the same test prompts (its own tokenizer), then each method's "
+             "ratio: its accuracy per domain divided by the best source of its pool there (n/a where no source of "
+             "the pool answers the domain at all); mean and worst over domains, ± their std over seeds.", "",
+             "| source | " + " | ".join(domains) + " | best in pool |", "|---|" + "---|" * (len(domains) + 1)]
+    for name, acc in sources.items():
+        pools = [pool for pool, b in sorted(best.items()) if any(b[d][0] == name for d in b)]
+        lines.append(f"| {name} | " + " | ".join(f"{acc.get(d, 0.0):.2f}" for d in domains) + f" | {', '.join(pools) or '-'} |")
+    lines += ["", "| method | pool | " + " | ".join(f"ratio {d}" for d in domains) + " | mean ratio | worst ratio |",
+              "|---|---|" + "---|" * (len(domains) + 2)]
+    for method, entry in report["results"].items():
+        for pool in sorted(entry):
+            r = entry[pool]
+            if "ratio" not in r:
+                continue
+            cells = " | ".join(_ratio_cell(r["ratio"].get(d)) for d in domains)
+            lines.append(f"| {method} | {pool} | {cells} | {_ratio_cell(r['ratio_mean'], r['ratio_mean_std'])} | "
+                         f"{_ratio_cell(r['ratio_min'], r['ratio_min_std'])} |")
+    return lines
 
 
 def _verdict(value: dict) -> str:

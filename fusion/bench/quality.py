@@ -49,6 +49,7 @@ from fusion.bench import _quality_report as report_lib
 from fusion.utils.io import atomic_write_json
 
 POOL_INDEPENDENT = ("none", "oracle")
+BASE = "student base (no training)"  # the floor every method must reach
 # A chained method's second stage, started from the adapter of its `after` method: the settings it takes.
 CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train, over the after method's"}  # train once per seed, report for both pools
 CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map", "boundary")  # what cached numbers depend on
@@ -174,6 +175,7 @@ def _run_job(job: dict) -> dict:
     import torch
 
     from fusion.train import main as cli
+    from fusion.utils.callbacks import best_checkpoint
 
     torch.set_num_threads(job["threads"])
     started = time.time()
@@ -189,11 +191,22 @@ def _run_job(job: dict) -> dict:
         result = {"seconds": time.time() - started, "cache_dir": cache_dir}
         atomic_write_json(timing, result)
         return result
+    if job["kind"] == "source":  # a source's own greedy answers on the test split: the ceiling
+        from fusion.stages.evaluation import source_accuracy
+
+        h, data = run.model.hparams, run.datamodule
+        rows = data.load()["test"]
+        accuracy = source_accuracy(h.sources[0], rows, h.max_new_tokens, "pools", h.dtype, h.trust_remote_code, data.hparams.max_length)
+        result = {**job["record"], "acc": accuracy, "seconds": time.time() - started}
+        atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
+        return result
+    best = None
     if job["kind"] == "fit":
         run.trainer.fit(run.model, datamodule=run.datamodule)
-        if job.get("adapter"):  # a chained stage starts from it
-            run.trainer.save_checkpoint(job["adapter"], weights_only=True)
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+        best = best_checkpoint(run.trainer)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best)
+    if job.get("adapter"):  # a chained stage starts from the weights tested
+        run.trainer.save_checkpoint(job["adapter"], weights_only=True)
     result = {**job["record"], **run.model.test_results, "log_dir": job["log_dir"], "seconds": time.time() - started}
     atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
     return result
@@ -336,6 +349,13 @@ class Planner:
         job = self.job("test", name, 0, {"student": student, "fusion": "none", "sources": []}, record, 0.3)
         return job
 
+    def source_jobs(self) -> list[dict]:
+        """Each source of either pool answers the test prompts itself, greedily, in its own tokens."""
+        paths = list(dict.fromkeys(self.bench.pools["A"] + self.bench.pools["B"]))
+        return [self.job("source", f"source-{_slug(os.path.basename(os.path.normpath(path)))}", 0,
+                         {"fusion": "none", "sources": [path]}, {"source": os.path.basename(os.path.normpath(path))}, 0.3)
+                for path in paths]
+
 
 @functools.cache
 def _weights(path: str) -> str:
@@ -440,8 +460,8 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
         if settings["fusion"] in POOL_INDEPENDENT:
             methods[name] |= {"shared_with": "pool A run",
                               "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
-    tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": "student base (no training)", "pool": "A", "seed": 0})]
-    methods["student base (no training)"] = {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
+    tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": BASE, "pool": "A", "seed": 0})]
+    methods[BASE] = {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
                                              "note": "the student's base model before any training"}
     if bench.merging:
         merge_started = time.time()
@@ -451,7 +471,10 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
             methods.setdefault(label, {"fusion": None, "source_forwards_per_seq": {p: 0 for p in bench.pools},
                                        "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
+    tests += planner.source_jobs()
     results = _run_all(jobs + tests, bench.workers)
+    sources = {r["source"]: r["acc"] for r in results if "source" in r}
+    results = [r for r in results if "source" not in r]
     chained = planner.chained_jobs(jobs)
     if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
         fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
@@ -474,10 +497,13 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
                        "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
                        "cached_seconds": cached["seconds"], "online_seconds": online["seconds"]}
     summary = report_lib.summarize(runs, methods)
+    pool_names = {pool: [os.path.basename(os.path.normpath(p)) for p in paths] for pool, paths in bench.pools.items()}
+    best = report_lib.add_ratios(summary, runs, sources, pool_names)
     oracle = bench.train["model"].get("oracle") or {}
     report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
-              "results": summary, "consistency": consistency,
-              "criteria": report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
+              "sources": sources, "best_source": best, "results": summary, "consistency": consistency,
+              "criteria": (report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle))
+              | report_lib.criteria_floor(summary, BASE),
               "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),
               "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
     written = report_lib.write_report(report, runs, config_yaml, bench.output)

@@ -213,8 +213,18 @@ class StudentStage:
         results = self._finish("test")
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every process must ask
         if self.trainer.is_global_zero and log_dir:
-            atomic_write_json(os.path.join(log_dir, "metrics.json"), {**self.run_record(), **results})
-        self.test_results = results
+            atomic_write_json(os.path.join(log_dir, "metrics.json"), {**self.run_record(), **self.fit_record, **results})
+        self.test_results = {**self.fit_record, **results}
+
+    @property
+    def fit_record(self) -> dict:
+        """What the run's record says of its training beside the test metrics: `diverged`
+        (`fusion.utils.callbacks.TrainingWatch`) and `checkpoint_step`, the step of the weights
+        tested (a checkpoint loaded by `test --ckpt_path`, e.g. the best on validation). Saved in
+        checkpoints."""
+        if not hasattr(self, "_fit_record"):
+            self._fit_record = {}
+        return self._fit_record
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -223,9 +233,13 @@ class StudentStage:
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["base_model"] = self.base_model  # what the adapter sits on (fusion.export reads it)
+        checkpoint["fit_record"] = dict(self.fit_record)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         start_next_epoch_cleanly(checkpoint)
+        self._fit_record = dict(checkpoint.get("fit_record", {}))
+        if self._trainer is not None and self.trainer.state.fn in ("validate", "test"):  # the weights evaluated
+            self._fit_record["checkpoint_step"] = checkpoint.get("global_step")
         expected = {k: v.shape for k, v in self.trainable_state_dict().items()}
         found = {k: v.shape for k, v in checkpoint["state_dict"].items()}
         if expected != found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 
 
@@ -21,3 +22,71 @@ class TorchThreads(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         torch.set_num_threads(self.num_threads)
+
+
+class TrainingWatch(L.Callback):
+    """Says when a run's training loss climbs far above where it started, and refuses a
+    validation-monitored checkpoint without a validation split.
+
+    The loss of the first `window` steps is the start; from then on an exponential moving
+    average of the loss (over about `window` steps) is compared with it. Once the average passes
+    `factor` times the start, it warns once and writes `diverged` (the step, the start and the
+    average) into the run's record (`metrics.json`, the test results): the run goes on, and a
+    `ModelCheckpoint` that monitors the validation split still returns its best checkpoint.
+    """
+
+    def __init__(self, window: int = 20, factor: float = 2.0):
+        if window < 1 or factor <= 1.0:
+            raise ValueError(f"TrainingWatch: window must be at least 1 and factor above 1, got {window} and {factor}")
+        self.window, self.factor = window, factor
+        self.first: list[float] = []
+        self.average: float | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            check_validation_split(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or not torch.isfinite(loss):
+            return  # a non-finite loss stops the run elsewhere (stop_if_nonfinite)
+        value = float(loss)
+        if len(self.first) < self.window:
+            self.first.append(value)
+            self.average = sum(self.first) / len(self.first)
+            return
+        self.average += (value - self.average) * 2.0 / (self.window + 1)
+        start = sum(self.first) / len(self.first)
+        record = getattr(pl_module, "fit_record", None)
+        if self.average > self.factor * start and record is not None and "diverged" not in record:
+            record["diverged"] = {"step": trainer.global_step, "start_loss": start, "average_loss": self.average}
+            rank_zero_warn(f"the training loss climbed from {start:.4g} (mean of the first {self.window} steps) to {self.average:.4g} "
+                           f"(moving average) by step {trainer.global_step}: the run is diverging (a learning rate or LoRA scale "
+                           "too high?); it goes on, and a ModelCheckpoint on the validation split keeps its best checkpoint")
+
+    def state_dict(self) -> dict:
+        return {"first": self.first, "average": self.average}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.first, self.average = list(state_dict["first"]), state_dict["average"]
+
+
+def check_validation_split(trainer) -> None:
+    """A ModelCheckpoint that monitors a `val/` metric needs validation to run: a validation
+    split with rows, and `trainer.limit_val_batches` above 0."""
+    monitors = [c.monitor for c in trainer.checkpoint_callbacks if c.monitor and c.monitor.startswith("val/")]
+    if not monitors:
+        return
+    data = getattr(trainer, "datamodule", None)
+    rows = data.load().get("val", []) if data is not None and hasattr(data, "load") else None
+    if trainer.limit_val_batches == 0 or rows == []:
+        raise ValueError(f"trainer.callbacks: ModelCheckpoint(monitor={monitors[0]!r}) keeps the checkpoint that does best on the "
+                         "validation split, and this run validates on nothing: give it a validation split (data.val_size, or a "
+                         "val file beside train in data.dataset) and leave trainer.limit_val_batches above 0, or drop `monitor`")
+
+
+def best_checkpoint(trainer) -> str | None:
+    """After `fit`: the checkpoint that did best on the validation split, where a ModelCheckpoint
+    monitors it; None otherwise (test the weights as they are)."""
+    paths = [c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
+    return paths[0] if paths else None

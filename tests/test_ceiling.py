@@ -1,0 +1,105 @@
+"""The student against its sources: the ratio to the best source, the floor of the untrained
+student, the run that diverges, and validation-monitored checkpoints (hand values, no models)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fusion.bench import _quality_report as report_lib
+from fusion.stages.evaluation import best_sources, ratio_to_sources
+from fusion.utils.callbacks import TrainingWatch, best_checkpoint, check_validation_split
+
+
+def test_best_sources_and_ratio_by_hand():
+    sources = {"a": {"d1": 0.8, "d2": 0.0, "d3": 0.0}, "b": {"d1": 0.4, "d2": 0.5, "d3": 0.0}, "c": {"d1": 0.8, "d2": 0.25, "d3": 0.0}}
+    best = best_sources(sources)
+    assert best == {"d1": ("a", 0.8), "d2": ("b", 0.5), "d3": ("a", 0.0)}  # a tie goes to the first listed
+    ceiling = {d: v for d, (_, v) in best.items()}
+    result = ratio_to_sources({"d1": 0.6, "d2": 0.55, "d3": 0.1}, ceiling)
+    # d3: no source answers it at all, so it has no ratio (and nothing is divided by zero).
+    assert result["ratio"] == {"d1": pytest.approx(0.75), "d2": pytest.approx(1.1), "d3": None}
+    assert result["ratio_mean"] == pytest.approx((0.75 + 1.1) / 2) and result["ratio_min"] == pytest.approx(0.75)
+    assert result["undefined"] == ["d3"]
+    nothing = ratio_to_sources({"d3": 0.2}, {"d3": 0.0})
+    assert nothing == {"ratio": {"d3": None}, "ratio_mean": None, "ratio_min": None, "undefined": ["d3"]}
+    assert ratio_to_sources({"d1": 0.3}, {"d1": 0.04}, floor=0.05)["ratio"] == {"d1": None}  # below the floor: chance
+
+
+def _run(method, pool, seed, acc):
+    return {"method": method, "pool": pool, "seed": seed, "acc": acc, "acc_mean": sum(acc.values()) / len(acc)}
+
+
+def test_report_ratios_floor_and_table(tmp_path):
+    runs = [_run("selector", "A", 0, {"d1": 0.4, "d2": 0.5}), _run("selector", "A", 1, {"d1": 0.6, "d2": 0.5}),
+            _run("selector", "B", 0, {"d1": 0.2, "d2": 0.5}), _run("base", "A", 0, {"d1": 0.3, "d2": 0.3})]
+    methods = {"selector": {"fusion": "selector", "source_forwards_per_seq": {"A": 1, "B": 1}},
+               "base": {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}}}
+    summary = report_lib.summarize(runs, methods)
+    sources = {"s1": {"d1": 0.8, "d2": 0.0}, "s2": {"d1": 0.0, "d2": 1.0}, "liar": {"d1": 0.0, "d2": 0.0}}
+    best = report_lib.add_ratios(summary, runs, sources, {"A": ["s1", "s2"], "B": ["s1", "s2", "liar"]})
+    assert best == {"A": {"d1": ["s1", 0.8], "d2": ["s2", 1.0]}, "B": {"d1": ["s1", 0.8], "d2": ["s2", 1.0]}}
+    a = summary["selector"]["A"]
+    assert a["ratio"] == {"d1": pytest.approx(0.625), "d2": pytest.approx(0.5)}  # from the seed means 0.5 and 0.5
+    # Per seed: seed 0 ratios (0.5, 0.5), seed 1 (0.75, 0.5): mean ratio 0.5 and 0.625, worst 0.5 and 0.5.
+    assert a["ratio_mean"] == pytest.approx(0.5625) and a["ratio_mean_std"] == pytest.approx(0.125 / 2**0.5)
+    assert a["ratio_min"] == pytest.approx(0.5) and a["ratio_min_std"] == pytest.approx(0.0)
+    assert summary["selector"]["B"]["ratio_min"] == pytest.approx(0.25)
+    floor = report_lib.criteria_floor(summary, "base")
+    assert floor["selector"]["at_least_untrained_student"]["A"]["pass"]  # 0.5 >= 0.3
+    assert floor["selector"]["at_least_untrained_student"]["B"]["pass"]  # 0.35 >= 0.3
+    assert floor["selector"]["at_least_untrained_student"]["B"]["method"] == pytest.approx(0.35)
+    below = report_lib.criteria_floor(report_lib.summarize(runs + [_run("none", "A", 0, {"d1": 0.1, "d2": 0.3})],
+                                                           methods | {"none": {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}}}), "base")
+    assert not below["none"]["at_least_untrained_student"]["A"]["pass"]  # 0.2 < 0.3: reported, not hidden
+    report = {"quick": True, "seeds": [0, 1], "results": summary, "criteria": floor, "consistency": None, "runtime_seconds": 1.0,
+              "sources": sources, "best_source": best}
+    text = report_lib.markdown(report, "")
+    assert "| s1 | 0.80 | 0.00 | A, B |" in text and "| liar | 0.00 | 0.00 | - |" in text
+    assert "| selector | A | 0.62 | 0.50 | 0.56 ± 0.09 | 0.50 ± 0.00 |" in text
+
+
+def _watch_losses(losses, window=3, factor=2.0):
+    watch, module = TrainingWatch(window=window, factor=factor), SimpleNamespace(fit_record={})
+    with pytest.warns(UserWarning) if max(losses) > 10 else _no_warning():
+        for step, loss in enumerate(losses):
+            watch.on_train_batch_end(SimpleNamespace(global_step=step + 1), module, {"loss": torch.tensor(loss)}, None, step)
+    return module.fit_record
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+
+
+def test_training_watch_says_when_the_loss_climbs():
+    assert _watch_losses([1.0, 1.0, 1.0] + [0.9] * 20) == {}  # learning: nothing to say
+    assert _watch_losses([1.0, 1.0, 1.0] + [1.9] * 20) == {}  # worse, but never past twice the start
+    record = _watch_losses([1.0, 1.0, 1.0] + [20.0] * 5)
+    # Start 1.0; the moving average (alpha = 2 / (3 + 1) = 0.5) reads 10.5 after the first 20.0, at step 4.
+    assert record["diverged"] == {"step": 4, "start_loss": pytest.approx(1.0), "average_loss": pytest.approx(10.5)}
+    with pytest.raises(ValueError, match="factor above 1"):
+        TrainingWatch(factor=1.0)
+
+
+def test_validation_monitored_checkpoint_needs_a_validation_split():
+    monitored = SimpleNamespace(monitor="val/acc_mean", best_model_path="runs/best.ckpt")
+    last = SimpleNamespace(monitor=None, best_model_path="")
+    data = SimpleNamespace(load=lambda: {"val": [{"prompt": "p"}]})
+    check_validation_split(SimpleNamespace(checkpoint_callbacks=[last, monitored], limit_val_batches=1.0, datamodule=data))
+    for trainer in (SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=0, datamodule=data),
+                    SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=1.0, datamodule=SimpleNamespace(load=lambda: {"val": []}))):
+        with pytest.raises(ValueError, match=r"monitor='val/acc_mean'.*data.val_size.*trainer.limit_val_batches"):
+            check_validation_split(trainer)
+    check_validation_split(SimpleNamespace(checkpoint_callbacks=[last], limit_val_batches=0, datamodule=data))  # nothing monitored
+    assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last, monitored])) == "runs/best.ckpt"
+    assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last])) is None
