@@ -103,3 +103,119 @@ def test_validation_monitored_checkpoint_needs_a_validation_split():
     check_validation_split(SimpleNamespace(checkpoint_callbacks=[last], limit_val_batches=0, datamodule=data))  # nothing monitored
     assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last, monitored])) == "runs/best.ckpt"
     assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last])) is None
+
+
+def test_learning_curves_from_validation_logs(tmp_path):
+    """Ratio on the validation split at each validation step, from the runs' metrics.csv, mean over seeds."""
+    logs = []
+    for seed, (first, last) in enumerate([(0.2, 0.4), (0.4, 0.8)]):
+        log_dir = tmp_path / f"seed{seed}"
+        log_dir.mkdir()
+        (log_dir / "metrics.csv").write_text(
+            "epoch,step,train/loss,val/acc_mean,val/acc_d1,val/acc_d2\n"
+            f"0,9,1.0,,,\n0,199,,{(first + 0.5) / 2},{first},0.5\n0,399,,{(last + 0.5) / 2},{last},0.5\n")
+        logs.append({"method": "m", "pool": "A", "seed": seed, "log_dir": str(log_dir)})
+    curves = report_lib.learning_curves(logs, {"s1": {"d1": 0.8, "d2": 0.0}, "s2": {"d1": 0.0, "d2": 0.5}}, {"A": ["s1", "s2"]})
+    # Step 200: d1 ratios 0.25 and 0.5, d2 1.0: mean ratios 0.625 and 0.75, worst 0.25 and 0.5.
+    assert curves["m"]["A"] == [[200, pytest.approx(0.6875), pytest.approx(0.375)], [400, pytest.approx(0.875), pytest.approx(0.75)]]
+    assert "| m | A | 0.69 (0.38) | 0.88 (0.75) |" in "\n".join(report_lib.curve_table(curves))
+
+
+def test_unlabelled_prompts_per_domain():
+    from fusion.data import tasks
+
+    splits = tasks.build_splits(["spell_backward", "chain_sum"], {"test": 3, "unlabeled": {"chain_sum": 5}}, 0)
+    assert [r["domain"] for r in splits["unlabeled"]] == ["chain_sum"] * 5
+    same = tasks.build_splits(["spell_backward", "chain_sum"], {"test": 3, "unlabeled": 5}, 0)
+    assert splits["test"] == same["test"] and splits["unlabeled"] == same["unlabeled"][5:]  # a domain's draws do not depend on the others'
+
+
+def test_sequence_nll_and_curriculum_weights_by_hand():
+    from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
+
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))  # [1, 3, 3]
+    targets = torch.tensor([[0, -100, 2]])  # the middle position is untrained
+    assert sequence_nll(logits, targets, chunk_size=1).tolist() == pytest.approx([-torch.log(torch.tensor(0.5 * 0.6)).item()])
+
+    curriculum = DomainCurriculum(["a", "b", "c"], floor=0.4, momentum=0.5)
+    assert curriculum.weights().tolist() == pytest.approx([1 / 3] * 3)  # nothing observed yet
+    curriculum.update(["a", "a", "b"], torch.tensor([3.0, 1.0, 0.5]), torch.tensor([0.0, 0.0, 1.0]))
+    assert curriculum.gap == [pytest.approx(2.0), pytest.approx(0.0), None]  # b's gap is clamped at 0; c unseen
+    # c counts as the largest observed gap (2): w = 0.4 / 3 + 0.6 * (2, 0, 2) / 4.
+    assert curriculum.weights().tolist() == pytest.approx([0.4 / 3 + 0.3, 0.4 / 3, 0.4 / 3 + 0.3])
+    curriculum.update(["a", "c"], torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]))
+    assert curriculum.gap == [pytest.approx(1.0), pytest.approx(0.0), pytest.approx(1.0)]  # a: 0.5 * 2 + 0.5 * 0
+    restored = DomainCurriculum(["a", "b", "c"], floor=0.4, momentum=0.5)
+    restored.load_state_dict(curriculum.state_dict())
+    assert restored.weights().tolist() == curriculum.weights().tolist()
+    with pytest.raises(ValueError, match="curriculum is over the domains"):
+        DomainCurriculum(["a"]).load_state_dict(curriculum.state_dict())
+    with pytest.raises(ValueError, match="curriculum_floor"):
+        DomainCurriculum(["a"], floor=0.0)
+
+
+def test_weighted_domain_sampler_draws_by_the_current_weights_and_resumes():
+    from fusion.utils.resume import WeightedDomainSampler
+
+    domains = [0] * 50 + [1] * 50
+    weights = {"now": [0.9, 0.1]}
+    sampler = WeightedDomainSampler(list(range(100)), domains, 2, lambda: weights["now"], num_replicas=1, rank=0, seed=3)
+    drawn = list(sampler)
+    assert len(drawn) == 100 and sum(i < 50 for i in drawn) > 80  # about 90 of the 100 from domain 0
+    weights["now"] = [0.0, 1.0]
+    assert all(i >= 50 for i in sampler)  # the weights at the time of each draw
+    weights["now"] = [0.9, 0.1]
+    sampler.start = 40  # a resumed epoch: the draws from position 40 on, as the uninterrupted epoch made them
+    assert list(sampler) == drawn[40:]
+
+
+@pytest.mark.slow
+def test_fit_keeps_the_best_validation_checkpoint_with_a_curriculum(tiny_zoo, tmp_path):
+    """Through fusion.train: validation every 2 steps, the best of them tested (its step in the
+    run's record), and the curriculum's weights logged at every step, summing to 1."""
+    import csv
+    import json
+    import os
+
+    from fusion.train import main
+
+    from .conftest import tiny_config
+
+    config = tiny_config(tiny_zoo, str(tmp_path), curriculum_floor=0.5)
+    config["trainer"]["max_steps"] = 6
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"}},
+        {"class_path": "fusion.utils.callbacks.TrainingWatch", "init_args": {"window": 2}}]
+    run = main(["--config", json.dumps(config)], run=False)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    callback = run.trainer.checkpoint_callback
+    best_step = torch.load(callback.best_model_path, weights_only=True)["global_step"]
+    assert best_checkpoint(run.trainer) == callback.best_model_path and best_step in (2, 4, 6)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer))
+    assert run.model.test_results["checkpoint_step"] == best_step
+    with open(os.path.join(run.trainer.log_dir, "metrics.json")) as f:
+        assert json.load(f)["checkpoint_step"] == best_step
+    with open(os.path.join(run.trainer.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("curriculum/chain_sum")]
+    assert len(rows) == 6
+    assert all(float(r["curriculum/chain_sum"]) + float(r["curriculum/spell_backward"]) == pytest.approx(1.0) for r in rows)
+    assert all(min(float(r["curriculum/chain_sum"]), float(r["curriculum/spell_backward"])) >= 0.25 - 1e-6 for r in rows)  # floor / D
+    assert run.model.curriculum.gap[0] is not None and run.model.curriculum.gap[1] is not None
+
+
+@pytest.mark.slow
+def test_monitored_checkpoint_without_validation_names_the_setting(tiny_zoo, tmp_path):
+    import json
+
+    from fusion.train import main
+
+    from .conftest import tiny_config
+
+    config = tiny_config(tiny_zoo, str(tmp_path))
+    config["trainer"]["limit_val_batches"] = 0
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max"}},
+        {"class_path": "fusion.utils.callbacks.TrainingWatch"}]
+    run = main(["--config", json.dumps(config)], run=False)
+    with pytest.raises(ValueError, match="data.val_size"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)

@@ -126,6 +126,43 @@ def add_ratios(summary: dict, runs: list[dict], sources: dict[str, dict[str, flo
     return {pool: {d: list(v) for d, v in b.items()} for pool, b in best.items()}
 
 
+def validation_curve(log_dir: str) -> dict[int, dict[str, float]]:
+    """step -> accuracy per domain on the validation split, from a run's CSVLogger metrics.csv."""
+    path = os.path.join(log_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/acc_mean")]
+    return {int(row["step"]) + 1: {k.removeprefix("val/acc_"): float(v) for k, v in row.items()
+                                   if k.startswith("val/acc_") and k != "val/acc_mean" and v} for row in rows}
+
+
+def learning_curves(runs: list[dict], sources_val: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
+    """Per method and pool: the mean and worst ratio to the pool's best source on the validation
+    split (each source's own answers to the same prompts) at every validation step, averaged over
+    seeds. -> method -> pool -> [[step, mean ratio, worst ratio], ...]"""
+    from fusion.stages.evaluation import best_sources, ratio_to_sources
+
+    if not sources_val:
+        return {}
+    ceilings = {pool: {d: v for d, (_, v) in best_sources({n: sources_val[n] for n in names if n in sources_val}).items()}
+                for pool, names in pools.items()}
+    by_step: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for step, acc in validation_curve(run.get("log_dir") or "").items():
+            by_step[(run["method"], run["pool"])][step].append(ratio_to_sources(acc, ceilings[run["pool"]]))
+    curves: dict[str, dict] = defaultdict(dict)
+    for (method, pool), steps in sorted(by_step.items()):
+        points = []
+        for step, ratios in sorted(steps.items()):
+            means = [r["ratio_mean"] for r in ratios if r["ratio_mean"] is not None]
+            worsts = [r["ratio_min"] for r in ratios if r["ratio_min"] is not None]
+            if means:
+                points.append([step, statistics.fmean(means), statistics.fmean(worsts)])
+        curves[method][pool] = points
+    return dict(curves)
+
+
 def criteria_floor(summary: dict, base: str) -> dict[str, dict]:
     """Every method at or above the untrained student (`base`), in each pool: a method that ends
     below it is reported, never hidden behind a gain over another method."""
@@ -301,6 +338,8 @@ def markdown(report: dict, config_yaml: str) -> str:
                          f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |{extra}")
     if report.get("sources"):
         lines += ["", *ratio_table(report, domains)]
+    if report.get("learning_curves"):
+        lines += ["", *curve_table(report["learning_curves"])]
     notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -347,6 +386,20 @@ def ratio_table(report: dict, domains: list[str]) -> list[str]:
             cells = " | ".join(_ratio_cell(r["ratio"].get(d)) for d in domains)
             lines.append(f"| {method} | {pool} | {cells} | {_ratio_cell(r['ratio_mean'], r['ratio_mean_std'])} | "
                          f"{_ratio_cell(r['ratio_min'], r['ratio_min_std'])} |")
+    return lines
+
+
+def curve_table(curves: dict) -> list[str]:
+    """Mean ratio (worst in brackets) on the validation split against training steps."""
+    steps = sorted({point[0] for entry in curves.values() for points in entry.values() for point in points})
+    lines = ["## Learning curves", "", "Mean ratio to the pool's best source on the validation split (worst domain's in "
+             "brackets) after each number of optimizer steps, mean over seeds (`learning_curve.png`).", "",
+             "| method | pool | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for method, entry in curves.items():
+        for pool, points in sorted(entry.items()):
+            at = {p[0]: p for p in points}
+            cells = " | ".join(f"{at[s][1]:.2f} ({at[s][2]:.2f})" if s in at else "" for s in steps)
+            lines.append(f"| {method} | {pool} | {cells} |")
     return lines
 
 
@@ -477,6 +530,19 @@ def plots(report: dict, runs: list[dict], output: str) -> list[str]:
         figure.suptitle("share of test prompts of each domain (rows) for which the selector picks each source (columns)", fontsize=9)
         figure.tight_layout()
         written.append(_save(figure, os.path.join(output, "selection_heatmap.png")))
+        plt.close(figure)
+
+    if report.get("learning_curves"):
+        figure, ax = plt.subplots(figsize=(6.5, 4))
+        for method, entry in report["learning_curves"].items():
+            for pool, points in sorted(entry.items()):
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=f"{method}, pool {pool}")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean ratio to the best source (validation)")
+        ax.legend(fontsize=7)
+        written.append(_save(figure, os.path.join(output, "learning_curve.png")))
         plt.close(figure)
 
     curves: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -195,9 +195,9 @@ def _run_job(job: dict) -> dict:
         from fusion.stages.evaluation import source_accuracy
 
         h, data = run.model.hparams, run.datamodule
-        rows = data.load()["test"]
-        accuracy = source_accuracy(h.sources[0], rows, h.max_new_tokens, "pools", h.dtype, h.trust_remote_code, data.hparams.max_length)
-        result = {**job["record"], "acc": accuracy, "seconds": time.time() - started}
+        accuracy = {split: source_accuracy(h.sources[0], data.load()[split], h.max_new_tokens, "pools", h.dtype, h.trust_remote_code,
+                                           data.hparams.max_length) for split in ("test", "val")}
+        result = {**job["record"], "acc": accuracy["test"], "val_acc": accuracy["val"], "seconds": time.time() - started}
         atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
         return result
     best = None
@@ -474,6 +474,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     tests += planner.source_jobs()
     results = _run_all(jobs + tests, bench.workers)
     sources = {r["source"]: r["acc"] for r in results if "source" in r}
+    sources_val = {r["source"]: r["val_acc"] for r in results if "source" in r}
     results = [r for r in results if "source" not in r]
     chained = planner.chained_jobs(jobs)
     if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
@@ -499,9 +500,10 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     summary = report_lib.summarize(runs, methods)
     pool_names = {pool: [os.path.basename(os.path.normpath(p)) for p in paths] for pool, paths in bench.pools.items()}
     best = report_lib.add_ratios(summary, runs, sources, pool_names)
+    curves = report_lib.learning_curves(runs, sources_val, pool_names)
     oracle = bench.train["model"].get("oracle") or {}
     report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
-              "sources": sources, "best_source": best, "results": summary, "consistency": consistency,
+              "sources": sources, "best_source": best, "learning_curves": curves, "results": summary, "consistency": consistency,
               "criteria": (report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle))
               | report_lib.criteria_floor(summary, BASE),
               "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),

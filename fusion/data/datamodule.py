@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fusion.data import IGNORE_INDEX, tasks
-from fusion.utils.resume import ResumableLoader, run_seed
+from fusion.utils.resume import ResumableLoader, WeightedDomainSampler, run_seed
 from fusion.data.tokenizer import load_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -320,7 +320,8 @@ class FusionDataModule(L.LightningDataModule):
             `datasets` name.
         domains: the suite's domains (only with dataset "suite").
         train_size, val_size, test_size: examples per domain in each split of the suite.
-        unlabeled_size: the suite's unlabelled prompts per domain, drawn like the train split
+        unlabeled_size: the suite's unlabelled prompts per domain (one number, or domain -> number:
+            more prompts where the student trails its sources most), drawn like the train split
             (never a val or test prompt, never a train prompt); their answers and metadata are
             dropped.
         unlabeled_file: a JSONL/Parquet file of prompts without answers (the prompt column, and
@@ -345,7 +346,7 @@ class FusionDataModule(L.LightningDataModule):
         train_size: int = 200,
         val_size: int = 50,
         test_size: int = 100,
-        unlabeled_size: int = 0,
+        unlabeled_size: int | dict[str, int] = 0,
         unlabeled_file: str | None = None,
         missing_response: str = "error",
         seed: int = 0,
@@ -363,8 +364,11 @@ class FusionDataModule(L.LightningDataModule):
         for key in ("train_size", "val_size", "test_size", "max_length", "batch_size", "eval_batch_size"):
             if locals()[key] < 1:
                 raise ValueError(f"data.{key} must be at least 1, got {locals()[key]}")
-        if unlabeled_size < 0:
-            raise ValueError(f"data.unlabeled_size must be at least 0, got {unlabeled_size}")
+        per_domain = unlabeled_size if isinstance(unlabeled_size, dict) else {}
+        if (min(per_domain.values(), default=0) if per_domain else unlabeled_size) < 0:
+            raise ValueError(f"data.unlabeled_size must be at least 0 (a number, or domain -> number), got {unlabeled_size}")
+        if set(per_domain) - set(domains):
+            raise ValueError(f"data.unlabeled_size names domains {sorted(set(per_domain) - set(domains))} that data.domains {domains} does not have")
         if unlabeled_size and dataset != "suite":
             raise ValueError("data.unlabeled_size draws prompts from the embedded suite (data.dataset: suite); "
                              "for your own data use data.unlabeled_file or data.missing_response: unlabeled")
@@ -499,18 +503,19 @@ class FusionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Shuffled by (seed, epoch) and resumable mid-epoch; one shard per process under DDP. A
         # module that cannot answer prompts itself (plain SFT) trains on the labelled rows alone.
+        # A module with a curriculum (`fusion.objectives.curriculum`) draws each row's domain by its weights.
         trainer = self.trainer
         module = trainer.lightning_module if trainer else None
         unlabelled = getattr(module, "learns_from_unlabeled", False)
-        return ResumableLoader(
-            self._features("train", ("train", "unlabeled") if unlabelled else ("train",)),
-            batch_size=self.hparams.batch_size,
-            seed=run_seed(),
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self._collate,
-        )
+        features = self._features("train", ("train", "unlabeled") if unlabelled else ("train",))
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        curriculum, sampler = getattr(module, "curriculum", None), None
+        if curriculum is not None:
+            index = {domain: i for i, domain in enumerate(curriculum.domains)}
+            sampler = WeightedDomainSampler(features, [index[f["row"]["domain"]] for f in features], len(index), curriculum.weights,
+                                            num_replicas=replicas, rank=rank, seed=run_seed())
+        return ResumableLoader(features, batch_size=self.hparams.batch_size, seed=run_seed(), num_replicas=replicas, rank=rank,
+                               sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=self._collate)
 
     def _eval_loader(self, split: str) -> DataLoader:
         # Under DDP, Lightning gives each process every world_size-th row (DistributedSampler).

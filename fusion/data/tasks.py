@@ -96,15 +96,17 @@ def is_held_out(prompt: str) -> bool:
     return _seed(prompt) % 5 == 0
 
 
-def build_splits(domains: list[str], sizes: dict[str, int], seed: int) -> dict[str, list[dict[str, str]]]:
-    """Disjoint, seeded splits: `sizes` maps a split name to examples per domain.
+def build_splits(domains: list[str], sizes: dict[str, int | dict[str, int]], seed: int) -> dict[str, list[dict[str, str]]]:
+    """Disjoint, seeded splits: `sizes` maps a split name to examples per domain (one number for
+    every domain, or domain -> number, 0 for a domain left out).
 
     "val" and "test" draw from held-out prompts, any other split (train, zoo) from the rest.
     """
     seen: set[str] = set()
     splits: dict[str, list[dict[str, str]]] = {name: [] for name in sizes}
     for domain in domains:
-        for split, size in sizes.items():
+        for split, sizes_of in sizes.items():
+            size = sizes_of.get(domain, 0) if isinstance(sizes_of, dict) else sizes_of
             held_out = split in ("val", "test")
             kept: list[dict[str, str]] = []
             for attempt in range(20):

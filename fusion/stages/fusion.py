@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
 from fusion.objectives import fusion_rule, losses
+from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
 from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
 from fusion.data.datamodule import IGNORE_INDEX, collate, encode, is_labelled
 from fusion.stages.evaluation import correct, greedy_answers
@@ -120,6 +121,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             `selector_rewards` scores the answer: k generations per prompt).
         selector_rewards: dotted path of a reward function -> weight (`fusion.stages.rewards`), with
             `selector_signal: rewards`; the default reads no gold.
+        curriculum_floor, curriculum_momentum: an adaptive curriculum (`fusion.objectives.curriculum`):
+            null (default) draws training rows uniformly; a number in (0, 1] draws each row's domain
+            in proportion to how far the student trails its sources there (sequence NLL along the
+            rows' responses, a moving average with this momentum per batch), every domain keeping
+            at least this share divided by the number of domains.
         init_from: where the student starts: null (a fresh adapter on `student`), a checkpoint of
             an earlier stage (`.ckpt`: its adapter, and its selector when it has one for the same
             sources, are loaded and trained on; a loaded selector is not fitted again), a model
@@ -173,6 +179,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         jsd_beta: float = 0.5,
         selector_signal: str = "gold_ce",
         selector_rewards: dict[str, float] = {"fusion.stages.rewards.answer_format": 1.0},
+        curriculum_floor: float | None = None,
+        curriculum_momentum: float = 0.9,
         init_from: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
@@ -206,6 +214,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         self.vocab_size = len(self.tokenizer)
         self.max_length = 64  # of a re-encoded answered row; the data module's data.max_length once attached
         self.eval_metrics: EvalMetrics | None = None
+        self.curriculum: DomainCurriculum | None = None  # built with the data's domains (`setup`)
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
     def _load_selector(self, path: str) -> bool:
@@ -244,6 +253,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             raise ValueError("model.source_mode is 'cached' but model.cache_dir is not set")
         if h.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
+        if h.curriculum_floor is not None:
+            DomainCurriculum([], h.curriculum_floor, h.curriculum_momentum)  # checks the two settings
         if h.response_max_new_tokens < 1 or h.response_temperature <= 0 or h.selector_prefit_steps < 0:
             raise ValueError("model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
                              f"model.selector_prefit_steps at least 0, got {h.response_max_new_tokens}, {h.response_temperature} "
@@ -575,6 +586,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
             terms = losses.student_loss(logits, targets, None)
             stop_if_nonfinite(self, terms["loss"], terms)
+            if self.curriculum is not None:  # no source: the gap is the student's own NLL along gold
+                self._update_curriculum(batch, logits, torch.zeros(len(targets), device=self.device))
             self.log_dict({"train/loss": terms["loss"], "train/ce": terms["ce"]}, prog_bar=True)
             return terms["loss"]
 
@@ -619,6 +632,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         # the step's peak memory is the student's, as in plain SFT.
         logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
         terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None, joint)
+        if self.curriculum is not None and not on_policy:  # the sources' NLL along each row's answer: their weighted CE
+            self._update_curriculum(batch, logits, (alpha * torch.where(valid, ce, 0.0)).sum(-1))
         total = terms["loss"]
         logs |= {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/divergence": terms["divergence"],
                  "train/alpha_max": alpha.max(-1).values.mean()}
@@ -675,6 +690,14 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         ce = losses.student_loss(logits[gold:], targets[gold:], None)["loss"]
         divergence = losses.divergence_loss(logits[:end], targets[:end], fused, h.divergence, h.jsd_beta, h.temperature)
         return {"loss": h.lam * ce + (1.0 - h.lam) * divergence, "ce": ce.detach(), "divergence": divergence.detach()}
+
+    def _update_curriculum(self, batch: dict, logits: torch.Tensor, source_ce: torch.Tensor) -> None:
+        """The gap per row: the student's sequence NLL along its response minus the sources'
+        (their per-token CE [B] times the row's trained tokens); logs the domains' weights."""
+        targets = batch["targets"]
+        tokens = (targets != IGNORE_INDEX).sum(-1)
+        self.curriculum.update([row["domain"] for row in batch["rows"]], sequence_nll(logits.detach(), targets), source_ce * tokens)
+        self.log_dict({f"curriculum/{d}": float(w) for d, w in zip(self.curriculum.domains, self.curriculum.weights())})
 
     @torch.no_grad()
     def _reward_observations(self, batch: dict, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -764,6 +787,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                 self.attach_cache()
             elif h.source_mode == "online":
                 self.pool  # noqa: B018 (load before the first step)
+        if stage == "fit" and h.curriculum_floor is not None and data is not None:
+            self.curriculum = DomainCurriculum(data.domain_names, h.curriculum_floor, h.curriculum_momentum)
         if self.eval_metrics is None:
             domains = data.domain_names if data is not None else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])

@@ -234,10 +234,14 @@ class StudentStage:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["base_model"] = self.base_model  # what the adapter sits on (fusion.export reads it)
         checkpoint["fit_record"] = dict(self.fit_record)
+        if getattr(self, "curriculum", None) is not None:
+            checkpoint["curriculum"] = self.curriculum.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         start_next_epoch_cleanly(checkpoint)
         self._fit_record = dict(checkpoint.get("fit_record", {}))
+        if getattr(self, "curriculum", None) is not None and "curriculum" in checkpoint:  # a resumed run draws as it did
+            self.curriculum.load_state_dict(checkpoint["curriculum"])
         if self._trainer is not None and self.trainer.state.fn in ("validate", "test"):  # the weights evaluated
             self._fit_record["checkpoint_step"] = checkpoint.get("global_step")
         expected = {k: v.shape for k, v in self.trainable_state_dict().items()}

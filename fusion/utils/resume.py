@@ -95,3 +95,25 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
+
+
+class WeightedDomainSampler(ResumableSampler):
+    """An epoch of `num_samples` draws (this process's share of the data set's length): at each
+    position a domain, with the probabilities `weights()` gives at that moment, then one of its
+    rows uniformly (with replacement). Every draw is seeded by (seed, epoch, process, position),
+    so a resumed epoch continues with the draws the uninterrupted one would have made, given the
+    same weights (the caller saves what they depend on)."""
+
+    def __init__(self, dataset, domains: list[int], num_domains: int, weights, **kwargs):
+        super().__init__(dataset, shuffle=True, **kwargs)
+        domains = np.asarray(domains)
+        self.rows_of = [np.flatnonzero(domains == d) for d in range(num_domains)]
+        self.weights = weights
+
+    def __iter__(self):
+        present = np.array([len(rows) > 0 for rows in self.rows_of], dtype=np.float64)
+        for position in range(self.start, self.num_samples):
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, position])
+            p = np.asarray(self.weights(), dtype=np.float64) * present
+            domain = rng.choice(len(p), p=p / p.sum())
+            yield int(self.rows_of[domain][rng.integers(len(self.rows_of[domain]))])
