@@ -152,14 +152,18 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml", "bench_unaligned.yaml", "bench_unaligned_unlabeled.yaml"])
+@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml", "bench_on_policy.yaml", "bench_levers.yaml", "bench_unaligned.yaml",
+                                  "bench_unaligned_unlabeled.yaml"])
 def test_bench_config_train_section_parses(capsys, name):
-    """A bench config's `train` section, with a pool and each method, validates against fusion.train."""
+    """A bench config's `train` section, with a pool and each method, validates against fusion.train
+    (bench_on_policy.yaml over bench_unlabeled.yaml's settings, as its command reads it)."""
     from fusion.train import main
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
-    with open(path) as f:
-        bench = yaml.safe_load(f)
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    bench = {}
+    for part in (["bench_unlabeled.yaml"] if name == "bench_on_policy.yaml" else []) + [name]:
+        with open(os.path.join(configs, part)) as f:
+            bench |= yaml.safe_load(f)
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
     for settings in bench["methods"].values():
         config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})

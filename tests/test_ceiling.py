@@ -54,6 +54,11 @@ def test_report_ratios_floor_and_table(tmp_path):
     below = report_lib.criteria_floor(report_lib.summarize(runs + [_run("none", "A", 0, {"d1": 0.1, "d2": 0.3})],
                                                            methods | {"none": {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}}}), "base")
     assert not below["none"]["at_least_untrained_student"]["A"]["pass"]  # 0.2 < 0.3: reported, not hidden
+    ratio = report_lib.criteria_ratio(summary, methods)["selector"]
+    assert not ratio["mean_ratio_at_least_0.85"]["A"]["pass"] and ratio["mean_ratio_at_least_0.85"]["A"]["ratio_mean"] == pytest.approx(0.5625)
+    assert ratio["worst_ratio_at_least_0.5"]["A"]["pass"] and not ratio["worst_ratio_at_least_0.5"]["B"]["pass"]  # 0.5; 0.25
+    merged = report_lib.merge_criteria({"selector": {"x": 1}}, {"selector": ratio}, floor)
+    assert set(merged["selector"]) == {"x", "mean_ratio_at_least_0.85", "worst_ratio_at_least_0.5", "at_least_untrained_student"}
     report = {"quick": True, "seeds": [0, 1], "results": summary, "criteria": floor, "consistency": None, "runtime_seconds": 1.0,
               "sources": sources, "best_source": best}
     text = report_lib.markdown(report, "")
@@ -94,14 +99,15 @@ def test_training_watch_says_when_the_loss_climbs():
 def test_validation_monitored_checkpoint_needs_a_validation_split():
     monitored = SimpleNamespace(monitor="val/acc_mean", best_model_path="runs/best.ckpt")
     last = SimpleNamespace(monitor=None, best_model_path="")
+    on_exception = SimpleNamespace()  # Lightning's OnExceptionCheckpoint: a checkpoint callback with no monitor at all
     data = SimpleNamespace(load=lambda: {"val": [{"prompt": "p"}]})
-    check_validation_split(SimpleNamespace(checkpoint_callbacks=[last, monitored], limit_val_batches=1.0, datamodule=data))
+    check_validation_split(SimpleNamespace(checkpoint_callbacks=[on_exception, last, monitored], limit_val_batches=1.0, datamodule=data))
     for trainer in (SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=0, datamodule=data),
                     SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=1.0, datamodule=SimpleNamespace(load=lambda: {"val": []}))):
         with pytest.raises(ValueError, match=r"monitor='val/acc_mean'.*data.val_size.*trainer.limit_val_batches"):
             check_validation_split(trainer)
     check_validation_split(SimpleNamespace(checkpoint_callbacks=[last], limit_val_batches=0, datamodule=data))  # nothing monitored
-    assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last, monitored])) == "runs/best.ckpt"
+    assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[on_exception, last, monitored])) == "runs/best.ckpt"
     assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last])) is None
 
 
@@ -139,12 +145,15 @@ def test_sequence_nll_and_curriculum_weights_by_hand():
 
     curriculum = DomainCurriculum(["a", "b", "c"], floor=0.4, momentum=0.5)
     assert curriculum.weights().tolist() == pytest.approx([1 / 3] * 3)  # nothing observed yet
-    curriculum.update(["a", "a", "b"], torch.tensor([3.0, 1.0, 0.5]), torch.tensor([0.0, 0.0, 1.0]))
-    assert curriculum.gap == [pytest.approx(2.0), pytest.approx(0.0), None]  # b's gap is clamped at 0; c unseen
-    # c counts as the largest observed gap (2): w = 0.4 / 3 + 0.6 * (2, 0, 2) / 4.
+    ln = lambda p: -torch.log(torch.tensor(p))  # noqa: E731 (a probability as a sequence NLL)
+    # a: the sources give its rows' responses 0.9 and 0.8, the student 0.1 and 0.6: gaps 0.8 and 0.2.
+    # b: the student is more sure than the sources (0.5 against 0.3): gap clamped at 0. c: not seen.
+    curriculum.update(["a", "a", "b"], torch.stack([ln(0.1), ln(0.6), ln(0.5)]), torch.stack([ln(0.9), ln(0.8), ln(0.3)]))
+    assert curriculum.gap == [pytest.approx(0.5), pytest.approx(0.0), None]
+    # c counts as the largest observed gap (0.5): w = 0.4 / 3 + 0.6 * (0.5, 0, 0.5) / 1.
     assert curriculum.weights().tolist() == pytest.approx([0.4 / 3 + 0.3, 0.4 / 3, 0.4 / 3 + 0.3])
-    curriculum.update(["a", "c"], torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]))
-    assert curriculum.gap == [pytest.approx(1.0), pytest.approx(0.0), pytest.approx(1.0)]  # a: 0.5 * 2 + 0.5 * 0
+    curriculum.update(["a", "c"], torch.stack([ln(1.0), ln(0.7)]), torch.stack([ln(1.0), ln(0.9)]))
+    assert curriculum.gap == [pytest.approx(0.25), pytest.approx(0.0), pytest.approx(0.2)]  # a: 0.5 * 0.5 + 0.5 * 0
     restored = DomainCurriculum(["a", "b", "c"], floor=0.4, momentum=0.5)
     restored.load_state_dict(curriculum.state_dict())
     assert restored.weights().tolist() == curriculum.weights().tolist()

@@ -163,6 +163,33 @@ def learning_curves(runs: list[dict], sources_val: dict[str, dict[str, float]], 
     return dict(curves)
 
 
+RATIO_TARGETS = {"mean_ratio_at_least_0.85": ("ratio_mean", 0.85), "worst_ratio_at_least_0.5": ("ratio_min", 0.5)}
+
+
+def criteria_ratio(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
+    """Each selector method against the sources, per pool: its mean ratio over domains at least
+    0.85 and its worst domain's at least 0.5 (the seed means; see `add_ratios`)."""
+    checks: dict[str, dict] = {}
+    for name, method in methods.items():
+        if method.get("fusion") != "selector" or name not in summary:
+            continue
+        for key, (field, bound) in RATIO_TARGETS.items():
+            check = {pool: {field: r[field], f"{field}_std": r[f"{field}_std"], "pass": r[field] >= bound - 1e-12}
+                     for pool, r in sorted(summary[name].items()) if r.get(field) is not None}
+            if check:
+                checks.setdefault(name, {})[key] = check
+    return checks
+
+
+def merge_criteria(*parts: dict[str, dict]) -> dict[str, dict]:
+    """method -> check name -> result, from several sets of checks."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for method, checks in part.items():
+            merged.setdefault(method, {}).update(checks)
+    return merged
+
+
 def criteria_floor(summary: dict, base: str) -> dict[str, dict]:
     """Every method at or above the untrained student (`base`), in each pool: a method that ends
     below it is reported, never hidden behind a gain over another method."""

@@ -504,8 +504,9 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     oracle = bench.train["model"].get("oracle") or {}
     report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
               "sources": sources, "best_source": best, "learning_curves": curves, "results": summary, "consistency": consistency,
-              "criteria": (report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle))
-              | report_lib.criteria_floor(summary, BASE),
+              "criteria": report_lib.merge_criteria(
+                  report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
+                  report_lib.criteria_ratio(summary, methods), report_lib.criteria_floor(summary, BASE)),
               "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),
               "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
     written = report_lib.write_report(report, runs, config_yaml, bench.output)

@@ -1,10 +1,12 @@
 """An adaptive curriculum: the training rows of each domain are drawn in proportion to how far
 the student trails its sources there, so that optimizer steps go where there is most to learn.
 
-The gap of a row is the student's negative log-likelihood of the response it learns along
-(gold, or the answer a source wrote) minus the sources' own, both summed over the response's
-tokens: nats of sequence likelihood, which is what exact-match accuracy depends on (an answer is
-right when every token is). Per domain, the gap is an exponential moving average over the rows
+The gap of a row is the probability the sources give the whole response it learns along (gold,
+or the answer a source wrote) minus the probability the student gives it, exp(-NLL_sources) -
+exp(-NLL_student), each NLL summed over the response's tokens. Exact match needs every token of
+an answer right, so sequence probability is what accuracy follows; and unlike a difference of
+NLLs it does not grow with the answer's length (a 20-token answer a few nats short weighs no
+more than a 2-token one). Per domain, the gap is an exponential moving average over the rows
 seen; the sampling weights are
 
     w_d = floor / D + (1 - floor) * g_d / sum_e g_e,      g_d = max(0, gap_d),
@@ -48,7 +50,7 @@ class DomainCurriculum:
 
     def update(self, domains: list[str], student_nll: torch.Tensor, source_nll: torch.Tensor) -> None:
         """One batch: rows' domains, the student's and the sources' sequence NLL along each row's response [B]."""
-        gaps = (student_nll - source_nll).clamp(min=0.0).tolist()
+        gaps = (torch.exp(-source_nll) - torch.exp(-student_nll)).clamp(min=0.0).tolist()
         for index, domain in enumerate(self.domains):
             seen = [g for g, d in zip(gaps, domains) if d == domain]
             if seen:

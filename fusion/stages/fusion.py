@@ -123,8 +123,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             `selector_signal: rewards`; the default reads no gold.
         curriculum_floor, curriculum_momentum: an adaptive curriculum (`fusion.objectives.curriculum`):
             null (default) draws training rows uniformly; a number in (0, 1] draws each row's domain
-            in proportion to how far the student trails its sources there (sequence NLL along the
-            rows' responses, a moving average with this momentum per batch), every domain keeping
+            in proportion to how far the student trails its sources there (the probability the
+            sources give each row's response minus the student's, a moving average with this
+            momentum per batch), every domain keeping
             at least this share divided by the number of domains.
         init_from: where the student starts: null (a fresh adapter on `student`), a checkpoint of
             an earlier stage (`.ckpt`: its adapter, and its selector when it has one for the same
@@ -692,8 +693,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         return {"loss": h.lam * ce + (1.0 - h.lam) * divergence, "ce": ce.detach(), "divergence": divergence.detach()}
 
     def _update_curriculum(self, batch: dict, logits: torch.Tensor, source_ce: torch.Tensor) -> None:
-        """The gap per row: the student's sequence NLL along its response minus the sources'
-        (their per-token CE [B] times the row's trained tokens); logs the domains' weights."""
+        """The curriculum's gap per row, from the student's sequence NLL along its response and the
+        sources' (their per-token CE [B] times the row's trained tokens); logs the domains' weights."""
         targets = batch["targets"]
         tokens = (targets != IGNORE_INDEX).sum(-1)
         self.curriculum.update([row["domain"] for row in batch["rows"]], sequence_nll(logits.detach(), targets), source_ce * tokens)

@@ -74,7 +74,7 @@ class TrainingWatch(L.Callback):
 def check_validation_split(trainer) -> None:
     """A ModelCheckpoint that monitors a `val/` metric needs validation to run: a validation
     split with rows, and `trainer.limit_val_batches` above 0."""
-    monitors = [c.monitor for c in trainer.checkpoint_callbacks if c.monitor and c.monitor.startswith("val/")]
+    monitors = [c.monitor for c in trainer.checkpoint_callbacks if (getattr(c, "monitor", None) or "").startswith("val/")]
     if not monitors:
         return
     data = getattr(trainer, "datamodule", None)
@@ -88,5 +88,5 @@ def check_validation_split(trainer) -> None:
 def best_checkpoint(trainer) -> str | None:
     """After `fit`: the checkpoint that did best on the validation split, where a ModelCheckpoint
     monitors it; None otherwise (test the weights as they are)."""
-    paths = [c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
+    paths = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) and c.best_model_path]
     return paths[0] if paths else None
