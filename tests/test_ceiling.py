@@ -228,3 +228,16 @@ def test_monitored_checkpoint_without_validation_names_the_setting(tiny_zoo, tmp
     run = main(["--config", json.dumps(config)], run=False)
     with pytest.raises(ValueError, match="data.val_size"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+def test_report_only_takes_stored_runs_and_names_a_missing_one(tmp_path):
+    import json
+
+    from fusion.bench import quality
+
+    stored = tmp_path / "result.json"
+    stored.write_text(json.dumps({"config_hash": "from older code", "result": {"acc_mean": 0.5}}))
+    jobs = [{"result_path": str(stored), "config_hash": "now", "cost": 1.0}]
+    assert quality._run_all(jobs, workers=1, stored_only=True) == [{"acc_mean": 0.5, "reused": True}]
+    with pytest.raises(FileNotFoundError, match="--report_only: no stored run at .*missing"):
+        quality._run_all([{"result_path": str(tmp_path / "missing" / "result.json"), "config_hash": "x", "cost": 1.0}], 1, True)

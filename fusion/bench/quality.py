@@ -212,6 +212,16 @@ def _run_job(job: dict) -> dict:
     return result
 
 
+def _stored_cache(job: dict) -> dict:
+    """A cache job's stored timing (what `_run_job` wrote beside the cache), for --report_only."""
+    cache_dir = job["config"]["model"]["cache_dir"]
+    path = os.path.join(cache_dir, "bench_seconds.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--report_only: no stored cache at {cache_dir!r}; run the bench without --report_only first")
+    with open(path) as f:
+        return json.load(f)
+
+
 def _cache_is_current(run) -> bool:
     from fusion.sources.cache import is_current
 
@@ -219,17 +229,20 @@ def _cache_is_current(run) -> bool:
     return is_current(run.model.hparams.cache_dir, run.model.cache_fingerprint(run.datamodule))
 
 
-def _run_all(jobs: list[dict], workers: int) -> list[dict]:
-    """Run jobs, reusing a run whose result.json has the same config; longest first."""
+def _run_all(jobs: list[dict], workers: int, stored_only: bool = False) -> list[dict]:
+    """Run jobs, reusing a run whose result.json has the same config; longest first.
+    `stored_only`: take every job's stored result as it is (config and code unchecked), run nothing."""
     results, pending = [None] * len(jobs), []
     for index, job in enumerate(jobs):
         path = job.get("result_path")
         if path and os.path.isfile(path):
             with open(path) as f:
                 stored = json.load(f)
-            if stored["config_hash"] == job["config_hash"] and os.path.isfile(job.get("adapter") or path):
+            if stored_only or (stored["config_hash"] == job["config_hash"] and os.path.isfile(job.get("adapter") or path)):
                 results[index] = {**stored["result"], "reused": True}
                 continue
+        if stored_only:
+            raise FileNotFoundError(f"--report_only: no stored run at {path!r}; run the bench without --report_only first")
         pending.append(index)
     pending.sort(key=lambda i: -jobs[i]["cost"])
     if pending:
@@ -439,14 +452,14 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
 
 
 
-def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict:
+def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_only: bool = False) -> dict:
     started = time.time()
     planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
     jobs = planner.training_jobs()
     cache_seconds: dict[str, float] = {}
     if planner.caches:
-        built = _run_all(planner.cache_jobs(), bench.workers)
+        built = [_stored_cache(job) for job in planner.cache_jobs()] if report_only else _run_all(planner.cache_jobs(), bench.workers)
         cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
     resolved = {name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
@@ -472,7 +485,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
                                        "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
     tests += planner.source_jobs()
-    results = _run_all(jobs + tests, bench.workers)
+    results = _run_all(jobs + tests, bench.workers, report_only)
     sources = {r["source"]: r["acc"] for r in results if "source" in r}
     sources_val = {r["source"]: r["val_acc"] for r in results if "source" in r}
     results = [r for r in results if "source" not in r]
@@ -480,7 +493,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "") -> dict
     if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
         fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
         after = {name: s["after"] for name, s in bench.methods.items() if "after" in s}
-        results += [r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]} for r in _run_all(chained, bench.workers)]
+        results += [r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]} for r in _run_all(chained, bench.workers, report_only)]
     runs, consistency = [], None
     for result in results:
         if result.get("online"):
@@ -521,16 +534,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="python -m fusion.bench quality", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="the bench YAML, e.g. configs/bench.yaml")
     parser.add_argument("--quick", action=ActionYesNo, default=False, help="apply quick_settings: fewer seeds and steps")
+    parser.add_argument("--report_only", action=ActionYesNo, default=False,
+                        help="rewrite the report from the runs stored under output, as they are (their configs and the code "
+                             "they ran are not checked; a missing run is an error); nothing is trained")
     parser.add_class_arguments(QualityBench)
     namespace = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
     sys.argv = sys.argv[:1]  # every run's arguments go to fusion.train explicitly
-    quick = namespace.pop("quick")
+    quick, report_only = namespace.pop("quick"), namespace.pop("report_only")
     settings = {k: v for k, v in namespace.items() if k not in ("config", "__path__")}
     if quick:
         settings = deep_merge(settings, settings["quick_settings"])
     bench = QualityBench(**settings)
     config_yaml = yaml.safe_dump({"quick": quick, **{k: v for k, v in settings.items() if k != "quick_settings"}}, sort_keys=False)
-    return run(bench, quick, config_yaml)
+    return run(bench, quick, config_yaml, report_only)
 
 
 if __name__ == "__main__":
