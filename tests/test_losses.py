@@ -402,3 +402,34 @@ def test_the_losses_and_the_fusion_rule_load_no_lightning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("probs", [[1.0], [1.0 + 3e-8]])  # a one-hot target; one whose float32 mass sums just above 1
+def test_gradient_is_finite_when_the_target_has_no_tail_and_the_student_none_off_it(probs):
+    """No tail in the target and the student's mass off the support below float32's range:
+    d/dz = lam (p - onehot) + (1 - lam) (p - q) is exactly 0 on the target id and p_v (tiny) elsewhere."""
+    from fusion.objectives.losses import student_loss
+
+    logits = torch.tensor([[[0.0, -90.0, -90.0, -90.0]]], requires_grad=True)
+    target = SparseTarget(torch.tensor([[[0]]]), torch.tensor([[probs]]))
+    out = student_loss(logits, torch.tensor([[0]]), target, lam=0.5)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(logits.grad).all()
+    p = torch.softmax(logits.detach(), -1)[0, 0]
+    assert logits.grad[0, 0].tolist() == pytest.approx([0.0, *p[1:].tolist()], abs=1e-45)
+
+
+def test_loss_is_finite_with_minus_infinite_logits_at_several_positions():
+    """The zero that keeps the graph when nothing is trained must not turn -inf logits into NaN."""
+    from fusion.objectives.losses import divergence_loss, student_loss
+
+    logits = torch.zeros(1, 3, 2)
+    logits[..., 0] = float("-inf")
+    logits.requires_grad_(True)
+    out = student_loss(logits, torch.tensor([[1, 1, IGNORE_INDEX]]), None)
+    out["loss"].backward()
+    assert out["loss"].item() == 0.0 and torch.isfinite(logits.grad).all()
+    target = SparseTarget(torch.tensor([[[1], [1], [1]]]), torch.tensor([[[1.0], [1.0], [1.0]]]))
+    assert divergence_loss(logits, torch.tensor([[1, 1, IGNORE_INDEX]]), target, "reverse_kl").item() == pytest.approx(0.0)
+    nothing = student_loss(logits, torch.full((1, 3), IGNORE_INDEX), None)["loss"]
+    assert nothing.item() == 0.0 and nothing.requires_grad

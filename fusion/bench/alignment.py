@@ -143,6 +143,19 @@ def top_k_mass(zoo: str, batches: list[dict], student, top_k: int = 10) -> dict:
     return result
 
 
+def gold_agreement(batches: list[dict], aligner: Aligner, vocab_map: torch.Tensor) -> float:
+    """Share of aligned trained positions where the mapped source gold token is the student's gold token."""
+    hits = total = 0
+    for batch in batches:
+        out = aligner(batch["input_ids"], batch["attention_mask"], batch["targets"])
+        keep = (batch["targets"] != IGNORE_INDEX) & (out.position_map >= 0)  # [B, T]
+        source_next = out.input_ids.gather(1, (out.position_map + 1).clamp(min=0, max=out.input_ids.shape[1] - 1))  # [B, T]
+        hits += int((vocab_map[source_next] == batch["targets"])[keep].sum())
+        total += int(keep.sum())
+    return hits / max(total, 1)
+
+
+
 def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_vocab_size: int = 400, seed: int = 0,
         output: str = "checkpoints/bench/alignment", zoo: str | None = None) -> None:
     """Measure on `train_size` suite examples per domain, batches of `batch_size`, rows of `max_length` tokens;

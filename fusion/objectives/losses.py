@@ -18,6 +18,13 @@ from fusion.data import IGNORE_INDEX
 from fusion.objectives.fusion_rule import SparseTarget
 
 
+def zero_in_graph(logits: torch.Tensor) -> torch.Tensor:
+    """A 0 that carries `logits`' graph (a loss with no trained position still backpropagates),
+    finite whatever the logits hold (-inf, inf or NaN: x * 0 would be NaN, and a sum of clamped
+    -inf overflows), with a zero gradient."""
+    return torch.nan_to_num(logits.reshape(-1)[:1].float() * 0.0, nan=0.0, posinf=0.0, neginf=0.0).sum()
+
+
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(y_t) of each position's target, 0 where untrained. [B, T, V], [B, T] -> [B, T]"""
     mask = targets != IGNORE_INDEX
@@ -118,7 +125,7 @@ def student_loss(
     rows, cols = mask.nonzero(as_tuple=True)  # the P trained positions
     if fused is None:
         lam = 1.0
-    loss = student_logits[..., :1].float().nan_to_num().sum() * 0.0  # in the graph when no position is trained (finite: -inf * 0 is NaN)
+    loss = zero_in_graph(student_logits)  # in the graph when no position is trained
     ce, kl = loss.detach().clone(), loss.detach().clone()
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
@@ -179,18 +186,21 @@ def _kl_grad_(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, base: 
     partition = _support_and_tail(ids, probs, logp)  # the student's log tail exact however small
     present, p_f, logp_s, tail_f, log_tail = partition
     has = present.any(-1)  # [C] rows with a target
-    kl_rows = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1) + torch.xlogy(tail_f, tail_f) - tail_f * log_tail
+    tail_term = torch.where(tail_f > 0, torch.xlogy(tail_f, tail_f) - tail_f * log_tail, 0.0)  # no tail: 0, whatever log tail_S
+    kl_rows = (torch.xlogy(p_f, p_f) - p_f * logp_s).sum(-1) + tail_term
     kl = torch.where(has, kl_rows, 0.0).sum()
     b_rows = torch.where(has, b, 0.0)  # [C]
     a_rows = base + b_rows
-    # Off the support: a p_v - b tail_F p_v / tail_S = p_v (a - b tail_F exp(-log tail_S)). The
-    # factor overflows float32 where tail_S < exp(-80); those rare rows are computed apart.
-    huge = (log_tail < -80.0) & has & (tail_f > 0)
-    factor = a_rows - b_rows * tail_f * torch.exp(torch.where(huge, 0.0, -log_tail))
+    # Off the support: a p_v - b tail_F p_v / tail_S = p_v (a - b exp(log tail_F - log tail_S)).
+    # Where the target has no tail the ratio is 0 (never 0 * inf, however small tail_S); where it
+    # overflows float32 (above exp(80)) those rare rows are computed apart.
+    log_ratio = torch.where(tail_f > 0, torch.log(tail_f.clamp(min=1e-38)) - log_tail, float("-inf"))
+    huge = (log_ratio > 80.0) & has
+    factor = a_rows - b_rows * torch.exp(torch.where(huge, 0.0, log_ratio))
     exact = None
     if huge.any():
         rows = huge.nonzero(as_tuple=True)[0]
-        exact = a_rows[rows, None] * logp[rows].exp() - (b * tail_f[rows, None]) * torch.exp(logp[rows] - log_tail[rows, None])
+        exact = a_rows[rows, None] * logp[rows].exp() - b * torch.exp(logp[rows] + log_ratio[rows, None])
     grad = logp.exp_().mul_(factor[:, None])
     if exact is not None:
         grad[rows] = exact
@@ -262,7 +272,7 @@ def divergence_loss(
         return student_loss(student_logits, targets, fused, 0.0, temperature, chunk_size)["loss"]
     mask = targets != IGNORE_INDEX
     rows, cols = mask.nonzero(as_tuple=True)
-    total = student_logits[..., :1].float().nan_to_num().sum() * 0.0  # in the graph when no position is trained
+    total = zero_in_graph(student_logits)  # in the graph when no position is trained
     for start in range(0, len(rows), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
         logp = torch.log_softmax(student_logits[r, c].float() / temperature, -1)

@@ -76,9 +76,9 @@ class EvalMetrics(nn.Module):
 
     def compute(self) -> dict:
         results: dict = {}
-        accuracy = self.accuracy.compute()
-        counts = accuracy["count"].tolist()
-        per_domain = {d: float(a) for d, a, n in zip(self.domains, accuracy["accuracy"], counts) if n > 0}
+        accuracy = self.accuracy.compute()  # torchmetrics squeezes a one-domain result to 0-d: reshaped back to [D]
+        counts = accuracy["count"].reshape(-1).tolist()
+        per_domain = {d: float(a) for d, a, n in zip(self.domains, accuracy["accuracy"].reshape(-1), counts) if n > 0}
         results["acc"] = per_domain
         for domain, value in per_domain.items():
             results[f"acc_{domain}"] = value
@@ -87,7 +87,8 @@ class EvalMetrics(nn.Module):
         results["perplexity"] = float(self.perplexity.compute()) if int(self.perplexity.count) > 0 else 1.0
         if self.selection is not None:
             selection = self.selection.compute()
-            by_domain, sequences = selection["share"], selection["sequences"]  # [D, N], [D]
+            by_domain = selection["share"].reshape(len(self.domains), len(self.source_names))  # [D, N]
+            sequences = selection["sequences"].reshape(-1)  # [D]
             if sequences.sum() > 0:
                 share = (by_domain * sequences.unsqueeze(1)).sum(0) / sequences.sum()  # [N]
                 results["selection_share"] = dict(zip(self.source_names, share.tolist()))
