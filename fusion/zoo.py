@@ -20,7 +20,7 @@ import os
 import random
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
@@ -308,12 +308,18 @@ def build_zoo(
         print(f"zoo: building {len(jobs)} of {len(recipes)} models in {output_dir} ({workers} at a time)", flush=True)
         # Longest jobs first keeps both workers busy to the end.
         jobs.sort(key=lambda j: -j["recipe"]["steps"] if j["recipe"]["kind"] != "random" else 0)
+        def done(card: dict, count: int) -> None:
+            cards[card["name"]] = card
+            accuracy = ", ".join(f"{d} {a:.2f}" for d, a in card["accuracy"].items() if a > 0) or "0 everywhere"
+            print(f"zoo: [{count}/{len(jobs)}] {card['name']} in {card['train_seconds']:.0f} s ({accuracy})", flush=True)
+
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                built = list(pool.map(_make_source, jobs))
+                for count, future in enumerate(as_completed([pool.submit(_make_source, job) for job in jobs]), 1):
+                    done(future.result(), count)
         else:
-            built = [_make_source(job) for job in jobs]
-        cards.update({card["name"]: card for card in built})
+            for count, job in enumerate(jobs, 1):
+                done(_make_source(job), count)
     print_cards([cards[r.name] for r in recipes if r.name in cards], domains)
     return cards
 

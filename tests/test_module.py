@@ -409,3 +409,25 @@ def test_one_file_split_sizes_follow_datasets_rounding(tmp_path):
         path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(rows)))
         loaded = FusionDataModule(tokenizer="unused", dataset=str(path), domain_column=None).load()
         assert [len(loaded[s]) for s in ("train", "val", "test")] == sizes == list(one_file_split_sizes(rows).values())
+
+
+def test_missing_or_corrupt_model_paths_fail_at_once_naming_the_key(tmp_path, monkeypatch):
+    """Never a wait on the hub's retries for a model that is missing locally."""
+    import time
+
+    from fusion.sources.pool import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo").mkdir()
+    started = time.time()
+    with pytest.raises(FileNotFoundError, match=r"model.sources\[0\]: 'zoo/nosuch' does not exist"):
+        resolve_model_path("zoo/nosuch", "model.sources[0]")  # looks like org/model, but zoo/ is a local folder
+    assert resolve_model_path("org/model", "model.sources[0]") == "org/model"  # a hub name, looked up later
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"model.sources\[2\]: 'org/model' does not exist .*hub is switched off"):
+        resolve_model_path("org/model", "model.sources[2]")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.sources\[1\]: 'broken/config.json' is not a readable JSON model config"):
+        resolve_model_path("broken", "model.sources[1]")
+    assert time.time() - started < 1.0

@@ -5,6 +5,7 @@ sources each sequence selected.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import re
@@ -36,14 +37,33 @@ _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def hub_offline() -> bool:
+    """Whether the environment forbids the hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def resolve_model_path(path: str, key: str) -> str:
-    """A local model directory, or a hub name; anything else fails naming the config key."""
+    """A local model directory, or a hub name; anything else fails at once, naming the config key.
+
+    A name that is not a local directory is taken for a hub name only when it looks like one
+    (org/model), its first part is not a local directory (`zoo/nosuch` beside a `zoo/` folder is
+    a missing path), and the hub is not switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE): a
+    missing local model never waits on the hub's retries.
+    """
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
             raise ValueError(f"{key}: {path!r} is a directory but not a model (no config.json in it)")
+        try:
+            with open(config) as f:
+                json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{key}: {config!r} is not a readable JSON model config ({error})") from None
         return path
-    if os.path.exists(path) or not _HUB_NAME.match(path):
-        raise FileNotFoundError(f"{key}: {path!r} does not exist (expected a model directory or a hub name like org/model)")
+    parent = os.path.dirname(os.path.normpath(path))
+    if os.path.exists(path) or not _HUB_NAME.match(path) or (parent and os.path.isdir(parent)) or hub_offline():
+        hub = "; the hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)" if hub_offline() else ""
+        raise FileNotFoundError(f"{key}: {path!r} does not exist (expected a model directory or a hub name like org/model{hub})")
     return path
 
 
