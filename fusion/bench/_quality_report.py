@@ -104,6 +104,29 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
     return summary
 
 
+def provenance(arguments: list[str]) -> dict[str, str]:
+    """What a results page names: the command, the commit (with "+changes" when the work tree
+    differs from it) and the machine."""
+    import platform
+    import subprocess
+
+    import torch
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"command": " ".join(["python -m fusion.bench quality", *(a for a in arguments if a != "--report_only")]),
+            "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"}
+
+
 def add_ratios(summary: dict, runs: list[dict], sources: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
     """Every entry's accuracy against its pool's best source per domain (`ratio_to_sources`): per
     domain (from the seed-mean accuracy), and the mean and worst ratio over domains with their std
@@ -332,7 +355,12 @@ def markdown(report: dict, config_yaml: str) -> str:
     domains = sorted({d for entry in summary.values() for pool in entry.values() for d in pool["acc"]})
     costs = any("generations_per_prompt" in r for entry in summary.values() for r in entry.values())
     sampling = any("sampled_tokens_per_step" in r for entry in summary.values() for r in entry.values())
-    lines = [f"# Quality benchmark{' (quick)' if report['quick'] else ''}", "",
+    lines = [f"# Quality benchmark{' (quick)' if report['quick'] else ''}", ""]
+    if report.get("provenance"):
+        p = report["provenance"]
+        rewritten = " The report was rewritten from the stored runs (`--report_only`)." if report.get("report_only") else ""
+        lines += [f"`{p['command']}` at commit `{p['commit']}`, on {p['machine']}.{rewritten}", ""]
+    lines += [
              f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
              "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
              "max(0, acc_A - acc_B) from the seed-mean accuracies (and per seed, paired: mean ± std). "

@@ -452,7 +452,7 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
 
 
 
-def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_only: bool = False) -> dict:
+def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_only: bool = False, arguments: list[str] = ()) -> dict:
     started = time.time()
     planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
@@ -515,7 +515,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
     best = report_lib.add_ratios(summary, runs, sources, pool_names)
     curves = report_lib.learning_curves(runs, sources_val, pool_names)
     oracle = bench.train["model"].get("oracle") or {}
-    report = {"quick": quick, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
+    report = {"quick": quick, "provenance": report_lib.provenance(list(arguments)), "report_only": report_only, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
               "sources": sources, "best_source": best, "learning_curves": curves, "results": summary, "consistency": consistency,
               "criteria": report_lib.merge_criteria(
                   report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="rewrite the report from the runs stored under output, as they are (their configs and the code "
                              "they ran are not checked; a missing run is an error); nothing is trained")
     parser.add_class_arguments(QualityBench)
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    namespace = parser.parse_args(arguments).as_dict()
     sys.argv = sys.argv[:1]  # every run's arguments go to fusion.train explicitly
     quick, report_only = namespace.pop("quick"), namespace.pop("report_only")
     settings = {k: v for k, v in namespace.items() if k not in ("config", "__path__")}
@@ -546,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = deep_merge(settings, settings["quick_settings"])
     bench = QualityBench(**settings)
     config_yaml = yaml.safe_dump({"quick": quick, **{k: v for k, v in settings.items() if k != "quick_settings"}}, sort_keys=False)
-    return run(bench, quick, config_yaml, report_only)
+    return run(bench, quick, config_yaml, report_only, arguments)
 
 
 if __name__ == "__main__":
