@@ -213,6 +213,32 @@ def test_fit_keeps_the_best_validation_checkpoint_with_a_curriculum(tiny_zoo, tm
 
 
 @pytest.mark.slow
+def test_start_checkpoint_is_kept_when_training_only_hurts(tiny_zoo, tmp_path):
+    """With StartCheckpoint, a run whose validation never beats the student it started from keeps
+    that student: the tested checkpoint is step 0's, and it scores exactly the untrained student."""
+    import json
+
+    from fusion.train import main
+
+    from .conftest import tiny_config
+
+    config = tiny_config(tiny_zoo, str(tmp_path), fusion="none", learning_rate=50.0)  # a rate that can only hurt
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"}},
+        {"class_path": "fusion.utils.callbacks.StartCheckpoint"}]
+    run = main(["--config", json.dumps(config)], run=False)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    start = run.trainer.checkpoint_callback.best_model_path
+    assert start.endswith("best.ckpt") and torch.load(start, weights_only=True)["global_step"] == 0
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer))
+    trained = run.model.test_results
+    untrained = main(["--config", json.dumps(tiny_config(tiny_zoo, str(tmp_path / "base"), fusion="none"))], run=False)
+    untrained.trainer.test(untrained.model, datamodule=untrained.datamodule, verbose=False)
+    assert trained["checkpoint_step"] == 0 and trained["acc"] == untrained.model.test_results["acc"]
+    assert trained["perplexity"] == pytest.approx(untrained.model.test_results["perplexity"])
+
+
+@pytest.mark.slow
 def test_monitored_checkpoint_without_validation_names_the_setting(tiny_zoo, tmp_path):
     import json
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
 
@@ -90,3 +90,40 @@ def best_checkpoint(trainer) -> str | None:
     monitors it; None otherwise (test the weights as they are)."""
     paths = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) and c.best_model_path]
     return paths[0] if paths else None
+
+
+class StartCheckpoint(L.Callback):
+    """Enters the student as it starts (step 0) among the candidates of the ModelCheckpoint that
+    monitors the validation split, so that the checkpoint a run keeps is never worse on
+    validation than the student it started from: SFT on a few answers that only overfits them
+    returns its untrained adapter (for LoRA, the base model itself).
+
+    Before the first step it runs the validation split through the module's own evaluation
+    (`validation_step`, then `eval_metrics`), saves a checkpoint under that callback's own file
+    name (e.g. `best.ckpt`) and makes it the callback's best (its public `best_model_path`, `best_model_score`,
+    `best_k_models`, `kth_best_model_path`, `kth_value`): a later validation that does better
+    replaces it as usual. A resumed run (past step 0) does nothing.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        monitored = [c for c in trainer.checkpoint_callbacks if (getattr(c, "monitor", None) or "").startswith("val/")]
+        if not monitored or trainer.global_step > 0:
+            return
+        check_validation_split(trainer)
+        checkpoint = monitored[0]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(trainer.datamodule.val_dataloader()):
+                pl_module.validation_step(trainer.strategy.batch_to_device(batch), index)
+        results = pl_module.eval_metrics.compute()
+        pl_module.eval_metrics.reset()
+        pl_module.train(was_training)
+        score = torch.tensor(float(results[checkpoint.monitor.removeprefix("val/")]))
+        path = checkpoint.format_checkpoint_name({checkpoint.monitor: score, "step": torch.tensor(0), "epoch": torch.tensor(0)})
+        trainer.save_checkpoint(path)
+        checkpoint.best_k_models = {path: score}
+        checkpoint.best_model_path = checkpoint.kth_best_model_path = path
+        checkpoint.best_model_score = checkpoint.kth_value = score
+        rank_zero_info(f"StartCheckpoint: the student before training scores {checkpoint.monitor} = {float(score):.4f}; "
+                       f"{path} is the checkpoint to beat")
