@@ -200,7 +200,7 @@ def test_fit_keeps_the_best_validation_checkpoint_with_a_curriculum(tiny_zoo, tm
     callback = run.trainer.checkpoint_callback
     best_step = torch.load(callback.best_model_path, weights_only=True)["global_step"]
     assert best_checkpoint(run.trainer) == callback.best_model_path and best_step in (2, 4, 6)
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer))
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer), weights_only=True)
     assert run.model.test_results["checkpoint_step"] == best_step
     with open(os.path.join(run.trainer.log_dir, "metrics.json")) as f:
         assert json.load(f)["checkpoint_step"] == best_step
@@ -230,7 +230,7 @@ def test_start_checkpoint_is_kept_when_training_only_hurts(tiny_zoo, tmp_path):
     run.trainer.fit(run.model, datamodule=run.datamodule)
     start = run.trainer.checkpoint_callback.best_model_path
     assert start.endswith("best.ckpt") and torch.load(start, weights_only=True)["global_step"] == 0
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer))
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best_checkpoint(run.trainer), weights_only=True)
     trained = run.model.test_results
     untrained = main(["--config", json.dumps(tiny_config(tiny_zoo, str(tmp_path / "base"), fusion="none"))], run=False)
     untrained.trainer.test(untrained.model, datamodule=untrained.datamodule, verbose=False)

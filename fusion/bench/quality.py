@@ -204,7 +204,7 @@ def _run_job(job: dict) -> dict:
     if job["kind"] == "fit":
         run.trainer.fit(run.model, datamodule=run.datamodule)
         best = best_checkpoint(run.trainer)
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best, weights_only=True)
     if job.get("adapter"):  # a chained stage starts from the weights tested
         run.trainer.save_checkpoint(job["adapter"], weights_only=True)
     result = {**job["record"], **run.model.test_results, "log_dir": job["log_dir"], "seconds": time.time() - started}
