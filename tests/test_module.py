@@ -431,3 +431,15 @@ def test_missing_or_corrupt_model_paths_fail_at_once_naming_the_key(tmp_path, mo
     with pytest.raises(ValueError, match=r"model.sources\[1\]: 'broken/config.json' is not a readable JSON model config"):
         resolve_model_path("broken", "model.sources[1]")
     assert time.time() - started < 1.0
+
+
+def test_likelihood_selector_reads_the_sequence_nll(tiny_zoo):
+    """With selector_loss likelihood the selector's observation is CE times the response's trained tokens."""
+    student, sources = os.path.join(tiny_zoo, "student"), [os.path.join(tiny_zoo, n) for n in ("spell", "sum")]
+    module = FusionDistillModule(student=student, sources=sources, top_k=1, selector_loss="likelihood")
+    batch = {"targets": torch.tensor([[-100, 5, 6, 7], [-100, -100, 5, -100]])}
+    ce = torch.tensor([[0.5, 1.0], [2.0, 0.1]])
+    assert torch.allclose(module._quality_observation(ce, batch), torch.tensor([[1.5, 3.0], [2.0, 0.1]]))
+    assert FusionDistillModule(student=student, sources=sources, top_k=1)._quality_observation(ce, batch) is ce
+    with pytest.raises(ValueError, match="selector_loss 'likelihood' reads a probability"):
+        FusionDistillModule(student=student, sources=sources, top_k=1, selector_loss="likelihood", selector_signal="rewards")

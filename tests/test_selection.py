@@ -277,3 +277,27 @@ def test_feedback_or_exploration_rescues_selector(k, beta, noise):
         assert r["share_last100"][WEAK] <= 0.02 and r["share_last100"][LIAR] <= 0.02
     else:
         assert r["share_last100"][LIAR] <= 0.02
+
+
+def test_likelihood_regression_ranks_sources_by_how_often_they_are_right():
+    """Source 0 is right on 80% of prompts (sequence NLL 0.02) and confidently wrong on the rest
+    (NLL 10); source 1 is always unsure (NLL 0.6). Fitted onto -NLL ("mse") the selector prefers
+    source 1 (mean -2.02 against -0.6); onto the probability ("likelihood": mean 0.78 against
+    0.55) it prefers source 0, as accuracy does."""
+    from fusion.objectives.losses import selector_loss
+    from fusion.objectives.selection import SourceSelector, fit_selector
+
+    assert float(selector_loss(torch.log(torch.tensor([[0.5]])), -torch.log(torch.tensor([[0.7]])), torch.tensor([[True]]), "likelihood")) == pytest.approx(0.04)
+    torch.manual_seed(0)
+    features = torch.randn(100, 8)
+    ce = torch.stack([torch.where(torch.arange(100) % 5 == 0, 10.0, 0.02), torch.full((100,), 0.6)], dim=1)
+    observed = torch.ones_like(ce, dtype=torch.bool)
+    picks = {}
+    for loss in ("mse", "likelihood"):
+        selector = SourceSelector(8, 2, 16, -1.0)
+        fit_selector(selector, features, ce, observed, 200, 3e-3, loss)
+        with torch.no_grad():
+            picks[loss] = selector(torch.randn(200, 8)).argmax(-1).float().mean().item()  # share picking source 1
+    assert picks["mse"] > 0.9 and picks["likelihood"] < 0.1
+    with pytest.raises(ValueError, match="model.selector_loss must be one of"):
+        selector_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), "l1")

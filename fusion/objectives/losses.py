@@ -281,13 +281,26 @@ def divergence_loss(
     return temperature**2 * total / mask.sum().clamp(min=1).float()
 
 
+SELECTOR_LOSSES = ("mse", "huber", "likelihood")
+
+
 def selector_loss(quality: torch.Tensor, ce: torch.Tensor, observed: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Regression of the predicted quality u_i(x) onto the observed -CE_i, over observed pairs.
 
+    "mse" and "huber" fit u to -CE, so u tends to the mean -CE of a source on prompts like x.
+    "likelihood" fits exp(u) to exp(-CE) by squared error, so u tends to the log of the mean
+    probability (the module passes each response's sequence NLL as CE there, so exp(-CE) is the
+    probability of the whole response): a source that is usually right and now and then
+    confidently wrong (CE near 0, sometimes 10) outranks one that is always unsure (CE 0.6), as
+    its accuracy does; under "mse" the rare large CEs decide.
+
     [B, N] predictions, [B, N] CE (detached), [B, N] bool -> scalar
     """
-    if kind not in ("mse", "huber"):
-        raise ValueError(f"selector loss must be 'mse' or 'huber', got {kind!r}")
+    if kind not in SELECTOR_LOSSES:
+        raise ValueError(f"model.selector_loss must be one of {SELECTOR_LOSSES}, got {kind!r}")
+    if kind == "likelihood":
+        error = (quality.exp() - torch.exp(-ce.detach()))[observed]
+        return error.pow(2).mean() if error.numel() else quality.sum() * 0.0
     error = (quality - (-ce.detach()))[observed]
     if error.numel() == 0:
         return quality.sum() * 0.0

@@ -89,7 +89,10 @@ def fit_selector(
     start = {k: v.clone() for k, v in selector.state_dict().items()}
     with torch.no_grad():
         counts = observed.sum(0)
-        mean_quality = torch.where(observed, -ce, 0.0).sum(0) / counts.clamp(min=1)
+        if loss == "likelihood":  # the log of the mean per-token probability
+            mean_quality = torch.log((torch.where(observed, torch.exp(-ce), 0.0).sum(0) / counts.clamp(min=1)).clamp(min=1e-30))
+        else:
+            mean_quality = torch.where(observed, -ce, 0.0).sum(0) / counts.clamp(min=1)
         key = f"net.{len(selector.net) - 1}.bias"  # the output layer's: one predicted quality per source
         start[key] = torch.where(counts > 0, mean_quality.to(start[key]), start[key])
 

@@ -92,7 +92,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         gamma: sharpness of the dynamic weights on observed quality (0: selector only).
         tau: temperature of the selection distribution pi = softmax(u / tau).
         feedback_weight: beta, weight of the CV^2 feedback loss (online only: see `explores`).
-        selector_loss: "mse" or "huber" regression of u onto -CE.
+        selector_loss: "mse" or "huber" regression of u onto -CE, or "likelihood": exp(u) onto the
+            probability of the whole response, exp(-CE * its tokens) (`losses.selector_loss`), so
+            that a source usually right and sometimes confidently wrong outranks one always unsure.
         initial_quality: the selector's starting prediction for every source.
         selector_prefit_steps: with unlabelled prompts in the corpus, the selector is first fitted
             on the labelled rows (every source's CE observed once) for this many full-batch steps,
@@ -280,6 +282,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             if h[key] == value and (h.fusion == "none" or h.source_mode != "online"):
                 raise ValueError(f"model.{key} {value!r} runs the sources on what is written during training: it needs "
                                  f"model.source_mode 'online' and a fusion method with sources, got {h.source_mode!r} and {h.fusion!r}")
+        if h.selector_signal == "rewards" and h.selector_loss == "likelihood":
+            raise ValueError("model.selector_loss 'likelihood' reads a probability from CE along gold: use 'mse' or 'huber' with "
+                             "model.selector_signal 'rewards'")
         if h.selector_signal == "rewards" and h.fusion != "selector":
             raise ValueError(f"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got {h.fusion!r}")
 
@@ -649,6 +654,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                      "train/generations": float(sum(a["generations"] for a in answers)) if self.cache is None else 0.0}
         if quality is not None:
             pi = torch.softmax(quality / h.tau, dim=-1)  # [B, N]
+            all_ce = self._quality_observation(all_ce, batch)
             selector_term = losses.selector_loss(quality, all_ce, all_valid, h.selector_loss)
             # Balance the selection where it decides what is observed: on the labelled rows (every row with rewards).
             balanced = labelled if self.selector_rewards is None else torch.ones_like(labelled)
@@ -745,9 +751,17 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             else:
                 out = self.pool.to(self.device).run(every, batch, self.hparams.temperature)
                 batch_ce, batch_observed = out.ce, out.valid
-            ce.append(batch_ce)
+            ce.append(self._quality_observation(batch_ce, batch))
             observed.append(batch_observed)
         return torch.cat(features), torch.cat(ce), torch.cat(observed)
+
+    def _quality_observation(self, ce: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What the selector regresses onto [B, N]: each source's per-token CE along the rows'
+        responses; with `selector_loss: likelihood`, their sequence NLL (CE times the response's
+        trained tokens), whose exp is the probability of the whole response, as exact match needs."""
+        if self.hparams.selector_loss != "likelihood" or self.selector_rewards is not None:
+            return ce
+        return ce * (batch["targets"] != IGNORE_INDEX).sum(-1, keepdim=True).to(ce.dtype)
 
     def prefit_selector(self) -> None:
         """Fit the selector on the labelled rows, where every source's quality is observed once,
