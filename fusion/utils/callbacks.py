@@ -71,10 +71,15 @@ class TrainingWatch(L.Callback):
         self.first, self.average = list(state_dict["first"]), state_dict["average"]
 
 
+def validation_checkpoints(trainer) -> list:
+    """The trainer's checkpoint callbacks that monitor a `val/` metric (OnExceptionCheckpoint has no monitor)."""
+    return [c for c in trainer.checkpoint_callbacks if (getattr(c, "monitor", None) or "").startswith("val/")]
+
+
 def check_validation_split(trainer) -> None:
     """A ModelCheckpoint that monitors a `val/` metric needs validation to run: a validation
     split with rows, and `trainer.limit_val_batches` above 0."""
-    monitors = [c.monitor for c in trainer.checkpoint_callbacks if (getattr(c, "monitor", None) or "").startswith("val/")]
+    monitors = [c.monitor for c in validation_checkpoints(trainer)]
     if not monitors:
         return
     data = getattr(trainer, "datamodule", None)
@@ -88,7 +93,7 @@ def check_validation_split(trainer) -> None:
 def best_checkpoint(trainer) -> str | None:
     """After `fit`: the checkpoint that did best on the validation split, where a ModelCheckpoint
     monitors it; None otherwise (test the weights as they are)."""
-    paths = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) and c.best_model_path]
+    paths = [c.best_model_path for c in validation_checkpoints(trainer) if c.best_model_path]
     return paths[0] if paths else None
 
 
@@ -106,7 +111,7 @@ class StartCheckpoint(L.Callback):
     """
 
     def on_train_start(self, trainer, pl_module) -> None:
-        monitored = [c for c in trainer.checkpoint_callbacks if (getattr(c, "monitor", None) or "").startswith("val/")]
+        monitored = validation_checkpoints(trainer)
         if not monitored or trainer.global_step > 0:
             return
         check_validation_split(trainer)
