@@ -10,10 +10,10 @@ import torch
 from fusion.stages.student import warmup_cosine
 
 
-def _factors(warmup: int, total: int, steps: list[int]) -> list[float]:
+def _factors(warmup: int, total: int, steps: list[int], decay_fraction: float = 1.0) -> list[float]:
     """The learning rate (base rate 1) at each of `steps`, as the scheduler steps through them."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = warmup_cosine(optimizer, warmup, total)
+    scheduler = warmup_cosine(optimizer, warmup, total, decay_fraction)
     rates = []
     for step in range(max(steps) + 1):
         if step in steps:
@@ -38,6 +38,18 @@ def test_warmup_multiplies_a_cosine_over_the_whole_run():
     ]
     assert _factors(10, 100, steps) == pytest.approx(expected, abs=1e-12)
     assert expected[1] == pytest.approx(0.498029, abs=1e-6) and expected[2] == pytest.approx(0.980147, abs=1e-6)
+
+
+def test_decay_fraction_holds_the_rate_then_decays_over_the_tail():
+    """decay_fraction 0.2 of 100 steps: full rate until step 80, then a cosine to 0 at step 100."""
+    steps = [0, 9, 50, 80, 85, 90, 95, 100]
+    expected = [0.1, 1.0, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 0.25)), 0.5, 0.5 * (1 + math.cos(math.pi * 0.75)), 0.0]
+    assert _factors(10, 100, steps, decay_fraction=0.2) == pytest.approx(expected, abs=1e-12)
+    # 1.0 is the whole-run cosine, step for step.
+    assert _factors(10, 100, list(range(0, 101, 7)), 1.0) == pytest.approx(_factors(10, 100, list(range(0, 101, 7))), abs=1e-15)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="decay_fraction"):
+            warmup_cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, 100, bad)
 
 
 def test_no_warmup_and_not_transformers_schedule():

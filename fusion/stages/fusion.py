@@ -102,6 +102,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0 (online only).
         lora: peft LoraConfig arguments.
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
+        lr_decay_fraction: the cosine decay spans the last fraction of the run; before it the rate
+            holds (1.0, the default: the cosine spans the whole run).
         max_new_tokens: greedy decoding budget at evaluation.
         response_max_new_tokens, response_sampling, response_temperature: how a source answers an
             unlabelled prompt: greedy (default) or sampled at this temperature, at most this many
@@ -169,6 +171,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         selector_learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
+        lr_decay_fraction: float = 1.0,
         max_new_tokens: int = 24,
         response_max_new_tokens: int = 32,
         response_sampling: bool = False,
@@ -845,5 +848,5 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if self.selector is not None:
             groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
-        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches, h.lr_decay_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

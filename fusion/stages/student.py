@@ -147,24 +147,31 @@ def sample_responses(student, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
     return pack_rollouts(mask, generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay_fraction: float = 1.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `warmup_steps` multiplied into a cosine decay to 0 at `total_steps`
-    (stepped per optimizer step): the factor at step s (from 0) is
+    (stepped per optimizer step). With `decay_fraction` f the rate holds until step (1 - f) * T
+    and the cosine spans the last f * T steps (warmup-stable-decay; f = 1, the default, decays
+    over the whole run). The factor at step s (from 0) is
 
-        min(1, (s + 1) / warmup_steps) * 0.5 * (1 + cos(pi * min(1, s / total_steps)))
+        min(1, (s + 1) / warmup_steps) * 0.5 * (1 + cos(pi * clamp((s - (1 - f) T) / (f T), 0, 1)))
 
-    so the first step already runs at 1 / warmup_steps of the rate and the cosine spans the
-    whole run, warmup included. This is deliberately not transformers'
+    so the first step already runs at 1 / warmup_steps of the rate and, with f = 1, the cosine
+    spans the whole run, warmup included. This is deliberately not transformers'
     `get_cosine_schedule_with_warmup`, which starts at 0 at step 0 (s / warmup_steps) and runs
-    its cosine over the steps after the warmup only: switching would change every step's
-    learning rate, and so every benchmark result in the README. `tests/test_student.py` pins
-    the values.
+    its cosine over the steps after the warmup only. `tests/test_student.py` pins the values.
     """
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
     total = max(1, total_steps)
+    decay = max(1.0, decay_fraction * total)
+    start = total - decay
 
     def schedule(step: int) -> float:
         warmup = min(1.0, (step + 1) / max(1, warmup_steps))
-        return warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+        progress = min(1.0, max(0.0, (step - start) / decay))
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
