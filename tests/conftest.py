@@ -108,7 +108,8 @@ def reference_test_metrics(model, tokenizer, data: dict, max_new_tokens: int) ->
     """Accuracy per domain, its mean and the response perplexity of `model` on the test split of
     the `data` settings, computed here (the model's forward, greedy decoding, the task scorers),
     apart from Lightning's test loop, to hold `metrics.json` against."""
-    from fusion.data.datamodule import IGNORE_INDEX, FusionDataModule
+    from fusion.data import IGNORE_INDEX
+    from fusion.data.datamodule import FusionDataModule
     from fusion.stages.evaluation import correct, greedy_answers
     from fusion.objectives.losses import target_logprobs
 

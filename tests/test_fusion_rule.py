@@ -1,5 +1,5 @@
-"""Hand-checked values for the fusion rule, fusion/objectives/fusion_rule.py: the weights alpha,
-the fused sparse target and the gold one-hot fill.
+"""Hand-checked values for the fusion rule, fusion/objectives/fusion_rule.py: the weights alpha and
+the fused sparse target; and the gold one-hot fill of the sources' outputs (fusion/sources/pool.py).
 
 As in test_losses.py, every expected number is a literal or a math.log / math.exp expression.
 """
@@ -11,7 +11,8 @@ import math
 import torch
 
 from fusion.data import IGNORE_INDEX
-from fusion.objectives.fusion_rule import SparseTarget, dynamic_weights, fused_target, fusion_weights, gold_onehot, merge_duplicates, rule_weights
+from fusion.objectives.fusion_rule import SparseTarget, dynamic_weights, fused_target, fusion_weights, merge_duplicates, rule_weights
+from fusion.sources.pool import gold_onehot
 from tests.test_losses import L, approx
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.stages.metrics import EvalMetrics
 
 

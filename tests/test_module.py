@@ -415,7 +415,7 @@ def test_missing_or_corrupt_model_paths_fail_at_once_naming_the_key(tmp_path, mo
     """Never a wait on the hub's retries for a model that is missing locally."""
     import time
 
-    from fusion.sources.pool import resolve_model_path
+    from fusion.models import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "zoo").mkdir()

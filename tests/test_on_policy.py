@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fusion.objectives import losses
-from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import collate, encode
 from fusion.stages.fusion import FusionDistillModule
 from fusion.stages.rewards import answer_format
 

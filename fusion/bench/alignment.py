@@ -39,7 +39,8 @@ from jsonargparse import CLI
 
 from fusion.data import tasks
 from fusion.sources.alignment import Aligner
-from fusion.data.datamodule import IGNORE_INDEX, collate, encode
+from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import collate, encode
 from fusion.utils.io import atomic_write_json
 from fusion.sources.pool import UNALIGNED_POLICIES, SourcePool
 from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer

@@ -36,7 +36,8 @@ def _std(values: list[float]) -> float:
 def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: list[int], selector_losses: list[str] = ("mse",)) -> dict:
     from types import SimpleNamespace
 
-    from fusion.data.datamodule import IGNORE_INDEX, FusionDataModule
+    from fusion.data import IGNORE_INDEX
+    from fusion.data.datamodule import FusionDataModule
     from fusion.stages.fusion import FusionDistillModule
     from fusion.objectives.selection import SourceSelector, fit_selector
     from fusion.sources.pool import source_name

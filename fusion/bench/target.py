@@ -33,7 +33,8 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     from types import SimpleNamespace
 
-    from fusion.data.datamodule import IGNORE_INDEX, FusionDataModule
+    from fusion.data import IGNORE_INDEX
+    from fusion.data.datamodule import FusionDataModule
     from fusion.objectives.fusion_rule import fused_target
     from fusion.stages.fusion import FusionDistillModule
 

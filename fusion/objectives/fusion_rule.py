@@ -1,20 +1,17 @@
 """The fusion rule: how the selected sources' distributions become the target P_F.
 
 Here: the weights alpha (`fusion_weights`, by the method's rule of `fusion.objectives.methods`),
-the mixture on the union of supports (`fused_target`, a `SparseTarget`) and the `gold_onehot` fill.
-The sources' distributions come from `fusion.sources`; the losses are `fusion.objectives.losses`.
+and the mixture on the union of supports (`fused_target`, a `SparseTarget`). The sources'
+distributions come from `fusion.sources`; the losses are `fusion.objectives.losses`.
 
 Shapes: B sequences, T positions, k selected sources, K ids kept per source and position.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-
-from fusion.data import IGNORE_INDEX
 
 SKIPPED_CE = 1e4  # the CE a weight rule sees for a skipped source (its weight is then masked to 0)
 
@@ -113,20 +110,3 @@ def fused_target(ids: torch.Tensor, logprobs: torch.Tensor, alpha: torch.Tensor,
     ids = ids.permute(0, 2, 1, 3).reshape(batch, length, k * top)
     probs = probs.permute(0, 2, 1, 3).reshape(batch, length, k * top)
     return merge_duplicates(ids, probs)
-
-
-def gold_onehot(ids: torch.Tensor, logprobs: torch.Tensor, aligned: torch.Tensor, valid: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`unaligned: gold_onehot`: where a usable source has no distribution at a trained position,
-    a one-hot of the token the student learns along there (probability 1, empty tail), counted
-    as aligned. ids, logprobs [B, k, T, K] (written in place), aligned [B, k, T], valid [B, k],
-    targets [B, T] -> (ids, logprobs, aligned)
-    """
-    k = ids.shape[1]
-    trained = targets != IGNORE_INDEX  # [B, T]
-    fill = trained[:, None, :] & ~aligned & valid[:, :, None]  # [B, k, T]
-    ids[..., 0] = torch.where(fill, targets[:, None, :].expand(-1, k, -1), ids[..., 0])
-    logprobs[..., 0] = torch.where(fill, 0.0, logprobs[..., 0])
-    ids[..., 1:] = torch.where(fill[..., None], -1, ids[..., 1:])
-    logprobs[..., 1:] = torch.where(fill[..., None], -math.inf, logprobs[..., 1:])
-    return ids, logprobs, aligned | fill

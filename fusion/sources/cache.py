@@ -44,7 +44,7 @@ import shutil
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.utils.io import atomic_directory, atomic_write_json
 from fusion.sources.pool import SourceOutputs
 

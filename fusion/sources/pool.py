@@ -1,29 +1,28 @@
-"""Frozen source LLMs: loading by path or hub name, vocabulary checks, and running only the
-sources each sequence selected.
+"""The frozen source LLMs as one pool: each source runs only on the sequences that selected it,
+and its outputs are read over the student's vocabulary, whatever its tokenizer (models load
+through `fusion.models`).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
-import re
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from fusion.sources.alignment import Aligner
-from fusion.data.datamodule import IGNORE_INDEX, collate, encode
-from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
+from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import collate, encode
 from fusion.data.tokenizer import load_tokenizer
-from fusion.objectives.fusion_rule import gold_onehot
+from fusion.models import load_frozen, resolve_model_path, same_vocabulary
+from fusion.sources.alignment import Aligner
+from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
 from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
 BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.sources.marginal`)
-
 
 
 def check_boundary(boundary: str | None, unaligned: str, null_ok: bool = False) -> None:
@@ -33,59 +32,9 @@ def check_boundary(boundary: str | None, unaligned: str, null_ok: bool = False) 
                          f"their tokens: it needs model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}")
 
 
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def hub_offline() -> bool:
-    """Whether the environment forbids the hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def resolve_model_path(path: str, key: str) -> str:
-    """A local model directory, or a hub name; anything else fails at once, naming the config key.
-
-    A name that is not a local directory is taken for a hub name only when it looks like one
-    (org/model), its first part is not a local directory (`zoo/nosuch` beside a `zoo/` folder is
-    a missing path), and the hub is not switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE): a
-    missing local model never waits on the hub's retries.
-    """
-    if os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if not os.path.isfile(config):
-            raise ValueError(f"{key}: {path!r} is a directory but not a model (no config.json in it)")
-        try:
-            with open(config) as f:
-                json.load(f)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{key}: {config!r} is not a readable JSON model config ({error})") from None
-        return path
-    parent = os.path.dirname(os.path.normpath(path))
-    if os.path.exists(path) or not _HUB_NAME.match(path) or (parent and os.path.isdir(parent)) or hub_offline():
-        hub = "; the hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)" if hub_offline() else ""
-        raise FileNotFoundError(f"{key}: {path!r} does not exist (expected a model directory or a hub name like org/model{hub})")
-    return path
-
-
 def source_name(path: str) -> str:
+    """A source is named by the last part of its path (model.single_source, model.oracle, the logs)."""
     return os.path.basename(os.path.normpath(path))
-
-
-def same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase) -> bool:
-    """Same tokens with the same ids and special tokens: no alignment needed."""
-    return student.get_vocab() == source.get_vocab() and (student.bos_token_id, student.eos_token_id) == (source.bos_token_id, source.eos_token_id)
-
-
-def check_same_vocabulary(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, key: str) -> None:
-    """For a model that must use the student's own tokenizer (a new base for the student)."""
-    if not same_vocabulary(student, other):
-        raise ValueError(f"{key}: its tokenizer ({len(other)} tokens) differs from the student's ({len(student)} tokens); it must be the student's")
-
-
-def load_frozen(path: str, dtype: str, trust_remote_code: bool):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
-    model.eval().requires_grad_(False)
-    return model
 
 
 class SourceOutputs(NamedTuple):
@@ -104,6 +53,23 @@ class SourceOutputs(NamedTuple):
     ce: torch.Tensor
     valid: torch.Tensor
     aligned: torch.Tensor
+
+
+def gold_onehot(ids: torch.Tensor, logprobs: torch.Tensor, aligned: torch.Tensor, valid: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`unaligned: gold_onehot`: where a usable source has no distribution at a trained position,
+    a one-hot of the token the student learns along there (probability 1, empty tail), counted
+    as aligned. ids, logprobs [B, k, T, K] (written in place), aligned [B, k, T], valid [B, k],
+    targets [B, T] -> (ids, logprobs, aligned)
+    """
+    k = ids.shape[1]
+    trained = targets != IGNORE_INDEX  # [B, T]
+    fill = trained[:, None, :] & ~aligned & valid[:, :, None]  # [B, k, T]
+    ids[..., 0] = torch.where(fill, targets[:, None, :].expand(-1, k, -1), ids[..., 0])
+    logprobs[..., 0] = torch.where(fill, 0.0, logprobs[..., 0])
+    ids[..., 1:] = torch.where(fill[..., None], -1, ids[..., 1:])
+    logprobs[..., 1:] = torch.where(fill[..., None], -math.inf, logprobs[..., 1:])
+    return ids, logprobs, aligned | fill
 
 
 class SourcePool:

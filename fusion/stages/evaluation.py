@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fusion.data import tasks
 from fusion.data.datamodule import collate, encode
 from fusion.data.tokenizer import load_tokenizer
-from fusion.sources.pool import load_frozen, resolve_model_path
+from fusion.models import load_frozen, resolve_model_path
 
 
 @torch.no_grad()

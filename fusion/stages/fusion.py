@@ -36,7 +36,8 @@ import torch
 from fusion.objectives import fusion_rule, losses
 from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
 from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
-from fusion.data.datamodule import IGNORE_INDEX, collate, encode, is_labelled
+from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import collate, encode, is_labelled
 from fusion.stages.evaluation import correct, greedy_answers
 from fusion.objectives.methods import METHODS, Method
 from fusion.stages.metrics import EvalMetrics
@@ -44,7 +45,8 @@ from fusion.stages.rewards import Rewards
 from fusion.objectives.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
 from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.data.tokenizer import load_tokenizer
-from fusion.sources.pool import DTYPES, SourcePool, check_boundary, resolve_model_path, source_name
+from fusion.models import DTYPES, resolve_model_path
+from fusion.sources.pool import SourcePool, check_boundary, source_name
 from fusion.sources.vocab_map import default_cache_dir
 
 FUSION_METHODS = tuple(METHODS)

@@ -7,7 +7,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.objectives.losses import entropy
 
 

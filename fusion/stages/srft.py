@@ -25,11 +25,11 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fusion.objectives import srft_losses
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.stages.evaluation import correct, greedy_answers
 from fusion.stages.metrics import EvalMetrics
 from fusion.stages.rewards import Rewards
-from fusion.sources.pool import DTYPES, resolve_model_path
+from fusion.models import DTYPES, resolve_model_path
 from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.data.tokenizer import load_tokenizer
 

@@ -15,10 +15,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fusion.data.datamodule import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX
 from fusion.utils.io import atomic_write_json
 from fusion.utils.resume import run_seed, start_next_epoch_cleanly, step_seed
-from fusion.sources.pool import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.models import DTYPES, check_same_vocabulary, resolve_model_path
 from fusion.data.tokenizer import load_tokenizer
 
 
