@@ -6,6 +6,7 @@ Expected numbers are literals or math expressions a reader can check with pencil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -209,7 +210,7 @@ def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo)
     module.pool.run = lambda selected, scored, *a, **kw: rows.append(scored["input_ids"].shape[0]) or run(selected, scored, *a, **kw)
 
     def student_terms(**settings) -> tuple[float, float]:
-        module.hparams.update(settings)
+        module.settings = dataclasses.replace(module.settings, **settings)
         module.training_step(batch, 0)
         return module.logged["train/loss_student"], module.logged["train/divergence"]
 
@@ -225,11 +226,11 @@ def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo)
 def test_on_policy_share_of_steps_is_evenly_spread(tiny_zoo):
     module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
     assert [module.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
-    module.hparams.on_policy_fraction = 0.25
+    module.settings = dataclasses.replace(module.settings, on_policy_fraction=0.25)
     assert [module.on_policy(s) for s in range(8)] == [False, False, False, True] * 2
-    module.hparams.on_policy_fraction = 1.0
+    module.settings = dataclasses.replace(module.settings, on_policy_fraction=1.0)
     assert all(module.on_policy(s) for s in range(5))
-    module.hparams.response_from = "source"
+    module.settings = dataclasses.replace(module.settings, response_from="source")
     assert not any(module.on_policy(s) for s in range(5))
 
 
@@ -350,5 +351,5 @@ def test_boundary_null_reads_from_the_prefix_along_the_students_own_samples(tiny
              ({"response_from": "student", "boundary": "token_end"}, "token_end"), ({"boundary": "prefix"}, "prefix")]
     for settings, expected in cases:
         module = FusionDistillModule(student=student, sources=sources, fusion="uniform", **settings)
-        assert module.boundary == expected, settings
+        assert module.settings.resolved_boundary == expected, settings
     assert module.pool.boundary == "prefix"

@@ -48,14 +48,9 @@ import yaml
 from fusion.bench import _quality_report as report_lib
 from fusion.utils.io import atomic_write_json
 
-POOL_INDEPENDENT = ("none", "oracle")
 BASE = "student base (no training)"  # the floor every method must reach
 # A chained method's second stage, started from the adapter of its `after` method: the settings it takes.
-CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train, over the after method's"}  # train once per seed, report for both pools
-CACHE_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map", "boundary")  # what cached numbers depend on
-# With prompts without gold, the cache also holds their answers: who writes them depends on these.
-ANSWER_SETTINGS = ("fusion", "top_k", "single_source", "response_max_new_tokens", "response_sampling", "response_temperature",
-                   "selector_hidden", "initial_quality", "selector_prefit_steps", "selector_learning_rate", "selector_loss")
+CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train, over the after method's"}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -153,18 +148,6 @@ class QualityBench:
             raise ValueError(f"consistency must name one of methods {list(self.methods)} and a pool A or B, got {self.consistency}")
         if not self.seeds or min(self.steps, self.workers, self.threads) < 1:
             raise ValueError("seeds must not be empty; steps, workers and threads must be at least 1")
-
-
-def online_only(settings: dict) -> bool:
-    """Whether a method scores what is written during training (the student's samples, or the
-    selected sources' answers for the selector's rewards): no cache can hold it."""
-    return settings.get("response_from") == "student" or settings.get("selector_signal") == "rewards"
-
-
-def forwards(settings: dict, pool: list[str]) -> int:
-    """Source forwards per training sequence when the method runs online."""
-    fusion = settings["fusion"]
-    return {"none": 0, "single": 1, "oracle": 1, "selector": settings.get("top_k", 2)}.get(fusion, len(pool))
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -288,11 +271,23 @@ class Planner:
         return {"kind": kind, "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": cost,
                 "config_hash": config_hash, "result_path": os.path.join(self.bench.output, "runs", name, "result.json")}
 
+    def fusion_settings(self, settings: dict, pool: str):
+        """A method's runs in `pool` as the fusion module reads them (`FusionSettings`): `train.model`
+        and the method's settings over it, with the pool's sources. Where the sources' outputs
+        come from (`source_mode`, `cache_dir`) is the planner's choice and left out."""
+        from fusion.stages.fusion_settings import FusionSettings
+
+        model = {key: value for key, value in (self.bench.train.get("model", {}) | settings).items()
+                 if key in FusionSettings.names() and key not in ("source_mode", "cache_dir")}
+        return FusionSettings(**model | {"sources": self.bench.pools[pool]})
+
     def cache_dir(self, pool: str, settings: dict) -> str:
         """One cache per pool and per value of the settings the cached numbers depend on (with
         unlabelled prompts: per method, since the method decides who answers them)."""
+        from fusion.stages.fusion_settings import ANSWER_SETTINGS, SOURCE_OUTPUT_SETTINGS
+
         base = self.bench.train["model"]
-        keys = CACHE_SETTINGS + (ANSWER_SETTINGS if self.bench.unlabelled else ())
+        keys = SOURCE_OUTPUT_SETTINGS + (ANSWER_SETTINGS if self.bench.unlabelled else ())
         overrides = {k: settings[k] for k in keys if k in settings and settings[k] != base.get(k)}
         name = pool + "".join(f"-{k}-{_slug(str(v))}" for k, v in sorted(overrides.items()))
         self.caches.setdefault(name, (pool, overrides))
@@ -309,11 +304,12 @@ class Planner:
             for method, settings in b.methods.items():
                 if "after" in settings:
                     continue
-                pools = ["A"] if settings["fusion"] in POOL_INDEPENDENT else ["A", "B"]
+                pools = ["A"] if self.fusion_settings(settings, "A").pool_independent else ["A", "B"]
                 for pool in pools:
-                    mode = "online" if settings["fusion"] == "none" or online_only(settings) else b.source_mode
+                    run = self.fusion_settings(settings, pool)
+                    mode = "online" if not run.method.uses_sources or run.online_only else b.source_mode
                     model = settings | self.source_settings(pool, mode, settings)
-                    cost = 1.0 + (0.5 if mode == "online" else 0.0) * forwards(settings, b.pools[pool]) + (3.0 if online_only(settings) else 0.0)
+                    cost = 1.0 + (0.5 if mode == "online" else 0.0) * run.source_forwards + (3.0 if run.online_only else 0.0)
                     name = f"{pool}-{_slug(method)}-seed{seed}"
                     jobs.append(self.job("fit", name, seed, model, {"method": method, "pool": pool, "seed": seed}, cost))
                     if method in chained:
@@ -345,7 +341,7 @@ class Planner:
                                        "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}}
                 else:
                     merged = self.bench.methods[settings["after"]] | stage.get("model", {})
-                    mode = "online" if online_only(merged) or merged.get("source_mode") == "online" else self.bench.source_mode
+                    mode = "online" if self.fusion_settings(merged, pool).online_only or merged.get("source_mode") == "online" else self.bench.source_mode
                     config, log_dir = self.config(name, record["seed"], merged | self.source_settings(pool, mode, merged) | {"init_from": job["adapter"]})
                 config["trainer"]["max_steps"] = stage["steps"]
                 config_hash = hashlib.sha256(json.dumps([kind, config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
@@ -436,11 +432,12 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
     the cache took (its labelled rows included)."""
     from fusion.sources.cache import answer_summary
 
-    if settings["fusion"] == "none":
+    run = planner.fusion_settings(settings, "A")
+    if not run.method.uses_sources:
         return {"generations_per_prompt": {p: 0.0 for p in planner.bench.pools}, "cache_seconds": {p: 0.0 for p in planner.bench.pools}}
     costs: dict[str, dict] = {"generations_per_prompt": {}, "answers": {}, "cache_seconds": {}}
     for pool in planner.bench.pools:
-        pool_run = "A" if settings["fusion"] in POOL_INDEPENDENT else pool
+        pool_run = "A" if run.pool_independent else pool
         directory = planner.cache_dir(pool_run, settings)
         summary = answer_summary(directory)
         names = [os.path.basename(os.path.normpath(p)) for p in planner.bench.pools[pool_run]]
@@ -464,13 +461,14 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
     resolved = {name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
                 for name, s in bench.methods.items()}  # a chain: its fusion's settings (and its second fusion stage's)
-    methods = {name: {**settings, "source_forwards_per_seq": {p: forwards(settings, bench.pools[p]) for p in bench.pools}}
+    methods = {name: {**settings, "source_forwards_per_seq": {p: planner.fusion_settings(settings, p).source_forwards for p in bench.pools}}
                for name, settings in resolved.items()}
     if bench.unlabelled and bench.source_mode == "cached":
-        methods = {name: m | answer_costs(planner, name, m, cache_seconds) if not online_only(m) and m.get("source_mode") != "online" else m
+        methods = {name: m | answer_costs(planner, name, m, cache_seconds)
+                   if not planner.fusion_settings(m, "A").online_only and m.get("source_mode") != "online" else m
                    for name, m in methods.items()}
     for name, settings in resolved.items():
-        if settings["fusion"] in POOL_INDEPENDENT:
+        if planner.fusion_settings(settings, "A").pool_independent:
             methods[name] |= {"shared_with": "pool A run",
                               "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
     tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": BASE, "pool": "A", "seed": 0})]

@@ -39,21 +39,16 @@ from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, mo
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode, is_labelled
 from fusion.stages.evaluation import correct, greedy_answers
-from fusion.objectives.methods import METHODS, Method
+from fusion.stages.fusion_settings import FusionSettings
+from fusion.objectives.methods import Method
 from fusion.stages.metrics import EvalMetrics
 from fusion.stages.rewards import Rewards
 from fusion.objectives.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
 from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
 from fusion.data.tokenizer import load_tokenizer
-from fusion.models import DTYPES, resolve_model_path
-from fusion.sources.pool import SourcePool, check_boundary, source_name
+from fusion.models import resolve_model_path
+from fusion.sources.pool import SourcePool, source_name
 from fusion.sources.vocab_map import default_cache_dir
-
-FUSION_METHODS = tuple(METHODS)
-RESPONSES = ("source", "student")  # model.response_from
-ON_POLICY_MIXES = ("alternate", "joint")  # model.on_policy_mix
-SELECTOR_SIGNALS = ("gold_ce", "rewards")  # model.selector_signal
-
 
 FEATURE_MEMORY = 2**30  # bytes of prompt features kept per process (float32: 65k rows at D = 4096)
 
@@ -197,18 +192,17 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self._check_settings()
+        self.settings = FusionSettings(**{name: self.hparams[name] for name in FusionSettings.names()})
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
-        self.method: Method = METHODS[fusion]
+        self.method: Method = self.settings.method
         self.selector_rewards = Rewards(selector_rewards, "model.selector_rewards") if selector_signal == "rewards" else None
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self._pool: SourcePool | None = None  # loaded where sources run (see `pool`)
         for index, path in enumerate(sources):  # a missing source fails here, not at the first step
             resolve_model_path(path, f"model.sources[{index}]")
         self.cache: SourceCache | None = None
-        self.source_names = [source_name(p) for p in sources]
-        self._check_source_names()
+        self.source_names = self.settings.source_names
         self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
         self.selector = (
             SourceSelector(self.student.config.get_text_config().hidden_size, len(sources), selector_hidden, initial_quality)
@@ -240,91 +234,21 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         rank_zero_info(f"model.init_from: the selector of {path!r} routes from the first step (not fitted again)")
         return True
 
-    def _check_settings(self) -> None:
-        h = self.hparams
-        if h.fusion not in FUSION_METHODS:
-            raise ValueError(f"model.fusion must be one of {FUSION_METHODS}, got {h.fusion!r}")
-        n = len(h.sources)
-        if h.fusion != "none" and n == 0:
-            raise ValueError(f"model.sources is empty; fusion {h.fusion!r} needs at least one source")
-        if h.fusion == "selector" and not 1 <= h.top_k <= n:
-            raise ValueError(f"model.top_k must be between 1 and the number of sources ({n}), got {h.top_k}")
-        if h.temperature <= 0 or h.tau <= 0:
-            raise ValueError(f"model.temperature and model.tau must be positive, got {h.temperature} and {h.tau}")
-        if h.source_top_k < 1:
-            raise ValueError(f"model.source_top_k must be at least 1, got {h.source_top_k}")
-        if not 0.0 <= h.lam <= 1.0:
-            raise ValueError(f"model.lam must be in [0, 1], got {h.lam}")
-        if h.source_mode not in ("online", "cached"):
-            raise ValueError(f"model.source_mode must be 'online' or 'cached', got {h.source_mode!r}")
-        if h.source_mode == "cached" and not h.cache_dir:
-            raise ValueError("model.source_mode is 'cached' but model.cache_dir is not set")
-        if h.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
-        if h.curriculum_floor is not None:
-            DomainCurriculum([], h.curriculum_floor, h.curriculum_momentum)  # checks the two settings
-        if h.response_max_new_tokens < 1 or h.response_temperature <= 0 or h.selector_prefit_steps < 0:
-            raise ValueError("model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
-                             f"model.selector_prefit_steps at least 0, got {h.response_max_new_tokens}, {h.response_temperature} "
-                             f"and {h.selector_prefit_steps}")
-        self._check_on_policy_settings()
-
-    def _check_on_policy_settings(self) -> None:
-        h = self.hparams
-        choices = {"response_from": RESPONSES, "divergence": losses.DIVERGENCES, "selector_signal": SELECTOR_SIGNALS,
-                   "on_policy_mix": ON_POLICY_MIXES}
-        for key, allowed in choices.items():
-            if h[key] not in allowed:
-                raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
-        check_boundary(h.boundary, h.unaligned, null_ok=True)  # here too: the pool loads only when sources first run
-        if not 0.0 < h.jsd_beta < 1.0:
-            raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {h.jsd_beta}")
-        if h.sample_temperature <= 0 or h.sample_max_new_tokens < 1 or not 0.0 <= h.on_policy_fraction <= 1.0:
-            raise ValueError("model.sample_temperature must be positive, model.sample_max_new_tokens at least 1 and "
-                             f"model.on_policy_fraction in [0, 1], got {h.sample_temperature}, {h.sample_max_new_tokens} and {h.on_policy_fraction}")
-        needs_online = {"response_from": "student", "selector_signal": "rewards"}
-        for key, value in needs_online.items():
-            if h[key] == value and (h.fusion == "none" or h.source_mode != "online"):
-                raise ValueError(f"model.{key} {value!r} runs the sources on what is written during training: it needs "
-                                 f"model.source_mode 'online' and a fusion method with sources, got {h.source_mode!r} and {h.fusion!r}")
-        if h.selector_signal == "rewards" and h.selector_loss == "likelihood":
-            raise ValueError("model.selector_loss 'likelihood' reads a probability from CE along gold: use 'mse' or 'huber' with "
-                             "model.selector_signal 'rewards'")
-        if h.selector_signal == "rewards" and h.fusion != "selector":
-            raise ValueError(f"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got {h.fusion!r}")
-
-    def _check_source_names(self) -> None:
-        h = self.hparams
-        if h.fusion == "single" and h.single_source not in self.source_names:
-            raise ValueError(f"model.single_source must name one of the sources {self.source_names}, got {h.single_source!r}")
-        if h.fusion == "oracle":
-            unknown = {d: s for d, s in (h.oracle or {}).items() if s not in self.source_names}
-            if not h.oracle or unknown:
-                raise ValueError(f"model.oracle must map each domain to one of the sources {self.source_names}, got {h.oracle!r}")
-
     @property
     def pool(self) -> SourcePool:
         """The sources, loaded on first use: `fit` (online) and `predict` run them; `test`,
         `validate`, `load_from_checkpoint` and `fusion.export` never load one."""
         if self._pool is None:
             if not self.method.uses_sources:
-                raise ValueError(f"model.fusion {self.hparams.fusion!r} runs no source")
+                raise ValueError(f"model.fusion {self.settings.fusion!r} runs no source")
             self._pool = self._load_pool()
         return self._pool
 
     def _load_pool(self) -> SourcePool:
-        h = self.hparams
+        h = self.settings
         return SourcePool.load(h.sources, self.tokenizer, h.dtype, h.trust_remote_code, top_k=h.source_top_k,
                                unaligned=h.unaligned, vocab_map=h.vocab_map, vocab_map_dir=h.vocab_map_dir or default_cache_dir(),
-                               boundary=self.boundary)
-
-    @property
-    def boundary(self) -> str:
-        """`model.boundary`, null resolved: "prefix" along the student's own samples (with `marginal`)."""
-        h = self.hparams
-        if h.boundary is not None:
-            return h.boundary
-        return "prefix" if h.response_from == "student" and h.unaligned == "marginal" else "token_end"
+                               boundary=h.resolved_boundary)
 
     @property
     def explores(self) -> bool:
@@ -342,46 +266,28 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     # ---------------------------------------------------------------- the offline cache
 
-    def response_settings(self) -> dict:
-        """What an answer to an unlabelled prompt depends on: who answers, who runs along it, decoding."""
-        h = self.hparams
-        settings = {"fusion": h.fusion, "max_new_tokens": h.response_max_new_tokens, "sampling": h.response_sampling}
-        if h.response_sampling:
-            settings["temperature"] = h.response_temperature
-        if self.method.runs == "top_k":  # the selector fitted on the labelled rows routes every prompt
-            settings |= {"top_k": h.top_k, "selector": [h.selector_hidden, h.initial_quality, h.selector_prefit_steps,
-                                                         h.selector_learning_rate, h.selector_loss]}
-        if self.method.runs == "single":
-            settings["single_source"] = h.single_source
-        if self.method.runs == "domain":
-            settings["oracle"] = h.oracle
-        return settings
-
     def cache_fingerprint(self, data=None) -> dict:
         """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K, T and,
         with unlabelled prompts, how they are answered."""
-        h, data = self.hparams, data or self.trainer.datamodule
+        h, data = self.settings, data or self.trainer.datamodule
         paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(self.source_names, h.sources))}
         tokenizers = {name: load_tokenizer(path, h.trust_remote_code) for name, path in paths.items()}
-        settings = {"top_k": h.source_top_k, "temperature": h.temperature, "unaligned": h.unaligned,
-                    "vocab_map": h.vocab_map, "max_length": data.hparams.max_length}
-        if self.boundary != "token_end":
-            settings["boundary"] = self.boundary
+        settings = h.source_output_settings() | {"max_length": data.hparams.max_length}
         if data.hparams.get("chat_template"):  # the sources read the rendered prompts
             settings["chat_template"] = data.chat.template
         if data.load()["unlabeled"]:
-            settings["answers"] = self.response_settings()
+            settings["answers"] = h.answer_settings()
             if self.method.runs == "top_k":  # the selector routes from the base student's features
                 settings["answers"]["student weights"] = model_fingerprint(resolve_model_path(h.student, "model.student"))
         return cache_fingerprint(paths, self.tokenizer, tokenizers, data.corpus(), settings)
 
     def attach_cache(self, data=None) -> None:
         """Read the offline cache of `cache_dir`, after checking it was computed for this run."""
-        self.cache = SourceCache(self.hparams.cache_dir, self.cache_fingerprint(data), len(self.source_names))
+        self.cache = SourceCache(self.settings.cache_dir, self.cache_fingerprint(data), len(self.source_names))
 
     def configure_callbacks(self):
-        if self.hparams.cache_dir and self.method.uses_sources:
-            return [CacheWriter(self.hparams.cache_dir, self.vocab_size)]  # acts in `predict` only
+        if self.settings.cache_dir and self.method.uses_sources:
+            return [CacheWriter(self.settings.cache_dir, self.vocab_size)]  # acts in `predict` only
         return []
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
@@ -392,7 +298,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         else:
             batch = self.answer_prompts(batch)
             selected = batch["answer_sources"]
-        return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.hparams.temperature), selected)
+        return rows_to_records(batch, self.pool.to(self.device).run(selected, batch, self.settings.temperature), selected)
 
     # ---------------------------------------------------------------- what the selector reads
 
@@ -472,7 +378,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     @torch.no_grad()
     def _write_answers(self, batch: dict, todo: list[int]) -> list[dict]:
         """Online: who runs along each unlabelled row, who writes its answer, and the answer."""
-        h, rows, n = self.hparams, batch["rows"], len(self.source_names)
+        h, rows, n = self.settings, batch["rows"], len(self.source_names)
         device = batch["input_ids"].device
         if self.method.runs == "top_k":
             subset = {key: batch[key][todo] for key in ("input_ids", "attention_mask", "prompt_mask")}
@@ -511,30 +417,22 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def _select_by_rule(self, batch: dict) -> torch.Tensor:
         """The sources of every method but the selector's. -> [B, k] source indices"""
-        h, batch_size, n = self.hparams, batch["input_ids"].shape[0], len(self.source_names)
+        h, batch_size, n = self.settings, batch["input_ids"].shape[0], len(self.source_names)
         device = batch["input_ids"].device
         if self.method.runs == "single":
             return torch.full((batch_size, 1), self.source_names.index(h.single_source), device=device)
         if self.method.runs == "domain":
-            self._check_oracle_domains({row["domain"] for row in batch["rows"]})
+            h.check_oracle_domains({row["domain"] for row in batch["rows"]})
             index = [self.source_names.index(h.oracle[row["domain"]]) for row in batch["rows"]]
             return torch.tensor(index, device=device).unsqueeze(1)
         return torch.arange(n, device=device).expand(batch_size, n)  # uniform, avgce, mince, confidence
-
-    def _check_oracle_domains(self, domains: set[str]) -> None:
-        missing = sorted(domains - set(self.hparams.oracle))
-        if missing == ["default"]:
-            raise ValueError("model.fusion 'oracle' routes each row by its domain label, and the data have none "
-                             "(data.domain_column is null or missing): set data.domain_column, or use the selector")
-        if missing:
-            raise ValueError(f"model.oracle has no source for domain(s) {missing}")
 
     def select(self, batch: dict, quality: torch.Tensor | None) -> torch.Tensor:
         """The sources each sequence runs. -> [B, k] source indices
 
         An answered prompt runs the sources chosen when its answer was written (`answer_sources`).
         """
-        h = self.hparams
+        h = self.settings
         if self.method.runs == "top_k":
             noise = exploration_scale(self.global_step, h.exploration_noise, h.exploration_steps) if self.explores else 0.0
             selected = noisy_top_k(quality, h.top_k, noise)
@@ -547,7 +445,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """alpha over the selected sources, 0 on a skipped one (`fusion_rule.fusion_weights`). [B, k] x3 -> [B, k]"""
-        h = self.hparams
+        h = self.settings
         return fusion_rule.fusion_weights(self.method.weights, selected_quality, ce, valid, h.tau, h.gamma)
 
     def on_policy(self, step: int) -> bool:
@@ -555,7 +453,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         student`, a share `on_policy_fraction` of the steps (GKD's lambda), evenly spread: step s
         is on-policy when floor((s + 1) f) > floor(s f). No random draw: a resumed run decides as
         the uninterrupted one did."""
-        h = self.hparams
+        h = self.settings
         f = h.on_policy_fraction
         return h.response_from == "student" and math.floor((step + 1) * f) > math.floor(step * f)
 
@@ -563,7 +461,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         """The student's response to every prompt of the batch, sampled in one `generate` call,
         without gradient; -> input_ids, attention_mask, targets [B, W] in student tokens (trained
         on the sampled tokens up to the first eos), completion, length [B] (`pack_rollouts`)."""
-        h = self.hparams
+        h = self.settings
         return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
                                 h.sample_temperature, h.sample_max_new_tokens)
 
@@ -588,7 +486,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         `on_policy_mix: joint` they run along every row's gold or source answer, and the loss is
         the off-policy step's along those plus (1 - lam) * T^2 * D at the sampled positions.
         """
-        h = self.hparams
+        h = self.settings
         on_policy = self.on_policy(self.global_step)
         joint = on_policy and h.on_policy_mix == "joint"
         batch = batch if on_policy and not joint else self.answer_prompts(batch)
@@ -689,7 +587,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         the off-policy loss over the rest (gold or source answers, with their targets) plus
         (1 - lam) * T^2 * D over the samples ("divergence" logs the samples').
         """
-        h = self.hparams
+        h = self.settings
         if joint:
             rest = self._student_terms(logits[samples:], targets[samples:], fusion_rule.SparseTarget(*(t[samples:] for t in fused)), None)
             sampled = fusion_rule.SparseTarget(*(t[:samples] for t in fused))
@@ -718,7 +616,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         `selector_rewards` scores the answers. -> (-reward [B, N], observed [B, N]: exactly the
         selected pairs, logs). The reward functions get the rows' columns: on a prompt without
         gold, `response` and `metadata` are None."""
-        h, rows = self.hparams, batch["rows"]
+        h, rows = self.settings, batch["rows"]
         texts = {(b, a["writer"]): a["text"] for b, a in enumerate(batch.get("answers") or []) if a is not None}
         written = 0
         for source in selected.unique().tolist():
@@ -754,7 +652,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             elif self.cache is not None:
                 _, batch_ce, batch_observed = self.cache.lookup(batch, every)
             else:
-                out = self.pool.to(self.device).run(every, batch, self.hparams.temperature)
+                out = self.pool.to(self.device).run(every, batch, self.settings.temperature)
                 batch_ce, batch_observed = out.ce, out.valid
             ce.append(self._quality_observation(batch_ce, batch))
             observed.append(batch_observed)
@@ -764,7 +662,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         """What the selector regresses onto [B, N]: each source's per-token CE along the rows'
         responses; with `selector_loss: likelihood`, their sequence NLL (CE times the response's
         trained tokens), whose exp is the probability of the whole response, as exact match needs."""
-        if self.hparams.selector_loss != "likelihood" or self.selector_rewards is not None:
+        if self.settings.selector_loss != "likelihood" or self.selector_rewards is not None:
             return ce
         return ce * (batch["targets"] != IGNORE_INDEX).sum(-1, keepdim=True).to(ce.dtype)
 
@@ -772,7 +670,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         """Fit the selector on the labelled rows, where every source's quality is observed once,
         before it routes the first prompt that has no gold (N source forwards per labelled row,
         once; read from the cache when there is one)."""
-        h = self.hparams
+        h = self.settings
         if self.selector is None or h.selector_prefit_steps == 0 or getattr(self, "_prefitted", False):
             return
         features, ce, observed = self._labelled_observations()
@@ -788,16 +686,16 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     # ---------------------------------------------------------------- evaluation (hooks: StudentStage)
 
     def run_record(self) -> dict:
-        return {"fusion": self.hparams.fusion}
+        return {"fusion": self.settings.fusion}
 
     def setup(self, stage: str) -> None:
-        h = self.hparams
+        h = self.settings
         data = self.trainer.datamodule if self.trainer else None
         if data is not None:
             self.max_length = data.hparams.max_length
         unlabelled = data.load()["unlabeled"] if data is not None and stage in ("fit", "predict") else []
         if unlabelled and self.method.uses_sources:
-            self._check_unlabelled(unlabelled)
+            self.settings.check_unlabelled(unlabelled)
         if stage == "predict":
             if not self.method.uses_sources or not h.cache_dir:
                 raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")
@@ -813,20 +711,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             domains = data.domain_names if data is not None else []
             self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
 
-    def _check_unlabelled(self, rows: list[dict]) -> None:
-        if not self.method.learns_from_unlabeled:
-            raise ValueError(
-                f"model.fusion {self.hparams.fusion!r} weighs sources by their CE on gold answers, and the fusion corpus has "
-                f"{len(rows)} prompts without one (data.unlabeled_size, data.unlabeled_file or data.missing_response): use "
-                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabelled prompts out")
-        if self.method.runs == "domain":
-            self._check_oracle_domains({row["domain"] for row in rows})
-
     def on_fit_start(self) -> None:
-        if self.trainer.datamodule.load()["unlabeled"] or self.hparams.response_from == "student":
+        if self.trainer.datamodule.load()["unlabeled"] or self.settings.response_from == "student":
             if self.trainer.ckpt_path is None:
                 self.prefit_selector()
-            elif self.selector is not None and self.hparams.selector_prefit_steps > 0:
+            elif self.selector is not None and self.settings.selector_prefit_steps > 0:
                 self._prefitted = True  # a resumed run restored the selector that was fitted at its start
 
     def on_predict_start(self) -> None:
@@ -835,17 +724,17 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def _evaluate(self, batch: dict) -> None:
         output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
         selected = None
         if self.selector is not None:  # which sources the trained selector would run for these prompts
-            selected = noisy_top_k(self.selector(self.prompt_features(batch)), self.hparams.top_k)
+            selected = noisy_top_k(self.selector(self.prompt_features(batch)), self.settings.top_k)
         logits = output.logits[..., : self.vocab_size]
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 
     # ---------------------------------------------------------------- optimization and checkpoints (hooks: StudentStage)
 
     def configure_optimizers(self):
-        h = self.hparams
+        h = self.settings
         groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": h.learning_rate}]
         if self.selector is not None:
             groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field, fields
 
 import lightning as L
 import torch
@@ -34,6 +35,56 @@ from fusion.stages.student import StudentStage, pad_right, sample_responses, sta
 from fusion.data.tokenizer import load_tokenizer
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a checkpoint's starting adapter (KL term only)
+
+
+@dataclass(frozen=True)
+class SRFTSettings:
+    """`SRFTModule`'s arguments (see its docstring), checked when built."""
+
+    student: str = "checkpoints/zoo/student"
+    init_from: str | None = None
+    mode: str = "srft"
+    weights: str = "entropy"
+    entropy_granularity: str = "batch"
+    sft_weight: float = 0.5
+    sft_sign: int = -1
+    rl_weight: float = 0.1
+    shaping: float = 0.1
+    advantage_eps: float = 1e-6
+    kl_weight: float = 0.0
+    rewards: dict[str, float] = field(default_factory=lambda: {"fusion.stages.rewards.task_correct": 1.0})
+    num_generations: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    lora: dict = field(default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"})
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"mode": srft_losses.MODES, "weights": srft_losses.WEIGHTS, "entropy_granularity": srft_losses.GRANULARITIES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.sft_sign not in (-1, 1):
+            raise ValueError(f"model.sft_sign must be -1 (w_SFT = 0.5 exp(-H), the paper) or 1 (exp(+H)), got {self.sft_sign!r}")
+        fewest = 2 if self.mode == "rl_only" else 1
+        if self.num_generations < fewest:
+            raise ValueError(f"model.num_generations must be at least {fewest} with mode {self.mode!r}, got {self.num_generations}")
+        if self.temperature <= 0 or self.max_new_tokens < 1:
+            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {self.temperature} and {self.max_new_tokens}")
+        for key in ("sft_weight", "rl_weight", "shaping", "advantage_eps", "kl_weight"):
+            positive = key in ("shaping", "advantage_eps")
+            if getattr(self, key) < 0 or (positive and getattr(self, key) == 0):
+                raise ValueError(f"model.{key} must be {'positive' if positive else 'non-negative'}, got {getattr(self, key)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
 
 class SRFTModule(StudentStage, L.LightningModule):
@@ -91,7 +142,7 @@ class SRFTModule(StudentStage, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self._check_settings()
+        self.settings = SRFTSettings(**{name: self.hparams[name] for name in SRFTSettings.names()})
         self.reward_functions = Rewards(rewards)
         self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
@@ -101,24 +152,6 @@ class SRFTModule(StudentStage, L.LightningModule):
         self.vocab_size = len(self.tokenizer)
         self.eval_metrics: EvalMetrics | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
-
-    def _check_settings(self) -> None:
-        h = self.hparams
-        choices = {"mode": srft_losses.MODES, "weights": srft_losses.WEIGHTS, "entropy_granularity": srft_losses.GRANULARITIES}
-        for key, allowed in choices.items():
-            if h[key] not in allowed:
-                raise ValueError(f"model.{key} must be one of {allowed}, got {h[key]!r}")
-        if h.sft_sign not in (-1, 1):
-            raise ValueError(f"model.sft_sign must be -1 (w_SFT = 0.5 exp(-H), the paper) or 1 (exp(+H)), got {h.sft_sign!r}")
-        if h.num_generations < (2 if h.mode == "rl_only" else 1):
-            raise ValueError(f"model.num_generations must be at least {2 if h.mode == 'rl_only' else 1} with mode {h.mode!r}, got {h.num_generations}")
-        if h.temperature <= 0 or h.max_new_tokens < 1:
-            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {h.temperature} and {h.max_new_tokens}")
-        for key in ("sft_weight", "rl_weight", "shaping", "advantage_eps", "kl_weight"):
-            if h[key] < 0 or (key in ("shaping", "advantage_eps") and h[key] == 0):
-                raise ValueError(f"model.{key} must be {'positive' if key in ('shaping', 'advantage_eps') else 'non-negative'}, got {h[key]}")
-        if h.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {h.dtype!r}")
 
     def _start_reference(self) -> str:
         """The starting policy for the KL term, in the student itself (peft's adapter switching)."""
@@ -162,13 +195,13 @@ class SRFTModule(StudentStage, L.LightningModule):
 
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
         """G sampled completions per prompt, packed for training ([B * G, W], prompt-major)."""
-        h = self.hparams
+        h = self.settings
         return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], h.temperature,
                                 h.max_new_tokens, h.num_generations)
 
     def score(self, rows: list[dict], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Rewards of the rollouts [B, G] and of the demos [B], in one call of each function."""
-        group = self.hparams.num_generations
+        group = self.settings.num_generations
         expanded = [row for row in rows for _ in range(group)] + rows
         columns = {key: [row.get(key) for row in expanded] for key in rows[0] if key != "prompt"}
         prompts = [row["prompt"] for row in expanded]
@@ -179,7 +212,7 @@ class SRFTModule(StudentStage, L.LightningModule):
     # ---------------------------------------------------------------- the SRFT step
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        h, rows = self.hparams, batch["rows"]
+        h, rows = self.settings, batch["rows"]
         size, group = len(rows), h.num_generations
         rollouts = self.sample(batch)
         texts = self.tokenizer.batch_decode(rollouts["completion"], skip_special_tokens=True)
@@ -241,18 +274,18 @@ class SRFTModule(StudentStage, L.LightningModule):
             self.eval_metrics = EvalMetrics(domains, [])
 
     def run_record(self) -> dict:
-        h = self.hparams
+        h = self.settings
         return {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path}
 
     def _evaluate(self, batch: dict) -> None:
         logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.hparams.max_new_tokens)
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]))
 
     # ---------------------------------------------------------------- optimization and checkpoints
 
     def configure_optimizers(self):
-        h = self.hparams
+        h = self.settings
         optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=h.learning_rate, weight_decay=h.weight_decay)
         scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
