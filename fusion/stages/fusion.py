@@ -38,13 +38,12 @@ from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
 from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, row_key, rows_to_records
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode, is_labelled
-from fusion.stages.evaluation import correct, greedy_answers
 from fusion.stages.fusion_settings import FusionSettings
 from fusion.objectives.methods import Method
 from fusion.stages.metrics import EvalMetrics
 from fusion.stages.rewards import Rewards
 from fusion.objectives.selection import SourceSelector, exploration_scale, fit_selector, noisy_top_k, prompt_features
-from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
+from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
 from fusion.data.tokenizer import load_tokenizer
 from fusion.models import resolve_model_path
 from fusion.sources.pool import SourcePool, source_name
@@ -412,9 +411,6 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     # ---------------------------------------------------------------- the fusion step
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
-
     def _select_by_rule(self, batch: dict) -> torch.Tensor:
         """The sources of every method but the selector's. -> [B, k] source indices"""
         h, batch_size, n = self.settings, batch["input_ids"].shape[0], len(self.source_names)
@@ -492,7 +488,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         batch = batch if on_policy and not joint else self.answer_prompts(batch)
         targets = batch["targets"]
         if not self.method.uses_sources:
-            logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
             terms = losses.student_loss(logits, targets, None)
             stop_if_nonfinite(self, terms["loss"], terms)
             if self.curriculum is not None:  # no source: the gap is the student's own NLL along gold
@@ -539,7 +535,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         fused = fusion_rule.fused_target(out.ids[:rows], out.logprobs[:rows], alpha.repeat(rows // size, 1), out.aligned[:rows])
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
-        logits = self.student(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits[..., : self.vocab_size]
+        logits = self.logits(scored["input_ids"], scored["attention_mask"])
         terms = self._student_terms(logits, scored["targets"], fused, size if on_policy else None, joint)
         if self.curriculum is not None and not on_policy:  # the sources' NLL along each row's answer: their weighted CE
             self._update_curriculum(batch, logits, (alpha * torch.where(valid, ce, 0.0)).sum(-1))
@@ -707,9 +703,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                 self.pool  # noqa: B018 (load before the first step)
         if stage == "fit" and h.curriculum_floor is not None and data is not None:
             self.curriculum = DomainCurriculum(data.domain_names, h.curriculum_floor, h.curriculum_momentum)
-        if self.eval_metrics is None:
-            domains = data.domain_names if data is not None else []
-            self.eval_metrics = EvalMetrics(domains, self.source_names if self.selector is not None else [])
+        self.setup_eval_metrics(self.source_names if self.selector is not None else [])
 
     def on_fit_start(self) -> None:
         if self.trainer.datamodule.load()["unlabeled"] or self.settings.response_from == "student":
@@ -722,22 +716,17 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if self.trainer.datamodule.load()["unlabeled"] and self.method.runs == "top_k":
             self.prefit_selector()
 
-    def _evaluate(self, batch: dict) -> None:
-        output = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
-        selected = None
-        if self.selector is not None:  # which sources the trained selector would run for these prompts
-            selected = noisy_top_k(self.selector(self.prompt_features(batch)), self.settings.top_k)
-        logits = output.logits[..., : self.vocab_size]
-        self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
+    def evaluation_selection(self, batch: dict) -> torch.Tensor | None:
+        """Which sources the trained selector would run for these prompts (None without a selector)."""
+        if self.selector is None:
+            return None
+        return noisy_top_k(self.selector(self.prompt_features(batch)), self.settings.top_k)
 
-    # ---------------------------------------------------------------- optimization and checkpoints (hooks: StudentStage)
+    # ---------------------------------------------------------------- optimization (StudentStage's)
 
-    def configure_optimizers(self):
-        h = self.settings
-        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": h.learning_rate}]
+    def parameter_groups(self) -> list[dict]:
+        """The adapter's group, and the selector's at its own rate and without weight decay."""
+        groups = super().parameter_groups()
         if self.selector is not None:
-            groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
-        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches, h.lr_decay_fraction)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            groups.append({"params": list(self.selector.parameters()), "lr": self.settings.selector_learning_rate, "weight_decay": 0.0})
+        return groups

@@ -11,8 +11,9 @@ the sampling one: sampling runs in eval mode, so that holds with no dropout (`lo
 0, the default, and a base model without dropout).
 
 Ablations are settings of this module: `mode` srft | sft_only | rl_only (GRPO-style: rollouts
-only, no demo terms) and `weights` entropy | constant. Evaluation is the fusion module's: greedy
-answers scored by each task's scorer, per-domain accuracy, `metrics.json` after `test`.
+only, no demo terms) and `weights` entropy | constant. Evaluation is every stage's
+(`StudentStage`): greedy answers scored by each task's scorer, per-domain accuracy, `metrics.json`
+after `test`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -27,11 +29,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fusion.objectives import srft_losses
 from fusion.data import IGNORE_INDEX
-from fusion.stages.evaluation import correct, greedy_answers
-from fusion.stages.metrics import EvalMetrics
 from fusion.stages.rewards import Rewards
 from fusion.models import DTYPES, resolve_model_path
-from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite, warmup_cosine
+from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
 from fusion.data.tokenizer import load_tokenizer
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a checkpoint's starting adapter (KL term only)
@@ -62,6 +62,7 @@ class SRFTSettings:
     warmup_steps: int = 10
     dtype: str = "float32"
     trust_remote_code: bool = False
+    lr_decay_fraction: ClassVar[float] = 1.0  # the cosine always spans the whole run (`warmup_cosine`)
 
     def __post_init__(self) -> None:
         choices = {"mode": srft_losses.MODES, "weights": srft_losses.WEIGHTS, "entropy_granularity": srft_losses.GRANULARITIES}
@@ -150,7 +151,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         # disabled) or the name of a frozen second adapter. Never trained, never saved.
         self.reference = self._start_reference() if kl_weight > 0 else None
         self.vocab_size = len(self.tokenizer)
-        self.eval_metrics: EvalMetrics | None = None
+        self.eval_metrics = None  # built in `setup`, with the data's domains
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
     def _start_reference(self) -> str:
@@ -180,16 +181,14 @@ class SRFTModule(StudentStage, L.LightningModule):
         try:
             if self.reference == "base":
                 with self.student.disable_adapter():
-                    logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-            else:
-                self.student.set_adapter(self.reference, inference_mode=True)
-                try:
-                    logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-                finally:
-                    self.student.set_adapter(trained)
+                    return self.logits(input_ids, attention_mask)
+            self.student.set_adapter(self.reference, inference_mode=True)
+            try:
+                return self.logits(input_ids, attention_mask)
+            finally:
+                self.student.set_adapter(trained)
         finally:
             self.student.train(was_training)
-        return logits[..., : self.vocab_size]
 
     # ---------------------------------------------------------------- rollouts and rewards
 
@@ -224,7 +223,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         input_ids = torch.cat([pad_right(batch["input_ids"], width, pad), pad_right(rollouts["input_ids"], width, pad)])
         attention_mask = torch.cat([pad_right(batch["attention_mask"], width, 0), pad_right(rollouts["attention_mask"], width, 0)])
         targets = torch.cat([pad_right(batch["targets"], width, IGNORE_INDEX), pad_right(rollouts["targets"], width, IGNORE_INDEX)])
-        logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits[..., : self.vocab_size]
+        logits = self.logits(input_ids, attention_mask)
         mask = targets != IGNORE_INDEX  # [S, W]
         # The demos at T = 1 (their terms are off-policy: SFT and the shaped demo likelihood), the
         # rollouts at the temperature they were sampled at (on-policy: see `token_statistics`).
@@ -266,26 +265,11 @@ class SRFTModule(StudentStage, L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False, batch_size=size)
         return total
 
-    # ---------------------------------------------------------------- evaluation (as the fusion module's)
+    # ---------------------------------------------------------------- evaluation (StudentStage's)
 
     def setup(self, stage: str) -> None:
-        if self.eval_metrics is None:
-            domains = self.trainer.datamodule.domain_names if self.trainer and self.trainer.datamodule else []
-            self.eval_metrics = EvalMetrics(domains, [])
+        self.setup_eval_metrics([])
 
     def run_record(self) -> dict:
         h = self.settings
         return {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path}
-
-    def _evaluate(self, batch: dict) -> None:
-        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., : self.vocab_size]
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
-        self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]))
-
-    # ---------------------------------------------------------------- optimization and checkpoints
-
-    def configure_optimizers(self):
-        h = self.settings
-        optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=h.learning_rate, weight_decay=h.weight_decay)
-        scheduler = warmup_cosine(optimizer, h.warmup_steps, self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,6 +1,7 @@
 """The LoRA student, shared by every training stage (fusion, SRFT): building it, loading a
-trained adapter into it, checkpoints that keep only the trainable weights, the learning-rate
-schedule and the atomic `metrics.json` write.
+trained adapter into it, sampling from it, and `StudentStage`, what both stages' LightningModules
+share: the student's logits, evaluation, the optimizer and its learning-rate schedule, checkpoints
+that keep only the trainable weights and the atomic `metrics.json` write.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fusion.data import IGNORE_INDEX
+from fusion.data.tokenizer import load_tokenizer
+from fusion.models import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.stages.evaluation import correct, greedy_answers
+from fusion.stages.metrics import EvalMetrics
 from fusion.utils.io import atomic_write_json
 from fusion.utils.resume import run_seed, start_next_epoch_cleanly, step_seed
-from fusion.models import DTYPES, check_same_vocabulary, resolve_model_path
-from fusion.data.tokenizer import load_tokenizer
 
 
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
@@ -177,12 +180,26 @@ def warmup_cosine(
 
 
 class StudentStage:
-    """Hooks every training stage of the student shares (mixed into its LightningModule).
+    """What every training stage of the student shares (mixed into its LightningModule).
 
-    Checkpoints keep only the trainable weights (an adapter, a selector) and loading refuses one
-    written for another setup; every training step reseeds the random number generator from
-    (seed, rank, step, batch), so a run resumed mid-epoch draws what the uninterrupted run drew.
+    A stage sets `settings` (a frozen dataclass with at least learning_rate, weight_decay,
+    warmup_steps, lr_decay_fraction and max_new_tokens), `tokenizer`, `student` (the peft model),
+    `vocab_size`, `base_model` and `eval_metrics` (None until `setup_eval_metrics`), and writes
+    `training_step` and `run_record`. Evaluation answers each prompt greedily and scores it;
+    the optimizer is AdamW over `parameter_groups()` with `warmup_cosine`. Checkpoints keep only
+    the trainable weights (an adapter, a selector) and loading refuses one written for another
+    setup; every training step reseeds the random number generator from (seed, rank, step,
+    batch), so a run resumed mid-epoch draws what the uninterrupted run drew.
     """
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's next-token logits over the tokenizer's tokens, [R, W, V]. The output layer
+        may have more rows than the tokenizer has tokens (embeddings padded to a round size): those
+        ids are never a target nor a sample, so every loss and metric reads the first V columns."""
+        return self.student(input_ids=input_ids, attention_mask=attention_mask).logits[..., : self.vocab_size]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.logits(batch["input_ids"], batch["attention_mask"])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step, batch_idx))
@@ -196,8 +213,25 @@ class StudentStage:
                 if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path):
                     os.remove(callback.ckpt_path)
 
-    # Evaluation: a stage's `_evaluate(batch)` updates `self.eval_metrics` (fusion.stages.metrics), and
-    # `run_record()` names the run in `metrics.json`.
+    # ---------------------------------------------------------------- evaluation
+
+    def setup_eval_metrics(self, source_names: list[str]) -> None:
+        """Per-domain accuracy and perplexity (and, given `source_names`, how often the selector
+        would run each source), built once the data's domains are known."""
+        if self.eval_metrics is None:
+            data = self.trainer.datamodule if self.trainer else None
+            self.eval_metrics = EvalMetrics(data.domain_names if data is not None else [], source_names)
+
+    def evaluation_selection(self, batch: dict) -> torch.Tensor | None:
+        """The sources a stage would run for each prompt [B, k], counted by the metrics; None: none."""
+        return None
+
+    def _evaluate(self, batch: dict) -> None:
+        """The response's perplexity under teacher forcing and the greedy answer's exact match."""
+        logits = self.logits(batch["input_ids"], batch["attention_mask"])
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
+        selected = self.evaluation_selection(batch)
+        self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch)
@@ -232,6 +266,18 @@ class StudentStage:
         if not hasattr(self, "_fit_record"):
             self._fit_record = {}
         return self._fit_record
+
+    # ---------------------------------------------------------------- optimization and checkpoints
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: the adapter at `learning_rate`."""
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.settings.learning_rate}]
+
+    def configure_optimizers(self):
+        settings = self.settings
+        optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=settings.weight_decay)
+        scheduler = warmup_cosine(optimizer, settings.warmup_steps, self.trainer.estimated_stepping_batches, settings.lr_decay_fraction)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
