@@ -85,7 +85,7 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False,
         run.trainer.fit(run.model, datamodule=run.datamodule)
         best = best_checkpoint(run.trainer)  # the weights that did best on the validation split
     run.trainer.test(run.model, datamodule=run.datamodule, verbose=False, ckpt_path=best, weights_only=True)
-    sources = len(run.model.source_names)
+    sources = len(run.model.settings.sources)
     return run.model.test_results | timings | {"generations_per_prompt": generations_per_prompt(METHODS[fusion], sources)}
 
 

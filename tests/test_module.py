@@ -12,7 +12,6 @@ import torch
 from fusion.data.datamodule import FusionDataModule, collate, encode
 from fusion.stages.fusion import FusionDistillModule
 from fusion.stages.student import stop_if_nonfinite
-from fusion.data.tokenizer import build_char_tokenizer
 from fusion.train import main
 from fusion.zoo import Architecture, build_model
 
@@ -95,16 +94,16 @@ def test_baseline_selection_and_weights(tiny_zoo):
     }
     for fusion, alpha in expectations.items():
         module = _module(tiny_zoo, fusion=fusion)
-        assert module.select(batch, None).tolist() == [[0, 1, 2]] * 3
-        assert torch.allclose(module.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), alpha)
-    assert _module(tiny_zoo, fusion="oracle").select(batch, None).tolist() == [[0], [1], [0]]
-    assert _module(tiny_zoo, fusion="single", single_source="noise").select(batch, None).tolist() == [[2]] * 3
+        assert module.router.select(batch, None).tolist() == [[0, 1, 2]] * 3
+        assert torch.allclose(module.router.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), alpha)
+    assert _module(tiny_zoo, fusion="oracle").router.select(batch, None).tolist() == [[0], [1], [0]]
+    assert _module(tiny_zoo, fusion="single", single_source="noise").router.select(batch, None).tolist() == [[2]] * 3
     selector = _module(tiny_zoo, fusion="selector", top_k=2, gamma=0.0, tau=1.0)
     quality = torch.tensor([[0.0, -1.0, -5.0], [-5.0, 0.0, -1.0], [0.0, -5.0, -1.0]])
     selector.eval()
-    assert selector.select(batch, quality).tolist() == [[0, 1], [1, 2], [0, 2]]
+    assert selector.router.select(batch, quality).tolist() == [[0, 1], [1, 2], [0, 2]]
     # gamma = 0: the weights are the selector's softmax over the selected.
-    assert torch.allclose(selector.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]]), torch.tensor([[True, True]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
+    assert torch.allclose(selector.router.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]]), torch.tensor([[True, True]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
 
 
 def test_training_step_logs_every_term(tiny_zoo):
@@ -326,7 +325,7 @@ def test_nonfinite_logits_on_untrained_positions_are_harmless(tiny_zoo):
     positions only gives."""
     module = _module(tiny_zoo, fusion="uniform")
     batch = _batch(module)
-    selected = module.select(batch, None)
+    selected = module.router.select(batch, None)
     kept = module.pool.run(selected, batch)
     source = module.pool.models[0]
 
@@ -439,7 +438,7 @@ def test_likelihood_selector_reads_the_sequence_nll(tiny_zoo):
     module = FusionDistillModule(student=student, sources=sources, top_k=1, selector_loss="likelihood")
     batch = {"targets": torch.tensor([[-100, 5, 6, 7], [-100, -100, 5, -100]])}
     ce = torch.tensor([[0.5, 1.0], [2.0, 0.1]])
-    assert torch.allclose(module._quality_observation(ce, batch), torch.tensor([[1.5, 3.0], [2.0, 0.1]]))
-    assert FusionDistillModule(student=student, sources=sources, top_k=1)._quality_observation(ce, batch) is ce
+    assert torch.allclose(module.router.observation(ce, batch["targets"]), torch.tensor([[1.5, 3.0], [2.0, 0.1]]))
+    assert FusionDistillModule(student=student, sources=sources, top_k=1).router.observation(ce, batch["targets"]) is ce
     with pytest.raises(ValueError, match="selector_loss 'likelihood' reads a probability"):
         FusionDistillModule(student=student, sources=sources, top_k=1, selector_loss="likelihood", selector_signal="rewards")

@@ -6,7 +6,6 @@ Expected numbers are literals or math expressions a reader can check with pencil
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -17,6 +16,8 @@ from fusion.objectives import losses
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
 from fusion.stages.fusion import FusionDistillModule
+from fusion.stages.on_policy import is_on_policy_step
+from fusion.stages.routing import reward_observations
 from fusion.stages.rewards import answer_format
 
 # ------------------------------------------------------------------ divergences, by hand
@@ -131,7 +132,7 @@ def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
     forward reads the same rows, and the logs count the sampled tokens."""
     module = _module(tiny_zoo, fusion="selector", top_k=2, response_from="student", divergence="jsd")
     _prefer(module, [-1.0, -2.0, -5.0])
-    module._prefitted = True  # a fitted selector explores no more: no noise on the labelled row's selection
+    module.router.prefitted = True  # a fitted selector explores no more: no noise on the labelled row's selection
     samples, seen = {}, {}
     sample, run = module.sample, module.pool.run
 
@@ -200,38 +201,45 @@ def test_no_gradient_flows_through_the_sampling(tiny_zoo):
 def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo):
     """`on_policy_mix: joint`: the sources score the samples, then every row along its gold or its
     source's answer (2B rows), and the student's loss is the off-policy step's on the same batch
-    plus (1 - lam) times the samples' divergence of the alternate on-policy step."""
-    module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_mix="joint", divergence="reverse_kl", lam=0.3)
-    batch = _batch(module)
-    torch.manual_seed(0)
-    samples = module.sample(batch)
-    module.sample = lambda b: {k: v.clone() for k, v in samples.items()}
-    rows, run = [], module.pool.run
-    module.pool.run = lambda selected, scored, *a, **kw: rows.append(scored["input_ids"].shape[0]) or run(selected, scored, *a, **kw)
+    plus (1 - lam) times the samples' divergence of the alternate on-policy step. (Three modules
+    on the same student: a fresh adapter leaves it its base; every one reads the sources at the
+    same boundaries.)"""
+    settings = {"fusion": "oracle", "response_from": "student", "on_policy_mix": "joint", "divergence": "reverse_kl", "lam": 0.3,
+                "boundary": "prefix"}
+    rows, samples = [], {}
 
-    def student_terms(**settings) -> tuple[float, float]:
-        module.settings = dataclasses.replace(module.settings, **settings)
+    def student_terms(**changes) -> tuple[float, float]:
+        module = _module(tiny_zoo, **settings | changes)
+        batch = _batch(module)
+        if not samples:
+            torch.manual_seed(0)
+            samples.update(module.sample(batch))
+        module.sample = lambda b: {k: v.clone() for k, v in samples.items()}
+        run = module.pool.run
+        module.pool.run = lambda selected, scored, *a, **kw: rows.append(scored["input_ids"].shape[0]) or run(selected, scored, *a, **kw)
         module.training_step(batch, 0)
         return module.logged["train/loss_student"], module.logged["train/divergence"]
 
     joint, joint_divergence = student_terms()
     off_policy, _ = student_terms(response_from="source")
-    _, divergence = student_terms(response_from="student", on_policy_mix="alternate")
+    _, divergence = student_terms(on_policy_mix="alternate")
     assert rows == [6, 3, 4]  # joint: 3 samples + 3 answered rows; off-policy: 3 rows; alternate: 3 samples + 1 gold row
     assert divergence > 0 and off_policy > 0
     assert joint_divergence == pytest.approx(divergence, rel=1e-5)
     assert joint == pytest.approx(off_policy + 0.7 * divergence, rel=1e-5)
 
 
-def test_on_policy_share_of_steps_is_evenly_spread(tiny_zoo):
-    module = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
-    assert [module.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
-    module.settings = dataclasses.replace(module.settings, on_policy_fraction=0.25)
-    assert [module.on_policy(s) for s in range(8)] == [False, False, False, True] * 2
-    module.settings = dataclasses.replace(module.settings, on_policy_fraction=1.0)
-    assert all(module.on_policy(s) for s in range(5))
-    module.settings = dataclasses.replace(module.settings, response_from="source")
-    assert not any(module.on_policy(s) for s in range(5))
+def test_on_policy_share_of_steps_is_evenly_spread():
+    assert [is_on_policy_step(s, 0.5) for s in range(6)] == [False, True, False, True, False, True]
+    assert [is_on_policy_step(s, 0.25) for s in range(8)] == [False, False, False, True] * 2
+    assert all(is_on_policy_step(s, 1.0) for s in range(5))
+    assert not any(is_on_policy_step(s, 0.0) for s in range(5))
+
+
+def test_only_a_student_response_makes_a_step_on_policy(tiny_zoo):
+    on = _module(tiny_zoo, fusion="oracle", response_from="student", on_policy_fraction=0.5)
+    assert [on.on_policy(s) for s in range(6)] == [False, True, False, True, False, True]
+    assert not any(_module(tiny_zoo, fusion="oracle", on_policy_fraction=0.5).on_policy(s) for s in range(5))
 
 
 SEEN_COLUMNS: list[dict] = []
@@ -253,7 +261,7 @@ def test_reward_signal_observes_exactly_the_k_selected_and_reads_no_gold(tiny_zo
     SEEN_COLUMNS.clear()
     module.eval()  # no exploration noise: the selection is [0, 1] on every row
     answered = module.answer_prompts(_batch(module))
-    cost, observed, logs = module._reward_observations(answered, torch.tensor([[0, 1]] * 3))
+    cost, observed, logs = reward_observations(answered, torch.tensor([[0, 1]] * 3), module.pool, module.selector_rewards, module.settings)
     # k = 2 answers per prompt: spell's answers to the two prompts without gold were written by
     # answer_prompts and are reused; spell answers the labelled prompt, sum every prompt.
     assert calls == [(0, 2), (0, 1), (1, 3)] and logs["train/reward_generations"] == 4.0
@@ -266,7 +274,7 @@ def test_reward_signal_observes_exactly_the_k_selected_and_reads_no_gold(tiny_zo
     assert columns["response"] == ["cba", "cba", None, None, None, None] and columns["metadata"] == [None] * 6
     # Through the step: the regression targets are the rewards, on those six pairs.
     module.train()
-    module._prefitted = True
+    module.router.prefitted = True
     module.training_step(_batch(module), 0)
     assert module.logged["train/loss_selector"] > 0 and module.logged["reward/tests.test_on_policy.recording_reward"] >= 0
 
@@ -329,7 +337,7 @@ def test_init_from_restores_the_adapter_and_the_selector(tiny_zoo, tmp_path):
         assert not torch.equal(fresh.selector(features), first.selector(features))
     assert torch.equal(got, expected) and (got - base).abs().max() > 1e-2
     second.train()
-    assert second._prefitted and not second.explores  # routes with the loaded selector from the first step
+    assert second.router.prefitted and not second.explores  # routes with the loaded selector from the first step
     for key, value in first.trainable_state_dict().items():
         assert torch.equal(second.trainable_state_dict()[key], value), key
 

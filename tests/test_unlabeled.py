@@ -160,7 +160,7 @@ def test_selector_top_source_writes_and_the_selected_run_along_it(tiny_zoo):
     # The selected sources ran along the answers: select() keeps the writer's choice for those rows.
     quality = torch.tensor([[0.0, -1.0, -9.0]] * 3)
     module.eval()
-    assert module.select(batch, quality).tolist() == [[0, 1], [0, 1], [0, 1]]
+    assert module.router.select(batch, quality).tolist() == [[0, 1], [0, 1], [0, 1]]
 
 
 def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
@@ -180,7 +180,7 @@ def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
         assert batch["answers"][b]["generations"] == 3
     # Its weights are softmax(-CE) along the response (AvgCE where there is gold).
     ce = torch.tensor([[1.0, 2.0, 4.0]])
-    assert torch.allclose(module.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), torch.softmax(-ce, -1))
+    assert torch.allclose(module.router.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), torch.softmax(-ce, -1))
 
 
 def test_uniform_answer_comes_from_one_source_drawn_per_prompt(tiny_zoo):
@@ -372,11 +372,11 @@ def test_selector_features_do_not_move_while_the_adapter_trains(tiny_zoo):
     do not depend on its response."""
     module = _module(tiny_zoo, fusion="selector", top_k=1)
     batch = _batch(module, [dict(ROWS[0]), dict(ROWS[0], response="a longer one")])
-    before, logits = module.prompt_features(batch), module(batch)
+    before, logits = module.router.features(batch), module(batch)
     with torch.no_grad():
         for name, parameter in module.student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_()
-    assert torch.equal(module.prompt_features(batch), before)
+    assert torch.equal(module.router.features(batch), before)
     assert not torch.allclose(module(batch), logits)
     assert torch.allclose(before[0], before[1], atol=1e-6)

@@ -51,13 +51,13 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
     data = FusionDataModule(tokenizer=model["student"], **bench["train"]["data"])
     data.load()
     module.trainer = SimpleNamespace(datamodule=data)  # what the labelled observations read
-    features, ce, observed = module._labelled_observations()  # per-token CE (the module's selector_loss is mse)
+    features, ce, observed = module.labelled_observations()  # per-token CE (the module's selector_loss is mse)
     tokens = torch.cat([(batch["targets"] != IGNORE_INDEX).sum(-1) for batch in data.labelled_loader()]).float()
     observations = {"likelihood": ce * tokens[:, None]}  # the sequence NLL, as the module passes it with that loss
     prompts = []
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(data._features("unlabeled"), batch_size=256, collate_fn=data._collate):
-            prompts.append(module.prompt_features(batch))
+            prompts.append(module.router.features(batch))
     prompts = torch.cat(prompts)
     domains = [row["domain"] for row in data.load()["unlabeled"]]
     specialist_of = torch.tensor([names.index(model["oracle"][d]) for d in domains])

@@ -46,7 +46,7 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     module.trainer = SimpleNamespace(datamodule=data)
     batches = list(data.labelled_loader())
     results = {}
-    for pair in itertools.combinations(range(len(module.source_names)), 2):
+    for pair in itertools.combinations(range(len(module.settings.sources)), 2):
         misplaced, kl = [], []
         seen = 0
         for batch in batches:
@@ -72,7 +72,7 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
             tail_p, tail_q = (1 - p.sum(-1)).clamp(min=0), (1 - q.sum(-1)).clamp(min=1e-12)
             value = (torch.xlogy(p, p) - torch.xlogy(p, q.clamp(min=1e-12))).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * tail_q.log()
             kl.append(value[both])
-        name = " + ".join(module.source_names[i] for i in pair)
+        name = " + ".join(module.settings.source_names[i] for i in pair)
         results[name] = {"positions": int(sum(len(m) for m in misplaced)),
                          "misplaced_mass": _quantiles(torch.cat(misplaced)), "kl_exact_to_cached": _quantiles(torch.cat(kl))}
     return results

@@ -1,5 +1,6 @@
 """Every loss, as pure functions on tensors (no Lightning, no models): the divergences between the
-fused target and the student, the student loss, the selector's regression and feedback losses.
+fused target and the student, the student loss and a training step's student terms
+(`student_terms`), the selector's regression and feedback losses.
 The target itself (weights, `SparseTarget`, `fused_target`) is built in `fusion.objectives.fusion_rule`.
 
 Shapes: B sequences, T positions, V vocabulary, N sources, k selected sources.
@@ -279,6 +280,42 @@ def divergence_loss(
         chunk = SparseTarget(fused.ids[r, c], fused.probs[r, c].detach())
         total = total + sparse_divergence(chunk, logp, kind, beta).sum()
     return temperature**2 * total / mask.sum().clamp(min=1).float()
+
+
+def student_terms(
+    logits: torch.Tensor,  # [R, W, V]
+    targets: torch.Tensor,  # [R, W]
+    fused: SparseTarget,  # on the first rows, those with a distillation target
+    lam: float,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    samples: int | None = None,
+    joint: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The student's loss lam * CE + (1 - lam) * D of a training step, with "ce" and "divergence"
+    (D, which holds T^2: `divergence_loss`) detached for logging. Each term is a mean over the
+    trained positions of the rows it reads:
+
+        off-policy (`samples` None): CE and D over every row, along gold or a source's answer
+            (forward KL with `student_loss`'s closed-form gradient, in one pass);
+        on-policy: D over the first `samples` rows (the student's own samples), CE over the rest
+            (the labelled rows' gold);
+        joint: the off-policy loss over the rows after the samples (gold or source answers, with
+            their targets) plus (1 - lam) * D over the samples ("divergence" is the samples').
+    """
+    if joint:
+        rest = student_terms(logits[samples:], targets[samples:], SparseTarget(*(t[samples:] for t in fused)), lam, temperature, kind, beta)
+        sampled = SparseTarget(*(t[:samples] for t in fused))
+        divergence = divergence_loss(logits[:samples], targets[:samples], sampled, kind, beta, temperature)
+        return {"loss": rest["loss"] + (1.0 - lam) * divergence, "ce": rest["ce"], "divergence": divergence.detach()}
+    if samples is None and kind == "forward_kl":
+        terms = student_loss(logits, targets, fused, lam, temperature)
+        return {"loss": terms["loss"], "ce": terms["ce"], "divergence": terms["kl"]}
+    gold, end = (samples, samples) if samples is not None else (0, len(targets))
+    ce = student_loss(logits[gold:], targets[gold:], None)["loss"]
+    divergence = divergence_loss(logits[:end], targets[:end], fused, kind, beta, temperature)
+    return {"loss": lam * ce + (1.0 - lam) * divergence, "ce": ce.detach(), "divergence": divergence.detach()}
 
 
 SELECTOR_LOSSES = ("mse", "huber", "likelihood")

@@ -1,8 +1,8 @@
 """The adaptive selection network: a per-source quality predictor and noisy top-k selection.
 
 The selector reads the prompt's features (the frozen base student's last hidden states averaged
-over the prompt; see `FusionDistillModule.prompt_features`) and predicts, for every source, u_i(x) ~ -CE_i: how well source i will
-predict this input's gold tokens. It is trained by regression on the sources whose CE was
+over the prompt; see `fusion.stages.routing.PromptFeatures`) and predicts, for every source,
+u_i(x) ~ -CE_i: how well source i will predict this input's gold tokens. It is trained by regression on the sources whose CE was
 observed (a contextual semi-bandit), and picks K = top-k(u + Gumbel noise).
 """
 

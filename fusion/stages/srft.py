@@ -75,7 +75,8 @@ class SRFTSettings:
         if self.num_generations < fewest:
             raise ValueError(f"model.num_generations must be at least {fewest} with mode {self.mode!r}, got {self.num_generations}")
         if self.temperature <= 0 or self.max_new_tokens < 1:
-            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {self.temperature} and {self.max_new_tokens}")
+            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {self.temperature} and "
+                             f"{self.max_new_tokens}")
         for key in ("sft_weight", "rl_weight", "shaping", "advantage_eps", "kl_weight"):
             positive = key in ("shaping", "advantage_eps")
             if getattr(self, key) < 0 or (positive and getattr(self, key) == 0):

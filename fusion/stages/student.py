@@ -223,13 +223,15 @@ class StudentStage:
             self.eval_metrics = EvalMetrics(data.domain_names if data is not None else [], source_names)
 
     def evaluation_selection(self, batch: dict) -> torch.Tensor | None:
-        """The sources a stage would run for each prompt [B, k], counted by the metrics; None: none."""
+        """The sources the stage's selector would run for each prompt [B, k], which the metrics
+        count; None (the default) for a stage without a selector."""
         return None
 
     def _evaluate(self, batch: dict) -> None:
         """The response's perplexity under teacher forcing and the greedy answer's exact match."""
         logits = self.logits(batch["input_ids"], batch["attention_mask"])
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens)
+        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
+                                 self.settings.max_new_tokens)
         selected = self.evaluation_selection(batch)
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 
