@@ -28,13 +28,13 @@ import time
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from fusion import zoo
-from fusion.sources.cache import is_current, model_fingerprint
-from fusion.utils.io import atomic_write_json, atomic_write_text
 from fusion.objectives.methods import METHODS, generations_per_prompt
+from fusion.sources.cache import is_current, model_fingerprint
 from fusion.sources.pool import source_name
 from fusion.stages.evaluation import best_sources, ratio_to_sources, source_accuracy
 from fusion.train import main as cli
 from fusion.utils.callbacks import best_checkpoint
+from fusion.utils.io import atomic_write_json, atomic_write_text
 
 BEFORE = "before training"
 

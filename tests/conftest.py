@@ -110,8 +110,8 @@ def reference_test_metrics(model, tokenizer, data: dict, max_new_tokens: int) ->
     apart from Lightning's test loop, to hold `metrics.json` against."""
     from fusion.data import IGNORE_INDEX
     from fusion.data.datamodule import FusionDataModule
-    from fusion.stages.evaluation import correct, greedy_answers
     from fusion.objectives.losses import target_logprobs
+    from fusion.stages.evaluation import correct, greedy_answers
 
     module = FusionDataModule(tokenizer=tokenizer.name_or_path, **data)
     module._tokenizer = tokenizer

@@ -14,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
-from fusion.sources import vocab_map as vocab_map_module
-from fusion.sources.alignment import Aligner, token_bytes
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
 from fusion.data.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources import vocab_map as vocab_map_module
+from fusion.sources.alignment import Aligner, token_bytes
 from fusion.sources.vocab_map import build_vocab_map, fingerprint, project_topk, vocab_map_counts
 
 X = IGNORE_INDEX

@@ -15,7 +15,6 @@ from fusion.objectives.fusion_rule import SparseTarget, dynamic_weights, fused_t
 from fusion.sources.pool import gold_onehot
 from tests.test_losses import L, approx
 
-
 # ---------------------------------------------------------------------------------------------
 # dynamic_weights
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import os
 import pytest
 import torch
 
-from fusion.objectives import losses
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
+from fusion.objectives import losses
 from fusion.stages.fusion import FusionDistillModule
 from fusion.stages.on_policy import is_on_policy_step
-from fusion.stages.routing import reward_observations
 from fusion.stages.rewards import answer_format
+from fusion.stages.routing import reward_observations
 
 # ------------------------------------------------------------------ divergences, by hand
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from fusion.objectives import srft_losses as S
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
+from fusion.objectives import srft_losses as S
 from fusion.stages.fusion import FusionDistillModule
 from fusion.stages.rewards import Rewards, task_correct, task_score
 from fusion.stages.srft import SRFTModule

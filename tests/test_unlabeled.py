@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from fusion.data.datamodule import FusionDataModule, collate, encode
-from fusion.stages.fusion import FusionDistillModule
 from fusion.objectives.selection import SourceSelector, fit_selector
+from fusion.stages.fusion import FusionDistillModule
 from fusion.train import main
 from tests.conftest import DOMAINS, tiny_config
 

@@ -37,14 +37,13 @@ from types import SimpleNamespace
 import torch
 from jsonargparse import CLI
 
-from fusion.data import tasks
-from fusion.sources.alignment import Aligner
-from fusion.data import IGNORE_INDEX
+from fusion.data import IGNORE_INDEX, tasks
 from fusion.data.datamodule import collate, encode
-from fusion.utils.io import atomic_write_json
-from fusion.sources.pool import UNALIGNED_POLICIES, SourcePool
 from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources.alignment import Aligner
+from fusion.sources.pool import UNALIGNED_POLICIES, SourcePool
 from fusion.sources.vocab_map import METHODS, build_vocab_map, vocab_map_counts
+from fusion.utils.io import atomic_write_json
 
 
 class TextOracle(torch.nn.Module):

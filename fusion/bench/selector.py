@@ -38,9 +38,9 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
 
     from fusion.data import IGNORE_INDEX
     from fusion.data.datamodule import FusionDataModule
-    from fusion.stages.fusion import FusionDistillModule
     from fusion.objectives.selection import SourceSelector, fit_selector
     from fusion.sources.pool import source_name
+    from fusion.stages.fusion import FusionDistillModule
 
     model = bench["train"]["model"]
     sources = bench["pools"][pool]

@@ -45,8 +45,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fusion.data import IGNORE_INDEX
-from fusion.utils.io import atomic_directory, atomic_write_json
 from fusion.sources.pool import SourceOutputs
+from fusion.utils.io import atomic_directory, atomic_write_json
 
 FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabelled prompts
 SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")

@@ -19,7 +19,8 @@ from fusion.data.tokenizer import load_tokenizer
 from fusion.models import load_frozen, resolve_model_path, same_vocabulary
 from fusion.sources.alignment import Aligner
 from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
-from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS, build_vocab_map, project_dense, project_topk
+from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS
+from fusion.sources.vocab_map import build_vocab_map, project_dense, project_topk
 
 UNALIGNED_POLICIES = ("mask", "gold_onehot", "marginal")
 BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.sources.marginal`)

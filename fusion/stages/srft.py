@@ -27,12 +27,12 @@ import lightning as L
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fusion.objectives import srft_losses
 from fusion.data import IGNORE_INDEX
-from fusion.stages.rewards import Rewards
-from fusion.models import DTYPES, resolve_model_path
-from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
 from fusion.data.tokenizer import load_tokenizer
+from fusion.models import DTYPES, resolve_model_path
+from fusion.objectives import srft_losses
+from fusion.stages.rewards import Rewards
+from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a checkpoint's starting adapter (KL term only)
 
