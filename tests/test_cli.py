@@ -32,6 +32,8 @@ def test_every_config_parses(path, capsys):
             zoo.main(["--config", path, "--print_config"])
         elif name == "bench_on_policy.yaml":  # read over the label-scarce benchmark's settings
             quality.main(["--config", path.replace(name, "bench_unlabeled.yaml"), "--config", path, "--print_config"])
+        elif name == "bench_levers_4800.yaml":  # read over the levers benchmark's settings
+            quality.main(["--config", path.replace(name, "bench_levers.yaml"), "--config", path, "--print_config"])
         elif name.startswith("bench"):  # the quality benchmark's own settings (its train section: test_bench_quality.py)
             quality.main(["--config", path, "--print_config"])
         else:
@@ -41,8 +43,10 @@ def test_every_config_parses(path, capsys):
     expected = {
         "zoo.yaml": ["sources:"],
         "bench.yaml": ["pools:", "methods:", "train:"],
-        "bench_unlabeled.yaml": ["pools:", "methods:", "chain_sum: 6000", "chain_sum-qwen2-digits", "use_rslora: true"],
-        "bench_levers.yaml": ["pools:", "curriculum_floor: 0.2", "use_rslora: true"],
+        "bench_unlabeled.yaml": ["pools:", "methods:", "chain_sum: 6000", "chain_sum-qwen2-digits", "use_rslora: true",
+                                 "selector_loss: likelihood", "lr_decay_fraction: 0.2"],
+        "bench_levers.yaml": ["pools:", "lr_decay_fraction: 0.2", "use_rslora: true"],
+        "bench_levers_4800.yaml": ["steps: 4800", "output: checkpoints/bench/levers-4800", "use_rslora: true"],
         "bench_on_policy.yaml": ["chain_sum: 6000", "response_from: student", "after: selector k=1", "output: checkpoints/bench/on_policy"],
         "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "bench_unaligned_unlabeled.yaml": ["pools:", "unaligned: marginal", "unlabeled_size: 1000"],
