@@ -26,6 +26,8 @@ demo: $(VENV)/.core
 	$(PY) -m fusion.demo --zoo configs/zoo.yaml --config configs/quickstart.yaml
 
 test: setup
+	$(PY) -m ruff check fusion tests
+	$(PY) -m ruff format --check fusion tests
 	$(PY) -m pytest -q
 
 clean:

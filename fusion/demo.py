@@ -71,8 +71,9 @@ def run_method(config: str, method: str, extra: list[str], online: bool = False,
         with open(config) as f:
             config_text = f.read()
         models = [run.model.hparams.student, *run.model.hparams.sources]
-        _forget_other_runs(directory, {"config": config_text, "arguments": args + extra,
-                                       "models": {path: model_fingerprint(path) for path in models}})
+        _forget_other_runs(
+            directory, {"config": config_text, "arguments": args + extra, "models": {path: model_fingerprint(path) for path in models}}
+        )
     timings = {}
     started = time.time()
     if run.model.hparams.source_mode == "cached":
@@ -95,9 +96,12 @@ def source_ceiling(config: str, extra: list[str]) -> dict[str, dict[str, float]]
     run = cli(args=["--config", config, "--model.fusion=none", *extra], run=False)
     h, data = run.model.hparams, run.datamodule
     rows = data.load()["test"]
-    return {source_name(path): source_accuracy(path, rows, h.max_new_tokens, f"model.sources[{i}]", h.dtype, h.trust_remote_code,
-                                               data.hparams.max_length)
-            for i, path in enumerate(h.sources)}
+    return {
+        source_name(path): source_accuracy(
+            path, rows, h.max_new_tokens, f"model.sources[{i}]", h.dtype, h.trust_remote_code, data.hparams.max_length
+        )
+        for i, path in enumerate(h.sources)
+    }
 
 
 def table(results: dict[str, list[dict]], sources: dict[str, dict[str, float]] | None = None) -> str:
@@ -120,7 +124,9 @@ def table(results: dict[str, list[dict]], sources: dict[str, dict[str, float]] |
     if best:
         names = best_sources(sources)
         cells = " | ".join(f"{best[d]:.2f} ({names[d][0]})" if d in best else "-" for d in domains)
-        lines.append(f"| best source (its own answers) | | {cells} | {sum(best.get(d, 0.0) for d in domains) / len(domains):.3f} | 1 | 1 | |")
+        lines.append(
+            f"| best source (its own answers) | | {cells} | {sum(best.get(d, 0.0) for d in domains) / len(domains):.3f} | 1 | 1 | |"
+        )
     for method, runs in results.items():
         ratios = [ratio_to_sources(r["acc"], best) for r in runs] if best else []
         cells = []
@@ -132,7 +138,9 @@ def table(results: dict[str, list[dict]], sources: dict[str, dict[str, float]] |
         ratio_mean = cell([x["ratio_mean"] for x in ratios], 2) if ratios else "-"
         ratio_min = cell([x["ratio_min"] for x in ratios], 2) if ratios else "-"
         seconds = statistics.mean(r["seconds"] for r in runs)
-        lines.append(f"| {method} | {runs[0]['generations_per_prompt']} | {' | '.join(cells)} | {mean} | {ratio_mean} | {ratio_min} | {seconds:.0f} |")
+        lines.append(
+            f"| {method} | {runs[0]['generations_per_prompt']} | {' | '.join(cells)} | {mean} | {ratio_mean} | {ratio_min} | {seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -155,8 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--methods", nargs="+", default=[BEFORE, "none", "confidence", "selector", "oracle"])
     parser.add_argument("--online", action="store_true", help="run the sources during fit instead of caching them first")
     parser.add_argument("--output", default="checkpoints/quickstart", help="where results.json and results.md go")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="run every method once per seed_everything and print mean ± std (default: the config's seed, once)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every method once per seed_everything and print mean ± std (default: the config's seed, once)",
+    )
     # Anything else goes to fusion.train for every method, e.g. --trainer.max_steps=100.
     args, overrides = parser.parse_known_args(argv)
     sys.argv = sys.argv[:1]  # each method's arguments are handed to the CLI explicitly
@@ -173,13 +186,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             result = run_method(args.config, method, overrides, args.online, seed)
             result["seconds"] = time.time() - method_started
             results[method].append(result | {"seed": seed})
-            print(f"{method}{'' if seed is None else f' (seed {seed})'}: mean accuracy {result['acc_mean']:.3f} ({result['seconds']:.0f} s)", flush=True)
+            print(
+                f"{method}{'' if seed is None else f' (seed {seed})'}: mean accuracy {result['acc_mean']:.3f} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
     report = table(results, sources)
     atomic_write_text(os.path.join(args.output, "results.md"), report + "\n")
     atomic_write_json(os.path.join(args.output, "results.json"), {"sources": sources, "methods": results})
     seeds = "" if not args.seeds else f", mean ± std over seeds {', '.join(map(str, args.seeds))}"
-    print(f"\nTest accuracy (exact match) per domain, student after each method{seeds}; in brackets, the ratio to the best "
-          f"source of the pool there:\n" + report)
+    print(
+        f"\nTest accuracy (exact match) per domain, student after each method{seeds}; in brackets, the ratio to the best "
+        f"source of the pool there:\n" + report
+    )
     selector = results.get("selector", [{}])[0]
     if "selection_by_domain" in selector:
         print("\nSelector: share of each domain's test prompts it routes to each source")

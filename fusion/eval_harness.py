@@ -42,9 +42,9 @@ from typing import Any
 import yaml
 
 from fusion.data.datamodule import FusionDataModule, encode
+from fusion.data.tokenizer import load_tokenizer
 from fusion.export import TOKENIZER_SUBDIR, auto_tokenizer_matches
 from fusion.utils.io import atomic_directory, atomic_write_text
-from fusion.data.tokenizer import load_tokenizer
 
 DEFAULT_NAME = "fusion_suite"
 FIELDS = ("prompt", "response", "domain", "metadata")
@@ -91,10 +91,12 @@ def test_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         # fusion.data.datamodule.encode fits prompt + response + eos into max_length, so the prompt it greedily
         # answers loses its start (bos included); an lm-eval task feeds every prompt whole.
         needed = max(len(encode(module.tokenizer, r["prompt"], r["response"], 10**9)["input_ids"]) for r in cut)
-        raise ValueError(f"{len(cut)} test rows ({', '.join(sorted({r['domain'] for r in cut}))}) are longer than "
-                         f"data.max_length={h.max_length} with their answer, so fusion.train test answers their prompt cut from "
-                         f"the left (data.overlong: truncate), which an lm-eval task cannot reproduce; run both this tool and "
-                         f"fusion.train test with --data.max_length {needed} (every row whole) or --data.overlong drop")
+        raise ValueError(
+            f"{len(cut)} test rows ({', '.join(sorted({r['domain'] for r in cut}))}) are longer than "
+            f"data.max_length={h.max_length} with their answer, so fusion.train test answers their prompt cut from "
+            f"the left (data.overlong: truncate), which an lm-eval task cannot reproduce; run both this tool and "
+            f"fusion.train test with --data.max_length {needed} (every row whole) or --data.overlong drop"
+        )
     if not rows:
         raise ValueError(f"every test row is longer than data.max_length={h.max_length} and data.overlong: drop drops it")
     return rows
@@ -154,15 +156,19 @@ def lm_eval_model_args(export_dir: str) -> dict[str, Any]:
     if re.search(r"[,=]", export_dir):
         raise ValueError(f"--export {export_dir!r}: lm-eval's --model_args cannot hold a path with ',' or '='")
     if not os.path.isfile(os.path.join(export_dir, "config.json")):
-        raise FileNotFoundError(f"--export {export_dir!r} is not a model directory (no config.json); write one with python -m fusion.export")
+        raise FileNotFoundError(
+            f"--export {export_dir!r} is not a model directory (no config.json); write one with python -m fusion.export"
+        )
     tokenizer = load_tokenizer(export_dir)
     args: dict[str, Any] = {"pretrained": export_dir}
     subdir = os.path.join(export_dir, TOKENIZER_SUBDIR)
     if os.path.isdir(subdir):
         args["tokenizer"] = subdir
     elif not auto_tokenizer_matches(export_dir, tokenizer):
-        raise ValueError(f"--export {export_dir!r}: AutoTokenizer (which lm-eval uses) does not read its tokenizer as saved, and it "
-                         f"has no {TOKENIZER_SUBDIR}/ beside it; export it again with python -m fusion.export")
+        raise ValueError(
+            f"--export {export_dir!r}: AutoTokenizer (which lm-eval uses) does not read its tokenizer as saved, and it "
+            f"has no {TOKENIZER_SUBDIR}/ beside it; export it again with python -m fusion.export"
+        )
     if tokenizer.bos_token_id is not None:
         args["add_bos_token"] = True
     return args
@@ -180,7 +186,9 @@ def check_export(model_args: dict[str, Any], prompts: list[str], max_new_tokens:
     longest = 0
     for prompt in prompts:
         expected = encode(ours, prompt, None, 10**9)["input_ids"]
-        got = theirs(prompt, **({"add_special_tokens": kwargs["add_bos_token"]} if kwargs else {}))["input_ids"]  # as lm-eval's HFLM calls it
+        got = theirs(prompt, **({"add_special_tokens": kwargs["add_bos_token"]} if kwargs else {}))[
+            "input_ids"
+        ]  # as lm-eval's HFLM calls it
         if got != expected:
             raise ValueError(f"lm-eval would encode {prompt!r} as {got}, fusion as {expected}: the numbers would not be comparable")
         longest = max(longest, len(expected))
@@ -188,13 +196,23 @@ def check_export(model_args: dict[str, Any], prompts: list[str], max_new_tokens:
     config = AutoConfig.from_pretrained(model_args["pretrained"])
     stops = _generation_eos(model_args["pretrained"]) - {ours.eos_token_id}
     if stops:
-        warnings.warn(f"{model_args['pretrained']}: generation_config.json also stops at token(s) {sorted(stops)}, where lm-eval stops "
-                      f"and fusion (which stops at the tokenizer's eos {ours.eos_token_id} only) goes on: an answer that emits one may differ")
-    context = next((getattr(config, key) for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
-                    if isinstance(getattr(config, key, None), int)), None)
+        warnings.warn(
+            f"{model_args['pretrained']}: generation_config.json also stops at token(s) {sorted(stops)}, where lm-eval stops "
+            f"and fusion (which stops at the tokenizer's eos {ours.eos_token_id} only) goes on: an answer that emits one may differ"
+        )
+    context = next(
+        (
+            getattr(config, key)
+            for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+            if isinstance(getattr(config, key, None), int)
+        ),
+        None,
+    )
     if context is not None and longest + max_new_tokens > context:
-        raise ValueError(f"the longest prompt ({longest} tokens) and model.max_new_tokens={max_new_tokens} exceed the model's "
-                         f"{context} positions: lm-eval would cut the prompt, fusion would not")
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) and model.max_new_tokens={max_new_tokens} exceed the model's "
+            f"{context} positions: lm-eval would cut the prompt, fusion would not"
+        )
 
 
 def _generation_eos(path: str) -> set[int]:
@@ -213,7 +231,9 @@ def format_model_args(model_args: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         usage="python -m fusion.eval_harness --output_dir DIR [--export DIR] [--name NAME] --config CONFIG [fusion.train test arguments]",
     )
     parser.add_argument("--output_dir", required=True, help="directory for the task files (replaced whole)")
@@ -233,8 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         model_args = format_model_args(resolved)
     names = write_task(rows, args.output_dir, model["max_new_tokens"], args.name)
     counts = {domain: sum(row["domain"] == domain for row in rows) for domain in names}
-    print(f"{args.output_dir}: group {args.name}, {len(rows)} rows ({', '.join(f'{names[d]}: {n}' for d, n in counts.items())}), "
-          f"greedy, at most {model['max_new_tokens']} new tokens")
+    print(
+        f"{args.output_dir}: group {args.name}, {len(rows)} rows ({', '.join(f'{names[d]}: {n}' for d, n in counts.items())}), "
+        f"greedy, at most {model['max_new_tokens']} new tokens"
+    )
     print(f"lm_eval --model hf --model_args {model_args} --include_path {args.output_dir} --tasks {args.name} --batch_size 32")
 
 

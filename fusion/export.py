@@ -18,9 +18,9 @@ import os
 
 import torch
 
-from fusion.utils.io import atomic_directory
-from fusion.stages.student import build_student
 from fusion.data.tokenizer import load_tokenizer
+from fusion.stages.student import build_student
+from fusion.utils.io import atomic_directory
 
 TOKENIZER_SUBDIR = "tokenizer"
 # Text that every tokenizer of the embedded suite splits into several tokens, spaces included.
@@ -62,8 +62,10 @@ def export(ckpt_path: str, output_dir: str) -> str:
         if not auto_tokenizer_matches(temporary, tokenizer, trust_remote_code):
             tokenizer.save_pretrained(os.path.join(temporary, TOKENIZER_SUBDIR))
             if not auto_tokenizer_matches(os.path.join(temporary, TOKENIZER_SUBDIR), tokenizer, trust_remote_code):
-                raise ValueError(f"student {base!r}: AutoTokenizer does not read its tokenizer back as saved, even alone; "
-                                 "tools that load the export with AutoTokenizer would tokenize it differently")
+                raise ValueError(
+                    f"student {base!r}: AutoTokenizer does not read its tokenizer back as saved, even alone; "
+                    "tools that load the export with AutoTokenizer would tokenize it differently"
+                )
     return output_dir
 
 
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     out = export(args.ckpt_path, args.output_dir)
     print(out)
     if os.path.isdir(os.path.join(out, TOKENIZER_SUBDIR)):
-        print(f"AutoTokenizer would not read {out}'s tokenizer as saved; tools that use it should load "
-              f"{os.path.join(out, TOKENIZER_SUBDIR)} (lm-eval: --model_args pretrained={out},tokenizer={os.path.join(out, TOKENIZER_SUBDIR)})")
+        print(
+            f"AutoTokenizer would not read {out}'s tokenizer as saved; tools that use it should load "
+            f"{os.path.join(out, TOKENIZER_SUBDIR)} (lm-eval: --model_args pretrained={out},tokenizer={os.path.join(out, TOKENIZER_SUBDIR)})"
+        )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
+from fusion.data.tokenizer import load_tokenizer
 from fusion.utils.io import atomic_directory, atomic_open
 from fusion.utils.optional import mergekit_api
-from fusion.data.tokenizer import load_tokenizer
 
 
 def merge_adapters(
@@ -104,8 +104,10 @@ def _local_model(path: str, base: str | None, key: str) -> str:
             raise ValueError(f"{key}: {path!r} is a LoRA adapter: set base (the model it adapts) to fold it in before merging")
         return f"{_local_model(base, None, 'base')}+{os.path.abspath(path)}"
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{key}: {path!r} is neither a model directory (config.json) nor a LoRA adapter directory "
-                                "(adapter_config.json); merge_models reads local directories only, never the hub")
+        raise FileNotFoundError(
+            f"{key}: {path!r} is neither a model directory (config.json) nor a LoRA adapter directory "
+            "(adapter_config.json); merge_models reads local directories only, never the hub"
+        )
     return os.path.abspath(path)
 
 
@@ -162,8 +164,15 @@ def merge_models(
     with tempfile.TemporaryDirectory(prefix="fusion-merge-") as lora_cache, atomic_directory(output) as temporary:
         # mergekit copies the tokenizer of a model it picks (or re-saves it through AutoTokenizer,
         # which can change a custom tokenizer): the tokenizer saved here is `load_tokenizer`'s.
-        options = MergeOptions(device="cpu", lora_merge_cache=lora_cache, copy_tokenizer=False, safe_serialization=True,
-                               write_model_card=False, random_seed=seed, quiet=True)
+        options = MergeOptions(
+            device="cpu",
+            lora_merge_cache=lora_cache,
+            copy_tokenizer=False,
+            safe_serialization=True,
+            write_model_card=False,
+            random_seed=seed,
+            quiet=True,
+        )
         run_merge(config, temporary, options)
         with atomic_open(os.path.join(temporary, "mergekit_config.yml")) as f:
             f.write(config.to_yaml() + "\n")

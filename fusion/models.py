@@ -20,7 +20,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def hub_offline() -> bool:
     """Whether the environment forbids the hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve_model_path(path: str, key: str) -> str:
@@ -50,13 +52,18 @@ def resolve_model_path(path: str, key: str) -> str:
 
 def same_vocabulary(student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase) -> bool:
     """Same tokens with the same ids and special tokens: no alignment needed."""
-    return student.get_vocab() == source.get_vocab() and (student.bos_token_id, student.eos_token_id) == (source.bos_token_id, source.eos_token_id)
+    return student.get_vocab() == source.get_vocab() and (student.bos_token_id, student.eos_token_id) == (
+        source.bos_token_id,
+        source.eos_token_id,
+    )
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, key: str) -> None:
     """For a model that must use the student's own tokenizer (a new base for the student)."""
     if not same_vocabulary(student, other):
-        raise ValueError(f"{key}: its tokenizer ({len(other)} tokens) differs from the student's ({len(student)} tokens); it must be the student's")
+        raise ValueError(
+            f"{key}: its tokenizer ({len(other)} tokens) differs from the student's ({len(student)} tokens); it must be the student's"
+        )
 
 
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):

@@ -15,8 +15,8 @@ from transformers.utils.logging import disable_progress_bar
 
 from fusion.data.datamodule import FusionDataModule
 from fusion.stages.fusion import FusionDistillModule
-from fusion.utils.optional import require_tensorboard
 from fusion.stages.srft import SRFTModule  # noqa: F401  (imported so that its class_path resolves)
+from fusion.utils.optional import require_tensorboard
 
 DEFAULT_MODEL = f"{FusionDistillModule.__module__}.{FusionDistillModule.__name__}"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +38,7 @@ def renamed(value):
     if isinstance(value, str):
         for old, new in MOVED.items():
             if value.startswith(old):
-                return new + value[len(old):]
+                return new + value[len(old) :]
         return value
     if isinstance(value, dict):
         return {renamed(k): renamed(v) for k, v in value.items()}
@@ -188,8 +188,14 @@ def _raised_in_package(error: BaseException) -> bool:
 
 # jsonargparse's lines around the one that says what is wrong: a config's `model` is a Union
 # (None or a LightningModule), so every error there comes wrapped in these.
-_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
-                "- Expected a <class 'NoneType'>", "Given value type:", "Given value:")
+_UNION_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value:",
+)
 
 
 def _headline(message: str) -> str:

@@ -30,9 +30,9 @@ from transformers.utils.logging import disable_progress_bar
 
 from fusion.data import tasks
 from fusion.data.datamodule import collate, encode
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 from fusion.stages.evaluation import model_accuracy
 from fusion.utils.io import atomic_directory, atomic_write_json
-from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, load_tokenizer, train_bpe_tokenizer
 
 KINDS = ("specialist", "corrupted", "confident", "random")
 
@@ -131,14 +131,28 @@ def build_model(architecture: Architecture, tokenizer, seed: int) -> PreTrainedM
     rows = -(-len(tokenizer) // a.pad_vocab_to) * a.pad_vocab_to
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if a.family == "gpt2":
-        config = GPT2Config(vocab_size=rows, n_embd=a.hidden_size, n_layer=a.num_layers, n_head=a.num_heads,
-                            n_inner=a.intermediate_size, n_positions=a.max_positions, **special)
+        config = GPT2Config(
+            vocab_size=rows,
+            n_embd=a.hidden_size,
+            n_layer=a.num_layers,
+            n_head=a.num_heads,
+            n_inner=a.intermediate_size,
+            n_positions=a.max_positions,
+            **special,
+        )
     else:
         config_class = LlamaConfig if a.family == "llama" else Qwen2Config
-        config = config_class(vocab_size=rows, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
-                              num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
-                              intermediate_size=a.intermediate_size, max_position_embeddings=a.max_positions,
-                              tie_word_embeddings=True, **special)
+        config = config_class(
+            vocab_size=rows,
+            hidden_size=a.hidden_size,
+            num_hidden_layers=a.num_layers,
+            num_attention_heads=a.num_heads,
+            num_key_value_heads=a.num_heads,
+            intermediate_size=a.intermediate_size,
+            max_position_embeddings=a.max_positions,
+            tie_word_embeddings=True,
+            **special,
+        )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -233,8 +247,11 @@ def _make_source(job: dict) -> dict:
         "name": recipe.name,
         "recipe": job["fingerprint"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tokenizer": {"kind": "base" if recipe.base else recipe.tokenizer, "tokens": len(tokenizer),
-                      "output_rows": model.get_output_embeddings().weight.shape[0]},
+        "tokenizer": {
+            "kind": "base" if recipe.base else recipe.tokenizer,
+            "tokens": len(tokenizer),
+            "output_rows": model.get_output_embeddings().weight.shape[0],
+        },
         "train_examples": len(rows),
         "train_seconds": round(time.time() - started, 1),
         "accuracy": model_accuracy(model, tokenizer, test_rows),
@@ -290,8 +307,13 @@ def build_zoo(
         if only is not None and recipe.name not in only:
             continue
         own_seed = seed + index if recipe.seed is None else recipe.seed
-        fingerprint = {"recipe": recipe_fingerprint(recipe), "domains": domains, "examples_per_domain": examples_per_domain,
-                       "batch_size": batch_size, "seed": own_seed}
+        fingerprint = {
+            "recipe": recipe_fingerprint(recipe),
+            "domains": domains,
+            "examples_per_domain": examples_per_domain,
+            "batch_size": batch_size,
+            "seed": own_seed,
+        }
         directory = os.path.join(output_dir, recipe.name)
         card_path = os.path.join(directory, "card.json")
         if os.path.isfile(card_path):
@@ -300,14 +322,26 @@ def build_zoo(
             if card.get("recipe") == fingerprint:
                 cards[recipe.name] = card
                 continue
-        jobs.append({"recipe": asdict(recipe), "fingerprint": fingerprint, "directory": directory, "domains": domains,
-                     "examples_per_domain": examples_per_domain, "batch_size": batch_size, "test_size": test_size,
-                     "test_seed": test_seed, "seed": own_seed, "threads": 1 if workers > 1 else torch.get_num_threads()})
+        jobs.append(
+            {
+                "recipe": asdict(recipe),
+                "fingerprint": fingerprint,
+                "directory": directory,
+                "domains": domains,
+                "examples_per_domain": examples_per_domain,
+                "batch_size": batch_size,
+                "test_size": test_size,
+                "test_seed": test_seed,
+                "seed": own_seed,
+                "threads": 1 if workers > 1 else torch.get_num_threads(),
+            }
+        )
     os.makedirs(output_dir, exist_ok=True)
     if jobs:
         print(f"zoo: building {len(jobs)} of {len(recipes)} models in {output_dir} ({workers} at a time)", flush=True)
         # Longest jobs first keeps both workers busy to the end.
         jobs.sort(key=lambda j: -j["recipe"]["steps"] if j["recipe"]["kind"] != "random" else 0)
+
         def done(card: dict, count: int) -> None:
             cards[card["name"]] = card
             accuracy = ", ".join(f"{d} {a:.2f}" for d, a in card["accuracy"].items() if a > 0) or "0 everywhere"

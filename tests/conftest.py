@@ -23,8 +23,20 @@ def tiny_zoo_recipe(root: str) -> dict:
     return dict(
         sources=[
             SourceRecipe("spell", domains=["spell_backward"], architecture=TINY, steps=30, learning_rate=1e-2),
-            SourceRecipe("sum", domains=["chain_sum"], architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), steps=30, learning_rate=1e-2, tokenizer="bpe-300"),
-            SourceRecipe("noise", kind="random", architecture=Architecture(family="llama", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, pad_vocab_to=64), tokenizer="gpt2"),
+            SourceRecipe(
+                "sum",
+                domains=["chain_sum"],
+                architecture=Architecture(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                steps=30,
+                learning_rate=1e-2,
+                tokenizer="bpe-300",
+            ),
+            SourceRecipe(
+                "noise",
+                kind="random",
+                architecture=Architecture(family="llama", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, pad_vocab_to=64),
+                tokenizer="gpt2",
+            ),
         ],
         student=SourceRecipe("student", kind="random", architecture=TINY),
         output_dir=root,
@@ -127,5 +139,9 @@ def reference_test_metrics(model, tokenizer, data: dict, max_new_tokens: int) ->
             for row, ok in zip(batch["rows"], correct(answers, batch["rows"])):
                 hits.setdefault(row["domain"], []).append(ok)
     acc = {domain: sum(oks) / len(oks) for domain, oks in hits.items()}
-    return {"acc": acc, "acc_mean": sum(acc.values()) / len(acc), "sequences": {d: len(oks) for d, oks in hits.items()},
-            "perplexity": math.exp(nll / tokens)}
+    return {
+        "acc": acc,
+        "acc_mean": sum(acc.values()) / len(acc),
+        "sequences": {d: len(oks) for d, oks in hits.items()},
+        "perplexity": math.exp(nll / tokens),
+    }

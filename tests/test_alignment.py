@@ -130,7 +130,18 @@ def test_multibyte_utf8_split_differently_by_both_tokenizers(gpt2):
     source = metaspace_tokenizer()
     _, out = align(gpt2, source, ("café", " 日本"))
     assert source.convert_ids_to_tokens(out.input_ids[0].tolist()) == [
-        "<s>", "▁c", "af", "é", "▁", "<0xE6>", "<0x97>", "<0xA5>", "<0xE6>", "<0x9C>", "<0xAC>", "</s>"
+        "<s>",
+        "▁c",
+        "af",
+        "é",
+        "▁",
+        "<0xE6>",
+        "<0x97>",
+        "<0xA5>",
+        "<0xE6>",
+        "<0x9C>",
+        "<0xAC>",
+        "</s>",
     ]
     assert out.position_map.tolist() == [[0, 1, 2, 3, 5, 6, 7, 9, 10, -1]]
     source_ids = out.input_ids[0].tolist()
@@ -141,7 +152,19 @@ def test_multibyte_utf8_split_differently_by_both_tokenizers(gpt2):
 def test_special_token_text_is_plain_text_for_the_source(char, gpt2):
     # The char student spells "<|endoftext|>" in characters; GPT-2 must read it as text, not as its eos.
     _, out = align(char, gpt2, ("a<|endoftext|>", "b"))
-    assert gpt2.convert_ids_to_tokens(out.input_ids[0].tolist()) == ["<|endoftext|>", "a", "<", "|", "end", "of", "text", "|", ">", "b", "<|endoftext|>"]
+    assert gpt2.convert_ids_to_tokens(out.input_ids[0].tolist()) == [
+        "<|endoftext|>",
+        "a",
+        "<",
+        "|",
+        "end",
+        "of",
+        "text",
+        "|",
+        ">",
+        "b",
+        "<|endoftext|>",
+    ]
     assert out.position_map.tolist() == [[0, 1, 2, 3, -1, -1, 4, -1, 5, -1, -1, -1, 6, 7, 8, 9, -1]]
     assert out.targets.tolist() == [[X] * 8 + [65, 50256, X]]
 
@@ -155,7 +178,9 @@ def test_special_token_inside_student_text_spells_its_content(char, gpt2):
 
 
 def test_source_without_bos_leaves_the_bos_position_unaligned(char):
-    no_bos = PreTrainedTokenizerFast(tokenizer_object=build_char_tokenizer().backend_tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    no_bos = PreTrainedTokenizerFast(
+        tokenizer_object=build_char_tokenizer().backend_tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     _, out = align(char, no_bos, ("ab", "c"))
     assert out.input_ids.tolist() == [char("abc", add_special_tokens=False)["input_ids"] + [2]]
     assert out.position_map.tolist() == [[-1, 0, 1, 2, -1]]
@@ -243,9 +268,15 @@ def test_vocab_map_cache_is_reused_and_keyed_by_fingerprint(char, tmp_path, monk
     build_vocab_map(source, char, 300, "exact+prefix", cache_dir=str(tmp_path))
     assert builds == ["exact+med", "exact+prefix"]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        f"vocab_map-{fingerprint(source, char, 300, m)[:16]}.{ext}" for m in ("exact+med", "exact+prefix") for ext in ("json", "safetensors")
+        f"vocab_map-{fingerprint(source, char, 300, m)[:16]}.{ext}"
+        for m in ("exact+med", "exact+prefix")
+        for ext in ("json", "safetensors")
     )
-    keys = {fingerprint(source, char, 300, "exact+med"), fingerprint(source, char, 301, "exact+med"), fingerprint(byte_bpe([("c", "b")]), char, 300, "exact+med")}
+    keys = {
+        fingerprint(source, char, 300, "exact+med"),
+        fingerprint(source, char, 301, "exact+med"),
+        fingerprint(byte_bpe([("c", "b")]), char, 300, "exact+med"),
+    }
     assert len(keys) == 3
 
 
@@ -280,9 +311,13 @@ def test_the_first_source_token_at_a_byte_is_the_first_in_text_order(char):
     def with_zero_width_tokens(texts):
         entries = []
         for ids, starts, ends in real(texts):
-            entries.append((np.concatenate([ids[:1], np.full(width, ids[1]), ids[1:]]),
-                            np.concatenate([starts[:1], np.full(width, starts[1]), starts[1:]]),
-                            np.concatenate([ends[:1], np.full(width, starts[1]), ends[1:]])))
+            entries.append(
+                (
+                    np.concatenate([ids[:1], np.full(width, ids[1]), ids[1:]]),
+                    np.concatenate([starts[:1], np.full(width, starts[1]), starts[1:]]),
+                    np.concatenate([ends[:1], np.full(width, starts[1]), ends[1:]]),
+                )
+            )
         return entries
 
     source.source_tokens = with_zero_width_tokens

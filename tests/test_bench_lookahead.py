@@ -45,8 +45,14 @@ def test_a_source_with_the_students_tokenizer_never_reads_the_written_token():
     token ends decides its distribution there unless `prefix` reads it from the text before."""
     char = build_char_tokenizer()
     source = byte_bpe([("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("he", "l"), ("hel", "p")])
-    pool = SourcePool([FixedSource(char, {"h": 0.5, "e": 0.3, "w": 0.2}), FixedSource(source, PROBS)], [char, source],
-                      ["same", "bpe"], char, top_k=8, unaligned="marginal")
+    pool = SourcePool(
+        [FixedSource(char, {"h": 0.5, "e": 0.3, "w": 0.2}), FixedSource(source, PROBS)],
+        [char, source],
+        ["same", "bpe"],
+        char,
+        top_k=8,
+        unaligned="marginal",
+    )
     rows = [encode(char, "x", answer, 32) | {"row": {}} for answer in ("hello", "hew", "help", "hewhe", "hehe")]
     batch = collate(rows, char.pad_token_id)
     got = measure(pool, [batch], per_row=5, student=char, seed=0)

@@ -13,7 +13,6 @@ import yaml
 from fusion import merging, zoo
 from fusion.bench import _quality_report as report_lib
 from fusion.bench import quality
-
 from fusion.data.tokenizer import load_tokenizer
 
 from .conftest import DOMAINS, TINY, reference_test_metrics, tiny_config
@@ -26,15 +25,23 @@ def _run(method, pool, seed, acc, selection=None):
 
 PICKS = {"d1": {"s1": 1.0, "s2": 0.0, "noise": 0.0}, "d2": {"s1": 0.25, "s2": 0.75, "noise": 0.0}}
 RUNS = [
-    _run("avgce", "A", 0, {"d1": 0.8, "d2": 0.4}), _run("avgce", "A", 1, {"d1": 0.6, "d2": 0.4}),
-    _run("avgce", "B", 0, {"d1": 0.5, "d2": 0.5}), _run("avgce", "B", 1, {"d1": 0.5, "d2": 0.3}),
-    _run("uniform", "A", 0, {"d1": 0.8, "d2": 0.4}), _run("uniform", "B", 0, {"d1": 0.4, "d2": 0.4}),
-    _run("mince", "A", 0, {"d1": 0.6, "d2": 0.5}), _run("mince", "B", 0, {"d1": 0.7, "d2": 0.5}),
-    _run("selector", "A", 0, {"d1": 0.7, "d2": 0.5}, PICKS), _run("selector", "B", 0, {"d1": 0.7, "d2": 0.45}, PICKS),
-    _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.5}), _run("oracle", "A", 1, {"d1": 0.7, "d2": 0.5}),
+    _run("avgce", "A", 0, {"d1": 0.8, "d2": 0.4}),
+    _run("avgce", "A", 1, {"d1": 0.6, "d2": 0.4}),
+    _run("avgce", "B", 0, {"d1": 0.5, "d2": 0.5}),
+    _run("avgce", "B", 1, {"d1": 0.5, "d2": 0.3}),
+    _run("uniform", "A", 0, {"d1": 0.8, "d2": 0.4}),
+    _run("uniform", "B", 0, {"d1": 0.4, "d2": 0.4}),
+    _run("mince", "A", 0, {"d1": 0.6, "d2": 0.5}),
+    _run("mince", "B", 0, {"d1": 0.7, "d2": 0.5}),
+    _run("selector", "A", 0, {"d1": 0.7, "d2": 0.5}, PICKS),
+    _run("selector", "B", 0, {"d1": 0.7, "d2": 0.45}, PICKS),
+    _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.5}),
+    _run("oracle", "A", 1, {"d1": 0.7, "d2": 0.5}),
 ]
-METHODS = {name: {"fusion": name, "source_forwards_per_seq": {"A": n, "B": n + 1}}
-           for name, n in (("avgce", 2), ("uniform", 2), ("mince", 2), ("selector", 1), ("oracle", 1))}
+METHODS = {
+    name: {"fusion": name, "source_forwards_per_seq": {"A": n, "B": n + 1}}
+    for name, n in (("avgce", 2), ("uniform", 2), ("mince", 2), ("selector", 1), ("oracle", 1))
+}
 
 
 def test_summary_interference_and_criteria(tmp_path):
@@ -51,7 +58,9 @@ def test_summary_interference_and_criteria(tmp_path):
     assert summary["selector"]["B"]["source_forwards_per_seq"] == 2
     # Specialist gap against the oracle's seed means (0.8, 0.5), and per seed against that seed's oracle run.
     assert avgce["A"]["specialist_gap"] == pytest.approx(0.1) and avgce["B"]["specialist_gap"] == pytest.approx(0.2)
-    assert avgce["A"]["specialist_gap_per_seed_mean"] == pytest.approx(0.1) and avgce["A"]["specialist_gap_per_seed_std"] == pytest.approx(0.0)
+    assert avgce["A"]["specialist_gap_per_seed_mean"] == pytest.approx(0.1) and avgce["A"]["specialist_gap_per_seed_std"] == pytest.approx(
+        0.0
+    )
     assert summary["uniform"]["B"]["specialist_gap"] == pytest.approx(0.25)
     assert summary["uniform"]["B"]["specialist_gap_per_seed_mean"] == pytest.approx(0.3)  # seed 0's oracle: (0.9, 0.5)
     assert "specialist_gap" not in summary["oracle"]["A"]
@@ -64,12 +73,27 @@ def test_summary_interference_and_criteria(tmp_path):
     assert checks["heatmap_picks_specialist"]["A"]["pass"]
     assert checks["heatmap_picks_specialist"]["A"]["specialist_share"] == {"d1": 1.0, "d2": 0.75}
 
-    report = {"quick": True, "seeds": [0, 1], "results": summary, "criteria": {"selector": checks}, "consistency": None, "runtime_seconds": 1.0}
+    report = {
+        "quick": True,
+        "seeds": [0, 1],
+        "results": summary,
+        "criteria": {"selector": checks},
+        "consistency": None,
+        "runtime_seconds": 1.0,
+    }
     written = report_lib.write_report(report, RUNS, "seeds: [0, 1]\n", str(tmp_path))
     assert sorted(os.path.basename(p) for p in written) == [
-        "accuracy.png", "interference.png", "report.json", "report.md", "selection_heatmap.png"]
+        "accuracy.png",
+        "interference.png",
+        "report.json",
+        "report.md",
+        "selection_heatmap.png",
+    ]
     assert json.loads((tmp_path / "report.json").read_text())["results"]["avgce"]["A"]["interference"] == pytest.approx(0.1)
-    assert "| avgce | A | 2 | 0.70 | 0.40 | 0.550 ± 0.071 | 0.100 (0.125 ± 0.035) | 0.100 (0.100 ± 0.000) |" in (tmp_path / "report.md").read_text()
+    assert (
+        "| avgce | A | 2 | 0.70 | 0.40 | 0.550 ± 0.071 | 0.100 (0.125 ± 0.035) | 0.100 (0.100 ± 0.000) |"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 def test_new_recipe_fields_keep_old_fingerprints():
@@ -97,18 +121,36 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     """LoRA specialists of the student's base, merged by peft, evaluated by fusion.train's test path."""
     base = os.path.join(tiny_zoo, "student")
     lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
-    settings = {"zoo": {"output_dir": str(tmp_path / "lora"), "domains": DOMAINS, "examples_per_domain": 40, "batch_size": 8,
-                        "test_size": 2, "workers": 1, "sources": [
-                            {"name": "l-spell", "domains": ["spell_backward"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
-                            {"name": "l-sum", "domains": ["chain_sum"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
-                            {"name": "l-noise", "kind": "random", "base": base, "lora": lora}]},
-                "pools": {"A": ["l-spell", "l-sum"], "B": ["l-spell", "l-sum", "l-noise"]},
-                "methods": {"mean": {"combination_type": "cat", "weights": "mean"},
-                            "mean (mergekit)": {"mergekit": "task_arithmetic", "weights": "mean"}}}
+    settings = {
+        "zoo": {
+            "output_dir": str(tmp_path / "lora"),
+            "domains": DOMAINS,
+            "examples_per_domain": 40,
+            "batch_size": 8,
+            "test_size": 2,
+            "workers": 1,
+            "sources": [
+                {"name": "l-spell", "domains": ["spell_backward"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
+                {"name": "l-sum", "domains": ["chain_sum"], "steps": 3, "learning_rate": 0.01, "base": base, "lora": lora},
+                {"name": "l-noise", "kind": "random", "base": base, "lora": lora},
+            ],
+        },
+        "pools": {"A": ["l-spell", "l-sum"], "B": ["l-spell", "l-sum", "l-noise"]},
+        "methods": {
+            "mean": {"combination_type": "cat", "weights": "mean"},
+            "mean (mergekit)": {"mergekit": "task_arithmetic", "weights": "mean"},
+        },
+    }
     train = tiny_config(tiny_zoo, str(tmp_path / "unused"))
     train["data"]["test_size"] = 2
-    bench = quality.QualityBench(train=train, pools={"A": train["model"]["sources"][:2], "B": train["model"]["sources"]},
-                                 methods={"none": {"fusion": "none"}}, merging=settings, workers=1, output=str(tmp_path / "out"))
+    bench = quality.QualityBench(
+        train=train,
+        pools={"A": train["model"]["sources"][:2], "B": train["model"]["sources"]},
+        methods={"none": {"fusion": "none"}},
+        merging=settings,
+        workers=1,
+        output=str(tmp_path / "out"),
+    )
     built = quality.build_merged(bench)
     assert [(m, p) for m, p, _ in built] == [("mean", "A"), ("mean", "B"), ("mean (mergekit)", "A"), ("mean (mergekit)", "B")]
     # mergekit's task arithmetic over the folded adapters is peft's exact `cat` merge, per pool.
@@ -134,7 +176,9 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
     assert result["method"] == "merge: mean"
     # The test path's numbers are the merged model's own, computed apart from Lightning.
     merged_model = zoo.AutoModelForCausalLM.from_pretrained(built[0][2])
-    reference = reference_test_metrics(merged_model, load_tokenizer(built[0][2]), job["config"]["data"], job["config"]["model"]["max_new_tokens"])
+    reference = reference_test_metrics(
+        merged_model, load_tokenizer(built[0][2]), job["config"]["data"], job["config"]["model"]["max_new_tokens"]
+    )
     assert result["acc"] == reference["acc"] and result["sequences"] == reference["sequences"] == {d: 2 for d in DOMAINS}
     assert result["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
     with open(job["result_path"]) as f:
@@ -152,8 +196,17 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bench.yaml", "bench_unlabeled.yaml", "bench_on_policy.yaml", "bench_levers.yaml", "bench_unaligned.yaml",
-                                  "bench_unaligned_unlabeled.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bench.yaml",
+        "bench_unlabeled.yaml",
+        "bench_on_policy.yaml",
+        "bench_levers.yaml",
+        "bench_unaligned.yaml",
+        "bench_unaligned_unlabeled.yaml",
+    ],
+)
 def test_bench_config_train_section_parses(capsys, name):
     """A bench config's `train` section, with a pool and each method, validates against fusion.train
     (bench_on_policy.yaml over bench_unlabeled.yaml's settings, as its command reads it)."""
@@ -168,7 +221,10 @@ def test_bench_config_train_section_parses(capsys, name):
     for settings in bench["methods"].values():
         config = quality.deep_merge(bench["train"], {"model": {"sources": bench["pools"]["B"], **settings}})
         if "srft" in settings:  # SRFT from another method's adapter: its own stage's settings
-            srft = {"class_path": "fusion.stages.srft.SRFTModule", "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]}}
+            srft = {
+                "class_path": "fusion.stages.srft.SRFTModule",
+                "init_args": {"student": bench["train"]["model"]["student"], **settings["srft"]["model"]},
+            }
             config = {**bench["train"], "model": srft}
         elif "fusion_stage" in settings:  # fusion again from another method's adapter: that method's settings and the stage's
             stage = bench["methods"][settings["after"]] | settings["fusion_stage"].get("model", {})
@@ -199,12 +255,20 @@ def test_student_seed_does_not_follow_the_sources(monkeypatch, tmp_path):
 
 def test_label_scarce_criteria():
     """The label-scarce checks on hand-made accuracies of two domains."""
-    runs = [_run("none", "A", 0, {"d1": 0.3, "d2": 0.3}),
-            _run("uniform", "A", 0, {"d1": 0.5, "d2": 0.3}), _run("uniform", "B", 0, {"d1": 0.3, "d2": 0.3}),
-            _run("confidence", "A", 0, {"d1": 0.6, "d2": 0.4}), _run("confidence", "B", 0, {"d1": 0.1, "d2": 0.3}),
-            _run("selector", "A", 0, {"d1": 0.7, "d2": 0.42}), _run("selector", "B", 0, {"d1": 0.68, "d2": 0.4}),
-            _run("oracle", "A", 0, {"d1": 0.7, "d2": 0.45})]
-    methods = {name: {"fusion": name, "source_forwards_per_seq": {"A": 1, "B": 1}} for name in ("none", "uniform", "confidence", "selector", "oracle")}
+    runs = [
+        _run("none", "A", 0, {"d1": 0.3, "d2": 0.3}),
+        _run("uniform", "A", 0, {"d1": 0.5, "d2": 0.3}),
+        _run("uniform", "B", 0, {"d1": 0.3, "d2": 0.3}),
+        _run("confidence", "A", 0, {"d1": 0.6, "d2": 0.4}),
+        _run("confidence", "B", 0, {"d1": 0.1, "d2": 0.3}),
+        _run("selector", "A", 0, {"d1": 0.7, "d2": 0.42}),
+        _run("selector", "B", 0, {"d1": 0.68, "d2": 0.4}),
+        _run("oracle", "A", 0, {"d1": 0.7, "d2": 0.45}),
+    ]
+    methods = {
+        name: {"fusion": name, "source_forwards_per_seq": {"A": 1, "B": 1}}
+        for name in ("none", "uniform", "confidence", "selector", "oracle")
+    }
     for name in ("none", "oracle"):
         runs.append(dict(next(r for r in runs if r["method"] == name), pool="B"))
     summary = report_lib.summarize(runs, methods)
@@ -215,8 +279,12 @@ def test_label_scarce_criteria():
     assert not checks["within_0.02_of_oracle"]["B"]["pass"]  # 0.54: 0.035 below
     assert checks["confidence_plus_0.05"]["B"]["pass"] and set(checks["confidence_plus_0.05"]) == {"B"}  # 0.54 vs 0.20
     # Interference: selector (0.02 + 0.02) / 2 = 0.02; uniform 0.1; confidence (0.5 + 0.1) / 2 = 0.3.
-    assert checks["interference_at_most_half"] == {"selector": pytest.approx(0.02), "uniform": pytest.approx(0.1),
-                                                   "confidence": pytest.approx(0.3), "pass": True}
+    assert checks["interference_at_most_half"] == {
+        "selector": pytest.approx(0.02),
+        "uniform": pytest.approx(0.1),
+        "confidence": pytest.approx(0.3),
+        "pass": True,
+    }
 
 
 def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_path, monkeypatch):
@@ -224,18 +292,30 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
     from its fusion run's saved adapter, per pool and seed, and is checked against its own settings."""
     bench = quality.QualityBench(
         train={"model": {"student": "s"}, "data": {"unlabeled_size": 4}, "trainer": {}},
-        pools={"A": ["a"], "B": ["a", "b"]}, seeds=[0, 1], output=str(tmp_path),
-        methods={"selector k=1": {"fusion": "selector", "top_k": 1},
-                 "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
-                 "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}},
-                 "on_policy after": {"after": "selector k=1", "fusion_stage": {"steps": 7, "model": {"response_from": "student", "learning_rate": 0.5}}}})
+        pools={"A": ["a"], "B": ["a", "b"]},
+        seeds=[0, 1],
+        output=str(tmp_path),
+        methods={
+            "selector k=1": {"fusion": "selector", "top_k": 1},
+            "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
+            "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}},
+            "on_policy after": {
+                "after": "selector k=1",
+                "fusion_stage": {"steps": 7, "model": {"response_from": "student", "learning_rate": 0.5}},
+            },
+        },
+    )
     monkeypatch.setattr(quality, "_weights", lambda path: "no weights")
     planner = quality.Planner(bench, 1)
     jobs = planner.training_jobs()
     chained = planner.chained_jobs(jobs)
     modes = {(j["record"]["method"], j["record"]["pool"]): j["config"]["model"]["source_mode"] for j in jobs if j["record"]["seed"] == 0}
-    assert modes == {("selector k=1", "A"): "cached", ("selector k=1", "B"): "cached",
-                     ("on_policy selector k=1", "A"): "online", ("on_policy selector k=1", "B"): "online"}
+    assert modes == {
+        ("selector k=1", "A"): "cached",
+        ("selector k=1", "B"): "cached",
+        ("on_policy selector k=1", "A"): "online",
+        ("on_policy selector k=1", "B"): "online",
+    }
     assert all(j["config"]["model"]["cache_dir"] is None for j in jobs if j["record"]["method"].startswith("on_policy"))
     adapters = {(j["record"]["pool"], j["record"]["seed"]): j["adapter"] for j in jobs if j.get("adapter")}
     assert sorted(adapters) == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
@@ -244,36 +324,69 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
     for job in srft:
         model = job["config"]["model"]
         assert model["class_path"] == "fusion.stages.srft.SRFTModule" and job["config"]["trainer"]["max_steps"] == 5
-        assert model["init_args"] == {"student": "s", "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])], "num_generations": 2}
+        assert model["init_args"] == {
+            "student": "s",
+            "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])],
+            "num_generations": 2,
+        }
     stages = {(job["record"]["pool"], job["record"]["seed"]): job for job in chained if job["record"]["method"] == "on_policy after"}
     assert sorted(stages) == sorted(adapters)
     for key, job in stages.items():
         model = job["config"]["model"]
         assert job["config"]["trainer"]["max_steps"] == 7
-        assert model == {"student": "s", "fusion": "selector", "top_k": 1, "response_from": "student", "learning_rate": 0.5,
-                         "sources": bench.pools[key[0]], "source_mode": "online", "cache_dir": None, "init_from": adapters[key]}
-    with pytest.raises(ValueError, match=r"methods.x: a chained method is \{after: <a fusion method of methods>, srft or fusion_stage: \{steps, model\}\}"):
+        assert model == {
+            "student": "s",
+            "fusion": "selector",
+            "top_k": 1,
+            "response_from": "student",
+            "learning_rate": 0.5,
+            "sources": bench.pools[key[0]],
+            "source_mode": "online",
+            "cache_dir": None,
+            "init_from": adapters[key],
+        }
+    with pytest.raises(
+        ValueError, match=r"methods.x: a chained method is \{after: <a fusion method of methods>, srft or fusion_stage: \{steps, model\}\}"
+    ):
         quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]}, methods={"x": {"after": "nothing", "srft": {"steps": 1}}})
     with pytest.raises(ValueError, match=r"methods.x.fusion_stage: expected \{steps: >= 1"):
-        quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]},
-                             methods={"s": {"fusion": "selector"}, "x": {"after": "s", "fusion_stage": {"steps": 0}}})
+        quality.QualityBench(
+            train={},
+            pools={"A": ["a"], "B": ["a", "b"]},
+            methods={"s": {"fusion": "selector"}, "x": {"after": "s", "fusion_stage": {"steps": 0}}},
+        )
 
 
 def test_on_policy_criteria_and_sampled_tokens(tmp_path):
     """On-policy selector: at least the off-policy selector with its top_k (and that run continued
     off-policy, for a stage after it), within 0.02 of the on-policy oracle; the report reads the
     tokens sampled per step from the run's log."""
-    runs = [_run("selector k=1", "A", 0, {"d1": 0.5, "d2": 0.3}), _run("selector k=1", "B", 0, {"d1": 0.5, "d2": 0.3}),
-            _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.9}),
-            _run("on_policy selector k=1", "A", 0, {"d1": 0.6, "d2": 0.3}), _run("on_policy selector k=1", "B", 0, {"d1": 0.4, "d2": 0.3}),
-            _run("on_policy oracle", "A", 0, {"d1": 0.6, "d2": 0.32}), _run("on_policy oracle", "B", 0, {"d1": 0.6, "d2": 0.32}),
-            _run("selector k=1 continued", "A", 0, {"d1": 0.5, "d2": 0.5}), _run("selector k=1 continued", "B", 0, {"d1": 0.3, "d2": 0.3})]
+    runs = [
+        _run("selector k=1", "A", 0, {"d1": 0.5, "d2": 0.3}),
+        _run("selector k=1", "B", 0, {"d1": 0.5, "d2": 0.3}),
+        _run("oracle", "A", 0, {"d1": 0.9, "d2": 0.9}),
+        _run("on_policy selector k=1", "A", 0, {"d1": 0.6, "d2": 0.3}),
+        _run("on_policy selector k=1", "B", 0, {"d1": 0.4, "d2": 0.3}),
+        _run("on_policy oracle", "A", 0, {"d1": 0.6, "d2": 0.32}),
+        _run("on_policy oracle", "B", 0, {"d1": 0.6, "d2": 0.32}),
+        _run("selector k=1 continued", "A", 0, {"d1": 0.5, "d2": 0.5}),
+        _run("selector k=1 continued", "B", 0, {"d1": 0.3, "d2": 0.3}),
+    ]
     (tmp_path / "metrics.csv").write_text("step,train/loss,train/sampled_tokens\n9,1.0,300\n19,0.9,\n19,,\n29,0.8,500\n")
     runs[3]["log_dir"] = str(tmp_path)
-    methods = {"selector k=1": {"fusion": "selector", "top_k": 1}, "oracle": {"fusion": "oracle"},
-               "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student", "after": "selector k=1", "fusion_stage": {"steps": 2}},
-               "on_policy oracle": {"fusion": "oracle", "response_from": "student"},
-               "selector k=1 continued": {"fusion": "selector", "top_k": 1, "after": "selector k=1", "fusion_stage": {"steps": 2}}}
+    methods = {
+        "selector k=1": {"fusion": "selector", "top_k": 1},
+        "oracle": {"fusion": "oracle"},
+        "on_policy selector k=1": {
+            "fusion": "selector",
+            "top_k": 1,
+            "response_from": "student",
+            "after": "selector k=1",
+            "fusion_stage": {"steps": 2},
+        },
+        "on_policy oracle": {"fusion": "oracle", "response_from": "student"},
+        "selector k=1 continued": {"fusion": "selector", "top_k": 1, "after": "selector k=1", "fusion_stage": {"steps": 2}},
+    }
     methods = {name: m | {"source_forwards_per_seq": {"A": 1, "B": 1}} for name, m in methods.items()}
     summary = report_lib.summarize(runs, methods)
     assert summary["on_policy selector k=1"]["A"]["sampled_tokens_per_step"] == pytest.approx((300 + 0 + 500) / 3)
@@ -282,7 +395,9 @@ def test_on_policy_criteria_and_sampled_tokens(tmp_path):
     assert set(checks) == {"selector k=1", "selector k=1 continued", "on_policy selector k=1"}
     assert checks["selector k=1"]["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.9)  # the off-policy oracle
     on = checks["on_policy selector k=1"]
-    assert on["at_least_off_policy_selector"]["A"]["pass"] and not on["at_least_off_policy_selector"]["B"]["pass"]  # 0.45 >= 0.4; 0.35 < 0.4
+    assert (
+        on["at_least_off_policy_selector"]["A"]["pass"] and not on["at_least_off_policy_selector"]["B"]["pass"]
+    )  # 0.45 >= 0.4; 0.35 < 0.4
     assert on["within_0.02_of_on_policy_oracle"]["A"]["pass"] and not on["within_0.02_of_on_policy_oracle"]["B"]["pass"]  # 0.45 vs 0.46
     # A stage after "selector k=1" also faces that run continued off-policy: 0.45 < 0.5 in A, 0.35 >= 0.3 in B.
     assert [on["at_least_off_policy_continued"][pool]["pass"] for pool in ("A", "B")] == [False, True]

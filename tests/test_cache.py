@@ -121,7 +121,10 @@ def test_cache_from_other_data_is_refused(cached_run):
 @pytest.mark.slow
 def test_cache_from_another_source_is_refused(cached_run, tiny_zoo):
     sources = [os.path.join(tiny_zoo, n) for n in ("spell", "sum", "student")]
-    with pytest.raises(ValueError, match=r"\(source 2 tokenizer, source 2 weights, sources differ\): source 2 tokenizer: cache has '\w+', this run has '\w+'"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(source 2 tokenizer, source 2 weights, sources differ\): source 2 tokenizer: cache has '\w+', this run has '\w+'",
+    ):
         main(["fit", "--config", cached_run["config"], "--model.sources", json.dumps(sources), "--trainer.max_steps=1"])
 
 
@@ -140,7 +143,9 @@ def test_truncated_shard_is_refused(cached_run, tmp_path):
     arrow = glob.glob(os.path.join(copy, "shard-*", "*.arrow"))[0]
     with open(arrow, "r+b") as f:
         f.truncate(os.path.getsize(arrow) // 2)
-    with pytest.raises(ValueError, match=r"cache shard .*shard-r0-00000.*\.arrow is \d+ bytes, the manifest says \d+ \(truncated or missing\)"):
+    with pytest.raises(
+        ValueError, match=r"cache shard .*shard-r0-00000.*\.arrow is \d+ bytes, the manifest says \d+ \(truncated or missing\)"
+    ):
         main(["fit", "--config", cached_run["config"], f"--model.cache_dir={copy}", "--trainer.max_steps=1"])
 
 
@@ -150,8 +155,19 @@ def test_an_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
     def crash(self, *args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    record = {"key": "k", "positions": 1, "sources": [0], "ce": [0.5], "valid": [True], "ids": torch.zeros(1, 1, 2, dtype=torch.long),
-              "logprobs": torch.zeros(1, 1, 2), "aligned": torch.ones(1, 1, dtype=torch.bool), "answer": None, "writer": -1, "generations": 0}
+    record = {
+        "key": "k",
+        "positions": 1,
+        "sources": [0],
+        "ce": [0.5],
+        "valid": [True],
+        "ids": torch.zeros(1, 1, 2, dtype=torch.long),
+        "logprobs": torch.zeros(1, 1, 2),
+        "aligned": torch.ones(1, 1, dtype=torch.bool),
+        "answer": None,
+        "writer": -1,
+        "generations": 0,
+    }
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash)
     with pytest.raises(KeyboardInterrupt):
         write_shard(str(tmp_path), "shard-r0-00000", [record], vocab_size=99)

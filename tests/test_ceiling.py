@@ -33,10 +33,16 @@ def _run(method, pool, seed, acc):
 
 
 def test_report_ratios_floor_and_table(tmp_path):
-    runs = [_run("selector", "A", 0, {"d1": 0.4, "d2": 0.5}), _run("selector", "A", 1, {"d1": 0.6, "d2": 0.5}),
-            _run("selector", "B", 0, {"d1": 0.2, "d2": 0.5}), _run("base", "A", 0, {"d1": 0.3, "d2": 0.3})]
-    methods = {"selector": {"fusion": "selector", "source_forwards_per_seq": {"A": 1, "B": 1}},
-               "base": {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}}}
+    runs = [
+        _run("selector", "A", 0, {"d1": 0.4, "d2": 0.5}),
+        _run("selector", "A", 1, {"d1": 0.6, "d2": 0.5}),
+        _run("selector", "B", 0, {"d1": 0.2, "d2": 0.5}),
+        _run("base", "A", 0, {"d1": 0.3, "d2": 0.3}),
+    ]
+    methods = {
+        "selector": {"fusion": "selector", "source_forwards_per_seq": {"A": 1, "B": 1}},
+        "base": {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}},
+    }
     summary = report_lib.summarize(runs, methods)
     sources = {"s1": {"d1": 0.8, "d2": 0.0}, "s2": {"d1": 0.0, "d2": 1.0}, "liar": {"d1": 0.0, "d2": 0.0}}
     best = report_lib.add_ratios(summary, runs, sources, {"A": ["s1", "s2"], "B": ["s1", "s2", "liar"]})
@@ -51,16 +57,31 @@ def test_report_ratios_floor_and_table(tmp_path):
     assert floor["selector"]["at_least_untrained_student"]["A"]["pass"]  # 0.5 >= 0.3
     assert floor["selector"]["at_least_untrained_student"]["B"]["pass"]  # 0.35 >= 0.3
     assert floor["selector"]["at_least_untrained_student"]["B"]["method"] == pytest.approx(0.35)
-    below = report_lib.criteria_floor(report_lib.summarize(runs + [_run("none", "A", 0, {"d1": 0.1, "d2": 0.3})],
-                                                           methods | {"none": {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}}}), "base")
+    below = report_lib.criteria_floor(
+        report_lib.summarize(
+            runs + [_run("none", "A", 0, {"d1": 0.1, "d2": 0.3})],
+            methods | {"none": {"fusion": "none", "source_forwards_per_seq": {"A": 0, "B": 0}}},
+        ),
+        "base",
+    )
     assert not below["none"]["at_least_untrained_student"]["A"]["pass"]  # 0.2 < 0.3: reported, not hidden
     ratio = report_lib.criteria_ratio(summary, methods)["selector"]
-    assert not ratio["mean_ratio_at_least_0.85"]["A"]["pass"] and ratio["mean_ratio_at_least_0.85"]["A"]["ratio_mean"] == pytest.approx(0.5625)
+    assert not ratio["mean_ratio_at_least_0.85"]["A"]["pass"] and ratio["mean_ratio_at_least_0.85"]["A"]["ratio_mean"] == pytest.approx(
+        0.5625
+    )
     assert ratio["worst_ratio_at_least_0.5"]["A"]["pass"] and not ratio["worst_ratio_at_least_0.5"]["B"]["pass"]  # 0.5; 0.25
     merged = report_lib.merge_criteria({"selector": {"x": 1}}, {"selector": ratio}, floor)
     assert set(merged["selector"]) == {"x", "mean_ratio_at_least_0.85", "worst_ratio_at_least_0.5", "at_least_untrained_student"}
-    report = {"quick": True, "seeds": [0, 1], "results": summary, "criteria": floor, "consistency": None, "runtime_seconds": 1.0,
-              "sources": sources, "best_source": best}
+    report = {
+        "quick": True,
+        "seeds": [0, 1],
+        "results": summary,
+        "criteria": floor,
+        "consistency": None,
+        "runtime_seconds": 1.0,
+        "sources": sources,
+        "best_source": best,
+    }
     text = report_lib.markdown(report, "")
     assert "| s1 | 0.80 | 0.00 | A, B |" in text and "| liar | 0.00 | 0.00 | - |" in text
     assert "| selector | A | 0.62 | 0.50 | 0.56 ± 0.09 | 0.50 ± 0.00 |" in text
@@ -102,8 +123,10 @@ def test_validation_monitored_checkpoint_needs_a_validation_split():
     on_exception = SimpleNamespace()  # Lightning's OnExceptionCheckpoint: a checkpoint callback with no monitor at all
     data = SimpleNamespace(load=lambda: {"val": [{"prompt": "p"}]})
     check_validation_split(SimpleNamespace(checkpoint_callbacks=[on_exception, last, monitored], limit_val_batches=1.0, datamodule=data))
-    for trainer in (SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=0, datamodule=data),
-                    SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=1.0, datamodule=SimpleNamespace(load=lambda: {"val": []}))):
+    for trainer in (
+        SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=0, datamodule=data),
+        SimpleNamespace(checkpoint_callbacks=[monitored], limit_val_batches=1.0, datamodule=SimpleNamespace(load=lambda: {"val": []})),
+    ):
         with pytest.raises(ValueError, match=r"monitor='val/acc_mean'.*data.val_size.*trainer.limit_val_batches"):
             check_validation_split(trainer)
     check_validation_split(SimpleNamespace(checkpoint_callbacks=[last], limit_val_batches=0, datamodule=data))  # nothing monitored
@@ -119,7 +142,8 @@ def test_learning_curves_from_validation_logs(tmp_path):
         log_dir.mkdir()
         (log_dir / "metrics.csv").write_text(
             "epoch,step,train/loss,val/acc_mean,val/acc_d1,val/acc_d2\n"
-            f"0,9,1.0,,,\n0,199,,{(first + 0.5) / 2},{first},0.5\n0,399,,{(last + 0.5) / 2},{last},0.5\n")
+            f"0,9,1.0,,,\n0,199,,{(first + 0.5) / 2},{first},0.5\n0,399,,{(last + 0.5) / 2},{last},0.5\n"
+        )
         logs.append({"method": "m", "pool": "A", "seed": seed, "log_dir": str(log_dir)})
     curves = report_lib.learning_curves(logs, {"s1": {"d1": 0.8, "d2": 0.0}, "s2": {"d1": 0.0, "d2": 0.5}}, {"A": ["s1", "s2"]})
     # Step 200: d1 ratios 0.25 and 0.5, d2 1.0: mean ratios 0.625 and 0.75, worst 0.25 and 0.5.
@@ -193,8 +217,12 @@ def test_fit_keeps_the_best_validation_checkpoint_with_a_curriculum(tiny_zoo, tm
     config = tiny_config(tiny_zoo, str(tmp_path), curriculum_floor=0.5)
     config["trainer"]["max_steps"] = 6
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"}},
-        {"class_path": "fusion.utils.callbacks.TrainingWatch", "init_args": {"window": 2}}]
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"},
+        },
+        {"class_path": "fusion.utils.callbacks.TrainingWatch", "init_args": {"window": 2}},
+    ]
     run = main(["--config", json.dumps(config)], run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     callback = run.trainer.checkpoint_callback
@@ -224,8 +252,12 @@ def test_start_checkpoint_is_kept_when_training_only_hurts(tiny_zoo, tmp_path):
 
     config = tiny_config(tiny_zoo, str(tmp_path), fusion="none", learning_rate=50.0)  # a rate that can only hurt
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"}},
-        {"class_path": "fusion.utils.callbacks.StartCheckpoint"}]
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/acc_mean", "mode": "max", "filename": "best"},
+        },
+        {"class_path": "fusion.utils.callbacks.StartCheckpoint"},
+    ]
     run = main(["--config", json.dumps(config)], run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     start = run.trainer.checkpoint_callback.best_model_path
@@ -250,7 +282,8 @@ def test_monitored_checkpoint_without_validation_names_the_setting(tiny_zoo, tmp
     config["trainer"]["limit_val_batches"] = 0
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc_mean", "mode": "max"}},
-        {"class_path": "fusion.utils.callbacks.TrainingWatch"}]
+        {"class_path": "fusion.utils.callbacks.TrainingWatch"},
+    ]
     run = main(["--config", json.dumps(config)], run=False)
     with pytest.raises(ValueError, match="data.val_size"):
         run.trainer.fit(run.model, datamodule=run.datamodule)

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from fusion import export, zoo
 from fusion.bench import quality
-from fusion.stages.fusion import FusionDistillModule
 from fusion.data.tokenizer import load_tokenizer
+from fusion.stages.fusion import FusionDistillModule
 from fusion.train import main
 from tests.conftest import reference_test_metrics
 
@@ -43,8 +43,15 @@ def test_every_config_parses(path, capsys):
     expected = {
         "zoo.yaml": ["sources:"],
         "bench.yaml": ["pools:", "methods:", "train:"],
-        "bench_unlabeled.yaml": ["pools:", "methods:", "chain_sum: 6000", "chain_sum-qwen2-digits", "use_rslora: true",
-                                 "selector_loss: likelihood", "lr_decay_fraction: 0.2"],
+        "bench_unlabeled.yaml": [
+            "pools:",
+            "methods:",
+            "chain_sum: 6000",
+            "chain_sum-qwen2-digits",
+            "use_rslora: true",
+            "selector_loss: likelihood",
+            "lr_decay_fraction: 0.2",
+        ],
         "bench_levers.yaml": ["pools:", "lr_decay_fraction: 0.2", "use_rslora: true"],
         "bench_levers_4800.yaml": ["steps: 4800", "output: checkpoints/bench/levers-4800", "use_rslora: true"],
         "bench_on_policy.yaml": ["chain_sum: 6000", "response_from: student", "after: selector k=1", "output: checkpoints/bench/on_policy"],
@@ -82,7 +89,9 @@ def test_fit_test_resume_export(write_config, tmp_path, monkeypatch):
         metrics = json.load(f)
     # The test loop's numbers are those of the checkpoint's student, computed apart from Lightning.
     trained = FusionDistillModule.load_from_checkpoint(_last(runs, 0), weights_only=True)
-    reference = reference_test_metrics(trained.student, trained.tokenizer, yaml.safe_load(open(config))["data"], trained.hparams.max_new_tokens)
+    reference = reference_test_metrics(
+        trained.student, trained.tokenizer, yaml.safe_load(open(config))["data"], trained.hparams.max_new_tokens
+    )
     assert metrics["sequences"] == reference["sequences"] == {"spell_backward": 4, "chain_sum": 4}
     assert metrics["acc"] == reference["acc"] and metrics["acc_mean"] == pytest.approx(reference["acc_mean"])
     assert metrics["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
@@ -128,7 +137,9 @@ BASELINE_WEIGHTS = {
     "single": lambda w: w == {"spell": 0.0, "sum": 1.0, "noise": 0.0},  # single_source: sum
     "oracle": lambda w: w["noise"] == 0.0 and w["spell"] + w["sum"] == pytest.approx(1.0),  # by domain, never the random source
     "avgce": lambda w: sum(w.values()) == pytest.approx(1.0) and min(w.values()) > 0.0,  # softmax(-CE): every source some
-    "mince": lambda w: sum(w.values()) == pytest.approx(1.0) and all(v * 8 == pytest.approx(round(v * 8)) for v in w.values()),  # one source per row
+    "mince": lambda w: (
+        sum(w.values()) == pytest.approx(1.0) and all(v * 8 == pytest.approx(round(v * 8)) for v in w.values())
+    ),  # one source per row
     "confidence": lambda w: sum(w.values()) == pytest.approx(1.0) and min(w.values()) > 0.0,
 }
 
@@ -202,7 +213,9 @@ def test_checkpoint_from_another_setup_is_refused(tiny_zoo, write_config, tmp_pa
     checkpoint = torch.load(_last(str(tmp_path / "runs"), 0), map_location="cpu", weights_only=True)
     student = os.path.join(tiny_zoo, "student")
     other_rank = FusionDistillModule(student=student, fusion="none", lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
-    with pytest.raises(ValueError, match=r"the checkpoint was written for a different student, adapter or source list: .*wrong shape \['student"):
+    with pytest.raises(
+        ValueError, match=r"the checkpoint was written for a different student, adapter or source list: .*wrong shape \['student"
+    ):
         other_rank.on_load_checkpoint(checkpoint)
     no_selector = FusionDistillModule(student=student, fusion="none")
     with pytest.raises(ValueError, match=r"unexpected \['selector"):
@@ -248,8 +261,14 @@ def test_tensorboard_logger_without_tensorboard_names_the_extra(capfd, monkeypat
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     logger = json.dumps({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}})
     lines = _error_lines(lambda: command_line(["fit", "--config", QUICKSTART, f"--trainer.logger={logger}"]), capfd)
-    assert lines[0] == lines[-1] == ("error: trainer.logger: TensorBoardLogger needs tensorboard, which is not installed: "
-                                     "pip install 'fusion[tensorboard]' (or log with lightning.pytorch.loggers.CSVLogger)")
+    assert (
+        lines[0]
+        == lines[-1]
+        == (
+            "error: trainer.logger: TensorBoardLogger needs tensorboard, which is not installed: "
+            "pip install 'fusion[tensorboard]' (or log with lightning.pytorch.loggers.CSVLogger)"
+        )
+    )
     assert os.listdir(tmp_path) == []  # refused before anything was built or written
 
 
@@ -277,8 +296,24 @@ def test_the_command_prints_the_refused_setting_first_and_last():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "fusion.train", "fit", "--config", "configs/quickstart.yaml", "--model.lam", "2.0",
-                             "--trainer.max_steps", "1"], cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusion.train",
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--model.lam",
+            "2.0",
+            "--trainer.max_steps",
+            "1",
+        ],
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and lines[0] == lines[-1] == "error: model.lam must be in [0, 1], got 2.0", result.stderr[-2000:]
 
@@ -308,12 +343,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_zoo, tmp_path):
     config["trainer"]["max_steps"] = 100_000
     config["trainer"]["limit_val_batches"] = 0
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 5}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 5},
+        },
         {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(runs)}},
     ]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "fusion.train", "fit", "--config", str(path)], cwd=os.path.dirname(os.path.dirname(__file__)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion.train", "fit", "--config", str(path)], cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     last = runs / "run" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and process.poll() is None:
@@ -336,7 +376,9 @@ def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp
 
     config = tiny_config(tiny_zoo, str(tmp_path / "runs"), fusion="none")
     stale = tmp_path / "exceptions" / "on_exception.ckpt"
-    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(stale.parent)}})
+    config["trainer"]["callbacks"].append(
+        {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(stale.parent)}}
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path), "--trainer.max_steps=2"])
@@ -350,10 +392,13 @@ def test_a_completed_fit_removes_its_stale_on_exception_checkpoint(tiny_zoo, tmp
     assert len(_logged_steps(str(tmp_path / "runs"), 1)) == 2  # the resumed one: steps 3 and 4 only
 
 
-@pytest.mark.parametrize("old_class, new_class, rewards_key", [
-    ("fusion.module.FusionDistillModule", "fusion.stages.fusion.FusionDistillModule", "selector_rewards"),
-    ("fusion.srft.SRFTModule", "fusion.stages.srft.SRFTModule", "rewards"),
-])
+@pytest.mark.parametrize(
+    "old_class, new_class, rewards_key",
+    [
+        ("fusion.module.FusionDistillModule", "fusion.stages.fusion.FusionDistillModule", "selector_rewards"),
+        ("fusion.srft.SRFTModule", "fusion.stages.srft.SRFTModule", "rewards"),
+    ],
+)
 def test_ckpt_path_from_before_the_relayout_reads_its_moved_class_and_rewards(tmp_path, old_class, new_class, rewards_key):
     """A checkpoint written before fusion/ was laid out by concern names its class and reward
     functions by the old module paths (`fusion.module`, `fusion.srft`, `fusion.rewards`); `--ckpt_path`
@@ -368,8 +413,12 @@ def test_ckpt_path_from_before_the_relayout_reads_its_moved_class_and_rewards(tm
         def instantiate_classes(self) -> None:  # the checkpoint's hyperparameters are in the config by now
             raise Parsed(self.config.test.model)
 
-    hparams = {"_class_path": old_class, "_instantiator": "lightning.pytorch.cli.instantiate_module",
-               "student": "checkpoints/zoo/fusion.module", rewards_key: {"fusion.rewards.answer_format": 1.0}}
+    hparams = {
+        "_class_path": old_class,
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        "student": "checkpoints/zoo/fusion.module",
+        rewards_key: {"fusion.rewards.answer_format": 1.0},
+    }
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
     config = tiny_config(str(tmp_path / "zoo"), str(tmp_path / "runs"))
     config["model"] = {"class_path": new_class, "init_args": {"student": "unused"}}

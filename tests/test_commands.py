@@ -66,16 +66,33 @@ def bench_config(tiny_zoo, tmp_path) -> str:
     without one per domain, 4 rows per split; the quick settings a single seed and 2 steps."""
     bench = _load("bench_unlabeled.yaml")
     paths = {name: os.path.join(tiny_zoo, name) for name in SOURCES}
-    bench.update(output=str(tmp_path / "quality"), seeds=[0, 1, 2], steps=50, workers=1, threads=1,
-                 pools={"A": [paths["spell"], paths["sum"]], "B": [paths[n] for n in SOURCES]},
-                 methods={"none": bench["methods"]["none"], "selector k=1": bench["methods"]["selector k=1"]})
+    bench.update(
+        output=str(tmp_path / "quality"),
+        seeds=[0, 1, 2],
+        steps=50,
+        workers=1,
+        threads=1,
+        pools={"A": [paths["spell"], paths["sum"]], "B": [paths[n] for n in SOURCES]},
+        methods={"none": bench["methods"]["none"], "selector k=1": bench["methods"]["selector k=1"]},
+    )
     train = bench["train"]
     train["trainer"]["val_check_interval"] = 2
-    train["model"].update(student=os.path.join(tiny_zoo, "student"), oracle={"spell_backward": "spell", "chain_sum": "sum"},
-                          lora={**train["model"]["lora"], "r": 4}, exploration_steps=2, selector_prefit_steps=10, response_max_new_tokens=6, max_new_tokens=6)
+    train["model"].update(
+        student=os.path.join(tiny_zoo, "student"),
+        oracle={"spell_backward": "spell", "chain_sum": "sum"},
+        lora={**train["model"]["lora"], "r": 4},
+        exploration_steps=2,
+        selector_prefit_steps=10,
+        response_max_new_tokens=6,
+        max_new_tokens=6,
+    )
     train["data"].update(domains=DOMAINS, train_size=8, unlabeled_size={d: 8 for d in DOMAINS}, val_size=4, test_size=4, batch_size=8)
-    bench["quick_settings"] = {"output": str(tmp_path / "quality-quick"), "seeds": [0], "steps": 2,
-                               "train": {"trainer": {"val_check_interval": 2}, "data": {"test_size": 2, "unlabeled_size": 4}}}
+    bench["quick_settings"] = {
+        "output": str(tmp_path / "quality-quick"),
+        "seeds": [0],
+        "steps": 2,
+        "train": {"trainer": {"val_check_interval": 2}, "data": {"test_size": 2, "unlabeled_size": 4}},
+    }
     return _write(tmp_path / "bench.yaml", bench)
 
 
@@ -84,7 +101,10 @@ def test_bench_without_a_name_lists_the_benchmarks():
     """`python -m fusion.bench`: the usage line names every benchmark module."""
     with pytest.raises(SystemExit) as exit_info:
         bench([])
-    assert str(exit_info.value) == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,selector,srft,target,throughput} [options]"
+    assert (
+        str(exit_info.value)
+        == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,selector,srft,target,throughput} [options]"
+    )
 
 
 @pytest.mark.slow
@@ -113,7 +133,9 @@ def test_zoo_builds_a_changed_source_and_reuses_the_others(tiny_zoo, tmp_path, c
     assert "zoo: building 1 of 4 models" in capsys.readouterr().out
     assert {name: os.stat(root / name / "model.safetensors").st_mtime_ns for name in weights} == weights
     card = _read_json(root / "spell-2" / "card.json")
-    assert card["name"] == "spell-2" and card["recipe"]["recipe"]["steps"] == 3 and card["recipe"]["recipe"]["domains"] == ["spell_backward"]
+    assert (
+        card["name"] == "spell-2" and card["recipe"]["recipe"]["steps"] == 3 and card["recipe"]["recipe"]["domains"] == ["spell_backward"]
+    )
     assert set(card["accuracy"]) <= set(DOMAINS) and all(_fraction(a) for a in card["accuracy"].values())
     assert os.path.getsize(root / "spell-2" / "model.safetensors") > 0
     assert sorted(os.listdir(root)) == sorted([*weights, "spell-2"])
@@ -156,7 +178,12 @@ def test_bench_quality_quick(bench_config, tmp_path, monkeypatch):
     assert report["quick"] and report["seeds"] == [0] and report["steps"] == 2
     # Fits: none once (it runs no source), the selector per pool; tests: the untrained base.
     assert report["runs"] == 4 and report["runs_reused"] == 0
-    assert sorted(report["run_seconds"]) == ["A/none/seed0", "A/selector k=1/seed0", "A/student base (no training)/seed0", "B/selector k=1/seed0"]
+    assert sorted(report["run_seconds"]) == [
+        "A/none/seed0",
+        "A/selector k=1/seed0",
+        "A/student base (no training)/seed0",
+        "B/selector k=1/seed0",
+    ]
     assert set(report["sources"]) == set(SOURCES)
     assert all(_fraction(acc) for source in report["sources"].values() for acc in source.values())
     for method in ("none", "selector k=1", "student base (no training)"):
@@ -205,7 +232,9 @@ def test_bench_target(bench_config, tmp_path):
 def test_bench_selector(bench_config, tmp_path):
     """`python -m fusion.bench selector --config <bench>`: both pools, both selector losses at two
     feedback weights, one seed."""
-    bench(["selector", "--config", bench_config, "--feedback_weights", "[0.0, 1.0]", "--seeds", "[0]", "--output", str(tmp_path / "selector")])
+    bench(
+        ["selector", "--config", bench_config, "--feedback_weights", "[0.0, 1.0]", "--seeds", "[0]", "--output", str(tmp_path / "selector")]
+    )
 
     report = _read_json(tmp_path / "selector" / "report.json")
     assert report["seeds"] == [0] and set(report["pools"]) == {"A", "B"}
@@ -308,7 +337,23 @@ def test_bench_throughput(tmp_path):
     from fusion.bench.throughput import METHODS
 
     output = tmp_path / "throughput.json"
-    bench(["throughput", "--vocab", "64", "--steps", "1", "--batch_size", "2", "--hidden_size", "16", "--layers", "1", "--output", str(output)])
+    bench(
+        [
+            "throughput",
+            "--vocab",
+            "64",
+            "--steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--hidden_size",
+            "16",
+            "--layers",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
 
     report = _read_json(output)
     assert (report["vocab"], report["steps"], report["batch_size"], report["hidden_size"], report["layers"]) == (64, 1, 2, 16, 1)

@@ -42,7 +42,9 @@ def _per_row(tokenizer, features: list[dict], max_length: int = 32) -> list[dict
 def test_map_over_files_gives_the_per_row_encoding(tmp_path, build):
     tokenizer = build()
     _write_rows(tmp_path / "data")
-    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"backward p{i}=" + "x" * i, "answer": "secret"}) for i in range(40)))
+    (tmp_path / "prompts.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": f"backward p{i}=" + "x" * i, "answer": "secret"}) for i in range(40))
+    )
     data = _module(tmp_path / "data", tokenizer, unlabeled_file=str(tmp_path / "prompts.jsonl"))
     rows = data.load()
     assert (len(rows["train"]), len(rows["unlabeled"])) == (300 - 43, 43 + 40)
@@ -106,8 +108,9 @@ def test_the_map_is_cached_by_datasets(tmp_path):
 
 # ------------------------------------------------------------------ chat templates
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _chat_tokenizer(template: str = TEMPLATE):
@@ -125,8 +128,13 @@ def test_chat_template_renders_prompts_and_ends_responses_with_the_end_of_turn(t
     _write_rows(tmp_path / "data")
     for split in ("train", "val", "test"):  # every row labelled
         path = tmp_path / "data" / f"{split}.jsonl"
-        path.write_text("\n".join(json.dumps(r | {"response": r["response"] or "x"}) for r in map(json.loads, path.read_text().splitlines())))
-    with pytest.warns(UserWarning, match=r"data.chat_template: responses end with the template's end of turn '<\|end\|>', but generation stops at eos '<eos>'"):
+        path.write_text(
+            "\n".join(json.dumps(r | {"response": r["response"] or "x"}) for r in map(json.loads, path.read_text().splitlines()))
+        )
+    with pytest.warns(
+        UserWarning,
+        match=r"data.chat_template: responses end with the template's end of turn '<\|end\|>', but generation stops at eos '<eos>'",
+    ):
         data = _module(tmp_path / "data", tokenizer, chat_template=True, max_length=200)
         data.setup("fit")
     assert data.chat.end_id == end
@@ -140,12 +148,19 @@ def test_chat_template_renders_prompts_and_ends_responses_with_the_end_of_turn(t
         assert f["input_ids"] == prompt + response  # no bos added: the template decides
         assert f["labels"] == [-100] * len(prompt) + response and f["prompt_length"] == len(prompt)
         assert tokenizer.decode(prompt) == f"<|user|>{row['prompt']}<|end|><|assistant|>"
-    assert [{k: f[k] for k in FEATURES} for f in features] == [encode(tokenizer, f["row"]["prompt"], f["row"]["response"], 200, data.chat) for f in features]
+    assert [{k: f[k] for k in FEATURES} for f in features] == [
+        encode(tokenizer, f["row"]["prompt"], f["row"]["response"], 200, data.chat) for f in features
+    ]
     # The suite's rows (encode_batch) render the same way.
     suite = FusionDataModule(tokenizer="built-in-test", domains=["chain_sum"], train_size=20, max_length=96, chat_template=True)
     suite._tokenizer = tokenizer
     first = suite._features("train")[0]
-    assert first["input_ids"] == tokenizer(suite.chat.render(first["row"]["prompt"]) + first["row"]["response"] + "<|end|>", add_special_tokens=False)["input_ids"]
+    assert (
+        first["input_ids"]
+        == tokenizer(suite.chat.render(first["row"]["prompt"]) + first["row"]["response"] + "<|end|>", add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
 
 
 def test_chat_template_end_of_turn_is_eos_when_the_template_writes_eos(tmp_path, recwarn):

@@ -36,8 +36,12 @@ def test_ddp_two_processes_fit_and_test(tiny_zoo, tmp_path):
     config = tiny_config(tiny_zoo, run_dir, fusion="selector", top_k=1)
     # 8 test rows (4 per domain): each process gets 4, none repeated by the DistributedSampler.
     config["trainer"].update(max_steps=4, val_check_interval=4)
-    config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                       "init_args": {"dirpath": os.path.join(run_dir, "checkpoints"), "save_last": True, "save_top_k": 0}}]
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": os.path.join(run_dir, "checkpoints"), "save_last": True, "save_top_k": 0},
+        }
+    ]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
 

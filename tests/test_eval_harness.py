@@ -7,15 +7,14 @@ import os
 import shlex
 
 import pytest
-import torch
 import yaml
 from transformers import AutoTokenizer
 
 from fusion import eval_harness, export
 from fusion.data.datamodule import FusionDataModule
+from fusion.data.tokenizer import load_tokenizer
 from fusion.stages.evaluation import greedy_answers
 from fusion.stages.fusion import FusionDistillModule
-from fusion.data.tokenizer import load_tokenizer
 from fusion.train import main
 
 TEST_SIZE = 25  # rows per domain
@@ -50,8 +49,14 @@ def test_lm_eval_matches_fusion_test(tiny_zoo, write_config, tmp_path, capsys):
     exported = export.export(ckpt, str(tmp_path / "export"))
     tokenizer = load_tokenizer(exported)
     probe = "backward cat="
-    assert AutoTokenizer.from_pretrained(exported)(probe, add_special_tokens=False)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]
-    assert AutoTokenizer.from_pretrained(os.path.join(exported, "tokenizer"))(probe, add_special_tokens=False)["input_ids"] == tokenizer(probe, add_special_tokens=False)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(exported)(probe, add_special_tokens=False)["input_ids"]
+        != tokenizer(probe, add_special_tokens=False)["input_ids"]
+    )
+    assert (
+        AutoTokenizer.from_pretrained(os.path.join(exported, "tokenizer"))(probe, add_special_tokens=False)["input_ids"]
+        == tokenizer(probe, add_special_tokens=False)["input_ids"]
+    )
 
     task_dir = str(tmp_path / "lm_eval_task")
     command = _harness_command(capsys, ["--output_dir", task_dir, "--export", exported, "--config", config, "--ckpt_path", ckpt, *size])
@@ -62,8 +67,12 @@ def test_lm_eval_matches_fusion_test(tiny_zoo, write_config, tmp_path, capsys):
     assert task["generation_kwargs"]["max_gen_toks"] == "6"  # the tiny config's model.max_new_tokens
 
     results = simple_evaluate(
-        model="hf", model_args=model_args + ",device=cpu", tasks=["fusion_suite"], batch_size=8,
-        task_manager=TaskManager(include_path=task_dir, include_defaults=False), log_samples=True,
+        model="hf",
+        model_args=model_args + ",device=cpu",
+        tasks=["fusion_suite"],
+        batch_size=8,
+        task_manager=TaskManager(include_path=task_dir, include_defaults=False),
+        log_samples=True,
     )
     lm_eval_acc = {d: results["results"][f"fusion_suite_{d}"]["acc,none"] for d in fusion_acc}
     for domain in fusion_acc:
@@ -90,8 +99,10 @@ def test_process_results_is_fusions_scorer(tmp_path):
     """utils.py scores with fusion's scorer: the gold answer (surrounding whitespace aside) is 1, a near miss 0."""
     import importlib.util
 
-    rows = [{"prompt": "3 + 4=", "response": "7", "domain": "chain_sum", "metadata": json.dumps({"expression": "3 + 4"})},
-            {"prompt": "backward cat=", "response": "tac", "domain": "spell_backward", "metadata": json.dumps({"word": "cat"})}]
+    rows = [
+        {"prompt": "3 + 4=", "response": "7", "domain": "chain_sum", "metadata": json.dumps({"expression": "3 + 4"})},
+        {"prompt": "backward cat=", "response": "tac", "domain": "spell_backward", "metadata": json.dumps({"word": "cat"})},
+    ]
     names = eval_harness.write_task(rows, str(tmp_path / "task"), max_new_tokens=5)
     assert names == {"chain_sum": "fusion_suite_chain_sum", "spell_backward": "fusion_suite_spell_backward"}
     spec = importlib.util.spec_from_file_location("task_utils", tmp_path / "task" / "utils.py")
@@ -107,7 +118,14 @@ def test_process_results_is_fusions_scorer(tmp_path):
 
 def test_truncated_test_rows_are_refused(tiny_zoo):
     """fusion.train test answers a prompt cut to make room for its answer; the task refuses rather than differ."""
-    data = {"tokenizer": os.path.join(tiny_zoo, "student"), "domains": ["spell_backward"], "train_size": 4, "val_size": 2, "test_size": 8, "max_length": 12}
+    data = {
+        "tokenizer": os.path.join(tiny_zoo, "student"),
+        "domains": ["spell_backward"],
+        "train_size": 4,
+        "val_size": 2,
+        "test_size": 8,
+        "max_length": 12,
+    }
     with pytest.raises(ValueError, match=r"8 test rows \(spell_backward\).*--data.max_length (1[89]|2[0-2]) "):
         eval_harness.test_rows(data)
     kept = eval_harness.test_rows({**data, "max_length": 20, "overlong": "drop"})  # bos, prompt, answer, eos: one token a character

@@ -115,7 +115,10 @@ def test_union_of_supports_gives_the_true_mixture():
     assert approx(dense(coarse, 3)[0, 0], [0.45, 0.45, 0.0]) and approx(coarse.probs.sum(-1), [[0.9]])
     aligned = torch.ones(1, 2, 1, dtype=torch.bool)
     usable = torch.ones(1, 1, dtype=torch.bool)
-    tables = [(torch.tensor([0]), torch.tensor([0]), usable, p1.log()[None]), (torch.tensor([0]), torch.tensor([1]), usable, p2.log()[None])]
+    tables = [
+        (torch.tensor([0]), torch.tensor([0]), usable, p1.log()[None]),
+        (torch.tensor([0]), torch.tensor([1]), usable, p2.log()[None]),
+    ]
     ids, logprobs = _on_union(own_ids, aligned, tables)
     assert sorted(ids[0, 0, 0].tolist()) == [0, 1] and torch.equal(ids[0, 0], ids[0, 1])
     exact = fused_target(ids, logprobs, alpha)

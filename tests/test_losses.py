@@ -14,14 +14,7 @@ import torch
 
 from fusion.data import IGNORE_INDEX
 from fusion.objectives.fusion_rule import SparseTarget, merge_duplicates
-from fusion.objectives.losses import (
-    entropy,
-    feedback_loss,
-    selector_loss,
-    sparse_kl,
-    student_loss,
-    target_logprobs,
-)
+from fusion.objectives.losses import entropy, feedback_loss, selector_loss, sparse_kl, student_loss, target_logprobs
 
 L = math.log
 
@@ -397,8 +390,10 @@ def test_the_losses_and_the_fusion_rule_load_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, fusion.objectives.losses, fusion.objectives.fusion_rule; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'reasoning_gym'}))")
+    code = (
+        "import sys, fusion.objectives.losses, fusion.objectives.fusion_rule; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'reasoning_gym'}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusion.sources.alignment import Aligner
 from fusion.data.datamodule import collate, encode
+from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
+from fusion.sources.alignment import Aligner
 from fusion.sources.marginal import TokenPrefixes, _successor
 from fusion.sources.pool import SourcePool
-from fusion.data.tokenizer import build_char_tokenizer, build_gpt2_tokenizer, train_bpe_tokenizer
 from tests.test_alignment import byte_bpe
 
 
@@ -34,13 +34,28 @@ class FixedSource(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(int(logits_to_keep.sum()), -1))
 
 
-def student_distributions(student, source, probs: dict[str, float], prompt: str, response: str, policy: str = "marginal", union: bool = False,
-                          boundary: str = "token_end"):
+def student_distributions(
+    student,
+    source,
+    probs: dict[str, float],
+    prompt: str,
+    response: str,
+    policy: str = "marginal",
+    union: bool = False,
+    boundary: str = "token_end",
+):
     """Per trained student position: {next student token: probability} from the source, or None.
     `union`: the source twice, on the union of both supports (the online path, whole distributions)."""
     copies = 2 if union else 1
-    pool = SourcePool([FixedSource(source, probs)] * copies, [source] * copies, ["source", "copy"][:copies], student, top_k=8, unaligned=policy,
-                      boundary=boundary)
+    pool = SourcePool(
+        [FixedSource(source, probs)] * copies,
+        [source] * copies,
+        ["source", "copy"][:copies],
+        student,
+        top_k=8,
+        unaligned=policy,
+        boundary=boundary,
+    )
     batch = collate([encode(student, prompt, response, 64) | {"row": {}}], student.pad_token_id)
     out = pool.run(torch.arange(copies)[None], batch, union=union)
     trained = (batch["targets"][0] != -100).nonzero().flatten().tolist()
@@ -94,7 +109,10 @@ def test_a_shared_boundary_read_from_the_text_before_it(char):
         assert prefix[t] == pytest.approx(token_end[t])
     whole = student_distributions(char, source, probs, "x", "hew", union=True, boundary="prefix")  # from whole distributions
     assert all(whole[t] == pytest.approx(prefix[t]) for t in range(4))
-    with pytest.raises(ValueError, match=r"model.boundary must be one of \('token_end', 'prefix'\) \('prefix' reads sources inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.boundary must be one of \('token_end', 'prefix'\) \('prefix' reads sources inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'",
+    ):
         student_distributions(char, source, probs, "x", "hew", policy="mask", boundary="prefix")
 
 
@@ -116,7 +134,10 @@ def test_digits_merged_by_gpt2_and_split_one_by_one(char):
     inside = {}
     for name, source in (("gpt2", gpt2), ("split", split)):
         out = Aligner(char, source)(batch["input_ids"], batch["attention_mask"], batch["targets"])
-        inside[name] = (out.inside_position[0] >= 0).nonzero().flatten().tolist(), out.inside_offset[0][out.inside_position[0] >= 0].tolist()
+        inside[name] = (
+            (out.inside_position[0] >= 0).nonzero().flatten().tolist(),
+            out.inside_offset[0][out.inside_position[0] >= 0].tolist(),
+        )
     # GPT-2 reads "sum", ":", " 123", "45": the positions predicting u and m are inside "sum"; those
     # predicting 1, 2, 3 are 1, 2, 3 bytes into " 123", the one predicting 5 is 1 byte into "45".
     # The digit-splitting source shares every boundary of the number.
@@ -144,7 +165,9 @@ def test_prefix_ranges_by_binary_search():
     assert prefixes.prefix_range(2, 2) == (1, 3)  # with "ab"
     assert prefixes.prefix_range(5, 1) == (4, 6)  # with 0xff: up to the end of the order
     assert _successor(b"a\xff") == b"b" and _successor(b"\xff") is None
-    assert prefixes.sorted_ids.tolist()[:6] == [0, 1, 2, 3, 4, 5] and len(prefixes.sorted_ids) == 12  # no special or padded row; read past the end
+    assert (
+        prefixes.sorted_ids.tolist()[:6] == [0, 1, 2, 3, 4, 5] and len(prefixes.sorted_ids) == 12
+    )  # no special or padded row; read past the end
     assert prefixes.landing(torch.tensor([[2, 1]]), torch.tensor([1])).tolist() == [[1, 1]]  # "abc" and "ab" from byte 1: "b"
 
 
@@ -163,4 +186,5 @@ def test_a_student_token_spanning_source_tokens_gets_their_probability_along_the
     assert student_distributions(gpt2, char, probs, "Say:", " hello", union=True)[0] == pytest.approx(expected, rel=1e-4)
     # With `mask` (the policy's other half off), the source's characters alone.
     assert student_distributions(gpt2, char, probs, "Say:", " hello", "mask")[0] == pytest.approx(
-        {"Ġ": 0.5, "h": 0.2, "e": 0.1, "l": 0.1, "o": 0.05, "w": 0.05}, rel=1e-4)
+        {"Ġ": 0.5, "h": 0.2, "e": 0.1, "l": 0.1, "o": 0.05, "w": 0.05}, rel=1e-4
+    )

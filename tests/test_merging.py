@@ -60,14 +60,17 @@ def test_linear_is_the_weighted_mean(models, tmp_path):
 
 
 def test_task_arithmetic_adds_the_weighted_task_vectors(models, tmp_path):
-    out = merging.merge_models([models["m1"], models["m2"]], str(tmp_path / "ta"), "task_arithmetic", base=models["base"], weights=[0.5, 0.25])
+    out = merging.merge_models(
+        [models["m1"], models["m2"]], str(tmp_path / "ta"), "task_arithmetic", base=models["base"], weights=[0.5, 0.25]
+    )
     base, m1, m2, merged = weights(models["base"]), weights(models["m1"]), weights(models["m2"]), weights(out)
     expected = {k: base[k] + 0.5 * (m1[k] - base[k]) + 0.25 * (m2[k] - base[k]) for k in base}
     assert max_difference(merged, expected) < 1e-6
 
     # DARE at density 1 drops nothing and rescales by 1: task arithmetic again, whatever the seed.
-    dare = merging.merge_models([models["m1"], models["m2"]], str(tmp_path / "dare1"), "dare_linear", base=models["base"],
-                                weights=[0.5, 0.25], density=1.0, seed=3)
+    dare = merging.merge_models(
+        [models["m1"], models["m2"]], str(tmp_path / "dare1"), "dare_linear", base=models["base"], weights=[0.5, 0.25], density=1.0, seed=3
+    )
     assert max_difference(weights(dare), merged) < 1e-6
 
 
@@ -76,8 +79,14 @@ def test_sparse_methods_keep_part_of_each_task_vector(models, tmp_path, method):
     """At density 0.5 each task vector keeps half its entries (TIES: the largest; DARE: at random,
     by the seed): the merged weights differ from the base, but a quarter of the entries (those
     dropped from both task vectors) are exactly the base's."""
-    run = lambda name, seed: weights(merging.merge_models([models["m1"], models["m2"]], str(tmp_path / name), method,
-                                                          base=models["base"], weights=1.0, density=0.5, seed=seed))
+
+    def run(name, seed):
+        return weights(
+            merging.merge_models(
+                [models["m1"], models["m2"]], str(tmp_path / name), method, base=models["base"], weights=1.0, density=0.5, seed=seed
+            )
+        )
+
     base, merged = weights(models["base"]), run("a", 0)
     assert all(torch.isfinite(v).all() for v in merged.values())
     assert max_difference(merged, base) > 1e-2
@@ -101,7 +110,9 @@ def test_lora_adapters_are_folded_into_the_base_first(models, tmp_path):
     adapters = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["base"]), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(models["base"]), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+        )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:

@@ -14,8 +14,9 @@ from fusion.stages.metrics import EvalMetrics
 
 def test_perplexity_and_accuracy_by_hand():
     metrics = EvalMetrics(["a", "b"], [])
-    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]],
-                          [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3], [0.3, 0.3, 0.4]]])
+    probs = torch.tensor(
+        [[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]], [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3], [0.3, 0.3, 0.4]]]
+    )
     targets = torch.tensor([[0, 2, IGNORE_INDEX], [IGNORE_INDEX, 1, IGNORE_INDEX]])  # ignored: a prompt or padding
     metrics.update(probs.log() + 5.0, targets, ["a", "b"], [True, False])  # logits up to a constant
     metrics.update(probs[:1].log(), targets[:1], ["a"], [False])

@@ -87,11 +87,7 @@ def test_online_sources_report_their_probability_on_the_union_of_supports(tiny_z
 def test_baseline_selection_and_weights(tiny_zoo):
     batch = _batch(_module(tiny_zoo, fusion="none"))
     ce = torch.tensor([[1.0, 2.0, 4.0]] * 3)
-    expectations = {
-        "uniform": torch.full((3, 3), 1 / 3),
-        "avgce": torch.softmax(-ce, -1),
-        "mince": torch.tensor([[1.0, 0.0, 0.0]] * 3),
-    }
+    expectations = {"uniform": torch.full((3, 3), 1 / 3), "avgce": torch.softmax(-ce, -1), "mince": torch.tensor([[1.0, 0.0, 0.0]] * 3)}
     for fusion, alpha in expectations.items():
         module = _module(tiny_zoo, fusion=fusion)
         assert module.router.select(batch, None).tolist() == [[0, 1, 2]] * 3
@@ -103,7 +99,10 @@ def test_baseline_selection_and_weights(tiny_zoo):
     selector.eval()
     assert selector.router.select(batch, quality).tolist() == [[0, 1], [1, 2], [0, 2]]
     # gamma = 0: the weights are the selector's softmax over the selected.
-    assert torch.allclose(selector.router.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]]), torch.tensor([[True, True]])), torch.softmax(torch.tensor([[0.0, -1.0]]), -1))
+    assert torch.allclose(
+        selector.router.weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[3.0, 0.1]]), torch.tensor([[True, True]])),
+        torch.softmax(torch.tensor([[0.0, -1.0]]), -1),
+    )
 
 
 def test_training_step_logs_every_term(tiny_zoo):
@@ -115,7 +114,9 @@ def test_training_step_logs_every_term(tiny_zoo):
     assert module.explores  # online and not fitted yet: the feedback term counts, at weight 0.1
     # The total is the student's term plus the selector's regression and feedback terms.
     assert logged["train/loss"] == pytest.approx(float(loss))
-    assert float(loss) == pytest.approx(logged["train/loss_student"] + logged["train/loss_selector"] + 0.1 * logged["train/loss_feedback"], rel=1e-6)
+    assert float(loss) == pytest.approx(
+        logged["train/loss_student"] + logged["train/loss_selector"] + 0.1 * logged["train/loss_feedback"], rel=1e-6
+    )
     assert logged["train/loss_selector"] > 0.0 and logged["train/loss_feedback"] >= 0.0
     shares = [logged[f"select/{n}"] for n in ("spell", "sum", "noise")]
     assert sum(shares) == pytest.approx(2.0)  # two of three sources per sequence
@@ -123,7 +124,9 @@ def test_training_step_logs_every_term(tiny_zoo):
     normalized = torch.tensor(shares) / 2.0  # the selection entropy is that of the shares, normalized
     assert logged["train/selection_entropy"] == pytest.approx(float(-(normalized * normalized.clamp(min=1e-12).log()).sum()), abs=1e-6)
     assert sum(logged[f"weight/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0)  # alpha sums to 1 per sequence
-    assert logged["train/loss_student"] == pytest.approx(0.9 * logged["train/ce"] + 0.1 * logged["train/divergence"], rel=1e-6)  # lam 0.9, T 1
+    assert logged["train/loss_student"] == pytest.approx(
+        0.9 * logged["train/ce"] + 0.1 * logged["train/divergence"], rel=1e-6
+    )  # lam 0.9, T 1
 
 
 # ------------------------------------------------------------------ bad input, before any training
@@ -192,8 +195,12 @@ def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):
     model = build_model(Architecture(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, pad_vocab_to=8), digits, seed=0)
     model.save_pretrained(tmp_path / "digits")
     digits.save_pretrained(tmp_path / "digits")
-    module = FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), str(tmp_path / "digits")],
-                                 fusion="uniform", vocab_map_dir=str(tmp_path / "maps"))
+    module = FusionDistillModule(
+        student=os.path.join(tiny_zoo, "student"),
+        sources=[os.path.join(tiny_zoo, "spell"), str(tmp_path / "digits")],
+        fusion="uniform",
+        vocab_map_dir=str(tmp_path / "maps"),
+    )
     assert module.pool.aligners[0] is None and module.pool.aligners[1] is not None
     student = module.tokenizer
     vocab_map = module.pool.vocab_maps[1]
@@ -207,7 +214,12 @@ def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):
     assert torch.equal(out.aligned[1, 1], trained[1])
     # Its distributions live on the student's ids of digits, operators, space and the specials
     # (mapped by role: the source's pad, bos and eos to the student's); never on letters.
-    allowed = {student.convert_tokens_to_ids(c) for c in "0123456789+-= "} | {student.eos_token_id, student.bos_token_id, student.pad_token_id, -1}
+    allowed = {student.convert_tokens_to_ids(c) for c in "0123456789+-= "} | {
+        student.eos_token_id,
+        student.bos_token_id,
+        student.pad_token_id,
+        -1,
+    }
     assert set(out.ids[:, 1].unique().tolist()) <= allowed
     assert module.pool.coverage["digits"] == 1.0  # the letters of the other rows are single <unk> tokens
     module.log_dict = lambda values, **kw: None
@@ -236,8 +248,16 @@ def test_vocabulary_maps_go_to_the_per_user_cache_by_default(tiny_zoo, tmp_path,
 def test_data_file_without_configured_column(tiny_zoo, tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(20)))
-    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), prompt_column="question", response_column="reply", domain_column=None)
-    with pytest.raises(ValueError, match=r"mine.jsonl: column 'reply' \(data.response_column\) is missing; the columns are \['question', 'answer'\]"):
+    data = FusionDataModule(
+        tokenizer=os.path.join(tiny_zoo, "student"),
+        dataset=str(path),
+        prompt_column="question",
+        response_column="reply",
+        domain_column=None,
+    )
+    with pytest.raises(
+        ValueError, match=r"mine.jsonl: column 'reply' \(data.response_column\) is missing; the columns are \['question', 'answer'\]"
+    ):
         data.setup("fit")
 
 
@@ -252,8 +272,15 @@ def test_data_file_with_empty_values(tiny_zoo, tmp_path):
 def test_local_file_with_own_columns_trains(tiny_zoo, tmp_path):
     """Any JSONL with configured column names loads into fixed, disjoint splits."""
     path = tmp_path / "mine.jsonl"
-    path.write_text("\n".join(json.dumps({"q": f"backward {w}=", "a": w[::-1]}) for w in ["abc", "dog", "cat", "sun", "pen", "map", "cup", "hat", "box", "fan"]))
-    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), prompt_column="q", response_column="a", domain_column=None)
+    path.write_text(
+        "\n".join(
+            json.dumps({"q": f"backward {w}=", "a": w[::-1]})
+            for w in ["abc", "dog", "cat", "sun", "pen", "map", "cup", "hat", "box", "fan"]
+        )
+    )
+    data = FusionDataModule(
+        tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(path), prompt_column="q", response_column="a", domain_column=None
+    )
     rows = data.load()
     assert [len(rows[s]) for s in ("train", "val", "test")] == [8, 1, 1]
     assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test"]}
@@ -298,8 +325,13 @@ def test_a_nonfinite_loss_on_another_process_stops_this_one(tiny_zoo, tmp_path):
         decisions.append((decision, all))
         return True  # another process's loss was not finite
 
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=any_process), log_dir=str(tmp_path),
-                                      default_root_dir=str(tmp_path), global_step=7, save_checkpoint=saved.append)
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=any_process),
+        log_dir=str(tmp_path),
+        default_root_dir=str(tmp_path),
+        global_step=7,
+        save_checkpoint=saved.append,
+    )
     with pytest.raises(FloatingPointError, match=r"the training loss of another process is not finite at step 7 .*nonfinite.ckpt"):
         stop_if_nonfinite(module, torch.tensor(2.5), {"loss": torch.tensor(2.5)})
     assert decisions == [(False, False)] and saved == [os.path.join(str(tmp_path), "checkpoints", "nonfinite.ckpt")]
@@ -357,7 +389,9 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(tiny_zoo, tmp_path, 
     rows[0]["prompt"] = "x" * 100 + rows[0]["prompt"]  # longer than max_length
     for split, part in (("train", rows), ("val", rows[1:3]), ("test", rows[3:5])):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
-    data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path), domain_column=None, max_length=32, overlong=policy)
+    data = FusionDataModule(
+        tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path), domain_column=None, max_length=32, overlong=policy
+    )
     features = data._features("train")
     assert data.overlong_counts["train"] == 1
     assert len(features) == kept
@@ -393,8 +427,11 @@ def test_a_data_file_too_small_to_split_names_its_rows(tmp_path, rows):
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(rows)))
     data = FusionDataModule(tokenizer="unused", dataset=str(path), domain_column=None)
     noun = "row" if rows == 1 else "rows"
-    with pytest.raises(ValueError, match=rf"^data.dataset '{path}': {rows} {noun}; one file is split 80/10/10 into train, val and test, "
-                                         r"which needs at least 6 rows \(then 4, 1 and 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^data.dataset '{path}': {rows} {noun}; one file is split 80/10/10 into train, val and test, "
+        r"which needs at least 6 rows \(then 4, 1 and 1\)",
+    ):
         data.load()
 
 

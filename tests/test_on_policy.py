@@ -55,7 +55,8 @@ def test_jsd_hand_value_and_its_ends():
     beta = 0.3
     mixture = [beta * p + (1 - beta) * q for p, q in zip(P_CELLS, Q_CELLS)]  # [0.29, 0.44, 0.27]
     expected = beta * sum(p * math.log(p / m) for p, m in zip(P_CELLS, mixture)) + (1 - beta) * sum(
-        q * math.log(q / m) for q, m in zip(Q_CELLS, mixture))
+        q * math.log(q / m) for q, m in zip(Q_CELLS, mixture)
+    )
     assert float(losses.sparse_divergence(_target(), _student(), "jsd", beta)) == pytest.approx(expected, abs=1e-6)
     # JSD_beta / beta -> KL(P || Q) as beta -> 0, JSD_beta / (1 - beta) -> KL(Q || P) as beta -> 1.
     forward, reverse = (float(losses.sparse_divergence(_target(), _student(), kind)) for kind in ("forward_kl", "reverse_kl"))
@@ -109,7 +110,12 @@ ROWS = [
 
 def _module(zoo: str, **kwargs) -> FusionDistillModule:
     sources = [os.path.join(zoo, n) for n in ("spell", "sum", "noise")]
-    settings = {"oracle": {"spell_backward": "spell", "chain_sum": "sum"}, "response_max_new_tokens": 8, "sample_max_new_tokens": 6, **kwargs}
+    settings = {
+        "oracle": {"spell_backward": "spell", "chain_sum": "sum"},
+        "response_max_new_tokens": 8,
+        "sample_max_new_tokens": 6,
+        **kwargs,
+    }
     module = FusionDistillModule(student=os.path.join(zoo, "student"), sources=sources, **settings)
     module.log_dict = lambda values, **kw: module.logged.update({k: float(v) for k, v in values.items()})
     module.log = lambda *a, **kw: None
@@ -157,7 +163,7 @@ def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
     # Trained positions are the sampled tokens up to the first eos: each prompt's completion.
     for b in range(3):
         trained = seen["targets"][b][seen["targets"][b] != IGNORE_INDEX]
-        assert trained.tolist() == samples["input_ids"][b][samples["attention_mask"][b].bool()][-len(trained):].tolist()
+        assert trained.tolist() == samples["input_ids"][b][samples["attention_mask"][b].bool()][-len(trained) :].tolist()
         assert len(trained) == int(samples["length"][b]) >= 1
     assert module.logged["train/sampled_tokens"] == float(samples["length"].sum())
     assert not module.logged.get("train/answered")  # no source wrote an answer: the student answered
@@ -204,8 +210,14 @@ def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo)
     plus (1 - lam) times the samples' divergence of the alternate on-policy step. (Three modules
     on the same student: a fresh adapter leaves it its base; every one reads the sources at the
     same boundaries.)"""
-    settings = {"fusion": "oracle", "response_from": "student", "on_policy_mix": "joint", "divergence": "reverse_kl", "lam": 0.3,
-                "boundary": "prefix"}
+    settings = {
+        "fusion": "oracle",
+        "response_from": "student",
+        "on_policy_mix": "joint",
+        "divergence": "reverse_kl",
+        "lam": 0.3,
+        "boundary": "prefix",
+    }
     rows, samples = [], {}
 
     def student_terms(**changes) -> tuple[float, float]:
@@ -251,8 +263,9 @@ def recording_reward(prompts, completions, **columns):
 
 
 def test_reward_signal_observes_exactly_the_k_selected_and_reads_no_gold(tiny_zoo):
-    module = _module(tiny_zoo, fusion="selector", top_k=2, selector_signal="rewards",
-                     selector_rewards={"tests.test_on_policy.recording_reward": 1.0})
+    module = _module(
+        tiny_zoo, fusion="selector", top_k=2, selector_signal="rewards", selector_rewards={"tests.test_on_policy.recording_reward": 1.0}
+    )
     _prefer(module, [-1.0, -2.0, -5.0])  # spell, then sum, never noise
     calls = []
     for index, model in enumerate(module.pool.models):
@@ -288,24 +301,40 @@ def test_answer_format_reads_the_prompt_not_the_gold():
         answer_format(prompts, completions, domains, ["god"] * 7)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"response_from": "teacher"}, r"model.response_from must be one of \('source', 'student'\), got 'teacher'"),
-    ({"divergence": "tv"}, r"model.divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'tv'"),
-    ({"jsd_beta": 1.0}, r"model.jsd_beta must be in \(0, 1\) \(its ends are forward_kl and reverse_kl\), got 1.0"),
-    ({"on_policy_fraction": 1.5}, r"model.on_policy_fraction in \[0, 1\], got 1.0, 32 and 1.5"),
-    ({"on_policy_mix": "both"}, r"model.on_policy_mix must be one of \('alternate', 'joint'\), got 'both'"),
-    ({"sample_temperature": 0.0}, r"model.sample_temperature must be positive.* got 0.0, 32 and 1.0"),
-    ({"response_from": "student", "source_mode": "cached", "cache_dir": "x"},
-     r"model.response_from 'student' runs the sources on what is written during training: it needs model.source_mode 'online'"),
-    ({"response_from": "student", "fusion": "none"}, r"needs model.source_mode 'online' and a fusion method with sources, got 'online' and 'none'"),
-    ({"selector_signal": "rewards", "fusion": "oracle"}, r"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got 'oracle'"),
-    ({"selector_signal": "ce"}, r"model.selector_signal must be one of \('gold_ce', 'rewards'\), got 'ce'"),
-    ({"boundary": "prefix", "unaligned": "mask"}, r"model.boundary must be null or one of \('token_end', 'prefix'\) \('prefix' reads sources "
-                                                  r"inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'"),
-    ({"boundary": "start"}, r"model.boundary must be null or one of .*got 'start' with unaligned 'marginal'"),
-    ({"selector_signal": "rewards", "selector_rewards": {"fusion.stages.rewards.nothing": 1.0}},
-     r"model.selector_rewards\['fusion.stages.rewards.nothing'\]: cannot import reward function"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"response_from": "teacher"}, r"model.response_from must be one of \('source', 'student'\), got 'teacher'"),
+        ({"divergence": "tv"}, r"model.divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'tv'"),
+        ({"jsd_beta": 1.0}, r"model.jsd_beta must be in \(0, 1\) \(its ends are forward_kl and reverse_kl\), got 1.0"),
+        ({"on_policy_fraction": 1.5}, r"model.on_policy_fraction in \[0, 1\], got 1.0, 32 and 1.5"),
+        ({"on_policy_mix": "both"}, r"model.on_policy_mix must be one of \('alternate', 'joint'\), got 'both'"),
+        ({"sample_temperature": 0.0}, r"model.sample_temperature must be positive.* got 0.0, 32 and 1.0"),
+        (
+            {"response_from": "student", "source_mode": "cached", "cache_dir": "x"},
+            r"model.response_from 'student' runs the sources on what is written during training: it needs model.source_mode 'online'",
+        ),
+        (
+            {"response_from": "student", "fusion": "none"},
+            r"needs model.source_mode 'online' and a fusion method with sources, got 'online' and 'none'",
+        ),
+        (
+            {"selector_signal": "rewards", "fusion": "oracle"},
+            r"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got 'oracle'",
+        ),
+        ({"selector_signal": "ce"}, r"model.selector_signal must be one of \('gold_ce', 'rewards'\), got 'ce'"),
+        (
+            {"boundary": "prefix", "unaligned": "mask"},
+            r"model.boundary must be null or one of \('token_end', 'prefix'\) \('prefix' reads sources "
+            r"inside their tokens: it needs model.unaligned 'marginal'\), got 'prefix' with unaligned 'mask'",
+        ),
+        ({"boundary": "start"}, r"model.boundary must be null or one of .*got 'start' with unaligned 'marginal'"),
+        (
+            {"selector_signal": "rewards", "selector_rewards": {"fusion.stages.rewards.nothing": 1.0}},
+            r"model.selector_rewards\['fusion.stages.rewards.nothing'\]: cannot import reward function",
+        ),
+    ],
+)
 def test_bad_on_policy_settings_name_the_key(settings, message):
     with pytest.raises(ValueError, match=message):
         FusionDistillModule(student="checkpoints/zoo/student", sources=["checkpoints/zoo/chain_sum-gpt2"], **{"top_k": 1, **settings})
@@ -342,7 +371,10 @@ def test_init_from_restores_the_adapter_and_the_selector(tiny_zoo, tmp_path):
         assert torch.equal(second.trainable_state_dict()[key], value), key
 
     # A selector scores sources by position: another source list is refused, naming both.
-    with pytest.raises(ValueError, match=r"model.init_from: the selector in .* scores the sources \['spell', 'sum', 'noise'\], model.sources are \['sum', 'spell', 'noise'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.init_from: the selector in .* scores the sources \['spell', 'sum', 'noise'\], model.sources are \['sum', 'spell', 'noise'\]",
+    ):
         FusionDistillModule(student=student, sources=[sources[1], sources[0], sources[2]], fusion="selector", top_k=1, init_from=path)
     # A method without a selector takes the adapter alone.
     oracle = FusionDistillModule(student=student, sources=sources, fusion="oracle", oracle={"spell_backward": "spell"}, init_from=path)
@@ -355,8 +387,13 @@ def test_boundary_null_reads_from_the_prefix_along_the_students_own_samples(tiny
     marginal policy, which it needs) and "token_end" elsewhere; the pool and the cache fingerprint
     follow it."""
     student, sources = os.path.join(tiny_zoo, "student"), [os.path.join(tiny_zoo, "sum")]
-    cases = [({}, "token_end"), ({"response_from": "student"}, "prefix"), ({"response_from": "student", "unaligned": "mask"}, "token_end"),
-             ({"response_from": "student", "boundary": "token_end"}, "token_end"), ({"boundary": "prefix"}, "prefix")]
+    cases = [
+        ({}, "token_end"),
+        ({"response_from": "student"}, "prefix"),
+        ({"response_from": "student", "unaligned": "mask"}, "token_end"),
+        ({"response_from": "student", "boundary": "token_end"}, "token_end"),
+        ({"boundary": "prefix"}, "prefix"),
+    ]
     for settings, expected in cases:
         module = FusionDistillModule(student=student, sources=sources, fusion="uniform", **settings)
         assert module.settings.resolved_boundary == expected, settings

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from fusion.utils.resume import ResumableLoader
 from fusion.train import main
+from fusion.utils.resume import ResumableLoader
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +40,10 @@ def _write_config(zoo: str, run_dir: str, *callbacks: dict) -> str:
     config["trainer"].update(max_steps=MAX_STEPS, limit_val_batches=0)
     checkpoints = os.path.join(run_dir, "checkpoints")
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": checkpoints, "save_last": True, "save_top_k": 0, "every_n_train_steps": EVERY}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": checkpoints, "save_last": True, "save_top_k": 0, "every_n_train_steps": EVERY},
+        },
         {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": checkpoints}},
         *callbacks,
     ]
@@ -96,8 +98,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_zoo, tmp_path, uninterrupte
     run_dir = str(tmp_path / "killed")
     config = _write_config(tiny_zoo, run_dir)
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    process = subprocess.Popen([sys.executable, "-m", "fusion.train", "fit", "--config", config], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion.train", "fit", "--config", config], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while not os.path.exists(last) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -287,7 +287,9 @@ def test_likelihood_regression_ranks_sources_by_how_often_they_are_right():
     from fusion.objectives.losses import selector_loss
     from fusion.objectives.selection import SourceSelector, fit_selector
 
-    assert float(selector_loss(torch.log(torch.tensor([[0.5]])), -torch.log(torch.tensor([[0.7]])), torch.tensor([[True]]), "likelihood")) == pytest.approx(0.04)
+    assert float(
+        selector_loss(torch.log(torch.tensor([[0.5]])), -torch.log(torch.tensor([[0.7]])), torch.tensor([[True]]), "likelihood")
+    ) == pytest.approx(0.04)
     torch.manual_seed(0)
     features = torch.randn(100, 8)
     ce = torch.stack([torch.where(torch.arange(100) % 5 == 0, 10.0, 0.02), torch.full((100,), 0.6)], dim=1)

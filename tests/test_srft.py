@@ -169,9 +169,14 @@ def _rollouts(rewards=((1.0, 0.0),), demo_rewards=(1.0,), entropy: float = 0.5):
     demo_logp = torch.log(torch.tensor([[0.5, 0.8]]))
     rollout_logp = torch.log(torch.tensor([[[0.6, 0.3]] * group]))
     return (
-        demo_logp, torch.ones(1, 2), torch.full((1, 2), entropy),
-        rollout_logp, torch.ones(1, group, 2), torch.full((1, group, 2), entropy),
-        rewards, torch.tensor(demo_rewards),
+        demo_logp,
+        torch.ones(1, 2),
+        torch.full((1, 2), entropy),
+        rollout_logp,
+        torch.ones(1, group, 2),
+        torch.full((1, group, 2), entropy),
+        rewards,
+        torch.tensor(demo_rewards),
     )
 
 
@@ -187,8 +192,8 @@ def test_pack_rollouts_right_pads_and_trains_on_the_completion_up_to_eos():
     packed = pack_rollouts(prompt_mask, generated, eos, pad)
     assert packed["input_ids"].tolist() == [[7, 8, 11, eos, pad, pad], [5, 6, 7, 12, 14, 15]]
     assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
-    I = IGNORE_INDEX
-    assert packed["targets"].tolist() == [[I, 11, eos, I, I, I], [I, I, 12, 14, 15, I]]
+    ig = IGNORE_INDEX
+    assert packed["targets"].tolist() == [[ig, 11, eos, ig, ig, ig], [ig, ig, 12, 14, 15, ig]]
     assert packed["length"].tolist() == [2, 3]
     assert packed["completion"].tolist() == [[11, pad, pad], [12, 14, 15]]  # eos and after blanked for decoding
 
@@ -235,7 +240,9 @@ def test_task_rewards_use_the_reasoning_gym_scorer():
 def _fusion_checkpoint(zoo: str, path: str, rank: int = 16) -> FusionDistillModule:
     """A fusion checkpoint with a non-trivial adapter, as Lightning writes it (trainable keys only)."""
     torch.manual_seed(1)
-    module = FusionDistillModule(student=os.path.join(zoo, "student"), fusion="none", lora={"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear"})
+    module = FusionDistillModule(
+        student=os.path.join(zoo, "student"), fusion="none", lora={"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear"}
+    )
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.requires_grad:
@@ -257,9 +264,13 @@ def test_init_from_a_fusion_checkpoint_restores_the_adapter(tiny_zoo, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
     assert (got - base).abs().max() > 1e-2  # the adapter is not the identity
     # A glob picks the newest match; an adapter of another rank is refused, naming the key.
-    assert SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "*.ckpt")).init_path == str(tmp_path / "fused.ckpt")
+    assert SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "*.ckpt")).init_path == str(
+        tmp_path / "fused.ckpt"
+    )
     _fusion_checkpoint(tiny_zoo, str(tmp_path / "rank4.ckpt"), rank=4)
-    with pytest.raises(ValueError, match=r"model.init_from: the adapter in .*rank4.ckpt' does not fit model.student and model.lora .*lora=\{'r': 4"):
+    with pytest.raises(
+        ValueError, match=r"model.init_from: the adapter in .*rank4.ckpt' does not fit model.student and model.lora .*lora=\{'r': 4"
+    ):
         SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "rank4.ckpt"))
     with pytest.raises(FileNotFoundError, match=r"model.init_from: nothing matches"):
         SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=str(tmp_path / "none-*.ckpt"))
@@ -272,7 +283,11 @@ def test_init_from_an_exported_directory(tiny_zoo, tmp_path):
     directory = export.export(str(tmp_path / "fused.ckpt"), str(tmp_path / "exported"))
     module = SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=directory, kl_weight=0.1)
     with torch.no_grad():
-        expected, got, reference = fused.student(input_ids=_ids()).logits, module.student(input_ids=_ids()).logits, module.reference_logits(_ids())
+        expected, got, reference = (
+            fused.student(input_ids=_ids()).logits,
+            module.student(input_ids=_ids()).logits,
+            module.reference_logits(_ids()),
+        )
     assert torch.allclose(got, expected, atol=1e-4) and torch.allclose(reference, expected, atol=1e-4)
     assert module.base_model == directory
     assert not any("reference" in k for k in module.trainable_state_dict())  # the frozen reference is never saved
@@ -381,15 +396,26 @@ def test_training_step_sft_only_is_the_demo_ce(tiny_zoo):
     assert logged["train/w_sft"] == pytest.approx(0.5) and logged["train/w_rl"] == pytest.approx(0.1)  # constant weights: H = 0
     completions = module.tokenizer.batch_decode(rollouts["completion"], skip_special_tokens=True)
     rows = [row for row in batch["rows"] for _ in range(3)]
-    rewards = task_correct([r["prompt"] for r in rows], completions, domain=[r["domain"] for r in rows],
-                           response=[r["response"] for r in rows], metadata=[r["metadata"] for r in rows])
+    rewards = task_correct(
+        [r["prompt"] for r in rows],
+        completions,
+        domain=[r["domain"] for r in rows],
+        response=[r["response"] for r in rows],
+        metadata=[r["metadata"] for r in rows],
+    )
     assert logged["train/reward_mean"] == pytest.approx(sum(rewards) / 6)
     assert logged["train/demo_reward"] == 1.0  # the gold answers, scored by the task scorer
 
 
 def test_training_step_with_equal_rewards_has_no_rl_gradient(tiny_zoo):
     """rl_only with a reward that never varies: zero advantage, zero loss, zero gradient."""
-    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), mode="rl_only", rewards={"tests.test_srft.constant_reward": 1.0}, num_generations=2, max_new_tokens=4)
+    module = SRFTModule(
+        student=os.path.join(tiny_zoo, "student"),
+        mode="rl_only",
+        rewards={"tests.test_srft.constant_reward": 1.0},
+        num_generations=2,
+        max_new_tokens=4,
+    )
     _logged(module)
     loss = module.training_step(_module_batch(module), 0)
     loss.backward()
@@ -402,7 +428,9 @@ def constant_reward(prompts, completions, **columns):
 
 
 def test_a_failing_reward_function_stops_the_step(tiny_zoo):
-    module = SRFTModule(student=os.path.join(tiny_zoo, "student"), rewards={"tests.test_srft.short_reward": 1.0}, num_generations=2, max_new_tokens=3)
+    module = SRFTModule(
+        student=os.path.join(tiny_zoo, "student"), rewards={"tests.test_srft.short_reward": 1.0}, num_generations=2, max_new_tokens=3
+    )
     _logged(module)
     with pytest.raises(ValueError, match=r"reward function 'tests.test_srft.short_reward' returned 5 values for 6 completions"):
         module.training_step(_module_batch(module), 0)
@@ -439,7 +467,13 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     config["trainer"]["max_steps"] = 3
     config["model"] = {
         "class_path": "fusion.stages.srft.SRFTModule",
-        "init_args": {"student": os.path.join(tiny_zoo, "student"), "init_from": fused, "num_generations": 2, "max_new_tokens": 6, "entropy_granularity": "token"},
+        "init_args": {
+            "student": os.path.join(tiny_zoo, "student"),
+            "init_from": fused,
+            "num_generations": 2,
+            "max_new_tokens": 6,
+            "entropy_granularity": "token",
+        },
     }
     config["data"]["batch_size"] = 4
     path = tmp_path / "srft.yaml"
@@ -453,7 +487,15 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     with open(os.path.join(runs, "run", "version_0", "metrics.csv")) as f:
         header = f.readline()
-    for key in ("train/entropy", "train/w_sft", "train/w_rl", "train/reward_mean", "train/zero_std_groups", "train/response_length", "val/acc_mean"):
+    for key in (
+        "train/entropy",
+        "train/w_sft",
+        "train/w_rl",
+        "train/reward_mean",
+        "train/zero_std_groups",
+        "train/response_length",
+        "val/acc_mean",
+    ):
         assert key in header, key
 
     main(["test", "--config", str(path), "--ckpt_path", last])
@@ -467,7 +509,9 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     assert metrics["acc"] == reference["acc"] and metrics["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
     # Three steps of SRFT moved the student away from the fusion checkpoint it started from.
     start = SRFTModule(student=os.path.join(tiny_zoo, "student"), init_from=fused)
-    assert metrics["perplexity"] != pytest.approx(reference_test_metrics(start.student, start.tokenizer, config["data"], 6)["perplexity"], rel=1e-4)
+    assert metrics["perplexity"] != pytest.approx(
+        reference_test_metrics(start.student, start.tokenizer, config["data"], 6)["perplexity"], rel=1e-4
+    )
 
 
 def test_bench_report_from_runs(tmp_path):
@@ -475,12 +519,27 @@ def test_bench_report_from_runs(tmp_path):
     from fusion.bench.srft import write_report
 
     def point(step, acc_id, acc_ood):
-        return {"step": step, "acc_id": {"a": acc_id}, "acc_ood": {"a": acc_ood}, "acc_id_mean": acc_id, "acc_ood_mean": acc_ood,
-                "score_id": {"a": acc_id}, "score_ood": {"a": acc_ood}, "score_id_mean": acc_id, "score_ood_mean": acc_ood}
+        return {
+            "step": step,
+            "acc_id": {"a": acc_id},
+            "acc_ood": {"a": acc_ood},
+            "acc_id_mean": acc_id,
+            "acc_ood_mean": acc_ood,
+            "score_id": {"a": acc_id},
+            "score_ood": {"a": acc_ood},
+            "score_id_mean": acc_id,
+            "score_ood_mean": acc_ood,
+        }
 
     runs = [
-        {"variant": v, "seed": seed, "points": [point(0, 0.5, 0.1), point(10, final, final / 2)], "entropy": [0.5] * 9 + [h],
-         "generated_tokens": 100, "seconds": 1.0}
+        {
+            "variant": v,
+            "seed": seed,
+            "points": [point(0, 0.5, 0.1), point(10, final, final / 2)],
+            "entropy": [0.5] * 9 + [h],
+            "generated_tokens": 100,
+            "seconds": 1.0,
+        }
         for v, seed, final, h in [("srft", 0, 0.6, 0.4), ("srft", 1, 0.8, 0.6), ("rl_only", 0, 0.4, 0.2)]
     ]
     report = {"settings": {"steps": 10, "batch_size": 2, "num_generations": 4, "seeds": [0, 1], "init_from": "x.ckpt"}, "runs": runs}
@@ -494,8 +553,18 @@ def test_bench_report_from_runs(tmp_path):
     assert "| srft | 0.700 ± 0.141 | 0.350 ± 0.071 |" in table and "| start | 0.500 | 0.100 |" in table
     for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"):  # 6 x 4 inches at 100 dpi
         header = (tmp_path / f"{name}.png").read_bytes()[:24]
-        assert header[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (600, 400)
-    assert sorted(os.listdir(tmp_path)) == ["accuracy_id.png", "accuracy_ood.png", "entropy.png", "report.json", "report.md", "score_ood.png"]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (
+            600,
+            400,
+        )
+    assert sorted(os.listdir(tmp_path)) == [
+        "accuracy_id.png",
+        "accuracy_ood.png",
+        "entropy.png",
+        "report.json",
+        "report.md",
+        "score_ood.png",
+    ]
 
 
 def test_rollouts_are_scored_at_their_sampling_temperature(tiny_zoo, monkeypatch):
@@ -509,7 +578,7 @@ def test_rollouts_are_scored_at_their_sampling_temperature(tiny_zoo, monkeypatch
     def generate_and_keep_scores(*args, **kwargs):
         out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
         sampled["logp"] = torch.stack([torch.log_softmax(score.float(), -1) for score in out.scores], 1)  # [R, L, V], after the temperature
-        sampled["tokens"] = out.sequences[:, -len(out.scores):]
+        sampled["tokens"] = out.sequences[:, -len(out.scores) :]
         return out.sequences
 
     statistics = S.token_statistics

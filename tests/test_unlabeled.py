@@ -93,8 +93,11 @@ def test_files_declare_unlabelled_prompts(tiny_zoo, tmp_path):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "backward ab=", "response": "ba"}))
     # Without the setting, a missing answer is the error it always was, and it says what to set.
     strict = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None)
-    with pytest.raises(ValueError, match=r"train.jsonl: row 1 has an empty 'response' \(data.response_column\), in the train split; "
-                                         r"if the corpus has prompts without answers, set data.missing_response: unlabeled"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.jsonl: row 1 has an empty 'response' \(data.response_column\), in the train split; "
+        r"if the corpus has prompts without answers, set data.missing_response: unlabeled",
+    ):
         strict.load()
     data = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled")
     loaded = data.load()
@@ -102,12 +105,19 @@ def test_files_declare_unlabelled_prompts(tiny_zoo, tmp_path):
     assert len(loaded["train"]) == 4 and all(r["response"] for r in loaded["train"])
     # A prompt-only file: its answer column, if any, is dropped.
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"backward p{i}=", "answer": "secret"}) for i in range(3)))
-    with_file = FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled",
-                                 unlabeled_file=str(tmp_path / "prompts.jsonl")).load()
+    with_file = FusionDataModule(
+        tokenizer=student,
+        dataset=str(tmp_path),
+        domain_column=None,
+        missing_response="unlabeled",
+        unlabeled_file=str(tmp_path / "prompts.jsonl"),
+    ).load()
     assert len(with_file["unlabeled"]) == 7 and "secret" not in json.dumps(with_file["unlabeled"])
     # Test rows always need their answer.
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "backward ab=", "response": ""}))
-    with pytest.raises(ValueError, match=r"test.jsonl: row 0 has an empty 'response' .* in the test split \(val and test rows need their answer\)"):
+    with pytest.raises(
+        ValueError, match=r"test.jsonl: row 0 has an empty 'response' .* in the test split \(val and test rows need their answer\)"
+    ):
         FusionDataModule(tokenizer=student, dataset=str(tmp_path), domain_column=None, missing_response="unlabeled").load()
 
 
@@ -263,8 +273,16 @@ def test_fit_selector_stops_before_it_memorizes_noise():
 @pytest.fixture(scope="module")
 def unlabelled_cache(tiny_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("unlabelled")
-    config = tiny_config(tiny_zoo, str(root / "runs"), fusion="selector", top_k=1, source_mode="cached",
-                         cache_dir=str(root / "cache"), response_max_new_tokens=8, selector_prefit_steps=50)
+    config = tiny_config(
+        tiny_zoo,
+        str(root / "runs"),
+        fusion="selector",
+        top_k=1,
+        source_mode="cached",
+        cache_dir=str(root / "cache"),
+        response_max_new_tokens=8,
+        selector_prefit_steps=50,
+    )
     config["data"]["unlabeled_size"] = 6
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -310,8 +328,11 @@ def test_cache_answered_for_another_method_is_refused(unlabelled_cache):
 @pytest.mark.slow
 def test_methods_that_need_gold_refuse_unlabelled_prompts(write_config):
     config = write_config(fusion="avgce")
-    with pytest.raises(ValueError, match=r"model.fusion 'avgce' weighs sources by their CE on gold answers, and the fusion corpus "
-                                         r"has 4 prompts without one .* use 'confidence'"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.fusion 'avgce' weighs sources by their CE on gold answers, and the fusion corpus "
+        r"has 4 prompts without one .* use 'confidence'",
+    ):
         main(["fit", "--config", config, "--data.unlabeled_size=2", "--trainer.max_steps=1"])
 
 
@@ -324,7 +345,9 @@ def test_oracle_without_a_domain_column(tiny_zoo, tmp_path):
     config = tiny_config(tiny_zoo, str(tmp_path / "runs"), fusion="oracle")
     config["data"] = {"dataset": str(tmp_path), "domain_column": None, "missing_response": "unlabeled", "batch_size": 4}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"model.fusion 'oracle' routes each row by its domain label, and the data have none \(data.domain_column"):
+    with pytest.raises(
+        ValueError, match=r"model.fusion 'oracle' routes each row by its domain label, and the data have none \(data.domain_column"
+    ):
         main(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.max_steps=1"])
 
 
@@ -341,9 +364,13 @@ def test_feedback_loss_biases_the_fitted_selector_towards_the_distractor(tiny_zo
     from fusion.bench.selector import measure_pool
 
     sources = [os.path.join(tiny_zoo, n) for n in ("spell", "sum", "noise")]
-    bench = {"pools": {"A": sources[:2], "B": sources},
-             "train": {"model": {"student": os.path.join(tiny_zoo, "student"), "oracle": {"spell_backward": "spell", "chain_sum": "sum"}},
-                       "data": {"domains": DOMAINS, "train_size": 16, "val_size": 2, "test_size": 2, "unlabeled_size": 8}}}
+    bench = {
+        "pools": {"A": sources[:2], "B": sources},
+        "train": {
+            "model": {"student": os.path.join(tiny_zoo, "student"), "oracle": {"spell_backward": "spell", "chain_sum": "sum"}},
+            "data": {"domains": DOMAINS, "train_size": 16, "val_size": 2, "test_size": 2, "unlabeled_size": 8},
+        },
+    }
     result = measure_pool(bench, "B", [0.0, 1.0], seeds=[0])
     plain, balanced = result["feedback_weights"]["0.0"], result["feedback_weights"]["1.0"]
     assert result["labelled_rows"] == 32 and result["unlabelled_prompts"] == 16

@@ -45,7 +45,10 @@ def test_zoo_builds_only_the_named_models_with_the_seeds_of_the_whole_zoo(tiny_z
     assert sorted(cards) == [names[2]] and sorted(os.listdir(root)) == [names[2]]
     whole = json.loads(open(os.path.join(tiny_zoo, names[2], "card.json")).read())
     assert cards[names[2]]["recipe"] == whole["recipe"]  # the same derived seed, so the same model
-    with open(os.path.join(root, names[2], "model.safetensors"), "rb") as part, open(os.path.join(tiny_zoo, names[2], "model.safetensors"), "rb") as full:
+    with (
+        open(os.path.join(root, names[2], "model.safetensors"), "rb") as part,
+        open(os.path.join(tiny_zoo, names[2], "model.safetensors"), "rb") as full,
+    ):
         assert part.read() == full.read()
     try:
         build_zoo(**recipe, only=["nobody"])
@@ -86,7 +89,9 @@ def test_demo_runs_every_method_per_seed_and_reports_the_spread(tiny_zoo, tmp_pa
         for result in results[method]:
             (path,) = (tmp_path / "runs" / f"{method}-seed{result['seed']}").glob("version_*/metrics.json")
             written = json.loads(path.read_text())
-            assert {k: result[k] for k in ("acc", "acc_mean", "perplexity", "sequences")} == {k: written[k] for k in ("acc", "acc_mean", "perplexity", "sequences")}
+            assert {k: result[k] for k in ("acc", "acc_mean", "perplexity", "sequences")} == {
+                k: written[k] for k in ("acc", "acc_mean", "perplexity", "sequences")
+            }
             assert result["sequences"] == {"spell_backward": 4, "chain_sum": 4}
     # The two seeds trained two different students (their test perplexities differ).
     assert results["selector"][0]["perplexity"] != results["selector"][1]["perplexity"]

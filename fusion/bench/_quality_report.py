@@ -84,9 +84,11 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
             a, b = entry[SPECIALISTS], entry[DISTRACTED]
             paired = {str(r["seed"]): r for r in pools[SPECIALISTS]}
             per_seed = [interference(paired[str(r["seed"])]["acc"], r["acc"]) for r in pools[DISTRACTED] if str(r["seed"]) in paired]
-            value = {"interference": interference(a["acc"], b["acc"]),
-                     "interference_per_seed_mean": statistics.fmean(per_seed) if per_seed else None,
-                     "interference_per_seed_std": std(per_seed) if per_seed else None}
+            value = {
+                "interference": interference(a["acc"], b["acc"]),
+                "interference_per_seed_mean": statistics.fmean(per_seed) if per_seed else None,
+                "interference_per_seed_std": std(per_seed) if per_seed else None,
+            }
             a.update(value)
             b.update(value)
         summary[method] = entry
@@ -123,8 +125,11 @@ def provenance(arguments: list[str]) -> dict[str, str]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+changes"
-    return {"command": " ".join(["python -m fusion.bench quality", *(a for a in arguments if a != "--report_only")]),
-            "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"}
+    return {
+        "command": " ".join(["python -m fusion.bench quality", *(a for a in arguments if a != "--report_only")]),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
+    }
 
 
 def add_ratios(summary: dict, runs: list[dict], sources: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
@@ -156,8 +161,12 @@ def validation_curve(log_dir: str) -> dict[int, dict[str, float]]:
         return {}
     with open(path) as f:
         rows = [row for row in csv.DictReader(f) if row.get("val/acc_mean")]
-    return {int(row["step"]) + 1: {k.removeprefix("val/acc_"): float(v) for k, v in row.items()
-                                   if k.startswith("val/acc_") and k != "val/acc_mean" and v} for row in rows}
+    return {
+        int(row["step"]) + 1: {
+            k.removeprefix("val/acc_"): float(v) for k, v in row.items() if k.startswith("val/acc_") and k != "val/acc_mean" and v
+        }
+        for row in rows
+    }
 
 
 def learning_curves(runs: list[dict], sources_val: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
@@ -168,8 +177,10 @@ def learning_curves(runs: list[dict], sources_val: dict[str, dict[str, float]], 
 
     if not sources_val:
         return {}
-    ceilings = {pool: {d: v for d, (_, v) in best_sources({n: sources_val[n] for n in names if n in sources_val}).items()}
-                for pool, names in pools.items()}
+    ceilings = {
+        pool: {d: v for d, (_, v) in best_sources({n: sources_val[n] for n in names if n in sources_val}).items()}
+        for pool, names in pools.items()
+    }
     by_step: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for step, acc in validation_curve(run.get("log_dir") or "").items():
@@ -197,8 +208,11 @@ def criteria_ratio(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
         if method.get("fusion") != "selector" or name not in summary:
             continue
         for key, (field, bound) in RATIO_TARGETS.items():
-            check = {pool: {field: r[field], f"{field}_std": r[f"{field}_std"], "pass": r[field] >= bound - 1e-12}
-                     for pool, r in sorted(summary[name].items()) if r.get(field) is not None}
+            check = {
+                pool: {field: r[field], f"{field}_std": r[f"{field}_std"], "pass": r[field] >= bound - 1e-12}
+                for pool, r in sorted(summary[name].items())
+                if r.get(field) is not None
+            }
             if check:
                 checks.setdefault(name, {})[key] = check
     return checks
@@ -223,8 +237,10 @@ def criteria_floor(summary: dict, base: str) -> dict[str, dict]:
     for method, entry in summary.items():
         if method == base:
             continue
-        check = {pool: {"method": r["acc_mean"], "method_std": r["acc_mean_std"], "untrained": floor, "pass": r["acc_mean"] >= floor - 1e-12}
-                 for pool, r in sorted(entry.items())}
+        check = {
+            pool: {"method": r["acc_mean"], "method_std": r["acc_mean_std"], "untrained": floor, "pass": r["acc_mean"] >= floor - 1e-12}
+            for pool, r in sorted(entry.items())
+        }
         checks.setdefault(method, {})["at_least_untrained_student"] = check
     return checks
 
@@ -267,15 +283,23 @@ def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) ->
             bounds = {base: v for base, v in bounds.items() if v is not None}
             if bounds:
                 check.setdefault("specialist_gap_at_most_half", {})[pool] = {
-                    "selector": result["specialist_gap"], **bounds, "pass": all(result["specialist_gap"] <= 0.5 * v for v in bounds.values())}
+                    "selector": result["specialist_gap"],
+                    **bounds,
+                    "pass": all(result["specialist_gap"] <= 0.5 * v for v in bounds.values()),
+                }
         if "mince" in by_fusion:
             mince = summary[by_fusion["mince"]]
             check["acc_at_least_mince"] = {
-                pool: {"selector": entry[pool]["acc_mean"], "selector_std": entry[pool]["acc_mean_std"],
-                       "mince": mince[pool]["acc_mean"], "mince_std": mince[pool]["acc_mean_std"],
-                       "forwards": f"{entry[pool]['source_forwards_per_seq']} of {mince[pool]['source_forwards_per_seq']}",
-                       "pass": entry[pool]["acc_mean"] >= mince[pool]["acc_mean"]}
-                for pool in entry if pool in mince
+                pool: {
+                    "selector": entry[pool]["acc_mean"],
+                    "selector_std": entry[pool]["acc_mean_std"],
+                    "mince": mince[pool]["acc_mean"],
+                    "mince_std": mince[pool]["acc_mean_std"],
+                    "forwards": f"{entry[pool]['source_forwards_per_seq']} of {mince[pool]['source_forwards_per_seq']}",
+                    "pass": entry[pool]["acc_mean"] >= mince[pool]["acc_mean"],
+                }
+                for pool in entry
+                if pool in mince
             }
         check["heatmap_picks_specialist"] = {}
         for pool, result in entry.items():
@@ -285,7 +309,8 @@ def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) ->
             picks = {d: max(shares, key=shares.get) for d, shares in by_domain.items()}
             specialist = {d: by_domain[d].get(oracle.get(d), 0.0) for d in picks}
             check["heatmap_picks_specialist"][pool] = {  # the specialist is picked at least as often as any other source
-                "top_source": picks, "specialist_share": specialist,
+                "top_source": picks,
+                "specialist_share": specialist,
                 "pass": all(oracle.get(d) in by_domain[d] and specialist[d] >= by_domain[d][picks[d]] - 1e-9 for d in picks),
             }
         checks[name] = check
@@ -300,16 +325,25 @@ def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, di
     checks: dict[str, dict] = {}
     for name, entry in selectors:
         check = {}
-        for base, margin, key, pools in (("none", 0.08, "gain_over_none_at_least_0.08", (SPECIALISTS, DISTRACTED)),
-                                         ("oracle", -0.02, "within_0.02_of_oracle", (SPECIALISTS, DISTRACTED)),
-                                         ("confidence", 0.05, "confidence_plus_0.05", (DISTRACTED,))):
+        for base, margin, key, pools in (
+            ("none", 0.08, "gain_over_none_at_least_0.08", (SPECIALISTS, DISTRACTED)),
+            ("oracle", -0.02, "within_0.02_of_oracle", (SPECIALISTS, DISTRACTED)),
+            ("confidence", 0.05, "confidence_plus_0.05", (DISTRACTED,)),
+        ):
             if base not in by_fusion:
                 continue
             reference = summary[by_fusion[base]]
-            check[key] = {pool: {"selector": entry[pool]["acc_mean"], "selector_std": entry[pool]["acc_mean_std"],
-                                 base: reference[pool]["acc_mean"], f"{base}_std": reference[pool]["acc_mean_std"],
-                                 "pass": entry[pool]["acc_mean"] >= reference[pool]["acc_mean"] + margin - 1e-12}
-                          for pool in pools if pool in entry and pool in reference}
+            check[key] = {
+                pool: {
+                    "selector": entry[pool]["acc_mean"],
+                    "selector_std": entry[pool]["acc_mean_std"],
+                    base: reference[pool]["acc_mean"],
+                    f"{base}_std": reference[pool]["acc_mean_std"],
+                    "pass": entry[pool]["acc_mean"] >= reference[pool]["acc_mean"] + margin - 1e-12,
+                }
+                for pool in pools
+                if pool in entry and pool in reference
+            }
         if (half := _interference_at_most_half(summary, by_fusion, entry, ("uniform", "confidence"))) is not None:
             check["interference_at_most_half"] = half
         checks[name] = check
@@ -330,14 +364,24 @@ def criteria_on_policy(summary: dict, methods: dict[str, dict]) -> dict[str, dic
         twin = next((n for n, m in off_policy.items() if m.get("top_k", 2) == top_k and "after" not in m), None)
         # An on-policy stage after an off-policy run also faces the same run continued off-policy for as many steps.
         continued = next((n for n, m in off_policy.items() if m.get("top_k", 2) == top_k and after and m.get("after") == after), None)
-        for reference, margin, key in ((twin, 0.0, "at_least_off_policy_selector"), (continued, 0.0, "at_least_off_policy_continued"),
-                                       (by_fusion.get("oracle"), -0.02, "within_0.02_of_on_policy_oracle")):
+        for reference, margin, key in (
+            (twin, 0.0, "at_least_off_policy_selector"),
+            (continued, 0.0, "at_least_off_policy_continued"),
+            (by_fusion.get("oracle"), -0.02, "within_0.02_of_on_policy_oracle"),
+        ):
             if reference is None:
                 continue
-            check[key] = {pool: {"on_policy": entry[pool]["acc_mean"], "on_policy_std": entry[pool]["acc_mean_std"],
-                                 reference: summary[reference][pool]["acc_mean"], f"{reference}_std": summary[reference][pool]["acc_mean_std"],
-                                 "pass": entry[pool]["acc_mean"] >= summary[reference][pool]["acc_mean"] + margin - 1e-12}
-                          for pool in (SPECIALISTS, DISTRACTED) if pool in entry and pool in summary[reference]}
+            check[key] = {
+                pool: {
+                    "on_policy": entry[pool]["acc_mean"],
+                    "on_policy_std": entry[pool]["acc_mean_std"],
+                    reference: summary[reference][pool]["acc_mean"],
+                    f"{reference}_std": summary[reference][pool]["acc_mean_std"],
+                    "pass": entry[pool]["acc_mean"] >= summary[reference][pool]["acc_mean"] + margin - 1e-12,
+                }
+                for pool in (SPECIALISTS, DISTRACTED)
+                if pool in entry and pool in summary[reference]
+            }
         checks[name] = check
     return checks
 
@@ -361,16 +405,20 @@ def markdown(report: dict, config_yaml: str) -> str:
         rewritten = " The report was rewritten from the stored runs (`--report_only`)." if report.get("report_only") else ""
         lines += [f"`{p['command']}` at commit `{p['commit']}`, on {p['machine']}.{rewritten}", ""]
     lines += [
-             f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
-             "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
-             "max(0, acc_A - acc_B) from the seed-mean accuracies (and per seed, paired: mean ± std). "
-             "Pool A: the specialists; pool B: A plus the distractors. Specialist gap = mean over domains of "
-             "max(0, acc_oracle - acc) in the same pool: the accuracy lost to every source other than the "
-             "domain's specialist (per seed, paired with the oracle's run of that seed).", "",
-             "| method | pool | source forwards / seq | " + " | ".join(domains) + " | mean | interference (per seed) | specialist gap (per seed) |"
-             + (" generations / unlabelled prompt | seconds: cache, run |" if costs else "")
-             + (" sampled tokens / step |" if sampling else ""),
-             "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0) + (1 if sampling else 0))]
+        f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
+        "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "
+        "max(0, acc_A - acc_B) from the seed-mean accuracies (and per seed, paired: mean ± std). "
+        "Pool A: the specialists; pool B: A plus the distractors. Specialist gap = mean over domains of "
+        "max(0, acc_oracle - acc) in the same pool: the accuracy lost to every source other than the "
+        "domain's specialist (per seed, paired with the oracle's run of that seed).",
+        "",
+        "| method | pool | source forwards / seq | "
+        + " | ".join(domains)
+        + " | mean | interference (per seed) | specialist gap (per seed) |"
+        + (" generations / unlabelled prompt | seconds: cache, run |" if costs else "")
+        + (" sampled tokens / step |" if sampling else ""),
+        "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0) + (1 if sampling else 0)),
+    ]
     for method, entry in summary.items():
         for pool in sorted(entry):
             r = entry[pool]
@@ -389,8 +437,10 @@ def markdown(report: dict, config_yaml: str) -> str:
             if r.get("specialist_gap") is not None:
                 gap = f"{r['specialist_gap']:.3f} ({_cell(r['specialist_gap_per_seed_mean'], r['specialist_gap_per_seed_std'])})"
             label = method + (f" (= {r['shared_with']})" if r.get("shared_with") else "")
-            lines.append(f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
-                         f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |{extra}")
+            lines.append(
+                f"| {label} | {pool} | {r['source_forwards_per_seq']} | {cells} | "
+                f"{_cell(r['acc_mean'], r['acc_mean_std'])} | {inter} | {gap} |{extra}"
+            )
     if report.get("sources"):
         lines += ["", *ratio_table(report, domains)]
     if report.get("learning_curves"):
@@ -404,13 +454,31 @@ def markdown(report: dict, config_yaml: str) -> str:
             lines.append(f"- {method}, {name}: {_verdict(value)}")
     if report.get("consistency"):
         c = report["consistency"]
-        lines += ["", "## Cached versus online", "",
-                  f"{c['method']} on pool {c['pool']}, seed {c['seed']}, same settings: mean accuracy cached "
-                  f"{c['cached']['acc_mean']:.3f}, online {c['online']['acc_mean']:.3f} (difference {c['difference']:+.3f}; "
-                  f"largest per-domain difference {c['max_domain_difference']:.3f}); {c['cached_seconds']:.0f} s cached, "
-                  f"{c['online_seconds']:.0f} s online."]
-    reused = f" ({report['runs_reused']} of {report['runs']} runs reused from an earlier invocation; each run's own seconds are in report.json)" if report.get("runs_reused") else ""
-    lines += ["", f"Runtime of this invocation: {report['runtime_seconds']:.0f} s{reused}.", "", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+        lines += [
+            "",
+            "## Cached versus online",
+            "",
+            f"{c['method']} on pool {c['pool']}, seed {c['seed']}, same settings: mean accuracy cached "
+            f"{c['cached']['acc_mean']:.3f}, online {c['online']['acc_mean']:.3f} (difference {c['difference']:+.3f}; "
+            f"largest per-domain difference {c['max_domain_difference']:.3f}); {c['cached_seconds']:.0f} s cached, "
+            f"{c['online_seconds']:.0f} s online.",
+        ]
+    reused = (
+        f" ({report['runs_reused']} of {report['runs']} runs reused from an earlier invocation; each run's own seconds are in report.json)"
+        if report.get("runs_reused")
+        else ""
+    )
+    lines += [
+        "",
+        f"Runtime of this invocation: {report['runtime_seconds']:.0f} s{reused}.",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -423,33 +491,49 @@ def _ratio_cell(value: float | None, spread: float | None = None) -> str:
 def ratio_table(report: dict, domains: list[str]) -> list[str]:
     """The sources' own accuracy, then every method's ratio to its pool's best source per domain."""
     sources, best = report["sources"], report["best_source"]
-    lines = ["## Against the sources", "",
-             "Each source's own greedy accuracy on the same test prompts (its own tokenizer), then each method's "
-             "ratio: its accuracy per domain divided by the best source of its pool there (n/a where no source of "
-             "the pool answers the domain at all); mean and worst over domains, ± their std over seeds.", "",
-             "| source | " + " | ".join(domains) + " | best in pool |", "|---|" + "---|" * (len(domains) + 1)]
+    lines = [
+        "## Against the sources",
+        "",
+        "Each source's own greedy accuracy on the same test prompts (its own tokenizer), then each method's "
+        "ratio: its accuracy per domain divided by the best source of its pool there (n/a where no source of "
+        "the pool answers the domain at all); mean and worst over domains, ± their std over seeds.",
+        "",
+        "| source | " + " | ".join(domains) + " | best in pool |",
+        "|---|" + "---|" * (len(domains) + 1),
+    ]
     for name, acc in sources.items():
         pools = [pool for pool, b in sorted(best.items()) if any(b[d][0] == name for d in b)]
         lines.append(f"| {name} | " + " | ".join(f"{acc.get(d, 0.0):.2f}" for d in domains) + f" | {', '.join(pools) or '-'} |")
-    lines += ["", "| method | pool | " + " | ".join(f"ratio {d}" for d in domains) + " | mean ratio | worst ratio |",
-              "|---|---|" + "---|" * (len(domains) + 2)]
+    lines += [
+        "",
+        "| method | pool | " + " | ".join(f"ratio {d}" for d in domains) + " | mean ratio | worst ratio |",
+        "|---|---|" + "---|" * (len(domains) + 2),
+    ]
     for method, entry in report["results"].items():
         for pool in sorted(entry):
             r = entry[pool]
             if "ratio" not in r:
                 continue
             cells = " | ".join(_ratio_cell(r["ratio"].get(d)) for d in domains)
-            lines.append(f"| {method} | {pool} | {cells} | {_ratio_cell(r['ratio_mean'], r['ratio_mean_std'])} | "
-                         f"{_ratio_cell(r['ratio_min'], r['ratio_min_std'])} |")
+            lines.append(
+                f"| {method} | {pool} | {cells} | {_ratio_cell(r['ratio_mean'], r['ratio_mean_std'])} | "
+                f"{_ratio_cell(r['ratio_min'], r['ratio_min_std'])} |"
+            )
     return lines
 
 
 def curve_table(curves: dict) -> list[str]:
     """Mean ratio (worst in brackets) on the validation split against training steps."""
     steps = sorted({point[0] for entry in curves.values() for points in entry.values() for point in points})
-    lines = ["## Learning curves", "", "Mean ratio to the pool's best source on the validation split (worst domain's in "
-             "brackets) after each number of optimizer steps, mean over seeds (`learning_curve.png`).", "",
-             "| method | pool | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    lines = [
+        "## Learning curves",
+        "",
+        "Mean ratio to the pool's best source on the validation split (worst domain's in "
+        "brackets) after each number of optimizer steps, mean over seeds (`learning_curve.png`).",
+        "",
+        "| method | pool | " + " | ".join(str(s) for s in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
     for method, entry in curves.items():
         for pool, points in sorted(entry.items()):
             at = {p[0]: p for p in points}
@@ -474,8 +558,9 @@ def selection_entropy_curve(log_dir: str) -> list[tuple[int, float]]:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [(int(row["step"]), float(row["train/selection_entropy"])) for row in csv.DictReader(f)
-                if row.get("train/selection_entropy")]
+        return [
+            (int(row["step"]), float(row["train/selection_entropy"])) for row in csv.DictReader(f) if row.get("train/selection_entropy")
+        ]
 
 
 def sampled_tokens_per_step(log_dir: str) -> float | None:

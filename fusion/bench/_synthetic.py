@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from fusion.data.datamodule import FusionDataModule
-from fusion.utils.io import atomic_open
 from fusion.stages.fusion import FusionDistillModule
+from fusion.utils.io import atomic_open
 from fusion.zoo import Architecture, build_model
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -31,8 +31,16 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_setup(root: str, vocab_size: int, num_sources: int = 4, architecture: Architecture | None = None,
-               rows: int = 64, prompt_words: int = 8, response_words: int = 40, seed: int = 0) -> dict:
+def make_setup(
+    root: str,
+    vocab_size: int,
+    num_sources: int = 4,
+    architecture: Architecture | None = None,
+    rows: int = 64,
+    prompt_words: int = 8,
+    response_words: int = 40,
+    seed: int = 0,
+) -> dict:
     """Student, sources and a JSONL data set under `root`; returns their paths."""
     architecture = architecture or Architecture(family="qwen2", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
     tokenizer = word_tokenizer(vocab_size)
@@ -56,8 +64,14 @@ def make_setup(root: str, vocab_size: int, num_sources: int = 4, architecture: A
 
 
 def data_module(paths: dict, batch_size: int) -> FusionDataModule:
-    data = FusionDataModule(tokenizer=paths["student"], dataset=paths["data"], domain_column=None,
-                            max_length=128, batch_size=batch_size, eval_batch_size=batch_size)
+    data = FusionDataModule(
+        tokenizer=paths["student"],
+        dataset=paths["data"],
+        domain_column=None,
+        max_length=128,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+    )
     data.setup("fit")
     return data
 

@@ -105,13 +105,18 @@ def policy_table(student, sources: dict, batches: list[dict], domains: list[str]
 
 
 def print_policy_table(report: dict, domains: list[str]) -> None:
-    print(f"{'source':>14} {'policy':>12} {'coverage':>9} {'gold agreement':>15} {'inside':>7} {'tok/s':>10} {'x mask':>7}  " + " ".join(f"{d[:22]:>22}" for d in domains))
+    print(
+        f"{'source':>14} {'policy':>12} {'coverage':>9} {'gold agreement':>15} {'inside':>7} {'tok/s':>10} {'x mask':>7}  "
+        + " ".join(f"{d[:22]:>22}" for d in domains)
+    )
     for name, policies in report.items():
         for policy, row in policies.items():
             ratio = row["tokens_per_second"] / policies["mask"]["tokens_per_second"]
             cells = " ".join(f"{row['domains'][d]['coverage']:>10.1%} {row['domains'][d]['gold_agreement']:>11.1%}" for d in domains)
-            print(f"{name:>14} {policy:>12} {row['coverage']:>9.1%} {row['gold_agreement']:>15.1%} {'-' if row['gold_agreement_inside'] is None else format(row['gold_agreement_inside'], '.1%'):>7} "
-                  f"{row['tokens_per_second']:>10,.0f} {ratio:>7.2f}  {cells}")
+            print(
+                f"{name:>14} {policy:>12} {row['coverage']:>9.1%} {row['gold_agreement']:>15.1%} {'-' if row['gold_agreement_inside'] is None else format(row['gold_agreement_inside'], '.1%'):>7} "
+                f"{row['tokens_per_second']:>10,.0f} {ratio:>7.2f}  {cells}"
+            )
     print("(gold agreement over all trained positions; inside: over those without a shared boundary; per domain: coverage, gold agreement)")
 
 
@@ -138,8 +143,9 @@ def top_k_mass(zoo: str, batches: list[dict], student, top_k: int = 10) -> dict:
                 for kind, where in (("boundary", trained & (side.position_map >= 0)), ("inside", trained & (side.position_map < 0))):
                     sums[kind, "top" if k == top_k else "whole"] += float(mass[where].sum())
                     sums[kind, "count"] += int(where.sum()) if k == top_k else 0
-        result[name] = {f"{kind}_{part}": sums[kind, part] / max(sums[kind, "count"], 1)
-                        for kind in ("boundary", "inside") for part in ("whole", "top")}
+        result[name] = {
+            f"{kind}_{part}": sums[kind, part] / max(sums[kind, "count"], 1) for kind in ("boundary", "inside") for part in ("whole", "top")
+        }
     return result
 
 
@@ -155,9 +161,15 @@ def gold_agreement(batches: list[dict], aligner: Aligner, vocab_map: torch.Tenso
     return hits / max(total, 1)
 
 
-
-def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_vocab_size: int = 400, seed: int = 0,
-        output: str = "checkpoints/bench/alignment", zoo: str | None = None) -> None:
+def run(
+    train_size: int = 200,
+    batch_size: int = 32,
+    max_length: int = 64,
+    bpe_vocab_size: int = 400,
+    seed: int = 0,
+    output: str = "checkpoints/bench/alignment",
+    zoo: str | None = None,
+) -> None:
     """Measure on `train_size` suite examples per domain, batches of `batch_size`, rows of `max_length` tokens;
     with `zoo` (a model zoo's directory), also the top-K mass of its sources."""
     rows = tasks.build_splits(tasks.DEFAULT_DOMAINS, {"train": train_size}, seed)["train"]
@@ -206,7 +218,11 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
 
     domains = sorted({r["domain"] for r in rows})
     print("\nper unaligned policy, sources that know the text (certain of each next token); tok/s: alignment + projection")
-    report = {"student": "char", "rows": len(rows), "sources": policy_table(student, {k: v for k, v in sources.items() if k != "char"}, batches, domains)}
+    report = {
+        "student": "char",
+        "rows": len(rows),
+        "sources": policy_table(student, {k: v for k, v in sources.items() if k != "char"}, batches, domains),
+    }
     print_policy_table(report["sources"], domains)
     print("\nstudent coarser than the source (GPT-2 student, char source)")
     report["coarser"] = policy_table(sources["gpt2"], {"char": sources["char"]}, batches_of(sources["gpt2"]), domains)
@@ -216,13 +232,21 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
         report["top_k_mass"] = top_k_mass(zoo, batches, student)
         print(f"{'source':>30} {'boundary: whole':>16} {'top 10':>7} {'inside: whole':>14} {'top 10':>7}")
         for name, row in report["top_k_mass"].items():
-            print(f"{name:>30} {row['boundary_whole']:>16.3f} {row['boundary_top']:>7.3f} {row['inside_whole']:>14.3f} {row['inside_top']:>7.3f}")
+            print(
+                f"{name:>30} {row['boundary_whole']:>16.3f} {row['boundary_top']:>7.3f} {row['inside_whole']:>14.3f} {row['inside_top']:>7.3f}"
+            )
     os.makedirs(output, exist_ok=True)
     atomic_write_json(os.path.join(output, "report.json"), report)
     print(f"wrote {os.path.join(output, 'report.json')}")
 
     print("\nvocabulary maps source -> student (rows = len(source tokenizer))")
-    pairs = [("gpt2", "char"), (f"bpe{bpe_vocab_size}", "char"), (f"bpe{bpe_vocab_size}-digits", "char"), ("char", "char"), ("char", "gpt2")]
+    pairs = [
+        ("gpt2", "char"),
+        (f"bpe{bpe_vocab_size}", "char"),
+        (f"bpe{bpe_vocab_size}-digits", "char"),
+        ("char", "char"),
+        ("char", "gpt2"),
+    ]
     print(f"{'pair':>16} {'method':>13} {'special':>8} {'exact':>7} {'fallback':>9} {'dropped':>8} {'gold agreement':>15}")
     for source_name, student_name in pairs:
         source, pair_student = sources[source_name], sources[student_name]
@@ -236,7 +260,6 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
                 f"{counts['fallback']:>9} {counts['dropped']:>8} {agreement:>15.1%}"
             )
 
-
     import datasets
 
     datasets.disable_progress_bars()
@@ -244,8 +267,10 @@ def run(train_size: int = 200, batch_size: int = 32, max_length: int = 64, bpe_v
     print(f"\noffline cache on disk, K = 10, 3 sources, these rows ({trained} of {tokens} tokens are trained and stored)")
     for vocab_size in (len(student), 151_936):
         per_token = cache_bytes_per_token(batches, vocab_size, sources=3, top_k=10)
-        print(f"  student vocabulary {vocab_size:>7}: {per_token:.1f} bytes per trained token per source ({per_token / 60:.2f} x FuseLLM's 60), "
-              f"{per_token * trained / tokens:.1f} per corpus token ({per_token * trained / tokens / 60:.2f} x)")
+        print(
+            f"  student vocabulary {vocab_size:>7}: {per_token:.1f} bytes per trained token per source ({per_token / 60:.2f} x FuseLLM's 60), "
+            f"{per_token * trained / tokens:.1f} per corpus token ({per_token * trained / tokens / 60:.2f} x)"
+        )
 
 
 def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, top_k: int) -> float:
@@ -260,9 +285,13 @@ def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, to
     for batch in batches:
         size, length = batch["input_ids"].shape
         shape = (size, sources, length, top_k)
-        out = SourceOutputs(torch.randint(0, vocab_size, shape, generator=generator), -torch.rand(shape, generator=generator) * 10,
-                            torch.rand(size, sources, generator=generator), torch.ones(size, sources, dtype=torch.bool),
-                            torch.ones(size, sources, length, dtype=torch.bool))
+        out = SourceOutputs(
+            torch.randint(0, vocab_size, shape, generator=generator),
+            -torch.rand(shape, generator=generator) * 10,
+            torch.rand(size, sources, generator=generator),
+            torch.ones(size, sources, dtype=torch.bool),
+            torch.ones(size, sources, length, dtype=torch.bool),
+        )
         records += rows_to_records(batch, out, torch.arange(sources).expand(size, -1))
         trained += int((batch["targets"] != IGNORE_INDEX).sum())
     with tempfile.TemporaryDirectory() as directory:

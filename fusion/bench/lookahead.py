@@ -53,9 +53,11 @@ def _changed_rows(batch: dict, per_row: int, rng: random.Random) -> tuple[dict, 
             ids[position + 1], tgt[position] = token, token
             copies.append((ids, mask[row], tgt))
             changed.append((row, position))
-    both = {"input_ids": torch.cat([input_ids, torch.stack([c[0] for c in copies])]),
-            "attention_mask": torch.cat([mask, torch.stack([c[1] for c in copies])]),
-            "targets": torch.cat([targets, torch.stack([c[2] for c in copies])])}
+    both = {
+        "input_ids": torch.cat([input_ids, torch.stack([c[0] for c in copies])]),
+        "attention_mask": torch.cat([mask, torch.stack([c[1] for c in copies])]),
+        "targets": torch.cat([targets, torch.stack([c[2] for c in copies])]),
+    }
     return both, changed
 
 
@@ -93,17 +95,25 @@ def measure(pool, batches: list[dict], per_row: int, student, temperature: float
             source = pool.tokenizers[index]
             for (both, changed), real in zip(pairs, texts):
                 rows = len(real) - len(changed)
-                split = [_splits_before(student, source, real[row], p) != _splits_before(student, source, real[copy], p)
-                         for copy, (row, p) in enumerate(changed, start=rows)]
+                split = [
+                    _splits_before(student, source, real[row], p) != _splits_before(student, source, real[copy], p)
+                    for copy, (row, p) in enumerate(changed, start=rows)
+                ]
                 for boundary in BOUNDARIES:
                     pool.boundary = boundary
                     out = pool.run(torch.full((len(real), 1), index), both, temperature)
                     target = fused_target(out.ids, out.logprobs, torch.ones(len(real), 1), out.aligned)
                     for copy, (row, position) in enumerate(changed, start=rows):
                         if out.aligned[row, 0, position] and out.aligned[copy, 0, position]:
-                            results[name][boundary].append((total_variation(
-                                _distribution(target.ids[row, position], target.probs[row, position]),
-                                _distribution(target.ids[copy, position], target.probs[copy, position])), split[copy - rows]))
+                            results[name][boundary].append(
+                                (
+                                    total_variation(
+                                        _distribution(target.ids[row, position], target.probs[row, position]),
+                                        _distribution(target.ids[copy, position], target.probs[copy, position]),
+                                    ),
+                                    split[copy - rows],
+                                )
+                            )
     finally:
         pool.boundary = setting  # the pool as it came, also when a source fails
     return results
@@ -117,9 +127,15 @@ def summary(found: list[tuple[float, bool]]) -> dict:
     def mean(values: torch.Tensor) -> float | None:
         return float(values.mean()) if len(values) else None
 
-    return {"positions": len(t), "mean_tv": float(t.mean()), "share_above_0.05": float((t > 0.05).float().mean()),
-            "share_above_0.3": float((t > 0.3).float().mean()), "share_split_differs": float(split.float().mean()),
-            "mean_tv_split_differs": mean(t[split]), "mean_tv_same_split": mean(t[~split])}
+    return {
+        "positions": len(t),
+        "mean_tv": float(t.mean()),
+        "share_above_0.05": float((t > 0.05).float().mean()),
+        "share_above_0.3": float((t > 0.3).float().mean()),
+        "share_split_differs": float(split.float().mean()),
+        "mean_tv_split_differs": mean(t[split]),
+        "mean_tv_same_split": mean(t[~split]),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,8 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)
     model = bench["train"]["model"]
     tokenizer = load_tokenizer(model["student"])
-    pool = SourcePool.load(bench["pools"][args.pool], tokenizer, top_k=model.get("source_top_k", 10), unaligned="marginal",
-                           vocab_map=model.get("vocab_map", "exact+med"), vocab_map_dir=default_cache_dir())
+    pool = SourcePool.load(
+        bench["pools"][args.pool],
+        tokenizer,
+        top_k=model.get("source_top_k", 10),
+        unaligned="marginal",
+        vocab_map=model.get("vocab_map", "exact+med"),
+        vocab_map_dir=default_cache_dir(),
+    )
     data = FusionDataModule(tokenizer=model["student"], **{**bench["train"]["data"], "unlabeled_size": 0})
     data.load()
     batches, seen = [], 0
@@ -159,18 +181,26 @@ def main(argv: list[str] | None = None) -> dict:
             break
     measured = measure(pool, batches, args.per_row, tokenizer, seed=args.seed)
     results = {name: {b: summary(found) for b, found in by.items()} for name, by in measured.items()}
-    print(f"pool {args.pool}, {seen} labelled rows, {args.per_row} changed positions per row, unaligned: marginal; "
-          "TV between the targets at the same text before the predicted token:\n")
-    print("| source | boundary | positions | mean TV | TV > 0.05 | TV > 0.3 | source splits the text before differently | mean TV there | mean TV elsewhere |")
+    print(
+        f"pool {args.pool}, {seen} labelled rows, {args.per_row} changed positions per row, unaligned: marginal; "
+        "TV between the targets at the same text before the predicted token:\n"
+    )
+    print(
+        "| source | boundary | positions | mean TV | TV > 0.05 | TV > 0.3 | source splits the text before differently | mean TV there | mean TV elsewhere |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, by in results.items():
         for boundary, r in by.items():
             if r["positions"]:
                 there, elsewhere = (f"{v:.3f}" if v is not None else "-" for v in (r["mean_tv_split_differs"], r["mean_tv_same_split"]))
-                print(f"| {name} | {boundary} | {r['positions']} | {r['mean_tv']:.3f} | {r['share_above_0.05']:.2f} | {r['share_above_0.3']:.2f} "
-                      f"| {r['share_split_differs']:.2f} | {there} | {elsewhere} |")
-    atomic_write_json(os.path.join(args.output, "report.json"), {"config": args.config, "pool": args.pool, "rows": seen,
-                                                                  "per_row": args.per_row, "seed": args.seed, "results": results})
+                print(
+                    f"| {name} | {boundary} | {r['positions']} | {r['mean_tv']:.3f} | {r['share_above_0.05']:.2f} | {r['share_above_0.3']:.2f} "
+                    f"| {r['share_split_differs']:.2f} | {there} | {elsewhere} |"
+                )
+    atomic_write_json(
+        os.path.join(args.output, "report.json"),
+        {"config": args.config, "pool": args.pool, "rows": seen, "per_row": args.per_row, "seed": args.seed, "results": results},
+    )
     return results
 
 

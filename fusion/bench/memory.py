@@ -95,7 +95,9 @@ def _child(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fusion.bench memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion.bench memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vocab", type=int, nargs="+", default=[1000, 32000, 50000])
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", default="checkpoints/bench/memory.json")
@@ -119,13 +121,28 @@ def main(argv: list[str] | None = None) -> None:
             del module
             results[vocab] = {}
             for method in METHODS:
-                command = [sys.executable, "-m", "fusion.bench", "memory", "--vocab", str(vocab), "--batch_size", str(args.batch_size), "--child", setup, method]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "fusion.bench",
+                    "memory",
+                    "--vocab",
+                    str(vocab),
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--child",
+                    setup,
+                    method,
+                ]
                 out = subprocess.run(command, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"memory bench child failed ({vocab}, {method}):\n{out.stderr[-3000:]}")
                 results[vocab][method] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
                 print(f"vocab {vocab:>6}  {method:<16} {results[vocab][method]:8.1f} MiB", flush=True)
-    lines = ["| vocabulary | " + " | ".join(f"{m} MiB" for m in METHODS) + " | online / sft | cached / sft |", "|---" * (len(METHODS) + 3) + "|"]
+    lines = [
+        "| vocabulary | " + " | ".join(f"{m} MiB" for m in METHODS) + " | online / sft | cached / sft |",
+        "|---" * (len(METHODS) + 3) + "|",
+    ]
     for vocab, row in results.items():
         cells = " | ".join(f"{row[m]:.0f}" for m in METHODS)
         lines.append(f"| {vocab} | {cells} | {row['selector-online'] / row['sft']:.2f} | {row['selector-cached'] / row['sft']:.2f} |")

@@ -56,7 +56,9 @@ CHAINED_STAGES = {"srft": "SRFTModule", "fusion_stage": "model.* of fusion.train
 def deep_merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else copy.deepcopy(value)
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else copy.deepcopy(value)
+        )
     return merged
 
 
@@ -136,12 +138,21 @@ class QualityBench:
         for name, settings in self.methods.items():
             if "after" in settings:
                 stages = [key for key in CHAINED_STAGES if key in settings]
-                if settings["after"] not in self.methods or "after" in self.methods[settings["after"]] or len(stages) != 1 or len(settings) != 2:
-                    raise ValueError(f"methods.{name}: a chained method is {{after: <a fusion method of methods>, srft or fusion_stage: "
-                                     f"{{steps, model}}}}, got {settings}")
+                if (
+                    settings["after"] not in self.methods
+                    or "after" in self.methods[settings["after"]]
+                    or len(stages) != 1
+                    or len(settings) != 2
+                ):
+                    raise ValueError(
+                        f"methods.{name}: a chained method is {{after: <a fusion method of methods>, srft or fusion_stage: "
+                        f"{{steps, model}}}}, got {settings}"
+                    )
                 stage = settings[stages[0]]
                 if set(stage) - {"steps", "model"} or stage.get("steps", 0) < 1:
-                    raise ValueError(f"methods.{name}.{stages[0]}: expected {{steps: >= 1, model: {CHAINED_STAGES[stages[0]]} settings}}, got {stage}")
+                    raise ValueError(
+                        f"methods.{name}.{stages[0]}: expected {{steps: >= 1, model: {CHAINED_STAGES[stages[0]]} settings}}, got {stage}"
+                    )
             elif "fusion" not in settings:
                 raise ValueError(f"methods.{name} needs a fusion setting (none, uniform, avgce, mince, single, oracle, selector)")
         if self.consistency and (self.consistency.get("method") not in self.methods or self.consistency.get("pool") not in self.pools):
@@ -178,8 +189,12 @@ def _run_job(job: dict) -> dict:
         from fusion.stages.evaluation import source_accuracy
 
         h, data = run.model.hparams, run.datamodule
-        accuracy = {split: source_accuracy(h.sources[0], data.load()[split], h.max_new_tokens, "pools", h.dtype, h.trust_remote_code,
-                                           data.hparams.max_length) for split in ("test", "val")}
+        accuracy = {
+            split: source_accuracy(
+                h.sources[0], data.load()[split], h.max_new_tokens, "pools", h.dtype, h.trust_remote_code, data.hparams.max_length
+            )
+            for split in ("test", "val")
+        }
         result = {**job["record"], "acc": accuracy["test"], "val_acc": accuracy["val"], "seconds": time.time() - started}
         atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
         return result
@@ -230,11 +245,15 @@ def _run_all(jobs: list[dict], workers: int, stored_only: bool = False) -> list[
     pending.sort(key=lambda i: -jobs[i]["cost"])
     if pending:
         print(f"quality: {len(pending)} runs to do ({len(jobs) - len(pending)} reused), {workers} at a time", flush=True)
+
     def done(index: int, result: dict, count: int) -> None:
         results[index] = result
         score = f"mean accuracy {result['acc_mean']:.3f}, " if "acc_mean" in result else ""
-        print(f"quality: [{count}/{len(pending)}] {os.path.basename(os.path.dirname(jobs[index]['log_dir']))}: "
-              f"{score}{result['seconds']:.0f} s", flush=True)
+        print(
+            f"quality: [{count}/{len(pending)}] {os.path.basename(os.path.dirname(jobs[index]['log_dir']))}: "
+            f"{score}{result['seconds']:.0f} s",
+            flush=True,
+        )
 
     if workers > 1 and len(pending) > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -258,8 +277,10 @@ class Planner:
         config = deep_merge(self.bench.train, {"seed_everything": seed, "model": model})
         config["trainer"]["max_steps"] = self.bench.steps
         log_root = os.path.join(self.bench.output, "runs")
-        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                       "init_args": {"save_dir": log_root, "name": name, "version": 0}}
+        config["trainer"]["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": log_root, "name": name, "version": 0},
+        }
         config["trainer"]["default_root_dir"] = os.path.join(log_root, name)
         return config, os.path.join(log_root, name, "version_0")
 
@@ -268,8 +289,16 @@ class Planner:
         # A run is reused only for the same config, the same models' weights and the same code.
         weights = {path: _weights(path) for path in [config["model"]["student"], *config["model"].get("sources", [])]}
         config_hash = hashlib.sha256(json.dumps([kind, config, weights, _code_version()], sort_keys=True).encode()).hexdigest()[:16]
-        return {"kind": kind, "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": cost,
-                "config_hash": config_hash, "result_path": os.path.join(self.bench.output, "runs", name, "result.json")}
+        return {
+            "kind": kind,
+            "config": config,
+            "log_dir": log_dir,
+            "threads": self.threads,
+            "record": record,
+            "cost": cost,
+            "config_hash": config_hash,
+            "result_path": os.path.join(self.bench.output, "runs", name, "result.json"),
+        }
 
     def fusion_settings(self, settings: dict, pool: str):
         """A method's runs in `pool` as the fusion module reads them (`FusionSettings`): `train.model`
@@ -277,8 +306,11 @@ class Planner:
         come from (`source_mode`, `cache_dir`) is the planner's choice and left out."""
         from fusion.stages.fusion_settings import FusionSettings
 
-        model = {key: value for key, value in (self.bench.train.get("model", {}) | settings).items()
-                 if key in FusionSettings.names() and key not in ("source_mode", "cache_dir")}
+        model = {
+            key: value
+            for key, value in (self.bench.train.get("model", {}) | settings).items()
+            if key in FusionSettings.names() and key not in ("source_mode", "cache_dir")
+        }
         return FusionSettings(**model | {"sources": self.bench.pools[pool]})
 
     def cache_dir(self, pool: str, settings: dict) -> str:
@@ -317,8 +349,16 @@ class Planner:
         if b.consistency and b.source_mode == "cached":
             c = b.consistency
             model = b.methods[c["method"]] | self.source_settings(c["pool"], "online", b.methods[c["method"]])
-            jobs.append(self.job("fit", f"{c['pool']}-{_slug(c['method'])}-seed{c['seed']}-online", c["seed"], model,
-                                 {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True}, 5.0))
+            jobs.append(
+                self.job(
+                    "fit",
+                    f"{c['pool']}-{_slug(c['method'])}-seed{c['seed']}-online",
+                    c["seed"],
+                    model,
+                    {"method": c["method"], "pool": c["pool"], "seed": c["seed"], "online": True},
+                    5.0,
+                )
+            )
         return jobs
 
     def chained_jobs(self, fitted: list[dict]) -> list[dict]:
@@ -337,22 +377,51 @@ class Planner:
                 pool, name = record["pool"], f"{record['pool']}-{_slug(method)}-seed{record['seed']}"
                 if kind == "srft":
                     config, log_dir = self.config(name, record["seed"], {})
-                    config["model"] = {"class_path": "fusion.stages.srft.SRFTModule",
-                                       "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}}
+                    config["model"] = {
+                        "class_path": "fusion.stages.srft.SRFTModule",
+                        "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})},
+                    }
                 else:
                     merged = self.bench.methods[settings["after"]] | stage.get("model", {})
-                    mode = "online" if self.fusion_settings(merged, pool).online_only or merged.get("source_mode") == "online" else self.bench.source_mode
-                    config, log_dir = self.config(name, record["seed"], merged | self.source_settings(pool, mode, merged) | {"init_from": job["adapter"]})
+                    mode = (
+                        "online"
+                        if self.fusion_settings(merged, pool).online_only or merged.get("source_mode") == "online"
+                        else self.bench.source_mode
+                    )
+                    config, log_dir = self.config(
+                        name, record["seed"], merged | self.source_settings(pool, mode, merged) | {"init_from": job["adapter"]}
+                    )
                 config["trainer"]["max_steps"] = stage["steps"]
-                config_hash = hashlib.sha256(json.dumps([kind, config, job["config_hash"], _code_version()], sort_keys=True).encode()).hexdigest()[:16]
-                jobs.append({"kind": "fit", "config": config, "log_dir": log_dir, "threads": self.threads, "record": record, "cost": 1.0,
-                             "config_hash": config_hash, "result_path": os.path.join(os.path.dirname(log_dir), "result.json")})
+                config_hash = hashlib.sha256(
+                    json.dumps([kind, config, job["config_hash"], _code_version()], sort_keys=True).encode()
+                ).hexdigest()[:16]
+                jobs.append(
+                    {
+                        "kind": "fit",
+                        "config": config,
+                        "log_dir": log_dir,
+                        "threads": self.threads,
+                        "record": record,
+                        "cost": 1.0,
+                        "config_hash": config_hash,
+                        "result_path": os.path.join(os.path.dirname(log_dir), "result.json"),
+                    }
+                )
         return jobs
 
     def cache_jobs(self) -> list[dict]:
         """The `predict` runs that write the caches the training jobs read (plan those first)."""
-        return [self.job("predict", f"cache-{name}", 0, {"fusion": "uniform", **overrides, **self.source_settings(pool, "cached", overrides)}, {}, 1.0)
-                for name, (pool, overrides) in self.caches.items()]
+        return [
+            self.job(
+                "predict",
+                f"cache-{name}",
+                0,
+                {"fusion": "uniform", **overrides, **self.source_settings(pool, "cached", overrides)},
+                {},
+                1.0,
+            )
+            for name, (pool, overrides) in self.caches.items()
+        ]
 
     def test_job(self, name: str, student: str, record: dict) -> dict:
         job = self.job("test", name, 0, {"student": student, "fusion": "none", "sources": []}, record, 0.3)
@@ -361,9 +430,17 @@ class Planner:
     def source_jobs(self) -> list[dict]:
         """Each source of either pool answers the test prompts itself, greedily, in its own tokens."""
         paths = list(dict.fromkeys(self.bench.pools["A"] + self.bench.pools["B"]))
-        return [self.job("source", f"source-{_slug(os.path.basename(os.path.normpath(path)))}", 0,
-                         {"fusion": "none", "sources": [path]}, {"source": os.path.basename(os.path.normpath(path))}, 0.3)
-                for path in paths]
+        return [
+            self.job(
+                "source",
+                f"source-{_slug(os.path.basename(os.path.normpath(path)))}",
+                0,
+                {"fusion": "none", "sources": [path]},
+                {"source": os.path.basename(os.path.normpath(path))},
+                0.3,
+            )
+            for path in paths
+        ]
 
 
 @functools.cache
@@ -442,11 +519,13 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
         summary = answer_summary(directory)
         names = [os.path.basename(os.path.normpath(p)) for p in planner.bench.pools[pool_run]]
         costs["generations_per_prompt"][pool] = summary["generations_per_prompt"]
-        costs["answers"][pool] = {"prompts": summary["prompts"], "empty": summary["empty_answers"],
-                                  "writers": {n: c / max(1, summary["prompts"]) for n, c in zip(names, summary["writers"]) if c}}
+        costs["answers"][pool] = {
+            "prompts": summary["prompts"],
+            "empty": summary["empty_answers"],
+            "writers": {n: c / max(1, summary["prompts"]) for n, c in zip(names, summary["writers"]) if c},
+        }
         costs["cache_seconds"][pool] = round(cache_seconds.get(os.path.normpath(directory), 0.0), 1)
     return costs
-
 
 
 def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_only: bool = False, arguments: list[str] = ()) -> dict:
@@ -459,28 +538,47 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         built = [_stored_cache(job) for job in planner.cache_jobs()] if report_only else _run_all(planner.cache_jobs(), bench.workers)
         cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
         print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
-    resolved = {name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
-                for name, s in bench.methods.items()}  # a chain: its fusion's settings (and its second fusion stage's)
-    methods = {name: {**settings, "source_forwards_per_seq": {p: planner.fusion_settings(settings, p).source_forwards for p in bench.pools}}
-               for name, settings in resolved.items()}
+    resolved = {
+        name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
+        for name, s in bench.methods.items()
+    }  # a chain: its fusion's settings (and its second fusion stage's)
+    methods = {
+        name: {**settings, "source_forwards_per_seq": {p: planner.fusion_settings(settings, p).source_forwards for p in bench.pools}}
+        for name, settings in resolved.items()
+    }
     if bench.unlabelled and bench.source_mode == "cached":
-        methods = {name: m | answer_costs(planner, name, m, cache_seconds)
-                   if not planner.fusion_settings(m, "A").online_only and m.get("source_mode") != "online" else m
-                   for name, m in methods.items()}
+        methods = {
+            name: m | answer_costs(planner, name, m, cache_seconds)
+            if not planner.fusion_settings(m, "A").online_only and m.get("source_mode") != "online"
+            else m
+            for name, m in methods.items()
+        }
     for name, settings in resolved.items():
         if planner.fusion_settings(settings, "A").pool_independent:
-            methods[name] |= {"shared_with": "pool A run",
-                              "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools"}
+            methods[name] |= {
+                "shared_with": "pool A run",
+                "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools",
+            }
     tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": BASE, "pool": "A", "seed": 0})]
-    methods[BASE] = {"fusion": None, "source_forwards_per_seq": {"A": 0, "B": 0}, "shared_with": "pool A run",
-                                             "note": "the student's base model before any training"}
+    methods[BASE] = {
+        "fusion": None,
+        "source_forwards_per_seq": {"A": 0, "B": 0},
+        "shared_with": "pool A run",
+        "note": "the student's base model before any training",
+    }
     if bench.merging:
         merge_started = time.time()
         for method, pool, directory in build_merged(bench):
             label = f"merge: {method}"
             tests.append(planner.test_job(f"{pool}-merge-{_slug(method)}", directory, {"method": label, "pool": pool, "seed": 0}))
-            methods.setdefault(label, {"fusion": None, "source_forwards_per_seq": {p: 0 for p in bench.pools},
-                                       "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards"})
+            methods.setdefault(
+                label,
+                {
+                    "fusion": None,
+                    "source_forwards_per_seq": {p: 0 for p in bench.pools},
+                    "note": "LoRA specialists of the student's base merged once (no training, no seed); 0 source forwards",
+                },
+            )
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
     tests += planner.source_jobs()
     results = _run_all(jobs + tests, bench.workers, report_only)
@@ -491,7 +589,10 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
     if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
         fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
         after = {name: s["after"] for name, s in bench.methods.items() if "after" in s}
-        results += [r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]} for r in _run_all(chained, bench.workers, report_only)]
+        results += [
+            r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]}
+            for r in _run_all(chained, bench.workers, report_only)
+        ]
     runs, consistency = [], None
     for result in results:
         if result.get("online"):
@@ -503,23 +604,43 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         c = bench.consistency
         online = next(r for r in results if r.get("online"))
         cached = next(r for r in runs if (r["method"], r["pool"], r["seed"]) == (c["method"], c["pool"], c["seed"]))
-        consistency = {**c, "cached": {"acc": cached["acc"], "acc_mean": cached["acc_mean"]},
-                       "online": {"acc": online["acc"], "acc_mean": online["acc_mean"]},
-                       "difference": online["acc_mean"] - cached["acc_mean"],
-                       "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
-                       "cached_seconds": cached["seconds"], "online_seconds": online["seconds"]}
+        consistency = {
+            **c,
+            "cached": {"acc": cached["acc"], "acc_mean": cached["acc_mean"]},
+            "online": {"acc": online["acc"], "acc_mean": online["acc_mean"]},
+            "difference": online["acc_mean"] - cached["acc_mean"],
+            "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
+            "cached_seconds": cached["seconds"],
+            "online_seconds": online["seconds"],
+        }
     summary = report_lib.summarize(runs, methods)
     pool_names = {pool: [os.path.basename(os.path.normpath(p)) for p in paths] for pool, paths in bench.pools.items()}
     best = report_lib.add_ratios(summary, runs, sources, pool_names)
     curves = report_lib.learning_curves(runs, sources_val, pool_names)
     oracle = bench.train["model"].get("oracle") or {}
-    report = {"quick": quick, "provenance": report_lib.provenance(list(arguments)), "report_only": report_only, "seeds": bench.seeds, "steps": bench.steps, "pools": bench.pools, "source_mode": bench.source_mode,
-              "sources": sources, "best_source": best, "learning_curves": curves, "results": summary, "consistency": consistency,
-              "criteria": report_lib.merge_criteria(
-                  report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
-                  report_lib.criteria_ratio(summary, methods), report_lib.criteria_floor(summary, BASE)),
-              "runtime_seconds": time.time() - started, "runs_reused": sum(bool(r.get("reused")) for r in results), "runs": len(results),
-              "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results}}
+    report = {
+        "quick": quick,
+        "provenance": report_lib.provenance(list(arguments)),
+        "report_only": report_only,
+        "seeds": bench.seeds,
+        "steps": bench.steps,
+        "pools": bench.pools,
+        "source_mode": bench.source_mode,
+        "sources": sources,
+        "best_source": best,
+        "learning_curves": curves,
+        "results": summary,
+        "consistency": consistency,
+        "criteria": report_lib.merge_criteria(
+            report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
+            report_lib.criteria_ratio(summary, methods),
+            report_lib.criteria_floor(summary, BASE),
+        ),
+        "runtime_seconds": time.time() - started,
+        "runs_reused": sum(bool(r.get("reused")) for r in results),
+        "runs": len(results),
+        "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results},
+    }
     written = report_lib.write_report(report, runs, config_yaml, bench.output)
     print(report_lib.markdown(report, "").split("## Configuration")[0])
     print("wrote " + ", ".join(written))
@@ -532,9 +653,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="python -m fusion.bench quality", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="the bench YAML, e.g. configs/bench.yaml")
     parser.add_argument("--quick", action=ActionYesNo, default=False, help="apply quick_settings: fewer seeds and steps")
-    parser.add_argument("--report_only", action=ActionYesNo, default=False,
-                        help="rewrite the report from the runs stored under output, as they are (their configs and the code "
-                             "they ran are not checked; a missing run is an error); nothing is trained")
+    parser.add_argument(
+        "--report_only",
+        action=ActionYesNo,
+        default=False,
+        help="rewrite the report from the runs stored under output, as they are (their configs and the code "
+        "they ran are not checked; a missing run is an error); nothing is trained",
+    )
     parser.add_class_arguments(QualityBench)
     arguments = sys.argv[1:] if argv is None else list(argv)
     namespace = parser.parse_args(arguments).as_dict()

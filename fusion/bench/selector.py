@@ -46,8 +46,13 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
     sources = bench["pools"][pool]
     names = [source_name(p) for p in sources]
     specialists = {source_name(p) for p in bench["pools"]["A"]}
-    module = FusionDistillModule(student=model["student"], sources=sources, fusion="selector", top_k=1,
-                                 **{k: model[k] for k in ("selector_hidden", "selector_learning_rate", "selector_prefit_steps") if k in model})
+    module = FusionDistillModule(
+        student=model["student"],
+        sources=sources,
+        fusion="selector",
+        top_k=1,
+        **{k: model[k] for k in ("selector_hidden", "selector_learning_rate", "selector_prefit_steps") if k in model},
+    )
     data = FusionDataModule(tokenizer=model["student"], **bench["train"]["data"])
     data.load()
     module.trainer = SimpleNamespace(datamodule=data)  # what the labelled observations read
@@ -71,43 +76,67 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
         for seed in seeds:
             torch.manual_seed(seed)  # a fresh selector, as a run with this seed starts with
             module.selector = SourceSelector(module.selector.net[1].in_features, len(names), h.selector_hidden, h.initial_quality)
-            fit = fit_selector(module.selector, features, observation, observed, h.selector_prefit_steps, h.selector_learning_rate,
-                               loss, feedback_weight=weight, tau=h.tau)
+            fit = fit_selector(
+                module.selector,
+                features,
+                observation,
+                observed,
+                h.selector_prefit_steps,
+                h.selector_learning_rate,
+                loss,
+                feedback_weight=weight,
+                tau=h.tau,
+            )
             with torch.no_grad():
                 error = torch.where(observed, module.selector(features) + observation, 0.0).sum(0) / observed.sum(0).clamp(min=1)  # [N]
                 picked = module.selector(prompts).argmax(-1)
-            runs.append({"routed_to_specialist": float((picked == specialist_of).float().mean()),
-                         "routed_to_specialist_by_domain": {d: float((picked == specialist_of)[domain_rows[d]].float().mean()) for d in domain_rows},
-                         "routed_to_distractor": float(is_distractor[picked].float().mean()),
-                         "bias_specialists": float(error[~is_distractor].mean()),
-                         "bias_distractors": float(error[is_distractor].mean()) if is_distractor.any() else None,
-                         "bias": dict(zip(names, error.tolist())), "steps": fit["steps"]})
+            runs.append(
+                {
+                    "routed_to_specialist": float((picked == specialist_of).float().mean()),
+                    "routed_to_specialist_by_domain": {
+                        d: float((picked == specialist_of)[domain_rows[d]].float().mean()) for d in domain_rows
+                    },
+                    "routed_to_distractor": float(is_distractor[picked].float().mean()),
+                    "bias_specialists": float(error[~is_distractor].mean()),
+                    "bias_distractors": float(error[is_distractor].mean()) if is_distractor.any() else None,
+                    "bias": dict(zip(names, error.tolist())),
+                    "steps": fit["steps"],
+                }
+            )
         summary = {"runs": runs}
         for key in ("routed_to_specialist", "routed_to_distractor", "bias_specialists", "bias_distractors"):
             values = [r[key] for r in runs if r[key] is not None]
             if values:
                 summary[key] = statistics.fmean(values)
                 summary[f"{key}_std"] = _std(values)
-        summary["routed_to_specialist_by_domain"] = {d: statistics.fmean(r["routed_to_specialist_by_domain"][d] for r in runs) for d in domain_rows}
+        summary["routed_to_specialist_by_domain"] = {
+            d: statistics.fmean(r["routed_to_specialist_by_domain"][d] for r in runs) for d in domain_rows
+        }
         results[f"{loss} {weight}" if len(selector_losses) > 1 else str(weight)] = summary
     return {"sources": names, "labelled_rows": len(features), "unlabelled_prompts": len(prompts), "feedback_weights": results}
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Does balancing bias the selector?", "",
-             "The selector fitted on the labelled rows (every source observed) with the feedback loss at each weight; "
-             f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabelled prompts whose "
-             "top-1 source is their domain's specialist, or a distractor. Bias: mean u_i + CE_i on the labelled rows "
-             "(nats; > 0 overrates the source).", "",
-             "| pool | selector loss, feedback weight | routed to the specialist | routed to a distractor | bias, specialists | bias, distractors | routed to the specialist, per domain |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Does balancing bias the selector?",
+        "",
+        "The selector fitted on the labelled rows (every source observed) with the feedback loss at each weight; "
+        f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabelled prompts whose "
+        "top-1 source is their domain's specialist, or a distractor. Bias: mean u_i + CE_i on the labelled rows "
+        "(nats; > 0 overrates the source).",
+        "",
+        "| pool | selector loss, feedback weight | routed to the specialist | routed to a distractor | bias, specialists | bias, distractors | routed to the specialist, per domain |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for pool, entry in report["pools"].items():
         for weight, r in entry["feedback_weights"].items():
             distractors = f"{r['bias_distractors']:+.3f} ± {r['bias_distractors_std']:.3f}" if "bias_distractors" in r else "-"
             by_domain = ", ".join(f"{d} {v:.2f}" for d, v in r.get("routed_to_specialist_by_domain", {}).items())
-            lines.append(f"| {pool} | {weight} | {r['routed_to_specialist']:.4f} ± {r['routed_to_specialist_std']:.4f} | "
-                         f"{r['routed_to_distractor']:.4f} ± {r['routed_to_distractor_std']:.4f} | "
-                         f"{r['bias_specialists']:+.3f} ± {r['bias_specialists_std']:.3f} | {distractors} | {by_domain} |")
+            lines.append(
+                f"| {pool} | {weight} | {r['routed_to_specialist']:.4f} ± {r['routed_to_specialist_std']:.4f} | "
+                f"{r['routed_to_distractor']:.4f} ± {r['routed_to_distractor_std']:.4f} | "
+                f"{r['bias_specialists']:+.3f} ± {r['bias_specialists_std']:.3f} | {distractors} | {by_domain} |"
+            )
     lines += ["", f"Runtime: {report['runtime_seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -122,8 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="a quality bench YAML with unlabelled prompts, e.g. configs/bench_unlabeled.yaml")
     parser.add_argument("--feedback_weights", type=list[float], default=[0.0, 0.1, 1.0])
     parser.add_argument("--seeds", type=list[int], default=[0, 1, 2])
-    parser.add_argument("--selector_losses", type=list[str], default=["mse", "likelihood"],
-                        help="model.selector_loss values to compare (likelihood: onto each response's probability)")
+    parser.add_argument(
+        "--selector_losses",
+        type=list[str],
+        default=["mse", "likelihood"],
+        help="model.selector_loss values to compare (likelihood: onto each response's probability)",
+    )
     parser.add_argument("--output", default="checkpoints/bench/selector")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     with open(args.config) as f:

@@ -18,7 +18,6 @@ along training; the entropy curve is the mean token entropy of the training roll
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -72,8 +71,15 @@ def run_variant(name: str, seed: int, model: dict, data: dict, steps: int, every
         phase_steps = steps // len(phases) if index < len(phases) - 1 else steps - (len(phases) - 1) * (steps // len(phases))
         offset = index * (steps // len(phases))
         trainer = L.Trainer(
-            max_steps=phase_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            max_steps=phase_steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
             callbacks=[Curves(evaluate, every, offset, record)],
         )
         trainer.fit(module, datamodule=FusionDataModule(tokenizer=model["student"], **data))
@@ -106,8 +112,12 @@ def make_evaluator(in_rows: list[dict], out_rows: list[dict], max_new_tokens: in
         result = {}
         for name, rows in (("id", in_rows), ("ood", out_rows)):
             accuracy, score = greedy_scores(module.student, module.tokenizer, rows, max_new_tokens)
-            result |= {f"acc_{name}": accuracy, f"acc_{name}_mean": statistics.fmean(accuracy.values()),
-                       f"score_{name}": score, f"score_{name}_mean": statistics.fmean(score.values())}
+            result |= {
+                f"acc_{name}": accuracy,
+                f"acc_{name}_mean": statistics.fmean(accuracy.values()),
+                f"score_{name}": score,
+                f"score_{name}_mean": statistics.fmean(score.values()),
+            }
         module.student.train(was_training)
         return result
 
@@ -154,18 +164,27 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     if start:
-        lines.append(f"| start | {start['acc_id_mean']:.3f} | {start['acc_ood_mean']:.3f} | {start['score_id_mean']:.3f} | {start['score_ood_mean']:.3f} | | | |")
+        lines.append(
+            f"| start | {start['acc_id_mean']:.3f} | {start['acc_ood_mean']:.3f} | {start['score_id_mean']:.3f} | {start['score_ood_mean']:.3f} | | | |"
+        )
     for name, v in report["summary"].items():
         cells = " | ".join(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" for k in ("acc_id", "acc_ood", "score_id", "score_ood", "final_entropy"))
         lines.append(f"| {name} | {cells} | {v['generated_tokens'][0]:.0f} | {v['seconds'][0]:.0f} |")
     if report["summary"]:
         domains = list(next(iter(report["summary"].values()))["acc_id_by_domain"])
-        lines += ["", "Per domain (mean over seeds), in distribution / out of distribution:", "",
-                  "| variant | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        lines += [
+            "",
+            "Per domain (mean over seeds), in distribution / out of distribution:",
+            "",
+            "| variant | " + " | ".join(domains) + " |",
+            "|---|" + "---|" * len(domains),
+        ]
         if start:
             lines.append("| start | " + " | ".join(f"{start['acc_id'][d]:.2f} / {start['acc_ood'][d]:.2f}" for d in domains) + " |")
         for name, v in report["summary"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{v['acc_id_by_domain'][d]:.2f} / {v['acc_ood_by_domain'][d]:.2f}" for d in domains) + " |")
+            lines.append(
+                f"| {name} | " + " | ".join(f"{v['acc_id_by_domain'][d]:.2f} / {v['acc_ood_by_domain'][d]:.2f}" for d in domains) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +197,12 @@ def plot(report: dict, output: str) -> list[str]:
     plt = pyplot()
 
     paths = []
-    panels = [("accuracy_id", "acc_id_mean", "accuracy in distribution"), ("accuracy_ood", "acc_ood_mean", "accuracy out of distribution"),
-              ("score_ood", "score_ood_mean", "task score out of distribution"), ("entropy", None, "rollout entropy (nats)")]
+    panels = [
+        ("accuracy_id", "acc_id_mean", "accuracy in distribution"),
+        ("accuracy_ood", "acc_ood_mean", "accuracy out of distribution"),
+        ("score_ood", "score_ood_mean", "task score out of distribution"),
+        ("entropy", None, "rollout entropy (nats)"),
+    ]
     for filename, key, label in panels:
         figure, axis = plt.subplots(figsize=(6, 4))
         for name in dict.fromkeys(r["variant"] for r in report["runs"]):
@@ -218,7 +241,9 @@ def write_report(report: dict, output: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m fusion.bench srft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion.bench srft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/srft.yaml", help="SRFT config whose model and data sections are the base settings")
     parser.add_argument("--quick", action="store_true", help="one seed, 20 steps, 25 evaluation prompts per domain (about 2 minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -227,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_size", type=int, default=100, help="evaluation prompts per domain, in and out of distribution")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--init_from", default=None, help="override the config's model.init_from")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; tiny models decode faster on one (and the machine is shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; tiny models decode faster on one (and the machine is shared)"
+    )
     parser.add_argument("--output", default="checkpoints/bench/srft")
     args = parser.parse_args(argv)
     if args.quick:
@@ -246,10 +273,19 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = os.path.join(args.output, "phases")
     os.makedirs(workdir, exist_ok=True)
     report = {
-        "settings": {"steps": args.steps, "eval_every": args.eval_every, "eval_size": args.eval_size, "seeds": args.seeds,
-                     "variants": {name: VARIANTS[name] for name in args.variants}, "init_from": model.get("init_from"),
-                     "batch_size": data.get("batch_size", 32), "num_generations": model.get("num_generations", 8),
-                     "threads": args.threads, "model": model, "data": data},
+        "settings": {
+            "steps": args.steps,
+            "eval_every": args.eval_every,
+            "eval_size": args.eval_size,
+            "seeds": args.seeds,
+            "variants": {name: VARIANTS[name] for name in args.variants},
+            "init_from": model.get("init_from"),
+            "batch_size": data.get("batch_size", 32),
+            "num_generations": model.get("num_generations", 8),
+            "threads": args.threads,
+            "model": model,
+            "data": data,
+        },
         "runs": [],
     }
     started = time.time()
@@ -258,7 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             run = run_variant(name, seed, model, data, args.steps, args.eval_every, evaluate, workdir)
             report["runs"].append(run)
             last = run["points"][-1]
-            print(f"{name} seed {seed}: acc in {last['acc_id_mean']:.3f}, out {last['acc_ood_mean']:.3f} ({run['seconds']:.0f} s)", flush=True)
+            print(
+                f"{name} seed {seed}: acc in {last['acc_id_mean']:.3f}, out {last['acc_ood_mean']:.3f} ({run['seconds']:.0f} s)", flush=True
+            )
             report["seconds"] = time.time() - started
             write_report(report, args.output)
     print("\n" + markdown(report) + f"\ntotal {time.time() - started:.0f} s; written to {args.output}")

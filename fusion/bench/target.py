@@ -39,8 +39,12 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
     from fusion.stages.fusion import FusionDistillModule
 
     model = bench["train"]["model"]
-    module = FusionDistillModule(student=model["student"], sources=bench["pools"][pool], fusion="uniform",
-                                 **{k: model[k] for k in ("source_top_k", "temperature", "unaligned", "vocab_map") if k in model})
+    module = FusionDistillModule(
+        student=model["student"],
+        sources=bench["pools"][pool],
+        fusion="uniform",
+        **{k: model[k] for k in ("source_top_k", "temperature", "unaligned", "vocab_map") if k in model},
+    )
     data = FusionDataModule(tokenizer=model["student"], **{**bench["train"]["data"], "unlabeled_size": 0})
     data.load()
     module.trainer = SimpleNamespace(datamodule=data)
@@ -73,8 +77,11 @@ def measure(bench: dict, pool: str, rows: int | None = None) -> dict:
             value = (torch.xlogy(p, p) - torch.xlogy(p, q.clamp(min=1e-12))).sum(-1) + torch.xlogy(tail_p, tail_p) - tail_p * tail_q.log()
             kl.append(value[both])
         name = " + ".join(module.settings.source_names[i] for i in pair)
-        results[name] = {"positions": int(sum(len(m) for m in misplaced)),
-                         "misplaced_mass": _quantiles(torch.cat(misplaced)), "kl_exact_to_cached": _quantiles(torch.cat(kl))}
+        results[name] = {
+            "positions": int(sum(len(m) for m in misplaced)),
+            "misplaced_mass": _quantiles(torch.cat(misplaced)),
+            "kl_exact_to_cached": _quantiles(torch.cat(kl)),
+        }
     return results
 
 
@@ -94,13 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
         bench = yaml.safe_load(f)
     torch.set_num_threads(2)
     results = measure(bench, args.pool, args.rows)
-    print(f"pool {args.pool}, K = {bench['train']['model'].get('source_top_k', 10)}, pairs of sources with equal weights, "
-          "per trained position where both speak:\n")
+    print(
+        f"pool {args.pool}, K = {bench['train']['model'].get('source_top_k', 10)}, pairs of sources with equal weights, "
+        "per trained position where both speak:\n"
+    )
     print("| sources | positions | misplaced mass: mean | p95 | max | KL(exact || cached): mean | p95 | max |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         m, k = r["misplaced_mass"], r["kl_exact_to_cached"]
-        print(f"| {name} | {r['positions']} | {m['mean']:.4f} | {m['p95']:.4f} | {m['max']:.4f} | {k['mean']:.4f} | {k['p95']:.4f} | {k['max']:.4f} |")
+        print(
+            f"| {name} | {r['positions']} | {m['mean']:.4f} | {m['p95']:.4f} | {m['max']:.4f} | {k['mean']:.4f} | {k['p95']:.4f} | {k['max']:.4f} |"
+        )
     atomic_write_json(os.path.join(args.output, "report.json"), {"config": args.config, "pool": args.pool, "results": results})
     return results
 

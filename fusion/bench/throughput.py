@@ -19,7 +19,6 @@ its plain forward.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -32,7 +31,9 @@ METHODS = ("sft", "selector-cached", "selector-online", "avgce-online")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fusion.bench throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion.bench throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        architecture = syn.Architecture(family="qwen2", hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4,
-                                        intermediate_size=4 * args.hidden_size)
+        architecture = syn.Architecture(
+            family="qwen2", hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, intermediate_size=4 * args.hidden_size
+        )
         paths = syn.make_setup(root, args.vocab, rows=args.batch_size * 4, architecture=architecture)
         data = syn.data_module(paths, args.batch_size)
         cache_dir = os.path.join(root, "cache")
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     per_step = {name: s / args.steps for name, s in seconds.items()}
     t_sft, t_source = per_step["sft"], source_seconds / args.steps
     ideal = {"selector-online": t_sft / (t_sft + 2 * t_source), "avgce-online": t_sft / (t_sft + 4 * t_source)}
-    print(f"\nvocabulary {args.vocab}, batch {args.batch_size}, hidden size {args.hidden_size}, {args.layers} layers, "
-          f"{args.steps} timed steps per method, N = 4, k = 2, K = 10")
+    print(
+        f"\nvocabulary {args.vocab}, batch {args.batch_size}, hidden size {args.hidden_size}, {args.layers} layers, "
+        f"{args.steps} timed steps per method, N = 4, k = 2, K = 10"
+    )
     ideal["selector-cached"] = 1.0
     runs = {"selector-online": 2, "avgce-online": 4}  # sources run per sequence
     # What one source costs inside the step, as a multiple of its forward timed alone.
@@ -97,12 +101,23 @@ def main(argv: list[str] | None = None) -> None:
         ideal_cells = f"{ideal[name]:.2f} | {ratio / ideal[name]:.2f}" if name in ideal else "- | -"
         source_cell = f"{per_source[name]:.2f}" if name in per_source else "-"
         print(f"| {name} | {1 / per_step[name]:.2f} | {ratio:.2f} | {ideal_cells} | {source_cell} |")
-    print(f"\nselector-online is {per_step['avgce-online'] / per_step['selector-online']:.2f}x faster than avgce-online "
-          f"(ideal {(t_sft + 4 * t_source) / (t_sft + 2 * t_source):.2f}x); one source forward {t_source * 1000:.0f} ms, the SFT step {t_sft * 1000:.0f} ms")
+    print(
+        f"\nselector-online is {per_step['avgce-online'] / per_step['selector-online']:.2f}x faster than avgce-online "
+        f"(ideal {(t_sft + 4 * t_source) / (t_sft + 2 * t_source):.2f}x); one source forward {t_source * 1000:.0f} ms, the SFT step {t_sft * 1000:.0f} ms"
+    )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    report = {"vocab": args.vocab, "batch_size": args.batch_size, "hidden_size": args.hidden_size, "layers": args.layers, "steps": args.steps, "seconds_per_step": per_step,
-              "source_forward_seconds": t_source, "ratio_to_sft": {n: t_sft / per_step[n] for n in METHODS}, "ideal_ratio": ideal,
-              "source_cost_over_forward": per_source}
+    report = {
+        "vocab": args.vocab,
+        "batch_size": args.batch_size,
+        "hidden_size": args.hidden_size,
+        "layers": args.layers,
+        "steps": args.steps,
+        "seconds_per_step": per_step,
+        "source_forward_seconds": t_source,
+        "ratio_to_sft": {n: t_sft / per_step[n] for n in METHODS},
+        "ideal_ratio": ideal,
+        "source_cost_over_forward": per_source,
+    }
     atomic_write_json(args.output, report)
 
 

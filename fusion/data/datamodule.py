@@ -9,14 +9,14 @@ import os
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fusion.data import IGNORE_INDEX, tasks
-from fusion.utils.resume import ResumableLoader, WeightedDomainSampler, run_seed
 from fusion.data.tokenizer import load_tokenizer
+from fusion.utils.resume import ResumableLoader, WeightedDomainSampler, run_seed
 
 SPLITS = ("train", "val", "test")
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -47,27 +47,32 @@ class ChatFormat:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, key: str = "data.chat_template"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{key}: the tokenizer {tokenizer.name_or_path!r} has no chat template (no chat_template in its "
-                             f"tokenizer_config.json or chat_template.jinja); use an instruct model's tokenizer, or set {key}: false "
-                             "to train on the raw prompt text")
+            raise ValueError(
+                f"{key}: the tokenizer {tokenizer.name_or_path!r} has no chat template (no chat_template in its "
+                f"tokenizer_config.json or chat_template.jinja); use an instruct model's tokenizer, or set {key}: false "
+                "to train on the raw prompt text"
+            )
         self.tokenizer = tokenizer
         marker = "\x1fRESPONSE\x1f"
         turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
         text = tokenizer.apply_chat_template(turns, tokenize=False)
-        after = text[text.index(marker) + len(marker):] if marker in text else ""
+        after = text[text.index(marker) + len(marker) :] if marker in text else ""
         after_ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         self.end_id: int = after_ids[0] if after_ids else tokenizer.eos_token_id
         self.template = tokenizer.chat_template  # what the encoding depends on (cache fingerprints)
         if self.end_id != tokenizer.eos_token_id:
-            rank_zero_warn(f"{key}: responses end with the template's end of turn {tokenizer.convert_ids_to_tokens(self.end_id)!r}, "
-                           f"but generation stops at eos {tokenizer.eos_token!r}: evaluation answers may run past the end of turn")
+            rank_zero_warn(
+                f"{key}: responses end with the template's end of turn {tokenizer.convert_ids_to_tokens(self.end_id)!r}, "
+                f"but generation stops at eos {tokenizer.eos_token!r}: evaluation answers may run past the end of turn"
+            )
 
     def render(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int,
-           chat: ChatFormat | None = None) -> dict[str, Any]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None, max_length: int, chat: ChatFormat | None = None
+) -> dict[str, Any]:
     """`[bos] prompt response [eos]`; labels only on response and eos. Long prompts lose their start.
 
     With no response (a prompt without an answer yet) the sequence is `[bos] prompt` and no
@@ -109,8 +114,9 @@ def _assemble(prompt_ids: list[int], response_ids: list[int] | None, eos_id: int
 FEATURES = ("input_ids", "labels", "prompt_length", "truncated")  # what `encode` returns
 
 
-def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str | None], max_length: int,
-                 chat: ChatFormat | None = None) -> dict[str, list]:
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str | None], max_length: int, chat: ChatFormat | None = None
+) -> dict[str, list]:
     """`encode` of many rows, with one tokenizer call for the prompts and one for the responses:
     the same ids, as columns (a `FEATURES` key -> one value per row)."""
     prompt_ids = _prompt_ids(tokenizer, prompts, chat)
@@ -126,8 +132,14 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], respons
     return columns
 
 
-def encode_table(table, tokenizer: PreTrainedTokenizerBase, prompt_column: str, response_column: str | None, max_length: int,
-                 chat: ChatFormat | None = None):
+def encode_table(
+    table,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_column: str,
+    response_column: str | None,
+    max_length: int,
+    chat: ChatFormat | None = None,
+):
     """A `datasets.Dataset` of rows -> the `datasets.Dataset` of their `encode` features, one row
     each, in order, by `Dataset.map` in batches. A table read from files (or a `datasets` name)
     keeps the result in its cache, keyed by datasets' fingerprint of the table, the tokenizer and
@@ -136,8 +148,10 @@ def encode_table(table, tokenizer: PreTrainedTokenizerBase, prompt_column: str, 
 
     def encode_rows(batch: dict[str, list]) -> dict[str, list]:
         prompts = [str(value) for value in batch[prompt_column]]
-        responses = [None if response_column is None or _empty(value) else str(value)
-                     for value in (batch[response_column] if response_column is not None else [None] * len(prompts))]
+        responses = [
+            None if response_column is None or _empty(value) else str(value)
+            for value in (batch[response_column] if response_column is not None else [None] * len(prompts))
+        ]
         return encode_batch(tokenizer, prompts, responses, max_length, chat)
 
     return table.map(encode_rows, batched=True, num_proc=None, remove_columns=table.column_names, desc="data: tokenizing")
@@ -211,9 +225,11 @@ def _table(dataset: str, split: str):
         whole = _read_file(dataset)
         if len(whole) < MIN_ONE_FILE_ROWS:
             sizes = one_file_split_sizes(MIN_ONE_FILE_ROWS)
-            raise ValueError(f"data.dataset {dataset!r}: {len(whole)} row{'s' if len(whole) != 1 else ''}; one file is split 80/10/10 "
-                             f"into train, val and test, which needs at least {MIN_ONE_FILE_ROWS} rows (then {sizes['train']}, "
-                             f"{sizes['val']} and {sizes['test']}). Add rows, or give a directory with train, val and test files")
+            raise ValueError(
+                f"data.dataset {dataset!r}: {len(whole)} row{'s' if len(whole) != 1 else ''}; one file is split 80/10/10 "
+                f"into train, val and test, which needs at least {MIN_ONE_FILE_ROWS} rows (then {sizes['train']}, "
+                f"{sizes['val']} and {sizes['test']}). Add rows, or give a directory with train, val and test files"
+            )
         # One file: a fixed 80/10/10 split by a fixed seed, so every run sees the same test rows.
         parts = whole.train_test_split(test_size=HELD_OUT, seed=0)
         held_out = parts["test"].train_test_split(test_size=TEST_OF_HELD_OUT, seed=0)
@@ -232,12 +248,7 @@ def _empty(value: Any) -> bool:
 
 
 def load_rows(
-    dataset: str,
-    split: str,
-    prompt_column: str,
-    response_column: str,
-    domain_column: str | None,
-    missing_response: str = "error",
+    dataset: str, split: str, prompt_column: str, response_column: str, domain_column: str | None, missing_response: str = "error"
 ) -> list[dict[str, Any]]:
     """Rows of a local directory ({split}.jsonl or .parquet), a local file, or a `datasets` name.
 
@@ -249,8 +260,9 @@ def load_rows(
     return _table_rows(path, table, split, prompt_column, response_column, domain_column, missing_response)
 
 
-def _table_rows(path: str, table, split: str, prompt_column: str, response_column: str, domain_column: str | None,
-                missing_response: str) -> list[dict[str, Any]]:
+def _table_rows(
+    path: str, table, split: str, prompt_column: str, response_column: str, domain_column: str | None, missing_response: str
+) -> list[dict[str, Any]]:
     """`load_rows` of a table already read: one row per record, in order, or an error."""
     columns = {"prompt": prompt_column, "response": response_column} | ({"domain": domain_column} if domain_column else {})
     _check_columns(path, table, columns)
@@ -261,8 +273,11 @@ def _table_rows(path: str, table, split: str, prompt_column: str, response_colum
             raise ValueError(f"{path}: row {index} has an empty {columns[field]!r} (data.{field}_column)")
         if _empty(record[response_column]):
             if split != "train" or missing_response != "unlabeled":
-                hint = (" (val and test rows need their answer)" if split != "train"
-                        else "; if the corpus has prompts without answers, set data.missing_response: unlabeled")
+                hint = (
+                    " (val and test rows need their answer)"
+                    if split != "train"
+                    else "; if the corpus has prompts without answers, set data.missing_response: unlabeled"
+                )
                 raise ValueError(f"{path}: row {index} has an empty {response_column!r} (data.response_column), in the {split} split{hint}")
             rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if domain_column else "default"))
             continue
@@ -368,10 +383,14 @@ class FusionDataModule(L.LightningDataModule):
         if (min(per_domain.values(), default=0) if per_domain else unlabeled_size) < 0:
             raise ValueError(f"data.unlabeled_size must be at least 0 (a number, or domain -> number), got {unlabeled_size}")
         if set(per_domain) - set(domains):
-            raise ValueError(f"data.unlabeled_size names domains {sorted(set(per_domain) - set(domains))} that data.domains {domains} does not have")
+            raise ValueError(
+                f"data.unlabeled_size names domains {sorted(set(per_domain) - set(domains))} that data.domains {domains} does not have"
+            )
         if unlabeled_size and dataset != "suite":
-            raise ValueError("data.unlabeled_size draws prompts from the embedded suite (data.dataset: suite); "
-                             "for your own data use data.unlabeled_file or data.missing_response: unlabeled")
+            raise ValueError(
+                "data.unlabeled_size draws prompts from the embedded suite (data.dataset: suite); "
+                "for your own data use data.unlabeled_file or data.missing_response: unlabeled"
+            )
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
         if missing_response not in ("error", "unlabeled"):
@@ -434,15 +453,20 @@ class FusionDataModule(L.LightningDataModule):
                 table, prompts = _prompt_table(h.unlabeled_file, h.prompt_column, h.domain_column)
                 self._tables["unlabeled_file"] = (table, h.prompt_column, None)
                 self._origins["unlabeled"] = self._origins.get("unlabeled", [None] * len(rows["unlabeled"])) + [
-                    ("unlabeled_file", index) for index in range(len(prompts))]
+                    ("unlabeled_file", index) for index in range(len(prompts))
+                ]
                 rows["unlabeled"] += prompts
             if h.chat_template and rows["unlabeled"]:
-                raise ValueError("data.chat_template applies to labelled rows only: the answers written for unlabelled prompts are "
-                                 "encoded from the raw prompt; leave out the unlabelled prompts (data.unlabeled_size, "
-                                 "data.unlabeled_file, data.missing_response) or set data.chat_template: false")
+                raise ValueError(
+                    "data.chat_template applies to labelled rows only: the answers written for unlabelled prompts are "
+                    "encoded from the raw prompt; leave out the unlabelled prompts (data.unlabeled_size, "
+                    "data.unlabeled_file, data.missing_response) or set data.chat_template: false"
+                )
             if not rows["train"]:
-                raise ValueError(f"data.dataset {h.dataset!r}: the train split has no labelled row; the fusion corpus needs some "
-                                 "gold answers (they are how sources are weighed and the selector learns)")
+                raise ValueError(
+                    f"data.dataset {h.dataset!r}: the train split has no labelled row; the fusion corpus needs some "
+                    "gold answers (they are how sources are weighed and the selector learns)"
+                )
             self.rows = rows
         return self.rows
 
@@ -475,8 +499,13 @@ class FusionDataModule(L.LightningDataModule):
                         features[i] = {name: columns[name][origin[1]] for name in FEATURES}
             python = [i for i, origin in enumerate(origins) if origin is None]
             if python:
-                columns = encode_batch(self.tokenizer, [rows[i]["prompt"] for i in python], [rows[i]["response"] for i in python],
-                                       self.hparams.max_length, self.chat)
+                columns = encode_batch(
+                    self.tokenizer,
+                    [rows[i]["prompt"] for i in python],
+                    [rows[i]["response"] for i in python],
+                    self.hparams.max_length,
+                    self.chat,
+                )
                 for j, i in enumerate(python):
                     features[i] = {name: columns[name][j] for name in FEATURES}
             self._encoded[key] = [feature | {"row": row} for feature, row in zip(features, rows)]
@@ -490,7 +519,9 @@ class FusionDataModule(L.LightningDataModule):
         self.overlong_counts[split] = overlong
         if overlong:
             action = "truncated from the left" if self.hparams.overlong == "truncate" else "dropped"
-            rank_zero_info(f"data: {overlong} of {len(features)} {split} rows are longer than data.max_length={self.hparams.max_length} and were {action} (data.overlong)")
+            rank_zero_info(
+                f"data: {overlong} of {len(features)} {split} rows are longer than data.max_length={self.hparams.max_length} and were {action} (data.overlong)"
+            )
             if self.hparams.overlong == "drop":
                 features = [f for f in features if not f["truncated"]]
                 if not features:
@@ -512,14 +543,31 @@ class FusionDataModule(L.LightningDataModule):
         curriculum, sampler = getattr(module, "curriculum", None), None
         if curriculum is not None:
             index = {domain: i for i, domain in enumerate(curriculum.domains)}
-            sampler = WeightedDomainSampler(features, [index[f["row"]["domain"]] for f in features], len(index), curriculum.weights,
-                                            num_replicas=replicas, rank=rank, seed=run_seed())
-        return ResumableLoader(features, batch_size=self.hparams.batch_size, seed=run_seed(), num_replicas=replicas, rank=rank,
-                               sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=self._collate)
+            sampler = WeightedDomainSampler(
+                features,
+                [index[f["row"]["domain"]] for f in features],
+                len(index),
+                curriculum.weights,
+                num_replicas=replicas,
+                rank=rank,
+                seed=run_seed(),
+            )
+        return ResumableLoader(
+            features,
+            batch_size=self.hparams.batch_size,
+            seed=run_seed(),
+            num_replicas=replicas,
+            rank=rank,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate,
+        )
 
     def _eval_loader(self, split: str) -> DataLoader:
         # Under DDP, Lightning gives each process every world_size-th row (DistributedSampler).
-        return DataLoader(self._features(split), batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers, collate_fn=self._collate)
+        return DataLoader(
+            self._features(split), batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers, collate_fn=self._collate
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Callable
+from functools import cache
+from typing import Any
 
 import reasoning_gym
 
@@ -26,25 +27,17 @@ class Domain:
 
 
 DOMAINS: dict[str, Domain] = {
-    "spell_backward": Domain(
-        "spell_backward",
-        {"min_word_len": 3, "max_word_len": 5},
-        lambda e: f"backward {e['metadata']['word']}=",
-    ),
+    "spell_backward": Domain("spell_backward", {"min_word_len": 3, "max_word_len": 5}, lambda e: f"backward {e['metadata']['word']}="),
     "word_sorting": Domain(
         "word_sorting",
         {"min_words": 2, "max_words": 2, "min_word_length": 3, "max_word_length": 5},
         lambda e: f"sort{'<' if e['metadata']['direction'] == 'ascending' else '>'} {', '.join(e['metadata']['original_words'])}=",
     ),
     "word_sequence_reversal": Domain(
-        "word_sequence_reversal",
-        {"min_words": 2, "max_words": 3},
-        lambda e: f"reverse {', '.join(e['metadata']['words'])}=",
+        "word_sequence_reversal", {"min_words": 2, "max_words": 3}, lambda e: f"reverse {', '.join(e['metadata']['words'])}="
     ),
     "chain_sum": Domain(
-        "chain_sum",
-        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-        lambda e: f"{e['metadata']['expression']}=",
+        "chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, lambda e: f"{e['metadata']['expression']}="
     ),
 }
 DEFAULT_DOMAINS = list(DOMAINS)
@@ -124,7 +117,7 @@ def build_splits(domains: list[str], sizes: dict[str, int | dict[str, int]], see
     return splits
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scorer(domain: str):
     spec = DOMAINS[domain]
     return reasoning_gym.create_dataset(spec.generator, size=1, seed=0, **spec.settings)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,8 +21,9 @@ ALPHABET = [chr(code) for code in range(32, 127)]  # printable ASCII, space incl
 
 def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
     """A `tokenizers` backend as a transformers tokenizer with the zoo's special tokens."""
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", padding_side="right"
+    )
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -59,13 +59,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: boo
         raise ValueError(f"vocab_size must exceed {256 + len(SPECIAL_TOKENS)} (bytes and specials), got {vocab_size}")
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     backend.train_from_iterator(texts, trainer=trainer)
     return _wrap(backend)

@@ -41,7 +41,9 @@ def rule_weights(rule: str, quality: torch.Tensor | None, ce: torch.Tensor, tau:
     return torch.full_like(ce, 1.0 / ce.shape[-1])  # equal
 
 
-def fusion_weights(rule: str, quality: torch.Tensor | None, ce: torch.Tensor, valid: torch.Tensor, tau: float, gamma: float) -> torch.Tensor:
+def fusion_weights(
+    rule: str, quality: torch.Tensor | None, ce: torch.Tensor, valid: torch.Tensor, tau: float, gamma: float
+) -> torch.Tensor:
     """`rule_weights` over the sources usable on each row. [B, k] x3 -> [B, k]
 
     A source with non-finite logits on a sequence (`valid` False) is skipped there: weight 0, and

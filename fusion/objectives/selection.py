@@ -128,5 +128,9 @@ def fit_selector(
         best = torch.where(observed, -ce, float("-inf")).argmax(-1)
         rows = observed.any(-1)
         agreement = (quality.argmax(-1) == best)[rows].float().mean() if rows.any() else torch.tensor(0.0)
-        return {"steps": steps, "held_out_loss": held_out_loss, "selector_loss": float(selector_loss(quality, ce, observed, loss)),
-                "top1_agreement": float(agreement)}
+        return {
+            "steps": steps,
+            "held_out_loss": held_out_loss,
+            "selector_loss": float(selector_loss(quality, ce, observed, loss)),
+            "top1_agreement": float(agreement),
+        }

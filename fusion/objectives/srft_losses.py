@@ -66,9 +66,9 @@ def entropy_levels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """H for each demo token [B, T] and each rollout token [B, G, T], detached.
 
-        token     every token its own entropy (demo tokens: the entropy at that demo position)
-        sequence  a rollout: its own mean token entropy; a demo: the mean over its prompt's rollouts
-        batch     one number: the mean token entropy over all rollouts of the batch
+    token     every token its own entropy (demo tokens: the entropy at that demo position)
+    sequence  a rollout: its own mean token entropy; a demo: the mean over its prompt's rollouts
+    batch     one number: the mean token entropy over all rollouts of the batch
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"model.entropy_granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -115,7 +115,9 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model["type"] == "WordPiece":
-        raise ValueError(f"tokenizer {tokenizer_name(tokenizer)!r} is WordPiece, whose tokens drop whitespace; alignment needs tokens that spell the text")
+        raise ValueError(
+            f"tokenizer {tokenizer_name(tokenizer)!r} is WordPiece, whose tokens drop whitespace; alignment needs tokens that spell the text"
+        )
     components = _component_types(spec.get("pre_tokenizer")) + _component_types(spec.get("decoder"))
     byte_level = any(c["type"] == "ByteLevel" for c in components)
     markers = {c.get("replacement", "▁") for c in components if c["type"] == "Metaspace"}
@@ -285,7 +287,11 @@ class Aligner:
 
         # Inside a source token: the column of the token covering byte c, and how far into it c is.
         token_sizes = token_ends - token_starts  # [M] bytes per token (0 for a dummy prefix space)
-        covered = np.repeat(base[token_row] + token_starts, token_sizes) + np.arange(token_sizes.sum()) - np.repeat(token_sizes.cumsum() - token_sizes, token_sizes)
+        covered = (
+            np.repeat(base[token_row] + token_starts, token_sizes)
+            + np.arange(token_sizes.sum())
+            - np.repeat(token_sizes.cumsum() - token_sizes, token_sizes)
+        )
         covering = np.full(len(first), -1, dtype=np.int64)
         covering[covered] = np.repeat(np.arange(len(token_col)), token_sizes)  # index into the [M] arrays
         token = np.where(inside & (source_next < 0), covering[base[:, None] + np.clip(following, 0, text_size[:, None])], -1)

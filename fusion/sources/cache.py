@@ -146,19 +146,21 @@ def rows_to_records(batch: dict, out: SourceOutputs, selected: torch.Tensor) -> 
     for b, row in enumerate(batch["rows"]):
         positions = trained[b].nonzero().squeeze(-1)
         answer = answers[b] or {}
-        records.append({
-            "key": row_key(row),
-            "positions": len(positions),
-            "sources": selected[b].tolist(),
-            "ce": out.ce[b].tolist(),
-            "valid": out.valid[b].tolist(),
-            "ids": out.ids[b][:, positions].cpu(),  # [k, P, K]
-            "logprobs": out.logprobs[b][:, positions].cpu(),
-            "aligned": out.aligned[b][:, positions].cpu(),  # [k, P]
-            "answer": answer.get("text"),
-            "writer": answer.get("writer", -1),
-            "generations": answer.get("generations", 0),
-        })
+        records.append(
+            {
+                "key": row_key(row),
+                "positions": len(positions),
+                "sources": selected[b].tolist(),
+                "ce": out.ce[b].tolist(),
+                "valid": out.valid[b].tolist(),
+                "ids": out.ids[b][:, positions].cpu(),  # [k, P, K]
+                "logprobs": out.logprobs[b][:, positions].cpu(),
+                "aligned": out.aligned[b][:, positions].cpu(),  # [k, P]
+                "answer": answer.get("text"),
+                "writer": answer.get("writer", -1),
+                "generations": answer.get("generations", 0),
+            }
+        )
     return records
 
 
@@ -167,19 +169,21 @@ def write_shard(directory: str, name: str, records: list[dict], vocab_size: int)
     import datasets
 
     id_type = "uint16" if vocab_size < 65535 else "int32"  # 65535 stands for an empty slot
-    features = datasets.Features({
-        "key": datasets.Value("string"),
-        "positions": datasets.Value("int32"),
-        "sources": datasets.Sequence(datasets.Value("int16")),  # the sources stored, in the order of the arrays below
-        "ce": datasets.Sequence(datasets.Value("float32")),
-        "valid": datasets.Sequence(datasets.Value("bool")),
-        "ids": datasets.Sequence(datasets.Value(id_type)),  # N * P * K, flattened; -1 stored as the max value
-        "logprobs": datasets.Sequence(datasets.Value("float16")),
-        "aligned": datasets.Sequence(datasets.Value("bool")),
-        "answer": datasets.Value("string"),  # null for a labelled row
-        "writer": datasets.Value("int16"),  # the source whose answer it is (-1: gold)
-        "generations": datasets.Value("int16"),  # sources that wrote an answer for this prompt
-    })
+    features = datasets.Features(
+        {
+            "key": datasets.Value("string"),
+            "positions": datasets.Value("int32"),
+            "sources": datasets.Sequence(datasets.Value("int16")),  # the sources stored, in the order of the arrays below
+            "ce": datasets.Sequence(datasets.Value("float32")),
+            "valid": datasets.Sequence(datasets.Value("bool")),
+            "ids": datasets.Sequence(datasets.Value(id_type)),  # N * P * K, flattened; -1 stored as the max value
+            "logprobs": datasets.Sequence(datasets.Value("float16")),
+            "aligned": datasets.Sequence(datasets.Value("bool")),
+            "answer": datasets.Value("string"),  # null for a labelled row
+            "writer": datasets.Value("int16"),  # the source whose answer it is (-1: gold)
+            "generations": datasets.Value("int16"),  # sources that wrote an answer for this prompt
+        }
+    )
     columns = {
         "key": [r["key"] for r in records],
         "positions": [r["positions"] for r in records],
@@ -198,8 +202,13 @@ def write_shard(directory: str, name: str, records: list[dict], vocab_size: int)
     with atomic_directory(final) as temporary:  # complete, or not there under its name
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(temporary)
         files = sorted(f for f in os.listdir(temporary) if os.path.isfile(os.path.join(temporary, f)))
-        manifest = {"rows": len(records), "files": {f: {"bytes": os.path.getsize(os.path.join(temporary, f)),
-                                                         "sha256": _sha256_files([os.path.join(temporary, f)])} for f in files}}
+        manifest = {
+            "rows": len(records),
+            "files": {
+                f: {"bytes": os.path.getsize(os.path.join(temporary, f)), "sha256": _sha256_files([os.path.join(temporary, f)])}
+                for f in files
+            },
+        }
         atomic_write_json(os.path.join(temporary, "manifest.json"), manifest)
     return final
 
@@ -278,8 +287,12 @@ class SourceCache:
                     self.index[key] = (len(self.blocks) - 1, row, record["positions"], record["sources"])
                     self.ce[key], self.valid[key] = record["ce"], record["valid"]
                     if record["answer"] is not None:
-                        self.answers[key] = {"text": record["answer"], "writer": record["writer"],
-                                             "generations": record["generations"], "sources": record["sources"]}
+                        self.answers[key] = {
+                            "text": record["answer"],
+                            "writer": record["writer"],
+                            "generations": record["generations"],
+                            "sources": record["sources"],
+                        }
                     if self.top is None and record["positions"]:
                         values, offsets = block["ids"]
                         self.top = int(offsets[row + 1] - offsets[row]) // (record["positions"] * len(record["sources"]))
@@ -287,7 +300,9 @@ class SourceCache:
     def _entry(self, row: dict) -> tuple[str, tuple[int, int, int, list[int]]]:
         key = row_key(row)
         if key not in self.index:
-            raise ValueError(f"model.cache_dir {self.directory!r} has no entry for the train row {row['prompt']!r}; rebuild the cache for this data")
+            raise ValueError(
+                f"model.cache_dir {self.directory!r} has no entry for the train row {row['prompt']!r}; rebuild the cache for this data"
+            )
         return key, self.index[key]
 
     def answer(self, row: dict) -> dict:
@@ -295,7 +310,9 @@ class SourceCache:
         writer, generations, and the sources stored along it."""
         key, _ = self._entry(row)
         if key not in self.answers:
-            raise ValueError(f"model.cache_dir {self.directory!r} holds no answer for the unlabelled prompt {row['prompt']!r}; rebuild the cache")
+            raise ValueError(
+                f"model.cache_dir {self.directory!r} holds no answer for the unlabelled prompt {row['prompt']!r}; rebuild the cache"
+            )
         return self.answers[key]
 
     def lookup(self, batch: dict, selected: torch.Tensor) -> tuple[SourceOutputs, torch.Tensor, torch.Tensor]:
@@ -319,12 +336,16 @@ class SourceCache:
             key, (block, record, count, sources) = self._entry(row)
             positions = trained[b].nonzero().squeeze(-1)
             if len(positions) != count:
-                raise ValueError(f"model.cache_dir {self.directory!r}: the row {row['prompt']!r} has {len(positions)} trained tokens here and {count} in the cache")
+                raise ValueError(
+                    f"model.cache_dir {self.directory!r}: the row {row['prompt']!r} has {len(positions)} trained tokens here and {count} in the cache"
+                )
             arrays = self.blocks[block]
             for slot, source in enumerate(chosen):
                 if source not in sources:
-                    raise ValueError(f"model.cache_dir {self.directory!r}: source {source} was not run on the row {row['prompt']!r} "
-                                     f"(the cache holds sources {sources}); the cache was answered for other settings")
+                    raise ValueError(
+                        f"model.cache_dir {self.directory!r}: source {source} was not run on the row {row['prompt']!r} "
+                        f"(the cache holds sources {sources}); the cache was answered for other settings"
+                    )
                 at = sources.index(source)
                 for name, width in (("ids", top), ("logprobs", top), ("aligned", 1)):
                     values, offsets = arrays[name]
@@ -364,8 +385,13 @@ def summarize_answers(answers: list[dict], num_sources: int) -> dict:
         if answer["writer"] >= 0 and answer["text"]:
             writers[answer["writer"]] += 1
     generations = sum(a["generations"] for a in answers)
-    return {"prompts": prompts, "generations": generations, "generations_per_prompt": generations / prompts if prompts else 0.0,
-            "empty_answers": sum(not a["text"] for a in answers), "writers": writers}
+    return {
+        "prompts": prompts,
+        "generations": generations,
+        "generations_per_prompt": generations / prompts if prompts else 0.0,
+        "empty_answers": sum(not a["text"] for a in answers),
+        "writers": writers,
+    }
 
 
 def answer_summary(directory: str) -> dict:
@@ -406,7 +432,9 @@ def _open_shard(shard: str):
         path = os.path.join(shard, name)
         size = os.path.getsize(path) if os.path.isfile(path) else None
         if size != expected["bytes"]:
-            raise ValueError(f"cache shard {shard!r}: {name} is {size} bytes, the manifest says {expected['bytes']} (truncated or missing); rebuild the cache")
+            raise ValueError(
+                f"cache shard {shard!r}: {name} is {size} bytes, the manifest says {expected['bytes']} (truncated or missing); rebuild the cache"
+            )
         if _sha256_files([path]) != expected["sha256"]:
             raise ValueError(f"cache shard {shard!r}: {name} does not match its checksum (corrupted); rebuild the cache")
     table = datasets.load_from_disk(shard)

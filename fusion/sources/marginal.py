@@ -81,19 +81,21 @@ class TokenPrefixes:
         rest = np.full(int(length.sum()), DROPPED, dtype=np.int64)
         offset = np.concatenate(([0], length.cumsum()[:-1]))
         for v, piece in enumerate(pieces):
-            for l in range(len(piece) if piece else 0):
-                for n in range(min(longest, len(piece) - l), 0, -1):
-                    found = student.get(piece[l : l + n])
+            for start in range(len(piece) if piece else 0):
+                for n in range(min(longest, len(piece) - start), 0, -1):
+                    found = student.get(piece[start : start + n])
                     if found is not None:
-                        rest[offset[v] + l] = found
+                        rest[offset[v] + start] = found
                         break
         self.pieces = pieces
         self.length = torch.from_numpy(length)
         self.offset, self.rest = torch.from_numpy(offset), torch.from_numpy(rest)
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}
 
-    def to(self, device: torch.device) -> "TokenPrefixes":
-        self.length, self.offset, self.rest, self.sorted_ids = (t.to(device) for t in (self.length, self.offset, self.rest, self.sorted_ids))
+    def to(self, device: torch.device) -> TokenPrefixes:
+        self.length, self.offset, self.rest, self.sorted_ids = (
+            t.to(device) for t in (self.length, self.offset, self.rest, self.sorted_ids)
+        )
         return self
 
     def prefix_range(self, token: int, spelled: int) -> tuple[int, int]:
@@ -108,7 +110,7 @@ class TokenPrefixes:
 
     def bounds(self, tokens: torch.Tensor, spelled: torch.Tensor) -> torch.Tensor:
         """[P, 2] rank ranges [lo, hi) of the tokens beginning with the first `spelled` bytes of `tokens`."""
-        pairs = [self.prefix_range(v, l) for v, l in zip(tokens.tolist(), spelled.tolist())]
+        pairs = [self.prefix_range(v, n) for v, n in zip(tokens.tolist(), spelled.tolist())]
         return torch.tensor(pairs, dtype=torch.long, device=tokens.device).reshape(-1, 2)
 
     def ranges(self, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor):
@@ -166,8 +168,9 @@ def _successor(prefix: bytes) -> bytes | None:
     return trimmed[:-1] + bytes([trimmed[-1] + 1]) if trimmed else None
 
 
-def move_mass(ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, spanning: torch.Tensor, log_mass: torch.Tensor,
-              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def move_mass(
+    ids: torch.Tensor, logprobs: torch.Tensor, first: torch.Tensor, spanning: torch.Tensor, log_mass: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A student token spanning several source tokens, at a shared boundary: its probability along
     the source tokens it holds (`log_mass` [P]) moves to it (`spanning` [P]) from the student token
     its first source token was carried to (`first` [P]). ids, logprobs [P, K] -> the same, top k."""
@@ -196,8 +199,16 @@ def _finite(total: torch.Tensor) -> torch.Tensor:
     return total.clamp(min=torch.finfo(total.dtype).min)
 
 
-def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
-                  k: int, oversample: int = 4, ended: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def marginal_topk(
+    prefixes: TokenPrefixes,
+    logprobs: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    spelled: torch.Tensor,
+    k: int,
+    oversample: int = 4,
+    ended: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely next student tokens inside source tokens, position i read from
     `logprobs[rows[i]]`: [P, k] ids (-1 empty) and log-probs.
 
@@ -221,8 +232,15 @@ def marginal_topk(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.T
     return ids, values
 
 
-def marginal_dense(prefixes: TokenPrefixes, logprobs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, spelled: torch.Tensor,
-                   student_vocab: int, ended: torch.Tensor | None = None) -> torch.Tensor:
+def marginal_dense(
+    prefixes: TokenPrefixes,
+    logprobs: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    spelled: torch.Tensor,
+    student_vocab: int,
+    ended: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The whole next-student-token marginal inside source tokens (position i read from
     `logprobs[rows[i]]`): [P, V_student] log-probs. `ended` [P, V_student] log-probs: as in
     `marginal_topk`, the distribution after the token equal to u, weighted by P(it | u)."""

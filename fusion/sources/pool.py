@@ -29,8 +29,10 @@ BOUNDARY_READS = ("token_end", "prefix")  # model.boundary (see `fusion.sources.
 def check_boundary(boundary: str | None, unaligned: str, null_ok: bool = False) -> None:
     """`model.boundary` against `model.unaligned`: "prefix" reads sources inside their tokens (`marginal`)."""
     if boundary not in (*((None,) if null_ok else ()), *BOUNDARY_READS) or (boundary == "prefix" and unaligned != "marginal"):
-        raise ValueError(f"model.boundary must be {'null or ' if null_ok else ''}one of {BOUNDARY_READS} ('prefix' reads sources inside "
-                         f"their tokens: it needs model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}")
+        raise ValueError(
+            f"model.boundary must be {'null or ' if null_ok else ''}one of {BOUNDARY_READS} ('prefix' reads sources inside "
+            f"their tokens: it needs model.unaligned 'marginal'), got {boundary!r} with unaligned {unaligned!r}"
+        )
 
 
 def source_name(path: str) -> str:
@@ -56,8 +58,9 @@ class SourceOutputs(NamedTuple):
     aligned: torch.Tensor
 
 
-def gold_onehot(ids: torch.Tensor, logprobs: torch.Tensor, aligned: torch.Tensor, valid: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gold_onehot(
+    ids: torch.Tensor, logprobs: torch.Tensor, aligned: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`unaligned: gold_onehot`: where a usable source has no distribution at a trained position,
     a one-hot of the token the student learns along there (probability 1, empty tail), counted
     as aligned. ids, logprobs [B, k, T, K] (written in place), aligned [B, k, T], valid [B, k],
@@ -138,8 +141,14 @@ class SourcePool:
         self.coverage: dict[str, float] = {}  # trained student positions with the source's distribution, in the last run
 
     @classmethod
-    def load(cls, paths: list[str], student_tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
-             trust_remote_code: bool = False, **settings) -> "SourcePool":
+    def load(
+        cls,
+        paths: list[str],
+        student_tokenizer: PreTrainedTokenizerBase,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        **settings,
+    ) -> SourcePool:
         """The sources at `paths` (model directories or hub names), frozen; `settings`: `__init__`'s."""
         models, tokenizers = [], []
         for index, path in enumerate(paths):
@@ -151,7 +160,7 @@ class SourcePool:
     def __len__(self) -> int:
         return len(self.models)
 
-    def to(self, device: torch.device) -> "SourcePool":
+    def to(self, device: torch.device) -> SourcePool:
         if device != self.device:
             self.models = [m.to(device) for m in self.models]
             self.vocab_maps = [m.to(device) if m is not None else None for m in self.vocab_maps]
@@ -265,7 +274,11 @@ class SourcePool:
             boundary = rows[:0] if len(at) == 0 else (~inside[rows, positions]).nonzero(as_tuple=True)[0]
             if len(at):
                 tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
-            spans = self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions) if prefixes is not None else None
+            spans = (
+                self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions)
+                if prefixes is not None
+                else None
+            )
             mix = rows[:0] if from_prefix is None else from_prefix[rows, positions].nonzero(as_tuple=True)[0]  # [P''] of the P
             if len(mix):  # the token ending at the boundary, whole, read before it
                 ended_token = ending[rows[mix], positions[mix]]
@@ -275,7 +288,9 @@ class SourcePool:
                 if len(at):
                     dense[at] = marginal_dense(prefixes, logp, read[at], tokens, spelled, self.vocab_size)
                 if len(mix):
-                    dense[mix] = marginal_dense(prefixes, logp, mix_read, ended_token, prefixes.length[ended_token], self.vocab_size, ended=dense[mix])
+                    dense[mix] = marginal_dense(
+                        prefixes, logp, mix_read, ended_token, prefixes.length[ended_token], self.vocab_size, ended=dense[mix]
+                    )
                 if spans is not None:
                     where, first, spanning, log_mass = spans
                     dense[where] = move_mass_dense(dense[where], first, spanning, log_mass)
@@ -290,11 +305,20 @@ class SourcePool:
                     top_ids[boundary], top_logprobs[boundary] = project_topk(logp[read[boundary]], vocab_map, self.top_k)
                     top_ids[at], top_logprobs[at] = marginal_topk(prefixes, logp, read[at], tokens, spelled, self.top_k)
                 if len(mix):
-                    top_ids[mix], top_logprobs[mix] = marginal_topk(prefixes, logp, mix_read, ended_token, prefixes.length[ended_token],
-                                                                    self.top_k, ended=(top_ids[mix], top_logprobs[mix]))
+                    top_ids[mix], top_logprobs[mix] = marginal_topk(
+                        prefixes,
+                        logp,
+                        mix_read,
+                        ended_token,
+                        prefixes.length[ended_token],
+                        self.top_k,
+                        ended=(top_ids[mix], top_logprobs[mix]),
+                    )
                 if spans is not None:
                     where, first, spanning, log_mass = spans
-                    top_ids[where], top_logprobs[where] = move_mass(top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k)
+                    top_ids[where], top_logprobs[where] = move_mass(
+                        top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k
+                    )
         device = logp.device
         out_ids = torch.full((*usable.shape, self.top_k), -1, device=device)
         out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=device)
@@ -322,7 +346,9 @@ class SourcePool:
         return where, self.vocab_maps[index][source_ids[r, start + 1]], targets[r, t], log_mass
 
     @torch.no_grad()
-    def answer(self, index: int, prompts: list[str], max_new_tokens: int, sampling: bool = False, temperature: float = 1.0) -> tuple[list[str], torch.Tensor]:
+    def answer(
+        self, index: int, prompts: list[str], max_new_tokens: int, sampling: bool = False, temperature: float = 1.0
+    ) -> tuple[list[str], torch.Tensor]:
         """Source `index` answers each prompt in its own tokens: `[bos] prompt`, then greedy
         decoding (or sampling at `temperature`) up to its eos or `max_new_tokens`.
 
@@ -332,12 +358,23 @@ class SourcePool:
         tokenizer, model = self.tokenizers[index], self.models[index]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         width = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-        features = [encode(tokenizer, prompt, None, max(1, width - max_new_tokens)) | {"row": {"prompt": prompt, "response": None}} for prompt in prompts]
+        features = [
+            encode(tokenizer, prompt, None, max(1, width - max_new_tokens)) | {"row": {"prompt": prompt, "response": None}}
+            for prompt in prompts
+        ]
         batch = collate(features, pad)
         prompt_ids, attention = batch["prompt_ids"].to(self.device), batch["prompt_attention_mask"].to(self.device)
         options = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sampling else {"do_sample": False}
-        output = model.generate(input_ids=prompt_ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True, **options)
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **options,
+        )
         generated = output.sequences[:, prompt_ids.shape[1] :]  # [R, L]
         # A token counts up to and including the first eos; what generate pads after it does not.
         is_eos = generated == tokenizer.eos_token_id

@@ -43,8 +43,9 @@ def write_answers(rows: list[dict], sources: list[list[int]], pool: SourcePool, 
     texts: dict[tuple[int, int], tuple[str, float]] = {}  # (row, source) -> (answer, log-prob per student token)
     for source in sorted({s for w in writers for s in w}):
         mine = [i for i, w in enumerate(writers) if source in w]
-        written, logprob = pool.answer(source, [prompts[i] for i in mine], settings.response_max_new_tokens, settings.response_sampling,
-                                       settings.response_temperature)
+        written, logprob = pool.answer(
+            source, [prompts[i] for i in mine], settings.response_max_new_tokens, settings.response_sampling, settings.response_temperature
+        )
         for i, text, value in zip(mine, written, logprob.tolist()):
             text = text.strip()
             tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + eos

@@ -37,8 +37,14 @@ def correct(answers: list[str], rows: list[dict]) -> list[bool]:
     return [tasks.is_correct(row["domain"], answer, row) for answer, row in zip(answers, rows)]
 
 
-def model_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int = 24,
-                   batch_size: int = 200, max_length: int = 64) -> dict[str, float]:
+def model_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    max_new_tokens: int = 24,
+    batch_size: int = 200,
+    max_length: int = 64,
+) -> dict[str, float]:
     """Greedy exact-match accuracy per domain of `model` reading `rows` in its own tokens:
     `[bos] prompt`, then at most `max_new_tokens` of its own tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -52,13 +58,21 @@ def model_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     return {domain: sum(v) / len(v) for domain, v in sorted(hits.items())}
 
 
-def source_accuracy(path: str, rows: list[dict], max_new_tokens: int, key: str = "model.sources", dtype: str = "float32",
-                    trust_remote_code: bool = False, max_length: int = 64) -> dict[str, float]:
+def source_accuracy(
+    path: str,
+    rows: list[dict],
+    max_new_tokens: int,
+    key: str = "model.sources",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    max_length: int = 64,
+) -> dict[str, float]:
     """A source's own greedy accuracy per domain on `rows` (its model and tokenizer, its own
     decoding budget in its own tokens): the ceiling a student distilled from it is measured against."""
     path = resolve_model_path(path, key)
-    return model_accuracy(load_frozen(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code), rows,
-                          max_new_tokens, max_length=max_length)
+    return model_accuracy(
+        load_frozen(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code), rows, max_new_tokens, max_length=max_length
+    )
 
 
 def best_sources(source_acc: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
@@ -81,5 +95,9 @@ def ratio_to_sources(acc: dict[str, float], ceiling: dict[str, float], floor: fl
     """
     ratio = {d: (acc[d] / ceiling[d] if ceiling.get(d, 0.0) > floor else None) for d in acc}
     defined = [r for r in ratio.values() if r is not None]
-    return {"ratio": ratio, "ratio_mean": sum(defined) / len(defined) if defined else None,
-            "ratio_min": min(defined) if defined else None, "undefined": [d for d, r in ratio.items() if r is None]}
+    return {
+        "ratio": ratio,
+        "ratio_mean": sum(defined) / len(defined) if defined else None,
+        "ratio_min": min(defined) if defined else None,
+        "undefined": [d for d, r in ratio.items() if r is None],
+    }

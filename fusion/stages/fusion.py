@@ -246,9 +246,17 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             s = self.settings
             if not s.method.uses_sources:
                 raise ValueError(f"model.fusion {s.fusion!r} runs no source")
-            self._pool = SourcePool.load(s.sources, self.tokenizer, s.dtype, s.trust_remote_code, top_k=s.source_top_k,
-                                         unaligned=s.unaligned, vocab_map=s.vocab_map, vocab_map_dir=s.vocab_map_dir or default_cache_dir(),
-                                         boundary=s.resolved_boundary)
+            self._pool = SourcePool.load(
+                s.sources,
+                self.tokenizer,
+                s.dtype,
+                s.trust_remote_code,
+                top_k=s.source_top_k,
+                unaligned=s.unaligned,
+                vocab_map=s.vocab_map,
+                vocab_map_dir=s.vocab_map_dir or default_cache_dir(),
+                boundary=s.resolved_boundary,
+            )
         return self._pool
 
     def cache_fingerprint(self, data=None) -> dict:
@@ -321,8 +329,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         without gradient; -> input_ids, attention_mask, targets [B, W] in student tokens (trained
         on the sampled tokens up to the first eos), completion, length [B] (`pack_rollouts`)."""
         s = self.settings
-        return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
-                                s.sample_temperature, s.sample_max_new_tokens)
+        return sample_responses(
+            self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], s.sample_temperature, s.sample_max_new_tokens
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Off-policy: lam * CE + (1 - lam) * T^2 * D(P_F || student) along the gold answer, or
@@ -366,8 +375,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
         logits = self.logits(rows.inputs["input_ids"], rows.inputs["attention_mask"])
-        terms = losses.student_terms(logits, rows.inputs["targets"], fused, s.lam, s.temperature, s.divergence, s.jsd_beta,
-                                     rows.samples, rows.joint)
+        terms = losses.student_terms(
+            logits, rows.inputs["targets"], fused, s.lam, s.temperature, s.divergence, s.jsd_beta, rows.samples, rows.joint
+        )
         if self.curriculum is not None and not on_policy:  # the sources' NLL along each row's answer: their weighted CE
             self._update_curriculum(batch, logits, (alpha * torch.where(valid, ce, 0.0)).sum(-1))
         total = terms["loss"]
@@ -416,16 +426,23 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         """The student's terms, the dynamic weights' mean per source over the batch (0 where a source
         was not run), the skipped (row, source) pairs and the answers written this step."""
         names = self.settings.source_names
-        logs = {"train/loss_student": terms["loss"], "train/ce": terms["ce"], "train/divergence": terms["divergence"],
-                "train/alpha_max": alpha.max(-1).values.mean()}
+        logs = {
+            "train/loss_student": terms["loss"],
+            "train/ce": terms["ce"],
+            "train/divergence": terms["divergence"],
+            "train/alpha_max": alpha.max(-1).values.mean(),
+        }
         mean_weight = torch.zeros(alpha.shape[0], len(names), device=alpha.device).scatter(1, selected, alpha).mean(0)
         logs |= {f"weight/{name}": mean_weight[i] for i, name in enumerate(names)}
         logs["train/source_skipped"] = (~valid).sum().float()
         self.log("faults/source_skipped", logs["train/source_skipped"], reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True)
         answers = [a for a in batch.get("answers") or [] if a is not None]
         if answers:
-            logs |= {"train/answered": float(len(answers)), "train/empty_answers": float(sum(not a["text"] for a in answers)),
-                     "train/generations": float(sum(a["generations"] for a in answers)) if self.cache is None else 0.0}
+            logs |= {
+                "train/answered": float(len(answers)),
+                "train/empty_answers": float(sum(not a["text"] for a in answers)),
+                "train/generations": float(sum(a["generations"] for a in answers)) if self.cache is None else 0.0,
+            }
         return logs
 
     def _update_curriculum(self, batch: dict, logits: torch.Tensor, source_ce: torch.Tensor) -> None:

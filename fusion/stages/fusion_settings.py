@@ -29,8 +29,20 @@ SELECTOR_SIGNALS = ("gold_ce", "rewards")  # model.selector_signal
 SOURCE_OUTPUT_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map", "boundary")
 # With prompts without gold, the cache also holds their answers: who writes them and how
 # (`FusionSettings.answer_settings`).
-ANSWER_SETTINGS = ("fusion", "top_k", "single_source", "oracle", "response_max_new_tokens", "response_sampling", "response_temperature",
-                   "selector_hidden", "initial_quality", "selector_prefit_steps", "selector_learning_rate", "selector_loss")
+ANSWER_SETTINGS = (
+    "fusion",
+    "top_k",
+    "single_source",
+    "oracle",
+    "response_max_new_tokens",
+    "response_sampling",
+    "response_temperature",
+    "selector_hidden",
+    "initial_quality",
+    "selector_prefit_steps",
+    "selector_learning_rate",
+    "selector_loss",
+)
 
 
 @dataclass(frozen=True)
@@ -137,8 +149,16 @@ class FusionSettings:
         if self.response_sampling:
             settings["temperature"] = self.response_temperature
         if self.method.runs == "top_k":  # the selector fitted on the labelled rows routes every prompt
-            settings |= {"top_k": self.top_k, "selector": [self.selector_hidden, self.initial_quality, self.selector_prefit_steps,
-                                                            self.selector_learning_rate, self.selector_loss]}
+            settings |= {
+                "top_k": self.top_k,
+                "selector": [
+                    self.selector_hidden,
+                    self.initial_quality,
+                    self.selector_prefit_steps,
+                    self.selector_learning_rate,
+                    self.selector_loss,
+                ],
+            }
         if self.method.runs == "single":
             settings["single_source"] = self.single_source
         if self.method.runs == "domain":
@@ -162,15 +182,18 @@ class FusionSettings:
             raise ValueError(
                 f"model.fusion {self.fusion!r} weighs sources by their CE on gold answers, and the fusion corpus has "
                 f"{len(rows)} prompts without one (data.unlabeled_size, data.unlabeled_file or data.missing_response): use "
-                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabelled prompts out")
+                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabelled prompts out"
+            )
         if self.method.runs == "domain":
             self.check_oracle_domains({row["domain"] for row in rows})
 
     def check_oracle_domains(self, domains: set[str]) -> None:
         missing = sorted(domains - set(self.oracle))
         if missing == ["default"]:
-            raise ValueError("model.fusion 'oracle' routes each row by its domain label, and the data have none "
-                             "(data.domain_column is null or missing): set data.domain_column, or use the selector")
+            raise ValueError(
+                "model.fusion 'oracle' routes each row by its domain label, and the data have none "
+                "(data.domain_column is null or missing): set data.domain_column, or use the selector"
+            )
         if missing:
             raise ValueError(f"model.oracle has no source for domain(s) {missing}")
 
@@ -199,13 +222,19 @@ class FusionSettings:
         if self.curriculum_floor is not None:
             DomainCurriculum([], self.curriculum_floor, self.curriculum_momentum)  # checks the two settings
         if self.response_max_new_tokens < 1 or self.response_temperature <= 0 or self.selector_prefit_steps < 0:
-            raise ValueError("model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
-                             f"model.selector_prefit_steps at least 0, got {self.response_max_new_tokens}, {self.response_temperature} "
-                             f"and {self.selector_prefit_steps}")
+            raise ValueError(
+                "model.response_max_new_tokens must be at least 1, model.response_temperature positive and "
+                f"model.selector_prefit_steps at least 0, got {self.response_max_new_tokens}, {self.response_temperature} "
+                f"and {self.selector_prefit_steps}"
+            )
 
     def _check_on_policy(self) -> None:
-        choices = {"response_from": RESPONSES, "divergence": losses.DIVERGENCES, "selector_signal": SELECTOR_SIGNALS,
-                   "on_policy_mix": ON_POLICY_MIXES}
+        choices = {
+            "response_from": RESPONSES,
+            "divergence": losses.DIVERGENCES,
+            "selector_signal": SELECTOR_SIGNALS,
+            "on_policy_mix": ON_POLICY_MIXES,
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -213,17 +242,23 @@ class FusionSettings:
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"model.jsd_beta must be in (0, 1) (its ends are forward_kl and reverse_kl), got {self.jsd_beta}")
         if self.sample_temperature <= 0 or self.sample_max_new_tokens < 1 or not 0.0 <= self.on_policy_fraction <= 1.0:
-            raise ValueError("model.sample_temperature must be positive, model.sample_max_new_tokens at least 1 and "
-                             f"model.on_policy_fraction in [0, 1], got {self.sample_temperature}, {self.sample_max_new_tokens} and "
-                             f"{self.on_policy_fraction}")
+            raise ValueError(
+                "model.sample_temperature must be positive, model.sample_max_new_tokens at least 1 and "
+                f"model.on_policy_fraction in [0, 1], got {self.sample_temperature}, {self.sample_max_new_tokens} and "
+                f"{self.on_policy_fraction}"
+            )
         needs_online = {"response_from": "student", "selector_signal": "rewards"}
         for key, value in needs_online.items():
             if getattr(self, key) == value and (self.fusion == "none" or self.source_mode != "online"):
-                raise ValueError(f"model.{key} {value!r} runs the sources on what is written during training: it needs "
-                                 f"model.source_mode 'online' and a fusion method with sources, got {self.source_mode!r} and {self.fusion!r}")
+                raise ValueError(
+                    f"model.{key} {value!r} runs the sources on what is written during training: it needs "
+                    f"model.source_mode 'online' and a fusion method with sources, got {self.source_mode!r} and {self.fusion!r}"
+                )
         if self.selector_signal == "rewards" and self.selector_loss == "likelihood":
-            raise ValueError("model.selector_loss 'likelihood' reads a probability from CE along gold: use 'mse' or 'huber' with "
-                             "model.selector_signal 'rewards'")
+            raise ValueError(
+                "model.selector_loss 'likelihood' reads a probability from CE along gold: use 'mse' or 'huber' with "
+                "model.selector_signal 'rewards'"
+            )
         if self.selector_signal == "rewards" and self.fusion != "selector":
             raise ValueError(f"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got {self.fusion!r}")
 

@@ -62,8 +62,10 @@ class StepRows:
         along = torch.ones_like(labelled) if joint else labelled
         width = max(samples["input_ids"].shape[1], batch["input_ids"].shape[1])
         pad = {"input_ids": pad_id, "attention_mask": 0, "targets": IGNORE_INDEX}
-        inputs = {key: torch.cat([pad_right(samples[key], width, value), pad_right(batch[key][along], width, value)])
-                  for key, value in pad.items()}
+        inputs = {
+            key: torch.cat([pad_right(samples[key], width, value), pad_right(batch[key][along], width, value)])
+            for key, value in pad.items()
+        }
         return cls(inputs, torch.cat([selected, selected[along]]), len(selected), len(selected), along, joint)
 
     def along_answers(self, values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,7 +31,9 @@ from fusion.data import tasks
 RewardFunction = Callable[..., list[float]]
 
 
-def task_score(prompts: list[str], completions: list[str], domain: list[str], response: list[str], metadata: list | None = None, **columns) -> list[float]:
+def task_score(
+    prompts: list[str], completions: list[str], domain: list[str], response: list[str], metadata: list | None = None, **columns
+) -> list[float]:
     """The task's own reasoning-gym scorer in [0, 1] (exact match outside the embedded suite)."""
     metadata = metadata if metadata is not None else [None] * len(completions)
     return [
@@ -39,7 +42,9 @@ def task_score(prompts: list[str], completions: list[str], domain: list[str], re
     ]
 
 
-def task_correct(prompts: list[str], completions: list[str], domain: list[str], response: list[str], metadata: list | None = None, **columns) -> list[float]:
+def task_correct(
+    prompts: list[str], completions: list[str], domain: list[str], response: list[str], metadata: list | None = None, **columns
+) -> list[float]:
     """1 where the task's scorer gives full marks, else 0: the verifier's {0, 1} reward, and the
     evaluation's notion of a correct answer (the scorers' partial credit rewards near misses such
     as an answer with trailing junk)."""
@@ -108,7 +113,9 @@ class Rewards:
             if len(values) != n:
                 raise ValueError(f"reward function {path!r} returned {len(values)} values for {n} completions")
             if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"reward function {path!r} returned a value that is not finite: {[v for v in values if not math.isfinite(v)][:3]}")
+                raise ValueError(
+                    f"reward function {path!r} returned a value that is not finite: {[v for v in values if not math.isfinite(v)][:3]}"
+                )
             scores = torch.tensor(values)
             total += weight * scores
             means[path] = float(scores.mean()) if n else 0.0

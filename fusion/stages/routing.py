@@ -59,8 +59,11 @@ class PromptFeatures:
             prompt_mask = batch["prompt_mask"][rows]
             width = int(prompt_mask.sum(-1).max())
             with self.student.disable_adapter():
-                hidden = self.student(input_ids=batch["input_ids"][rows, :width], attention_mask=batch["attention_mask"][rows, :width],
-                                      output_hidden_states=True).hidden_states[-1]
+                hidden = self.student(
+                    input_ids=batch["input_ids"][rows, :width],
+                    attention_mask=batch["attention_mask"][rows, :width],
+                    output_hidden_states=True,
+                ).hidden_states[-1]
             computed = prompt_features(hidden, prompt_mask[:, :width]).float()
             if None in keys or self.kept_bytes + computed.numel() * 4 > self.memory:
                 fresh = dict(zip(missing, computed))
@@ -143,8 +146,16 @@ class Router:
             return ce
         return ce * (targets != IGNORE_INDEX).sum(-1, keepdim=True).to(ce.dtype)
 
-    def loss(self, quality: torch.Tensor, observed_ce: torch.Tensor, observed: torch.Tensor, batch: dict, selected: torch.Tensor,
-             valid: torch.Tensor, explores: bool) -> tuple[dict[str, torch.Tensor | float], dict]:
+    def loss(
+        self,
+        quality: torch.Tensor,
+        observed_ce: torch.Tensor,
+        observed: torch.Tensor,
+        batch: dict,
+        selected: torch.Tensor,
+        valid: torch.Tensor,
+        explores: bool,
+    ) -> tuple[dict[str, torch.Tensor | float], dict]:
         """The selector's terms of the step's loss, and their logs.
 
         "selector": the regression of u onto the observed quality of each observed (row, source)
@@ -163,8 +174,12 @@ class Router:
         balanced = torch.ones_like(labelled) if s.selector_signal == "rewards" else labelled
         feedback_term = losses.feedback_loss(pi[balanced]) if balanced.any() else pi.sum() * 0.0
         share = torch.zeros_like(quality).scatter(1, selected, valid.float()).mean(0)
-        logs = {"train/loss_selector": selector_term, "train/loss_feedback": feedback_term,
-                "train/selection_entropy": losses.entropy(share / share.sum()), "train/pi_entropy": losses.entropy(pi).mean()}
+        logs = {
+            "train/loss_selector": selector_term,
+            "train/loss_feedback": feedback_term,
+            "train/selection_entropy": losses.entropy(share / share.sum()),
+            "train/pi_entropy": losses.entropy(pi).mean(),
+        }
         logs |= {f"select/{name}": share[i] for i, name in enumerate(names)}
         # The selector's signed error u_i - q_i (q = -CE or the reward) on observed pairs: > 0 where it overrates a source.
         residual = torch.where(observed, quality.detach() + observed_ce, 0.0).sum(0) / observed.sum(0).clamp(min=1)
@@ -180,9 +195,11 @@ class Router:
             features, ce, observed = features.clone(), ce.clone(), observed.clone()
             result = fit_selector(self.selector, features, ce, observed, s.selector_prefit_steps, s.selector_learning_rate, s.selector_loss)
         self.prefitted = True
-        rank_zero_info(f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts: {result['steps']} steps "
-                       f"(held-out regression loss {result['held_out_loss']:.3f}), top-1 agreement with the lowest CE "
-                       f"{result['top1_agreement']:.2f}")
+        rank_zero_info(
+            f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts: {result['steps']} steps "
+            f"(held-out regression loss {result['held_out_loss']:.3f}), top-1 agreement with the lowest CE "
+            f"{result['top1_agreement']:.2f}"
+        )
 
     def load(self, path: str) -> None:
         """The selector of the fusion checkpoint `path` (`init_from`), if it has one; then it counts
@@ -197,16 +214,19 @@ class Router:
         trained_for = [source_name(p) for p in checkpoint.get("hyper_parameters", {}).get("sources", [])]
         names = self.settings.source_names
         if trained_for != names:
-            raise ValueError(f"model.init_from: the selector in {path!r} scores the sources {trained_for}, model.sources are "
-                             f"{names}: list the same sources in the same order, or start from a checkpoint without a selector")
+            raise ValueError(
+                f"model.init_from: the selector in {path!r} scores the sources {trained_for}, model.sources are "
+                f"{names}: list the same sources in the same order, or start from a checkpoint without a selector"
+            )
         self.selector.load_state_dict(state)
         self.prefitted = True
         rank_zero_info(f"model.init_from: the selector of {path!r} routes from the first step (not fitted again)")
 
 
 @torch.no_grad()
-def reward_observations(batch: dict, selected: torch.Tensor, pool: SourcePool, rewards: Rewards,
-                        settings: FusionSettings) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def reward_observations(
+    batch: dict, selected: torch.Tensor, pool: SourcePool, rewards: Rewards, settings: FusionSettings
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The selector's reward signal (`selector_signal: rewards`): each selected source answers each
     prompt of the batch (one `SourcePool.answer` call per source; an answer already written this
     step is reused) and `rewards` scores the answers. -> (-reward [B, N], observed [B, N]: exactly
@@ -218,8 +238,13 @@ def reward_observations(batch: dict, selected: torch.Tensor, pool: SourcePool, r
     for source in selected.unique().tolist():
         todo = [b for b in (selected == source).any(-1).nonzero(as_tuple=True)[0].tolist() if (b, source) not in texts]
         if todo:
-            answers, _ = pool.answer(source, [rows[b]["prompt"] for b in todo], settings.response_max_new_tokens,
-                                     settings.response_sampling, settings.response_temperature)
+            answers, _ = pool.answer(
+                source,
+                [rows[b]["prompt"] for b in todo],
+                settings.response_max_new_tokens,
+                settings.response_sampling,
+                settings.response_temperature,
+            )
             texts |= {(b, source): text.strip() for b, text in zip(todo, answers)}
             written += len(todo)
     pairs = [(b, source) for b, chosen in enumerate(selected.tolist()) for source in chosen]

@@ -75,8 +75,9 @@ class SRFTSettings:
         if self.num_generations < fewest:
             raise ValueError(f"model.num_generations must be at least {fewest} with mode {self.mode!r}, got {self.num_generations}")
         if self.temperature <= 0 or self.max_new_tokens < 1:
-            raise ValueError(f"model.temperature must be positive and model.max_new_tokens at least 1, got {self.temperature} and "
-                             f"{self.max_new_tokens}")
+            raise ValueError(
+                f"model.temperature must be positive and model.max_new_tokens at least 1, got {self.temperature} and {self.max_new_tokens}"
+            )
         for key in ("sft_weight", "rl_weight", "shaping", "advantage_eps", "kl_weight"):
             positive = key in ("shaping", "advantage_eps")
             if getattr(self, key) < 0 or (positive and getattr(self, key) == 0):
@@ -163,7 +164,9 @@ class SRFTModule(StudentStage, L.LightningModule):
         config = copy.deepcopy(self.student.peft_config[trained])
         config.inference_mode = True
         self.student.add_adapter(REFERENCE_ADAPTER, config)
-        set_peft_model_state_dict(self.student, get_peft_model_state_dict(self.student, adapter_name=trained), adapter_name=REFERENCE_ADAPTER)
+        set_peft_model_state_dict(
+            self.student, get_peft_model_state_dict(self.student, adapter_name=trained), adapter_name=REFERENCE_ADAPTER
+        )
         self.student.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
         return REFERENCE_ADAPTER
 
@@ -196,8 +199,15 @@ class SRFTModule(StudentStage, L.LightningModule):
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
         """G sampled completions per prompt, packed for training ([B * G, W], prompt-major)."""
         h = self.settings
-        return sample_responses(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], h.temperature,
-                                h.max_new_tokens, h.num_generations)
+        return sample_responses(
+            self.student,
+            self.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_attention_mask"],
+            h.temperature,
+            h.max_new_tokens,
+            h.num_generations,
+        )
 
     def score(self, rows: list[dict], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Rewards of the rollouts [B, G] and of the demos [B], in one call of each function."""
@@ -240,9 +250,22 @@ class SRFTModule(StudentStage, L.LightningModule):
 
         (demo_logp, rollout_logp), (demo_mask, rollout_mask), (demo_h, rollout_h) = split(token_logp), split(mask), split(entropy)
         terms = srft_losses.srft_loss(
-            demo_logp, demo_mask, demo_h, rollout_logp, rollout_mask, rollout_h, rewards, demo_rewards,
-            mode=h.mode, weights=h.weights, granularity=h.entropy_granularity, sft_coefficient=h.sft_weight,
-            sft_sign=h.sft_sign, rl_coefficient=h.rl_weight, shaping=h.shaping, eps=h.advantage_eps,
+            demo_logp,
+            demo_mask,
+            demo_h,
+            rollout_logp,
+            rollout_mask,
+            rollout_h,
+            rewards,
+            demo_rewards,
+            mode=h.mode,
+            weights=h.weights,
+            granularity=h.entropy_granularity,
+            sft_coefficient=h.sft_weight,
+            sft_sign=h.sft_sign,
+            rl_coefficient=h.rl_weight,
+            shaping=h.shaping,
+            eps=h.advantage_eps,
         )
         total = terms["loss"]
         logs = {f"train/{k}": terms[k] for k in ("sft_demo", "rl_demo", "rl_self", "entropy", "w_sft", "w_rl", "zero_std_groups")}

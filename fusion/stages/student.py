@@ -40,7 +40,9 @@ def resolve_init_from(path: str | None) -> str | None:
     if glob.has_magic(path):
         matches = sorted(glob.glob(path), key=os.path.getmtime)
         if not matches:
-            raise FileNotFoundError(f"model.init_from: nothing matches {path!r} (run the earlier stage first, or set model.init_from: null)")
+            raise FileNotFoundError(
+                f"model.init_from: nothing matches {path!r} (run the earlier stage first, or set model.init_from: null)"
+            )
         rank_zero_info(f"model.init_from: {matches[-1]} (the newest of {len(matches)} matching {path!r})")
         return matches[-1]
     if os.path.isfile(path):
@@ -132,8 +134,15 @@ def pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_responses(student, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float,
-                     max_new_tokens: int, num_return_sequences: int = 1) -> dict[str, torch.Tensor]:
+def sample_responses(
+    student,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    temperature: float,
+    max_new_tokens: int,
+    num_return_sequences: int = 1,
+) -> dict[str, torch.Tensor]:
     """Completions sampled from `student` for left-padded prompts [R, P], all in one `generate`
     call: pure sampling at `temperature` (no top-k or top-p), in eval mode (no dropout) and
     without gradient, so the ids are data, never a path for gradients. Packed by `pack_rollouts`
@@ -141,9 +150,16 @@ def sample_responses(student, tokenizer, prompt_ids: torch.Tensor, prompt_mask: 
     was_training = student.training
     student.eval()
     generated = student.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     student.train(was_training)
     mask = prompt_mask.repeat_interleave(num_return_sequences, dim=0)
@@ -230,8 +246,9 @@ class StudentStage:
     def _evaluate(self, batch: dict) -> None:
         """The response's perplexity under teacher forcing and the greedy answer's exact match."""
         logits = self.logits(batch["input_ids"], batch["attention_mask"])
-        answers = greedy_answers(self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"],
-                                 self.settings.max_new_tokens)
+        answers = greedy_answers(
+            self.student, self.tokenizer, batch["prompt_ids"], batch["prompt_attention_mask"], self.settings.max_new_tokens
+        )
         selected = self.evaluation_selection(batch)
         self.eval_metrics.update(logits, batch["targets"], [r["domain"] for r in batch["rows"]], correct(answers, batch["rows"]), selected)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class TorchThreads(L.Callback):
@@ -60,9 +60,11 @@ class TrainingWatch(L.Callback):
         record = getattr(pl_module, "fit_record", None)
         if self.average > self.factor * start and record is not None and "diverged" not in record:
             record["diverged"] = {"step": trainer.global_step, "start_loss": start, "average_loss": self.average}
-            rank_zero_warn(f"the training loss climbed from {start:.4g} (mean of the first {self.window} steps) to {self.average:.4g} "
-                           f"(moving average) by step {trainer.global_step}: the run is diverging (a learning rate or LoRA scale "
-                           "too high?); it goes on, and a ModelCheckpoint on the validation split keeps its best checkpoint")
+            rank_zero_warn(
+                f"the training loss climbed from {start:.4g} (mean of the first {self.window} steps) to {self.average:.4g} "
+                f"(moving average) by step {trainer.global_step}: the run is diverging (a learning rate or LoRA scale "
+                "too high?); it goes on, and a ModelCheckpoint on the validation split keeps its best checkpoint"
+            )
 
     def state_dict(self) -> dict:
         return {"first": self.first, "average": self.average}
@@ -85,9 +87,11 @@ def check_validation_split(trainer) -> None:
     data = getattr(trainer, "datamodule", None)
     rows = data.load().get("val", []) if data is not None and hasattr(data, "load") else None
     if trainer.limit_val_batches == 0 or rows == []:
-        raise ValueError(f"trainer.callbacks: ModelCheckpoint(monitor={monitors[0]!r}) keeps the checkpoint that does best on the "
-                         "validation split, and this run validates on nothing: give it a validation split (data.val_size, or a "
-                         "val file beside train in data.dataset) and leave trainer.limit_val_batches above 0, or drop `monitor`")
+        raise ValueError(
+            f"trainer.callbacks: ModelCheckpoint(monitor={monitors[0]!r}) keeps the checkpoint that does best on the "
+            "validation split, and this run validates on nothing: give it a validation split (data.val_size, or a "
+            "val file beside train in data.dataset) and leave trainer.limit_val_batches above 0, or drop `monitor`"
+        )
 
 
 def best_checkpoint(trainer) -> str | None:
@@ -130,5 +134,7 @@ class StartCheckpoint(L.Callback):
         checkpoint.best_k_models = {path: score}
         checkpoint.best_model_path = checkpoint.kth_best_model_path = path
         checkpoint.best_model_score = checkpoint.kth_value = score
-        rank_zero_info(f"StartCheckpoint: the student before training scores {checkpoint.monitor} = {float(score):.4f}; "
-                       f"{path} is the checkpoint to beat")
+        rank_zero_info(
+            f"StartCheckpoint: the student before training scores {checkpoint.monitor} = {float(score):.4f}; "
+            f"{path} is the checkpoint to beat"
+        )

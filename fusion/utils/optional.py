@@ -28,8 +28,10 @@ def pyplot():
 def require_tensorboard(key: str) -> None:
     """Lightning's TensorBoardLogger writes with tensorboard (or tensorboardX); `key` names the setting that asks for it."""
     if not any(_installed(name) for name in ("tensorboard", "tensorboardX")):
-        raise ImportError(f"{key}: TensorBoardLogger needs tensorboard, which is not installed: pip install 'fusion[tensorboard]' "
-                          "(or log with lightning.pytorch.loggers.CSVLogger)")
+        raise ImportError(
+            f"{key}: TensorBoardLogger needs tensorboard, which is not installed: pip install 'fusion[tensorboard]' "
+            "(or log with lightning.pytorch.loggers.CSVLogger)"
+        )
 
 
 def mergekit_api():
