@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -64,6 +66,17 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, other: PreTrainedTok
         raise ValueError(
             f"{key}: its tokenizer ({len(other)} tokens) differs from the student's ({len(student)} tokens); it must be the student's"
         )
+
+
+@contextmanager
+def named_load(key: str, path: str) -> Iterator[None]:
+    """Loading `path` (for config key `key`): a model or tokenizer that cannot be loaded, from disk
+    or the hub, fails naming the key and the path, with the library's first line as the reason."""
+    try:
+        yield
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{key}: could not load {path!r} (a model directory or a hub name like org/model): {reason}") from None
 
 
 def load_frozen(path: str, dtype: str, trust_remote_code: bool):

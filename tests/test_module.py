@@ -469,6 +469,24 @@ def test_missing_or_corrupt_model_paths_fail_at_once_naming_the_key(tmp_path, mo
     assert time.time() - started < 1.0
 
 
+def test_a_hub_name_that_cannot_load_names_its_key(tmp_path, monkeypatch):
+    """A hub-looking source the hub cannot serve fails naming model.sources[i], the path and the
+    library's first line, not a bare OSError from deep in transformers."""
+    from fusion.sources import pool
+
+    def unreachable(path, trust_remote_code):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pool, "load_tokenizer", unreachable)
+    with pytest.raises(OSError) as error:
+        pool.SourcePool.load(["org/model"], student_tokenizer=None)
+    assert str(error.value) == (
+        "model.sources[0]: could not load 'org/model' (a model directory or a hub name like org/model): "
+        "We couldn't connect to 'https://huggingface.co' to load the files."
+    )
+
+
 def test_likelihood_selector_reads_the_sequence_nll(tiny_zoo):
     """With selector_loss likelihood the selector's observation is CE times the response's trained tokens."""
     student, sources = os.path.join(tiny_zoo, "student"), [os.path.join(tiny_zoo, n) for n in ("spell", "sum")]

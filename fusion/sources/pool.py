@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
 from fusion.data.tokenizer import load_tokenizer
-from fusion.models import load_frozen, resolve_model_path, same_vocabulary
+from fusion.models import load_frozen, named_load, resolve_model_path, same_vocabulary
 from fusion.sources.alignment import Aligner
 from fusion.sources.marginal import TokenPrefixes, marginal_dense, marginal_topk, move_mass, move_mass_dense
 from fusion.sources.vocab_map import METHODS as VOCAB_MAP_METHODS
@@ -152,9 +152,11 @@ class SourcePool:
         """The sources at `paths` (model directories or hub names), frozen; `settings`: `__init__`'s."""
         models, tokenizers = [], []
         for index, path in enumerate(paths):
-            path = resolve_model_path(path, f"model.sources[{index}]")
-            tokenizers.append(load_tokenizer(path, trust_remote_code))
-            models.append(load_frozen(path, dtype, trust_remote_code))
+            key = f"model.sources[{index}]"
+            path = resolve_model_path(path, key)
+            with named_load(key, path):
+                tokenizers.append(load_tokenizer(path, trust_remote_code))
+                models.append(load_frozen(path, dtype, trust_remote_code))
         return cls(models, tokenizers, [source_name(p) for p in paths], student_tokenizer, **settings)
 
     def __len__(self) -> int:

@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import is_labelled
 from fusion.data.tokenizer import load_tokenizer
-from fusion.models import resolve_model_path
+from fusion.models import named_load, resolve_model_path
 from fusion.objectives import losses
 from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
 from fusion.objectives.selection import SourceSelector, noisy_top_k
@@ -202,7 +202,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if trust_remote_code:
             rank_zero_warn("model.trust_remote_code is true: the student's and sources' own Python code will run")
         self.selector_rewards = Rewards(selector_rewards, "model.selector_rewards") if selector_signal == "rewards" else None
-        self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
+        with named_load("model.student", student):
+            self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         for index, path in enumerate(sources):  # a missing source fails here, not at the first step
             resolve_model_path(path, f"model.sources[{index}]")
         self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)

@@ -29,7 +29,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fusion.data import IGNORE_INDEX
 from fusion.data.tokenizer import load_tokenizer
-from fusion.models import DTYPES, resolve_model_path
+from fusion.models import DTYPES, named_load, resolve_model_path
 from fusion.objectives import srft_losses
 from fusion.stages.rewards import Rewards
 from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
@@ -147,7 +147,8 @@ class SRFTModule(StudentStage, L.LightningModule):
         self.save_hyperparameters()
         self.settings = SRFTSettings(**{name: self.hparams[name] for name in SRFTSettings.names()})
         self.reward_functions = Rewards(rewards)
-        self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
+        with named_load("model.student", student):
+            self.tokenizer = load_tokenizer(resolve_model_path(student, "model.student"), trust_remote_code)
         self.student, self.base_model, self.init_path = start_student(student, init_from, lora, dtype, trust_remote_code, self.tokenizer)
         # The frozen starting policy of the optional KL term: None (no KL term), "base" (the adapter
         # disabled) or the name of a frozen second adapter. Never trained, never saved.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import warnings
 
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from fusion.data import IGNORE_INDEX
 from fusion.data.tokenizer import load_tokenizer
-from fusion.models import DTYPES, check_same_vocabulary, resolve_model_path
+from fusion.models import DTYPES, check_same_vocabulary, named_load, resolve_model_path
 from fusion.stages.evaluation import correct, greedy_answers
 from fusion.stages.metrics import EvalMetrics
 from fusion.utils.io import atomic_write_json
@@ -27,10 +28,13 @@ from fusion.utils.resume import run_seed, start_next_epoch_cleanly, step_seed
 
 def build_student(student: str, lora: dict, dtype: str = "float32", trust_remote_code: bool = False):
     """The base model with a fresh LoRA adapter (peft); only the adapter trains."""
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-    )
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
+    with named_load("model.student", student):
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(student, "model.student"), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; the user can do nothing about it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
 
 
 def resolve_init_from(path: str | None) -> str | None:
