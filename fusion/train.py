@@ -21,7 +21,7 @@ from fusion.utils.optional import require_tensorboard
 DEFAULT_MODEL = f"{FusionDistillModule.__module__}.{FusionDistillModule.__name__}"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What fusion raises for bad input (config, data, checkpoints, caches) or a run it stops.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, ImportError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, ImportError)
 EXIT_BAD_INPUT = 2
 # Checkpoints written before fusion/ was laid out by concern (data/, sources/, objectives/,
 # stages/, utils/) name their class (`_class_path`: fusion.module.FusionDistillModule,
@@ -106,7 +106,7 @@ def command_line(args=None) -> FusionCLI:
     first and last on stderr (what went wrong in between), and exit code 2.
 
     Bad input is an argument the parser refuses, or an error fusion raises on purpose (a
-    ValueError, FileNotFoundError, FloatingPointError, RuntimeError or ImportError raised in the
+    ValueError, OSError (a missing file, a model that cannot load), FloatingPointError, RuntimeError or ImportError raised in the
     fusion package: a config key out of range, a missing file, a refused cache, a non-finite loss,
     a missing optional dependency), even when jsonargparse or Lightning caught it and raised their
     own error about it. Anything else propagates with its traceback.
