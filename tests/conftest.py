@@ -75,6 +75,20 @@ def tiny_zoo(tmp_path_factory) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> str:
+    """The tiny zoo's student alone (a random Qwen2 with the char tokenizer), built in a second:
+    for the tests that load a student only to see a setting refused, which need no zoo."""
+    from fusion.data.tokenizer import build_char_tokenizer
+    from fusion.zoo import build_model
+
+    path = str(tmp_path_factory.mktemp("student"))
+    tokenizer = build_char_tokenizer()
+    build_model(TINY, tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_config(zoo: str, run_dir: str, **model) -> dict:
     """A complete fusion.train config for a few steps on the tiny zoo."""
     return {

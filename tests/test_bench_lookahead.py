@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fusion.bench.lookahead import _changed_rows, measure, total_variation
+from fusion.bench.lookahead import BOUNDARIES, _changed_rows, measure, total_variation
 from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
 from fusion.data.tokenizer import build_char_tokenizer
@@ -70,3 +70,51 @@ def test_a_source_with_the_students_tokenizer_never_reads_the_written_token():
     split = [s for _, s in got["bpe"]["token_end"]]
     assert split == [s for _, s in got["bpe"]["prefix"]] and (token_end > 0).tolist() == split
     assert all(s for tv, s in got["bpe"]["prefix"] if tv > 0)
+
+
+def test_every_boundary_is_measured_whatever_the_pools_own_and_the_pool_keeps_it():
+    """`measure` reads each source at each boundary in turn (token_end, then prefix), so its
+    results do not depend on the `boundary` the pool came with; it hands the pool back with that
+    setting, also when a source fails halfway."""
+    char = build_char_tokenizer()
+    source = byte_bpe([("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("he", "l"), ("hel", "p")])
+    rows = [encode(char, "x", answer, 32) | {"row": {}} for answer in ("hello", "hew", "help")]
+    batch = collate(rows, char.pad_token_id)
+
+    def pool(boundary: str) -> SourcePool:
+        models = [FixedSource(char, {"h": 0.5, "e": 0.3, "w": 0.2}), FixedSource(source, PROBS)]
+        return SourcePool(models, [char, source], ["same", "bpe"], char, top_k=8, unaligned="marginal", boundary=boundary)
+
+    results = {}
+    for own in ("prefix", "token_end"):
+        measured, read = pool(own), []
+        original = measured.run
+
+        def run(selected, *args, _pool=measured, _run=original, **kwargs):
+            read.append((int(selected[0, 0]), _pool.boundary))  # (source, the boundary it is read at)
+            return _run(selected, *args, **kwargs)
+
+        measured.run = run
+        results[own] = measure(measured, [batch], per_row=5, student=char, seed=0)
+        assert read == [(0, "token_end"), (0, "prefix"), (1, "token_end"), (1, "prefix")]
+        assert measured.boundary == own
+    assert results["prefix"] == results["token_end"]
+    bpe = {b: [tv for tv, _ in results["prefix"]["bpe"][b]] for b in BOUNDARIES}
+    # Each answer position but the eos changed once (5 + 3 + 4): at token_end 8 changes move the
+    # whole target (TV 1); at the prefix only the 0.125 of "he" ending after "he" is left, twice.
+    assert sorted(bpe["token_end"]) == [0.0] * 4 + [1.0] * 8
+    assert sorted(bpe["prefix"]) == [0.0] * 10 + [pytest.approx(0.125)] * 2
+    assert all(tv == 0.0 for b in BOUNDARIES for tv, _ in results["prefix"]["same"][b]) and len(results["prefix"]["same"]["prefix"]) == 12
+    # A source that fails while read at the prefix: the error propagates, the pool keeps its own setting.
+    failing = pool("token_end")
+    original = failing.run
+
+    def fail_at_prefix(selected, *args, **kwargs):
+        if failing.boundary == "prefix":
+            raise RuntimeError("source failed")
+        return original(selected, *args, **kwargs)
+
+    failing.run = fail_at_prefix
+    with pytest.raises(RuntimeError, match="source failed"):
+        measure(failing, [batch], per_row=5, student=char, seed=0)
+    assert failing.boundary == "token_end"

@@ -107,17 +107,23 @@ def test_baseline_selection_and_weights(tiny_zoo):
 
 def test_training_step_logs_every_term(tiny_zoo):
     module = _module(tiny_zoo, fusion="selector", top_k=2)
+    with torch.no_grad():  # the selector predicts u = log(0.5, 0.3, 0.2) for every prompt: pi = (0.5, 0.3, 0.2) at tau 1
+        module.selector.net[-1].weight.zero_()
+        module.selector.net[-1].bias.copy_(torch.tensor([0.5, 0.3, 0.2]).log())
     logged = {}
     module.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
     module.log = lambda *a, **kw: None
     loss = module.training_step(_batch(module), 0)
     assert module.explores  # online and not fitted yet: the feedback term counts, at weight 0.1
+    # Feedback CV(I)^2 on the 3 labelled rows: importance I = 3 pi = (1.5, 0.9, 0.6), mean 1, population
+    # variance (0.5^2 + 0.1^2 + 0.4^2) / 3 = 0.14.
+    assert logged["train/loss_feedback"] == pytest.approx(0.14, rel=1e-5)
     # The total is the student's term plus the selector's regression and feedback terms.
     assert logged["train/loss"] == pytest.approx(float(loss))
     assert float(loss) == pytest.approx(
         logged["train/loss_student"] + logged["train/loss_selector"] + 0.1 * logged["train/loss_feedback"], rel=1e-6
     )
-    assert logged["train/loss_selector"] > 0.0 and logged["train/loss_feedback"] >= 0.0
+    assert logged["train/loss_selector"] > 0.0
     shares = [logged[f"select/{n}"] for n in ("spell", "sum", "noise")]
     assert sum(shares) == pytest.approx(2.0)  # two of three sources per sequence
     assert all(share * 3 == pytest.approx(round(share * 3)) for share in shares)  # a count of the 3 sequences
@@ -146,20 +152,21 @@ def test_training_step_logs_every_term(tiny_zoo):
         ({"fusion": "single", "single_source": "nope"}, ValueError, "model.single_source must name one of the sources"),
     ],
 )
-def test_bad_settings_fail_early(tiny_zoo, settings, error, message):
+def test_bad_settings_fail_early(settings, error, message):
+    """Refused before any model loads: the paths (the zoo's names) need not exist."""
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
-        _module(tiny_zoo, **settings)
+        _module("checkpoints/no-zoo", **settings)
 
 
-def test_missing_source_path(tiny_zoo):
-    missing = os.path.join(tiny_zoo, "not-there")
+def test_missing_source_path(tiny_student, tmp_path):
+    missing = str(tmp_path / "not-there")
     with pytest.raises(FileNotFoundError, match=r"model.sources\[1\]: .*not-there' does not exist"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[os.path.join(tiny_zoo, "spell"), missing])
+        FusionDistillModule(student=tiny_student, sources=[tiny_student, missing])
 
 
-def test_directory_that_is_not_a_model(tiny_zoo, tmp_path):
+def test_directory_that_is_not_a_model(tiny_student, tmp_path):
     with pytest.raises(ValueError, match=r"model.sources\[0\]: .* is a directory but not a model"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), sources=[str(tmp_path)], top_k=1)
+        FusionDistillModule(student=tiny_student, sources=[str(tmp_path)], top_k=1)
 
 
 def test_pickled_weights_are_not_loaded(tiny_zoo, tmp_path):
@@ -178,9 +185,9 @@ def test_pickled_weights_are_not_loaded(tiny_zoo, tmp_path):
         FusionDistillModule(student=str(pickled), fusion="none")
 
 
-def test_trust_remote_code_warns(tiny_zoo):
+def test_trust_remote_code_warns(tiny_student):
     with pytest.warns(UserWarning, match="model.trust_remote_code is true: the student's and sources' own Python code will run"):
-        FusionDistillModule(student=os.path.join(tiny_zoo, "student"), fusion="none", trust_remote_code=True)
+        FusionDistillModule(student=tiny_student, fusion="none", trust_remote_code=True)
 
 
 def test_source_with_another_vocabulary_is_aligned(tiny_zoo, tmp_path):

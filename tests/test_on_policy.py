@@ -90,13 +90,29 @@ def _target_3d() -> losses.SparseTarget:
     return losses.SparseTarget(torch.tensor([[[0, 1]]]), torch.tensor([[P]]))
 
 
-def test_forward_kl_divergence_loss_is_the_student_loss_kl():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 6)
-    fused = losses.SparseTarget(torch.tensor([[[0, 2]] * 3] * 2), torch.tensor([[[0.6, 0.3]] * 3] * 2))
-    targets = torch.tensor([[1, 2, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
-    value = losses.divergence_loss(logits, targets, fused, "forward_kl", temperature=1.5)
-    assert float(value) == pytest.approx(1.5**2 * float(losses.student_loss(logits, targets, fused, 0.0, 1.5)["kl"]), abs=1e-6)
+def test_forward_kl_divergence_loss_is_the_hand_kl_token_mean_times_t_squared():
+    """At T = 1.5 the logits 1.5 log Q read exactly Q. Three trained positions: two with target P
+    on {0, 1} (tail 0.2, the student's 0.3), one with 0.6 on token 0 and 0.3 on token 2 (tail 0.1,
+    the student's Q(1) + Q(3) = 0.7); an untrained position counts nothing. The gradient in the
+    logits is T (Q - P_F) / 3 per trained position, P_F spreading its tail over the tokens off
+    its support as the student does (Q_v / Q_tail)."""
+    t = 1.5
+    logits = (t * torch.log(torch.tensor([[Q, Q], [Q, Q]]))).requires_grad_()
+    ids = torch.tensor([[[0, 1], [0, 2]], [[0, 1], [0, 1]]])
+    probs = torch.tensor([[P, [0.6, 0.3]], [P, P]])
+    targets = torch.tensor([[1, 2], [0, IGNORE_INDEX]])
+    loss = losses.divergence_loss(logits, targets, losses.SparseTarget(ids, probs), "forward_kl", temperature=t)
+    kl_p = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.3)
+    kl_b = 0.6 * math.log(0.6 / 0.2) + 0.3 * math.log(0.3 / 0.1) + 0.1 * math.log(0.1 / 0.7)
+    assert float(loss) == pytest.approx(t**2 * (2 * kl_p + kl_b) / 3, abs=1e-6)
+    loss.backward()
+    target_p = [0.5, 0.3, 0.2 * 0.1 / 0.3, 0.2 * 0.2 / 0.3]  # P, its tail 0.2 shared by tokens 2 and 3 as 0.1 : 0.2
+    target_b = [0.6, 0.1 * 0.5 / 0.7, 0.3, 0.1 * 0.2 / 0.7]  # the tail 0.1 shared by tokens 1 and 3 as 0.5 : 0.2
+    expected = torch.tensor(
+        [[[t * (q - p) / 3 for q, p in zip(Q, target)] for target in row] for row in ((target_p, target_b), (target_p, Q))]
+    )
+    expected[1, 1] = 0.0  # untrained
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------ the module, on the tiny zoo
@@ -133,10 +149,72 @@ def _prefer(module: FusionDistillModule, bias: list[float]) -> None:
         module.selector.net[-1].bias.copy_(torch.tensor(bias))
 
 
-def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
+def _cells(logp: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target P and student Q on the cells {support ids} + {tail} of one position, in float64,
+    and each token's cell [V] (its slot, or the tail: the last cell)."""
+    present = ids >= 0
+    support, p_support = ids[present], probs[present].double()
+    cell = torch.full((logp.shape[-1],), len(support), dtype=torch.long)
+    cell[support] = torch.arange(len(support))
+    q = torch.zeros(len(support) + 1, dtype=torch.float64).index_add_(0, cell, logp.exp())
+    p = torch.cat([p_support, (1.0 - p_support.sum()).clamp(min=0.0)[None]])
+    return p, q, cell
+
+
+def _cell_divergence(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float = 0.5) -> float:
+    """D(P, Q) summed over the cells: the definitions, the target floored at 1e-8 in reverse KL."""
+    if kind == "forward_kl":
+        return float((torch.xlogy(p, p) - torch.xlogy(p, q)).sum())
+    if kind == "reverse_kl":
+        return float((torch.xlogy(q, q) - q * p.clamp(min=1e-8).log()).sum())
+    m = beta * p + (1 - beta) * q
+    return float(beta * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum() + (1 - beta) * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum())
+
+
+def _reference_on_policy_loss(logits, targets, fused, samples: int, lam: float, kind: str, beta: float = 0.5):
+    """An on-policy step's student loss at T = 1, by the formulas: lam * the gold rows' CE (token
+    mean) + (1 - lam) * D(P_F, student) over the first `samples` rows' trained positions (token
+    mean). -> (loss, its gradient in the logits, float64; the reverse KL's in closed form,
+    q_v (log(Q_c / P_c) - KL) for token v in cell c, CE's softmax - onehot)."""
+    logp = torch.log_softmax(logits.detach().double(), -1)
+    grad = torch.zeros_like(logp)
+    trained = targets != IGNORE_INDEX
+    sampled = trained.clone()
+    sampled[samples:] = False
+    gold = trained & ~sampled
+    divergence, ce = 0.0, 0.0
+    for r, t in sampled.nonzero().tolist():
+        p, q, cell = _cells(logp[r, t], fused.ids[r, t], fused.probs[r, t])
+        value = _cell_divergence(p, q, kind, beta)
+        divergence += value
+        if kind == "reverse_kl":
+            grad[r, t] = (1 - lam) / int(sampled.sum()) * logp[r, t].exp() * ((q / p.clamp(min=1e-8)).log()[cell] - value)
+    for r, t in gold.nonzero().tolist():
+        ce -= float(logp[r, t, targets[r, t]])
+        grad[r, t] = lam / int(gold.sum()) * (logp[r, t].exp() - torch.nn.functional.one_hot(targets[r, t], logp.shape[-1]))
+    return lam * ce / int(gold.sum()) + (1 - lam) * divergence / int(sampled.sum()), grad
+
+
+def _capture_student_terms(monkeypatch) -> dict:
+    """Record what the step hands `losses.student_terms`: the logits (their gradient kept), the
+    targets, the fused target and the number of sample rows."""
+    captured, original = {}, losses.student_terms
+
+    def student_terms(logits, targets, fused, *args):
+        logits.retain_grad()
+        captured.update(logits=logits, targets=targets, fused=fused, samples=args[4] if len(args) > 4 else None)
+        return original(logits, targets, fused, *args)
+
+    monkeypatch.setattr(losses, "student_terms", student_terms)
+    return captured
+
+
+def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo, monkeypatch):
     """The sources run on the student's samples (then the labelled row's gold), the student's
-    forward reads the same rows, and the logs count the sampled tokens."""
+    forward reads the same rows, the loss is lam * CE(gold) + (1 - lam) * JSD(samples) plus the
+    selector's regression, and the logs count the sampled tokens."""
     module = _module(tiny_zoo, fusion="selector", top_k=2, response_from="student", divergence="jsd")
+    captured = _capture_student_terms(monkeypatch)
     _prefer(module, [-1.0, -2.0, -5.0])
     module.router.prefitted = True  # a fitted selector explores no more: no noise on the labelled row's selection
     samples, seen = {}, {}
@@ -153,7 +231,10 @@ def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
     module.sample, module.pool.run = record_sample, record_run
     batch = _batch(module)
     loss = module.training_step(batch, 0)
-    assert torch.isfinite(loss) and module.logged["train/on_policy"] == 1.0
+    assert module.logged["train/on_policy"] == 1.0 and captured["samples"] == 3
+    expected, _ = _reference_on_policy_loss(captured["logits"], captured["targets"], captured["fused"], 3, 0.9, "jsd", 0.5)
+    assert module.logged["train/loss_student"] == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(expected + module.logged["train/loss_selector"], rel=1e-5)  # fitted: no feedback term
     width = samples["input_ids"].shape[1]
     assert torch.equal(seen["input_ids"][:3, :width], samples["input_ids"]) and torch.equal(seen["targets"][:3, :width], samples["targets"])
     # The labelled row follows along its gold; every row runs the selector's two sources.
@@ -166,42 +247,60 @@ def test_on_policy_step_trains_on_what_the_sources_score(tiny_zoo):
         assert trained.tolist() == samples["input_ids"][b][samples["attention_mask"][b].bool()][-len(trained) :].tolist()
         assert len(trained) == int(samples["length"][b]) >= 1
     assert module.logged["train/sampled_tokens"] == float(samples["length"].sum())
-    assert not module.logged.get("train/answered")  # no source wrote an answer: the student answered
+    assert "train/answered" not in module.logged  # no source wrote an answer: the student answered
 
 
-def test_no_gradient_flows_through_the_sampling(tiny_zoo):
-    """The sampled ids are integers from `generate` under no_grad; the step's gradient equals the
-    gradient of the same loss with the same tokens fed as fixed data."""
+def test_no_gradient_flows_through_the_sampling(tiny_zoo, monkeypatch):
+    """The student samples without gradient (no forward of `generate` builds a graph), and the
+    step's loss and its gradient are those of the formulas on the sampled tokens as fixed data:
+    its value is lam * CE(gold) + (1 - lam) * reverse KL(samples), its gradient in the training
+    forward's logits the closed form, and every adapter parameter's gradient exactly that
+    gradient backpropagated through the training forward alone."""
     module = _module(tiny_zoo, fusion="oracle", response_from="student", divergence="reverse_kl")
     with torch.no_grad():
         for name, parameter in module.student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)  # a non-zero adapter: gradients reach lora_A as well
     batch = _batch(module)
-    torch.manual_seed(0)
-    samples = module.sample(batch)
-    for key in ("input_ids", "attention_mask", "targets"):
-        assert not samples[key].requires_grad and samples[key].grad_fn is None and not samples[key].is_floating_point()
+    phase, sampling_forwards = ["train"], []
+
+    def record(m, args, out):
+        if phase[0] == "sample":
+            sampling_forwards.append((torch.is_grad_enabled(), out.logits.requires_grad))
+
+    module.student.get_base_model().register_forward_hook(record)
+    sample = module.sample
+
+    def sample_and_mark(b):
+        phase[0] = "sample"
+        try:
+            return sample(b)
+        finally:
+            phase[0] = "train"
+
+    module.sample = sample_and_mark
+    inputs, logits_of = {}, module.logits
+
+    def training_logits(input_ids, attention_mask=None):
+        inputs.update(input_ids=input_ids, attention_mask=attention_mask)
+        return logits_of(input_ids, attention_mask)
+
+    module.logits = training_logits
+    captured = _capture_student_terms(monkeypatch)
     params = [p for p in module.student.parameters() if p.requires_grad]
-
-    def step_grads(sample) -> list[torch.Tensor]:
-        module.sample = sample
-        module.zero_grad()
-        module.training_step(batch, 0).backward()
-        return [p.grad.clone() for p in params]
-
-    inside = {}
-
-    def sample(b):
-        inside.update(FusionDistillModule.sample(module, b))
-        return inside
-
+    module.zero_grad()
     torch.manual_seed(0)
-    sampled = step_grads(sample)  # sampling inside the step, from the same seed: the same tokens
-    assert torch.equal(inside["input_ids"], samples["input_ids"])
-    fixed = step_grads(lambda b: {k: v.clone() for k, v in samples.items()})  # those tokens, as data
-    assert any(float(g.abs().max()) > 0 for g in sampled)
-    assert all(torch.equal(a, b) for a, b in zip(sampled, fixed))
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    # One forward per sampled token, none with gradient: the samples are data.
+    assert len(sampling_forwards) >= 2 and sampling_forwards == [(False, False)] * len(sampling_forwards)
+    assert captured["samples"] == 3 and inputs["input_ids"].shape[0] == 4  # 3 samples, then the labelled row's gold
+    expected, expected_grad = _reference_on_policy_loss(captured["logits"], captured["targets"], captured["fused"], 3, 0.9, "reverse_kl")
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(captured["logits"].grad.double(), expected_grad, atol=1e-7)
+    through_training = torch.autograd.grad(logits_of(inputs["input_ids"], inputs["attention_mask"]), params, expected_grad.float())
+    assert any(float(g.abs().max()) > 0 for g in through_training)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(params, through_training))
 
 
 def test_joint_step_is_the_off_policy_step_plus_the_samples_divergence(tiny_zoo):
@@ -258,7 +357,7 @@ SEEN_COLUMNS: list[dict] = []
 
 
 def recording_reward(prompts, completions, **columns):
-    SEEN_COLUMNS.append({"prompts": list(prompts), **columns})
+    SEEN_COLUMNS.append({"prompts": list(prompts), "completions": list(completions), **columns})
     return [float(len(c)) for c in completions]
 
 
@@ -283,21 +382,33 @@ def test_reward_signal_observes_exactly_the_k_selected_and_reads_no_gold(tiny_zo
     assert [-float(cost[b, 0]) for b in (1, 2)] == [float(len(texts[(b, 0)])) for b in (1, 2)]
     assert float(cost[0, 2]) == 0.0
     (columns,) = SEEN_COLUMNS
+    assert [-float(c) for c in cost[:, :2].flatten()] == [float(len(c)) for c in columns["completions"]]  # row-major pairs
     assert columns["prompts"] == [ROWS[0]["prompt"]] * 2 + [ROWS[1]["prompt"]] * 2 + [ROWS[2]["prompt"]] * 2
     assert columns["response"] == ["cba", "cba", None, None, None, None] and columns["metadata"] == [None] * 6
     # Through the step: the regression targets are the rewards, on those six pairs.
     module.train()
     module.router.prefitted = True
+    SEEN_COLUMNS.clear()
     module.training_step(_batch(module), 0)
-    assert module.logged["train/loss_selector"] > 0 and module.logged["reward/tests.test_on_policy.recording_reward"] >= 0
+    (columns,) = SEEN_COLUMNS
+    lengths = [len(c) for c in columns["completions"]]  # the pairs row-major: (0, spell), (0, sum), (1, spell), ...
+    assert len(lengths) == 6 and module.logged["reward/tests.test_on_policy.recording_reward"] == pytest.approx(sum(lengths) / 6)
+    # The selector predicts u = (-1, -2) for (spell, sum) on every prompt and regresses it onto the rewards: MSE.
+    squared = [(u - reward) ** 2 for u, reward in zip([-1.0, -2.0] * 3, lengths)]
+    assert module.logged["train/loss_selector"] == pytest.approx(sum(squared) / 6, rel=1e-5)
 
 
 def test_answer_format_reads_the_prompt_not_the_gold():
     prompts = ["backward dog=", "backward dog=", "sort< cat, ant=", "reverse a, b, c=", "3 + 4=", "3 + 4=", "what?"]
     completions = ["god", "dg", "ant, cat", "c, a", "7", "seven", "anything"]
     domains = ["spell_backward", "spell_backward", "word_sorting", "word_sequence_reversal", "chain_sum", "chain_sum", "other"]
-    assert answer_format(prompts, completions, domain=domains) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-    with pytest.raises(TypeError):  # it has no gold to read: a response column is not even accepted positionally
+    expected = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert answer_format(prompts, completions, domain=domains) == expected
+    # The gold and metadata columns, passed as every reward gets them, change nothing: wrong ones, or none.
+    for gold in (["dog", "god", "cat, ant", "a, b, c", "8", "7", "x"], [None] * 7):
+        assert answer_format(prompts, completions, domain=domains, response=gold, metadata=[{"answer": g} for g in gold]) == expected
+    # It has no gold parameter: a fourth column is not even accepted positionally.
+    with pytest.raises(TypeError, match=r"answer_format\(\) takes 3 positional arguments but 4 were given"):
         answer_format(prompts, completions, domains, ["god"] * 7)
 
 
@@ -397,4 +508,6 @@ def test_boundary_null_reads_from_the_prefix_along_the_students_own_samples(tiny
     for settings, expected in cases:
         module = FusionDistillModule(student=student, sources=sources, fusion="uniform", **settings)
         assert module.settings.resolved_boundary == expected, settings
-    assert module.pool.boundary == "prefix"
+        assert module.pool.boundary == expected, settings
+        read = {"top_k": 10, "temperature": 1.0, "unaligned": settings.get("unaligned", "marginal"), "vocab_map": "exact+med"}
+        assert module.settings.source_output_settings() == read | ({"boundary": "prefix"} if expected == "prefix" else {}), settings
