@@ -96,7 +96,6 @@ def bench_config(tiny_zoo, tmp_path) -> str:
     return _write(tmp_path / "bench.yaml", bench)
 
 
-@pytest.mark.slow
 def test_bench_without_a_name_lists_the_benchmarks():
     """`python -m fusion.bench`: the usage line names every benchmark module."""
     with pytest.raises(SystemExit) as exit_info:

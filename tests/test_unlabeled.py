@@ -12,8 +12,12 @@ import torch
 import yaml
 
 from fusion.data.datamodule import FusionDataModule, collate, encode
+from fusion.data.tokenizer import build_char_tokenizer
 from fusion.objectives.selection import SourceSelector, fit_selector
+from fusion.sources.cache import row_key
+from fusion.stages.answers import write_answers
 from fusion.stages.fusion import FusionDistillModule
+from fusion.stages.fusion_settings import FusionSettings
 from fusion.train import main
 from tests.conftest import DOMAINS, tiny_config
 
@@ -124,6 +128,76 @@ def test_files_declare_unlabelled_prompts(tiny_zoo, tmp_path):
 # ------------------------------------------------------------------ who answers
 
 
+class ScriptedPool:
+    """A pool whose sources answer as scripted: source -> prompt -> (text, summed log-probability
+    of the tokens written); records every `answer` call as (source, prompts)."""
+
+    def __init__(self, script: dict[int, dict[str, tuple[str, float]]]):
+        self.script, self.calls = script, []
+
+    def answer(self, source, prompts, max_new_tokens, sampling=False, temperature=1.0):
+        self.calls.append((source, list(prompts)))
+        return [self.script[source][p][0] for p in prompts], torch.tensor([self.script[source][p][1] for p in prompts])
+
+
+def _unlabeled(*prompts: str) -> list[dict]:
+    return [{"prompt": p, "response": None, "domain": "spell_backward", "metadata": None} for p in prompts]
+
+
+def _settings(fusion: str) -> FusionSettings:
+    return FusionSettings(sources=["zoo/spell", "zoo/sum", "zoo/noise"], fusion=fusion, response_max_new_tokens=8)
+
+
+def test_confidence_picks_the_highest_log_probability_per_student_token():
+    """Char tokens, so an answer of n characters is n + 1 student tokens (eos included):
+    p1: "ab" -3.0 / 3 = -1.0, "abcdef" -4.2 / 7 = -0.6, "" -0.1 / 1: the empty answer loses to
+        any other however confident, and the longer answer wins with the lower total;
+    p2: "xyz" -2.0 / 4 = -0.5 wins over "x" -1.4 / 2 = -0.7 (the highest total) and "xy" -1.8 / 3 = -0.6;
+    p3: every answer empty (white space stripped): the most confident of them, source 1's -0.1."""
+    script = {
+        0: {"p1": (" ab ", -3.0), "p2": ("xyz", -2.0), "p3": ("", -0.2)},
+        1: {"p1": ("abcdef", -4.2), "p2": ("x", -1.4), "p3": ("", -0.1)},
+        2: {"p1": ("", -0.1), "p2": ("xy", -1.8), "p3": ("  ", -0.3)},
+    }
+    pool = ScriptedPool(script)
+    answers = write_answers(_unlabeled("p1", "p2", "p3"), [[0, 1, 2]] * 3, pool, build_char_tokenizer(), _settings("confidence"))
+    assert [(a["writer"], a["text"]) for a in answers] == [(1, "abcdef"), (0, "xyz"), (1, "")]
+    assert all(a["generations"] == 3 and a["sources"] == [0, 1, 2] for a in answers)
+    assert pool.calls == [(s, ["p1", "p2", "p3"]) for s in range(3)]  # each source answers every prompt, once
+
+
+def test_uniform_writer_is_the_prompts_hash_modulo_the_sources():
+    """The writer is sha256(prompt + "\\x00\\x01unlabelled")'s first 24 hex digits modulo N = 3:
+    "backward dog=" 2dad0d559c0506e49fdc9821 -> 0, "backward cat=" 64552c69e8f00a900db7f531 -> 1,
+    "backward ant=" 8989dfbe914989f78c5a3640 -> 2: one generation each, by that source alone, the
+    same every time the prompt comes back."""
+    prompts = ("backward dog=", "backward cat=", "backward ant=")
+    assert [row_key(row) for row in _unlabeled(*prompts)] == [
+        "2dad0d559c0506e49fdc9821",
+        "64552c69e8f00a900db7f531",
+        "8989dfbe914989f78c5a3640",
+    ]
+    script = {s: {p: (f"{p[-4:-1]} by {s}", -1.0) for p in prompts} for s in range(3)}
+    for _ in range(2):
+        pool = ScriptedPool(script)
+        answers = write_answers(_unlabeled(*prompts), [[0, 1, 2]] * 3, pool, build_char_tokenizer(), _settings("uniform"))
+        assert [(a["writer"], a["text"], a["generations"]) for a in answers] == [(0, "dog by 0", 1), (1, "cat by 1", 1), (2, "ant by 2", 1)]
+        assert pool.calls == [(0, ["backward dog="]), (1, ["backward cat="]), (2, ["backward ant="])]
+
+
+def test_the_selectors_top_source_writes_alone():
+    """`first_selected`: the first of the sources that will run along the answer writes it."""
+    prompts = ("p1", "p2", "p3")
+    pool = ScriptedPool({s: {p: (f"{p} by {s}", -1.0) for p in prompts} for s in range(3)})
+    answers = write_answers(_unlabeled(*prompts), [[2, 0], [1, 2], [2, 1]], pool, build_char_tokenizer(), _settings("selector"))
+    assert [(a["writer"], a["text"], a["generations"], a["sources"]) for a in answers] == [
+        (2, "p1 by 2", 1, [2, 0]),
+        (1, "p2 by 1", 1, [1, 2]),
+        (2, "p3 by 2", 1, [2, 1]),
+    ]
+    assert pool.calls == [(1, ["p2"]), (2, ["p1", "p3"])]
+
+
 def test_source_answer_and_its_log_probability(tiny_zoo):
     """`SourcePool.answer` decodes greedily in the source's own tokens and returns the log-probability
     of exactly the tokens it wrote (eos included), as a teacher-forced forward computes it."""
@@ -179,29 +253,24 @@ def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
     batch = module.answer_prompts(_batch(module))
     assert sorted(calls) == [(0, 2), (1, 2), (2, 2)]  # N generations per unlabelled prompt
     assert batch["answer_sources"].tolist()[1:] == [[0, 1, 2]] * 2
-    for b, prompt in ((1, "backward dog="), (2, "3 + 4=")):
-        scores = {}
-        for source in range(3):
-            (text,), (logprob,) = module.pool.answer(source, [prompt], 8)
-            tokens = len(module.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) + 1
-            scores[source] = (bool(text.strip()), float(logprob) / tokens, text.strip())
-        writer = max(scores, key=lambda s: scores[s][:2])
-        assert batch["answers"][b]["writer"] == writer and batch["answers"][b]["text"] == scores[writer][2]
-        assert batch["answers"][b]["generations"] == 3
+    for b, prompt in ((1, "backward dog="), (2, "3 + 4=")):  # the writer's own answer (who wins: the scripted test above)
+        writer = batch["answers"][b]["writer"]
+        (text,), _ = module.pool.answer(writer, [prompt], 8)
+        assert writer in (0, 1, 2) and batch["answers"][b]["text"] == text.strip() and batch["answers"][b]["generations"] == 3
     # Its weights are softmax(-CE) along the response (AvgCE where there is gold).
     ce = torch.tensor([[1.0, 2.0, 4.0]])
     assert torch.allclose(module.router.weights(None, ce, torch.ones_like(ce, dtype=torch.bool)), torch.softmax(-ce, -1))
 
 
 def test_uniform_answer_comes_from_one_source_drawn_per_prompt(tiny_zoo):
-    from fusion.sources.cache import row_key
-
     module = _module(tiny_zoo, fusion="uniform")
     calls = _count_generations(module)
     batch = module.answer_prompts(_batch(module))
-    writers = [batch["answers"][b]["writer"] for b in (1, 2)]
-    assert writers == [int(row_key(ROWS[b]), 16) % 3 for b in (1, 2)]
-    assert sum(n for _, n in calls) == 2  # one generation per prompt
+    # Keys 2dad0d559c0506e49fdc9821 ("backward dog=") and 8c24a252492be2a6f45b544e ("3 + 4="): both 0 mod 3.
+    assert [batch["answers"][b]["writer"] for b in (1, 2)] == [0, 0]
+    assert calls == [(0, 2)]  # one generation per prompt, by spell
+    texts, _ = module.pool.answer(0, ["backward dog=", "3 + 4="], 8)
+    assert [batch["answers"][b]["text"] for b in (1, 2)] == [t.strip() for t in texts]
     assert batch["answer_sources"].tolist()[1:] == [[0, 1, 2]] * 2
 
 
@@ -302,15 +371,19 @@ def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
 @pytest.mark.slow
 def test_cached_fit_on_answered_prompts_runs_no_source(unlabelled_cache, monkeypatch):
     import fusion.sources.pool
+    from fusion.sources.cache import answer_summary
 
     monkeypatch.setattr(fusion.sources.pool, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
-    main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3"])
+    main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3", "--data.batch_size=64"])
     (log,) = (unlabelled_cache["root"] / "runs" / "run").glob("version_*/metrics.csv")
     with open(log) as f:
         steps = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")]
     assert [int(s["step"]) for s in steps] == [0, 1, 2]
-    # 32 labelled rows and 12 answered prompts, 8 rows a step: the answers come from the cache, no generation.
-    assert sum(s.get("train/answered", 0.0) for s in steps) >= 1 and all(s.get("train/generations", 0.0) == 0.0 for s in steps)
+    # 32 labelled rows and 12 answered prompts, all 44 in every step: the 12 answers (the empty ones
+    # too) come from the cache, no generation.
+    empty = float(answer_summary(unlabelled_cache["cache"])["empty_answers"])
+    for s in steps:
+        assert (s["train/answered"], s["train/empty_answers"], s["train/generations"]) == (12.0, empty, 0.0), s
     assert all(sum(s[f"select/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0) for s in steps)  # top_k 1
 
 
@@ -351,9 +424,9 @@ def test_oracle_without_a_domain_column(tiny_zoo, tmp_path):
         main(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.max_steps=1"])
 
 
-def test_unlabeled_size_needs_the_suite(tiny_zoo, tmp_path):
+def test_unlabeled_size_needs_the_suite(tmp_path):
     with pytest.raises(ValueError, match=r"data.unlabeled_size draws prompts from the embedded suite"):
-        FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), dataset=str(tmp_path / "x.jsonl"), unlabeled_size=3)
+        FusionDataModule(tokenizer="checkpoints/no-zoo/student", dataset=str(tmp_path / "x.jsonl"), unlabeled_size=3)
 
 
 @pytest.mark.slow
