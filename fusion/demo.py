@@ -5,7 +5,7 @@ method, print a table.
     python -m fusion.demo --zoo '' --seeds 0 1 2     # every method per seed: mean ± std
 
 The quick start is label-scarce: 50 gold answers and 500 prompts without one per domain. Every
-method is the same `predict` (the sources answer the unlabelled prompts once and score the
+method is the same `predict` (the sources answer the unlabeled prompts once and score the
 answers, into the offline cache) + `fit` + `test` of `fusion.train` with another `model.fusion`;
 `--online` runs the sources during `fit` instead. Results land in
 `checkpoints/quickstart/<method>/version_N/metrics.json` (checkpoints in
@@ -119,7 +119,7 @@ def table(results: dict[str, list[dict]], sources: dict[str, dict[str, float]] |
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
-    header = "| method | generations / unlabelled prompt | " + " | ".join(domains) + " | mean | mean ratio | worst ratio | seconds |"
+    header = "| method | generations / unlabeled prompt | " + " | ".join(domains) + " | mean | mean ratio | worst ratio | seconds |"
     lines = [header, "|" + "---|" * (len(domains) + 6)]
     if best:
         names = best_sources(sources)

@@ -272,7 +272,7 @@ def test_label_scarce_criteria():
     for name in ("none", "oracle"):
         runs.append(dict(next(r for r in runs if r["method"] == name), pool="B"))
     summary = report_lib.summarize(runs, methods)
-    checks = report_lib.criteria_unlabelled(summary, methods)["selector"]
+    checks = report_lib.criteria_unlabeled(summary, methods)["selector"]
     assert checks["gain_over_none_at_least_0.08"]["A"]["pass"] and checks["gain_over_none_at_least_0.08"]["B"]["pass"]  # 0.56, 0.54 vs 0.30
     assert checks["within_0.02_of_oracle"]["A"]["pass"]  # 0.56 vs 0.575: 0.015 below
     assert checks["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.575)
@@ -391,7 +391,7 @@ def test_on_policy_criteria_and_sampled_tokens(tmp_path):
     summary = report_lib.summarize(runs, methods)
     assert summary["on_policy selector k=1"]["A"]["sampled_tokens_per_step"] == pytest.approx((300 + 0 + 500) / 3)
     assert "sampled_tokens_per_step" not in summary["selector k=1"]["A"]
-    checks = report_lib.criteria_unlabelled(summary, methods)
+    checks = report_lib.criteria_unlabeled(summary, methods)
     assert set(checks) == {"selector k=1", "selector k=1 continued", "on_policy selector k=1"}
     assert checks["selector k=1"]["within_0.02_of_oracle"]["A"]["oracle"] == pytest.approx(0.9)  # the off-policy oracle
     on = checks["on_policy selector k=1"]

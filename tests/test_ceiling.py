@@ -151,7 +151,7 @@ def test_learning_curves_from_validation_logs(tmp_path):
     assert "| m | A | 0.69 (0.38) | 0.88 (0.75) |" in "\n".join(report_lib.curve_table(curves))
 
 
-def test_unlabelled_prompts_per_domain():
+def test_unlabeled_prompts_per_domain():
     from fusion.data import tasks
 
     splits = tasks.build_splits(["spell_backward", "chain_sum"], {"test": 3, "unlabeled": {"chain_sum": 5}}, 0)

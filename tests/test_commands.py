@@ -239,7 +239,7 @@ def test_bench_selector(bench_config, tmp_path):
     assert report["seeds"] == [0] and set(report["pools"]) == {"A", "B"}
     for pool, entry in report["pools"].items():
         assert entry["sources"] == list(SOURCES[: 2 if pool == "A" else 3])
-        assert entry["labelled_rows"] == 8 * len(DOMAINS) and entry["unlabelled_prompts"] == 8 * len(DOMAINS)
+        assert entry["labelled_rows"] == 8 * len(DOMAINS) and entry["unlabeled_prompts"] == 8 * len(DOMAINS)
         assert sorted(entry["feedback_weights"]) == ["likelihood 0.0", "likelihood 1.0", "mse 0.0", "mse 1.0"]
         for row in entry["feedback_weights"].values():
             assert len(row["runs"]) == 1 and _fraction(row["routed_to_specialist"]) and _fraction(row["routed_to_distractor"])

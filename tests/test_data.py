@@ -53,9 +53,9 @@ def test_map_over_files_gives_the_per_row_encoding(tmp_path, build):
     assert [{k: f[k] for k in FEATURES} for f in corpus] == _per_row(tokenizer, corpus)
     # Truncated rows and rows without a response are among them.
     assert data.overlong_counts["train"] > 50 and sum(f["truncated"] for f in corpus) == data.overlong_counts["train"]
-    unlabelled = [f for f in corpus if f["row"]["response"] is None]
-    assert len(unlabelled) == 83 and all(set(f["labels"]) == {-100} for f in unlabelled)
-    assert any(len(f["input_ids"]) == 32 for f in unlabelled)  # a long prompt without answer, cut to max_length
+    unlabeled = [f for f in corpus if f["row"]["response"] is None]
+    assert len(unlabeled) == 83 and all(set(f["labels"]) == {-100} for f in unlabeled)
+    assert any(len(f["input_ids"]) == 32 for f in unlabeled)  # a long prompt without answer, cut to max_length
     for split in ("val", "test"):
         features = data._features(split)
         assert len(features) == 20 and [{k: f[k] for k in FEATURES} for f in features] == _per_row(tokenizer, features)

@@ -60,7 +60,7 @@ def _count_generations(module: FusionDistillModule) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------ data
 
 
-def test_suite_unlabelled_prompts_carry_no_answer(tiny_zoo):
+def test_suite_unlabeled_prompts_carry_no_answer(tiny_zoo):
     student = os.path.join(tiny_zoo, "student")
     plain = FusionDataModule(tokenizer=student, domains=DOMAINS, train_size=10, val_size=4, test_size=4).load()
     data = FusionDataModule(tokenizer=student, domains=DOMAINS, train_size=10, val_size=4, test_size=4, unlabeled_size=7)
@@ -68,17 +68,17 @@ def test_suite_unlabelled_prompts_carry_no_answer(tiny_zoo):
     assert len(rows["unlabeled"]) == 14 and sorted({r["domain"] for r in rows["unlabeled"]}) == sorted(DOMAINS)
     for row in rows["unlabeled"]:  # nothing downstream can read the answer: no response, no metadata
         assert set(row) == {"prompt", "response", "domain", "metadata"} and row["response"] is None and row["metadata"] is None
-    for split in ("train", "val", "test"):  # the labelled splits are exactly those of a corpus without unlabelled prompts
+    for split in ("train", "val", "test"):  # the labelled splits are exactly those of a corpus without unlabeled prompts
         assert rows[split] == plain[split]
     prompts = {split: {r["prompt"] for r in rows[split]} for split in ("train", "val", "test", "unlabeled")}
     assert not prompts["unlabeled"] & (prompts["train"] | prompts["val"] | prompts["test"])
-    assert len(data.corpus()) == 34 and len(data.corpus(unlabelled=False)) == 20
+    assert len(data.corpus()) == 34 and len(data.corpus(unlabeled=False)) == 20
     # A prompt-only row trains nothing until a source answers it.
     feature = encode(data.tokenizer, rows["unlabeled"][0]["prompt"], None, 64)
     assert set(feature["labels"]) == {-100} and feature["prompt_length"] == len(feature["input_ids"])
 
 
-def test_train_loader_holds_unlabelled_prompts_only_for_a_method_that_answers_them(tiny_zoo):
+def test_train_loader_holds_unlabeled_prompts_only_for_a_method_that_answers_them(tiny_zoo):
     from types import SimpleNamespace
 
     data = FusionDataModule(tokenizer=os.path.join(tiny_zoo, "student"), domains=DOMAINS, train_size=4, unlabeled_size=6, batch_size=64)
@@ -89,7 +89,7 @@ def test_train_loader_holds_unlabelled_prompts_only_for_a_method_that_answers_th
         assert len(batch["rows"]) == expected and int(batch["labelled"].sum()) == 8
 
 
-def test_files_declare_unlabelled_prompts(tiny_zoo, tmp_path):
+def test_files_declare_unlabeled_prompts(tiny_zoo, tmp_path):
     student = os.path.join(tiny_zoo, "student")
     rows = [{"prompt": f"backward w{i}=", "response": "" if i % 2 else f"{i}w"} for i in range(8)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -229,7 +229,7 @@ def test_selector_top_source_writes_and_the_selected_run_along_it(tiny_zoo):
         module.selector.net[-1].bias.copy_(torch.tensor([-1.0, -2.0, -5.0]))
     calls = _count_generations(module)
     batch = module.answer_prompts(_batch(module))
-    assert calls == [(0, 2)]  # one generation per unlabelled prompt, by the top source only
+    assert calls == [(0, 2)]  # one generation per unlabeled prompt, by the top source only
     assert batch["answer_sources"].tolist() == [[-1, -1], [0, 1], [0, 1]]
     texts, _ = module.pool.answer(0, ["backward dog=", "3 + 4="], 8)
     for b, text in ((1, texts[0]), (2, texts[1])):
@@ -251,7 +251,7 @@ def test_confidence_keeps_the_most_confident_answer(tiny_zoo):
     module = _module(tiny_zoo, fusion="confidence")
     calls = _count_generations(module)
     batch = module.answer_prompts(_batch(module))
-    assert sorted(calls) == [(0, 2), (1, 2), (2, 2)]  # N generations per unlabelled prompt
+    assert sorted(calls) == [(0, 2), (1, 2), (2, 2)]  # N generations per unlabeled prompt
     assert batch["answer_sources"].tolist()[1:] == [[0, 1, 2]] * 2
     for b, prompt in ((1, "backward dog="), (2, "3 + 4=")):  # the writer's own answer (who wins: the scripted test above)
         writer = batch["answers"][b]["writer"]
@@ -295,7 +295,7 @@ def test_an_empty_answer_is_counted_and_trains_nothing(tiny_zoo):
 def test_answers_are_not_quality_observations(tiny_zoo):
     """A source's CE along an answer (its own, or another's) never trains the selector, and the
     selection of the sources that run along an answer observes nothing, so nothing balances it:
-    on a batch of unlabelled prompts the regression and feedback terms are zero and give the
+    on a batch of unlabeled prompts the regression and feedback terms are zero and give the
     selector no gradient."""
     module = _module(tiny_zoo, fusion="selector", top_k=2, feedback_weight=1.0)
     loss = module.training_step(_batch(module, ROWS[1:]), 0)
@@ -340,8 +340,8 @@ def test_fit_selector_stops_before_it_memorizes_noise():
 
 
 @pytest.fixture(scope="module")
-def unlabelled_cache(tiny_zoo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("unlabelled")
+def unlabeled_cache(tiny_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabeled")
     config = tiny_config(
         tiny_zoo,
         str(root / "runs"),
@@ -360,46 +360,46 @@ def unlabelled_cache(tiny_zoo, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_predict_answers_each_prompt_once_with_the_selector(unlabelled_cache):
+def test_predict_answers_each_prompt_once_with_the_selector(unlabeled_cache):
     from fusion.sources.cache import answer_summary
 
-    summary = answer_summary(unlabelled_cache["cache"])
+    summary = answer_summary(unlabeled_cache["cache"])
     assert summary["prompts"] == 12 and summary["generations"] == 12 and summary["generations_per_prompt"] == 1.0
     assert sum(summary["writers"]) == 12 - summary["empty_answers"]
 
 
 @pytest.mark.slow
-def test_cached_fit_on_answered_prompts_runs_no_source(unlabelled_cache, monkeypatch):
+def test_cached_fit_on_answered_prompts_runs_no_source(unlabeled_cache, monkeypatch):
     import fusion.sources.pool
     from fusion.sources.cache import answer_summary
 
     monkeypatch.setattr(fusion.sources.pool, "load_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a source was loaded")))
-    main(["fit", "--config", unlabelled_cache["config"], "--trainer.max_steps=3", "--data.batch_size=64"])
-    (log,) = (unlabelled_cache["root"] / "runs" / "run").glob("version_*/metrics.csv")
+    main(["fit", "--config", unlabeled_cache["config"], "--trainer.max_steps=3", "--data.batch_size=64"])
+    (log,) = (unlabeled_cache["root"] / "runs" / "run").glob("version_*/metrics.csv")
     with open(log) as f:
         steps = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")]
     assert [int(s["step"]) for s in steps] == [0, 1, 2]
     # 32 labelled rows and 12 answered prompts, all 44 in every step: the 12 answers (the empty ones
     # too) come from the cache, no generation.
-    empty = float(answer_summary(unlabelled_cache["cache"])["empty_answers"])
+    empty = float(answer_summary(unlabeled_cache["cache"])["empty_answers"])
     for s in steps:
         assert (s["train/answered"], s["train/empty_answers"], s["train/generations"]) == (12.0, empty, 0.0), s
     assert all(sum(s[f"select/{n}"] for n in ("spell", "sum", "noise")) == pytest.approx(1.0) for s in steps)  # top_k 1
 
 
 @pytest.mark.slow
-def test_cache_answered_for_another_method_is_refused(unlabelled_cache):
+def test_cache_answered_for_another_method_is_refused(unlabeled_cache):
     with pytest.raises(ValueError, match=r"computed for a different setup \(answers differ\): answers: cache has \{'fusion': 'selector'"):
-        main(["fit", "--config", unlabelled_cache["config"], "--model.fusion=confidence", "--trainer.max_steps=1"])
+        main(["fit", "--config", unlabeled_cache["config"], "--model.fusion=confidence", "--trainer.max_steps=1"])
     with pytest.raises(ValueError, match=r"\(answers differ\)"):
-        main(["fit", "--config", unlabelled_cache["config"], "--model.response_max_new_tokens=4", "--trainer.max_steps=1"])
+        main(["fit", "--config", unlabeled_cache["config"], "--model.response_max_new_tokens=4", "--trainer.max_steps=1"])
 
 
 # ------------------------------------------------------------------ bad input
 
 
 @pytest.mark.slow
-def test_methods_that_need_gold_refuse_unlabelled_prompts(write_config):
+def test_methods_that_need_gold_refuse_unlabeled_prompts(write_config):
     config = write_config(fusion="avgce")
     with pytest.raises(
         ValueError,
@@ -446,7 +446,7 @@ def test_feedback_loss_biases_the_fitted_selector_towards_the_distractor(tiny_zo
     }
     result = measure_pool(bench, "B", [0.0, 1.0], seeds=[0])
     plain, balanced = result["feedback_weights"]["0.0"], result["feedback_weights"]["1.0"]
-    assert result["labelled_rows"] == 32 and result["unlabelled_prompts"] == 16
+    assert result["labelled_rows"] == 32 and result["unlabeled_prompts"] == 16
     assert abs(plain["bias_specialists"]) < 0.05 and abs(plain["bias_distractors"]) < 0.05
     assert balanced["bias_distractors"] > plain["bias_distractors"] + 0.05, (plain, balanced)
     assert balanced["bias_specialists"] < plain["bias_specialists"] - 0.02, (plain, balanced)

@@ -317,7 +317,7 @@ def criteria(summary: dict, methods: dict[str, dict], oracle: dict[str, str]) ->
     return checks
 
 
-def criteria_unlabelled(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
+def criteria_unlabeled(summary: dict, methods: dict[str, dict]) -> dict[str, dict]:
     """The label-scarce regime's checks for every selector method, with the numbers they compare:
     at least `none` + 0.08 and within 0.02 of the oracle in each pool, at least `confidence` +
     0.05 in pool B, interference at most half of uniform's and of confidence's."""
@@ -415,7 +415,7 @@ def markdown(report: dict, config_yaml: str) -> str:
         "| method | pool | source forwards / seq | "
         + " | ".join(domains)
         + " | mean | interference (per seed) | specialist gap (per seed) |"
-        + (" generations / unlabelled prompt | seconds: cache, run |" if costs else "")
+        + (" generations / unlabeled prompt | seconds: cache, run |" if costs else "")
         + (" sampled tokens / step |" if sampling else ""),
         "|---|---|---|" + "---|" * (len(domains) + 3 + (2 if costs else 0) + (1 if sampling else 0)),
     ]

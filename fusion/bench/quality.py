@@ -121,7 +121,7 @@ class QualityBench:
     quick_settings: dict = field(default_factory=dict)
 
     @property
-    def unlabelled(self) -> bool:
+    def unlabeled(self) -> bool:
         """Whether the fusion corpus holds prompts without gold answers (the label-scarce regime)."""
         data = self.train.get("data", {})
         return bool(data.get("unlabeled_size") or data.get("unlabeled_file") or data.get("missing_response") == "unlabeled")
@@ -315,11 +315,11 @@ class Planner:
 
     def cache_dir(self, pool: str, settings: dict) -> str:
         """One cache per pool and per value of the settings the cached numbers depend on (with
-        unlabelled prompts: per method, since the method decides who answers them)."""
+        unlabeled prompts: per method, since the method decides who answers them)."""
         from fusion.stages.fusion_settings import ANSWER_SETTINGS, SOURCE_OUTPUT_SETTINGS
 
         base = self.bench.train["model"]
-        keys = SOURCE_OUTPUT_SETTINGS + (ANSWER_SETTINGS if self.bench.unlabelled else ())
+        keys = SOURCE_OUTPUT_SETTINGS + (ANSWER_SETTINGS if self.bench.unlabeled else ())
         overrides = {k: settings[k] for k in keys if k in settings and settings[k] != base.get(k)}
         name = pool + "".join(f"-{k}-{_slug(str(v))}" for k, v in sorted(overrides.items()))
         self.caches.setdefault(name, (pool, overrides))
@@ -505,7 +505,7 @@ def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
 
 def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dict[str, float]) -> dict:
     """Per pool, as measured when the cache was written: sources that wrote an answer per
-    unlabelled prompt, empty answers, each source's share of the answers used, and the seconds
+    unlabeled prompt, empty answers, each source's share of the answers used, and the seconds
     the cache took (its labelled rows included)."""
     from fusion.sources.cache import answer_summary
 
@@ -546,7 +546,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         name: {**settings, "source_forwards_per_seq": {p: planner.fusion_settings(settings, p).source_forwards for p in bench.pools}}
         for name, settings in resolved.items()
     }
-    if bench.unlabelled and bench.source_mode == "cached":
+    if bench.unlabeled and bench.source_mode == "cached":
         methods = {
             name: m | answer_costs(planner, name, m, cache_seconds)
             if not planner.fusion_settings(m, "A").online_only and m.get("source_mode") != "online"
@@ -632,7 +632,7 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         "results": summary,
         "consistency": consistency,
         "criteria": report_lib.merge_criteria(
-            report_lib.criteria_unlabelled(summary, methods) if bench.unlabelled else report_lib.criteria(summary, methods, oracle),
+            report_lib.criteria_unlabeled(summary, methods) if bench.unlabeled else report_lib.criteria(summary, methods, oracle),
             report_lib.criteria_ratio(summary, methods),
             report_lib.criteria_floor(summary, BASE),
         ),

@@ -4,12 +4,12 @@
 
 For each pool of the bench config, every source runs once on the labelled rows (every source's
 CE observed), and the selector is fitted to them as `fit` does before it routes the first
-unlabelled prompt (`fusion.objectives.selection.fit_selector`), with each selector loss of `--selector_losses` (`mse`: u onto -CE; `likelihood`:
+unlabeled prompt (`fusion.objectives.selection.fit_selector`), with each selector loss of `--selector_losses` (`mse`: u onto -CE; `likelihood`:
 exp(u) onto the probability of each response, `fusion.objectives.losses.selector_loss`), the
 feedback loss at each weight of `--feedback_weights` and one selector initialization per seed.
 Reported per pool, loss and weight, mean ± std over seeds:
 
-- routed to the specialist: the share of the corpus's unlabelled prompts whose top-1 source is
+- routed to the specialist: the share of the corpus's unlabeled prompts whose top-1 source is
   their domain's specialist (`train.model.oracle`), and the share sent to a source outside
   pool A (a distractor); and the share routed to the specialist per domain;
 - bias: the selector's mean signed error u_i + CE_i on the labelled rows, averaged over the
@@ -113,7 +113,7 @@ def measure_pool(bench: dict, pool: str, feedback_weights: list[float], seeds: l
             d: statistics.fmean(r["routed_to_specialist_by_domain"][d] for r in runs) for d in domain_rows
         }
         results[f"{loss} {weight}" if len(selector_losses) > 1 else str(weight)] = summary
-    return {"sources": names, "labelled_rows": len(features), "unlabelled_prompts": len(prompts), "feedback_weights": results}
+    return {"sources": names, "labelled_rows": len(features), "unlabeled_prompts": len(prompts), "feedback_weights": results}
 
 
 def markdown(report: dict) -> str:
@@ -121,7 +121,7 @@ def markdown(report: dict) -> str:
         "# Does balancing bias the selector?",
         "",
         "The selector fitted on the labelled rows (every source observed) with the feedback loss at each weight; "
-        f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabelled prompts whose "
+        f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabeled prompts whose "
         "top-1 source is their domain's specialist, or a distractor. Bias: mean u_i + CE_i on the labelled rows "
         "(nats; > 0 overrates the source).",
         "",
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="python -m fusion.bench selector", description=__doc__)
-    parser.add_argument("--config", required=True, help="a quality bench YAML with unlabelled prompts, e.g. configs/bench_unlabeled.yaml")
+    parser.add_argument("--config", required=True, help="a quality bench YAML with unlabeled prompts, e.g. configs/bench_unlabeled.yaml")
     parser.add_argument("--feedback_weights", type=list[float], default=[0.0, 0.1, 1.0])
     parser.add_argument("--seeds", type=list[int], default=[0, 1, 2])
     parser.add_argument(

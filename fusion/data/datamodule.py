@@ -192,7 +192,7 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def is_labelled(row: dict[str, Any]) -> bool:
-    """A row with a gold answer; an unlabelled row's response is None."""
+    """A row with a gold answer; an unlabeled row's response is None."""
     return row.get("response") is not None
 
 
@@ -253,7 +253,7 @@ def load_rows(
     """Rows of a local directory ({split}.jsonl or .parquet), a local file, or a `datasets` name.
 
     A train row without a response is an error, or with `missing_response="unlabeled"` an
-    unlabelled prompt (its response None, nothing else of it kept but the prompt and domain).
+    unlabeled prompt (its response None, nothing else of it kept but the prompt and domain).
     Val and test rows always need their answer.
     """
     path, table = _table(dataset, split)
@@ -279,7 +279,7 @@ def _table_rows(
                     else "; if the corpus has prompts without answers, set data.missing_response: unlabeled"
                 )
                 raise ValueError(f"{path}: row {index} has an empty {response_column!r} (data.response_column), in the {split} split{hint}")
-            rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if domain_column else "default"))
+            rows.append(unlabeled_row(str(record[prompt_column]), str(record[domain_column]) if domain_column else "default"))
             continue
         row = {field: str(record[column]) for field, column in columns.items()}
         row.setdefault("domain", "default")
@@ -291,7 +291,7 @@ def _table_rows(
 
 
 def load_prompts(path: str, prompt_column: str, domain_column: str | None) -> list[dict[str, Any]]:
-    """A file of prompts without answers (JSONL or Parquet): unlabelled rows. Any other column,
+    """A file of prompts without answers (JSONL or Parquet): unlabeled rows. Any other column,
     an answer included, is left out, so nothing downstream can read it."""
     return _prompt_table(path, prompt_column, domain_column)[1]
 
@@ -309,13 +309,13 @@ def _prompt_table(path: str, prompt_column: str, domain_column: str | None) -> t
     for index, record in enumerate(table):
         if _empty(record[prompt_column]):
             raise ValueError(f"{path}: row {index} has an empty {prompt_column!r} (data.prompt_column)")
-        rows.append(unlabelled_row(str(record[prompt_column]), str(record[domain_column]) if "domain" in columns else "default"))
+        rows.append(unlabeled_row(str(record[prompt_column]), str(record[domain_column]) if "domain" in columns else "default"))
     if not rows:
         raise ValueError(f"data.unlabeled_file {path!r}: the file has no rows")
     return table, rows
 
 
-def unlabelled_row(prompt: str, domain: str) -> dict[str, Any]:
+def unlabeled_row(prompt: str, domain: str) -> dict[str, Any]:
     """A prompt without gold: no response and no metadata (the suite's metadata holds the answer)."""
     return {"prompt": prompt, "response": None, "domain": domain, "metadata": None}
 
@@ -324,7 +324,7 @@ class FusionDataModule(L.LightningDataModule):
     """Train/val/test splits of (prompt, response, domain) rows, tokenized with the student's tokenizer.
 
     The fusion corpus (what the student trains on) is the train split's labelled rows plus, when
-    the config declares them, unlabelled prompts: rows whose response is None and whose answer
+    the config declares them, unlabeled prompts: rows whose response is None and whose answer
     the sources write during training (see `fusion.stages.fusion`). Val and test rows are always labelled.
 
     Args:
@@ -335,14 +335,14 @@ class FusionDataModule(L.LightningDataModule):
             `datasets` name.
         domains: the suite's domains (only with dataset "suite").
         train_size, val_size, test_size: examples per domain in each split of the suite.
-        unlabeled_size: the suite's unlabelled prompts per domain (one number, or domain -> number:
+        unlabeled_size: the suite's unlabeled prompts per domain (one number, or domain -> number:
             more prompts where the student trails its sources most), drawn like the train split
             (never a val or test prompt, never a train prompt); their answers and metadata are
             dropped.
         unlabeled_file: a JSONL/Parquet file of prompts without answers (the prompt column, and
             the domain column where present; any other column is dropped) added to the corpus.
         missing_response: "error" (default): a train row without a response stops the run;
-            "unlabeled": such rows are unlabelled prompts.
+            "unlabeled": such rows are unlabeled prompts.
         seed: the suite's generation seed; the splits are disjoint and fixed by it.
         prompt_column, response_column, domain_column: column names for other data sets.
         max_length: longest tokenized example.
@@ -437,7 +437,7 @@ class FusionDataModule(L.LightningDataModule):
                 if h.unlabeled_size:  # drawn after the others: the labelled splits do not change
                     sizes["unlabeled"] = h.unlabeled_size
                 rows = tasks.build_splits(h.domains, sizes, h.seed)
-                rows["unlabeled"] = [unlabelled_row(r["prompt"], r["domain"]) for r in rows.get("unlabeled", [])]
+                rows["unlabeled"] = [unlabeled_row(r["prompt"], r["domain"]) for r in rows.get("unlabeled", [])]
             else:
                 rows = {}
                 for split in SPLITS:
@@ -458,8 +458,8 @@ class FusionDataModule(L.LightningDataModule):
                 rows["unlabeled"] += prompts
             if h.chat_template and rows["unlabeled"]:
                 raise ValueError(
-                    "data.chat_template applies to labelled rows only: the answers written for unlabelled prompts are "
-                    "encoded from the raw prompt; leave out the unlabelled prompts (data.unlabeled_size, "
+                    "data.chat_template applies to labelled rows only: the answers written for unlabeled prompts are "
+                    "encoded from the raw prompt; leave out the unlabeled prompts (data.unlabeled_size, "
                     "data.unlabeled_file, data.missing_response) or set data.chat_template: false"
                 )
             if not rows["train"]:
@@ -470,10 +470,10 @@ class FusionDataModule(L.LightningDataModule):
             self.rows = rows
         return self.rows
 
-    def corpus(self, unlabelled: bool = True) -> list[dict[str, Any]]:
-        """The fusion corpus: the labelled train rows, then (if asked) the unlabelled prompts."""
+    def corpus(self, unlabeled: bool = True) -> list[dict[str, Any]]:
+        """The fusion corpus: the labelled train rows, then (if asked) the unlabeled prompts."""
         rows = self.load()
-        return rows["train"] + (rows["unlabeled"] if unlabelled else [])
+        return rows["train"] + (rows["unlabeled"] if unlabeled else [])
 
     @property
     def domain_names(self) -> list[str]:
@@ -537,8 +537,8 @@ class FusionDataModule(L.LightningDataModule):
         # A module with a curriculum (`fusion.objectives.curriculum`) draws each row's domain by its weights.
         trainer = self.trainer
         module = trainer.lightning_module if trainer else None
-        unlabelled = getattr(module, "learns_from_unlabeled", False)
-        features = self._features("train", ("train", "unlabeled") if unlabelled else ("train",))
+        unlabeled = getattr(module, "learns_from_unlabeled", False)
+        features = self._features("train", ("train", "unlabeled") if unlabeled else ("train",))
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         curriculum, sampler = getattr(module, "curriculum", None), None
         if curriculum is not None:
@@ -581,7 +581,7 @@ class FusionDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         """The fusion corpus in a fixed order: `predict` caches the sources' outputs on it. With
-        unlabelled prompts, a second loader of those (answered after the labelled rows)."""
+        unlabeled prompts, a second loader of those (answered after the labelled rows)."""
         if not self.load()["unlabeled"]:
             return self._eval_loader("train")
         return [self._eval_loader("train"), self._eval_loader("unlabeled")]

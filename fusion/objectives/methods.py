@@ -2,7 +2,7 @@
 that has no gold answer. Every baseline is a row here and a setting (`model.fusion`) of the same
 LightningModule; the module reads the row's fields, never the method's name.
 
-    method      runs        weights                     answers an unlabelled prompt
+    method      runs        weights                     answers an unlabeled prompt
     none        no source   -                           - (learns from labelled rows only)
     uniform     all N       equal                       a source chosen by a hash of the prompt
     avgce       all N       softmax(-CE)                - (needs gold: CE on the gold answer)
@@ -13,7 +13,7 @@ LightningModule; the module reads the row's fields, never the method's name.
     selector    top-k of the selector     dynamic       the selector's top source (1 generation)
 
 CE is a source's cross-entropy along the response the student learns from: the gold answer on a
-labelled row, the chosen source's answer on an unlabelled one. `confidence` is therefore AvgCE
+labelled row, the chosen source's answer on an unlabeled one. `confidence` is therefore AvgCE
 where there is gold, and its label-free version where there is none.
 """
 
@@ -54,7 +54,7 @@ METHODS: dict[str, Method] = {
 
 
 def generations_per_prompt(method: Method, num_sources: int) -> int:
-    """How many sources write an answer for one unlabelled prompt."""
+    """How many sources write an answer for one unlabeled prompt."""
     if method.answers is None:
         return 0
     return num_sources if method.answers == "most_confident" else 1

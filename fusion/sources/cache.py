@@ -9,7 +9,7 @@ position is aligned, and the source's CE on the gold response. Training with
 `model.source_mode: cached` reads these instead of running sources, so the selector observes
 all N sources for free on every labelled row.
 
-Unlabelled prompts come after the labelled rows: the source the method picks writes each answer
+Unlabeled prompts come after the labelled rows: the source the method picks writes each answer
 once (`fusion.stages.fusion`: the selector, fitted first on the labelled rows' cached CE, picks it), and
 the record holds that answer's text, the sources that ran along it (the k selected, or all N for
 `uniform` and `confidence`) with their top-K, and how many sources wrote an answer for it. The
@@ -48,7 +48,7 @@ from fusion.data import IGNORE_INDEX
 from fusion.sources.pool import SourceOutputs
 from fusion.utils.io import atomic_directory, atomic_write_json
 
-FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabelled prompts
+FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabeled prompts
 SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")
 
 
@@ -81,8 +81,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def row_key(row: dict) -> str:
-    """A row's identity in the cache: its prompt and gold response (none for an unlabelled prompt)."""
-    response = row["response"] if row["response"] is not None else "\x01unlabelled"
+    """A row's identity in the cache: its prompt and gold response (none for an unlabeled prompt)."""
+    response = row["response"] if row["response"] is not None else "\x01unlabelled"  # the key of stored caches: never respelled
     return hashlib.sha256(f"{row['prompt']}\x00{response}".encode()).hexdigest()[:24]
 
 
@@ -306,12 +306,12 @@ class SourceCache:
         return key, self.index[key]
 
     def answer(self, row: dict) -> dict:
-        """The cached answer of an unlabelled prompt: text ("" where its source wrote nothing),
+        """The cached answer of an unlabeled prompt: text ("" where its source wrote nothing),
         writer, generations, and the sources stored along it."""
         key, _ = self._entry(row)
         if key not in self.answers:
             raise ValueError(
-                f"model.cache_dir {self.directory!r} holds no answer for the unlabelled prompt {row['prompt']!r}; rebuild the cache"
+                f"model.cache_dir {self.directory!r} holds no answer for the unlabeled prompt {row['prompt']!r}; rebuild the cache"
             )
         return self.answers[key]
 
@@ -373,7 +373,7 @@ class SourceCache:
         return out, ce_all.to(device), observed.to(device)
 
     def answer_summary(self) -> dict:
-        """What answering the unlabelled prompts cost and who wrote the answers."""
+        """What answering the unlabeled prompts cost and who wrote the answers."""
         return summarize_answers(list(self.answers.values()), self.num_sources)
 
 

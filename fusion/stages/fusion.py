@@ -14,7 +14,7 @@ of this one module, a row of `fusion.objectives.methods.METHODS`:
     selector    ours: the selector's top-k sources, dynamic weights, feedback loss
 
 The student learns along one response per prompt: the gold answer where the row has one; for an
-unlabelled prompt, the answer of the source the method picks (for the selector, its top source),
+unlabeled prompt, the answer of the source the method picks (for the selector, its top source),
 re-tokenized for the student and distilled exactly as gold is. See `answer_prompts`. With
 `response_from: student` (on-policy, GKD) the student samples its own response to every prompt
 instead, and the selected sources score each of its tokens. See `training_step`. On-policy
@@ -99,9 +99,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             probability of the whole response, exp(-CE * its tokens) (`losses.selector_loss`), so
             that a source usually right and sometimes confidently wrong outranks one always unsure.
         initial_quality: the selector's starting prediction for every source.
-        selector_prefit_steps: with unlabelled prompts in the corpus, the selector is first fitted
+        selector_prefit_steps: with unlabeled prompts in the corpus, the selector is first fitted
             on the labelled rows (every source's CE observed once) for this many full-batch steps,
-            so that it routes the first unlabelled prompt as well as the last.
+            so that it routes the first unlabeled prompt as well as the last.
         exploration_noise, exploration_steps: Gumbel noise scale at step 0, annealed to 0 (online only).
         lora: peft LoraConfig arguments.
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
@@ -109,7 +109,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             holds (1.0, the default: the cosine spans the whole run).
         max_new_tokens: greedy decoding budget at evaluation.
         response_max_new_tokens, response_sampling, response_temperature: how a source answers an
-            unlabelled prompt: greedy (default) or sampled at this temperature, at most this many
+            unlabeled prompt: greedy (default) or sampled at this temperature, at most this many
             of its own tokens.
         response_from: what the student learns along: "source" (off-policy: the gold answer, else
             the answer of the source the method picks) or "student" (on-policy: its own sample).
@@ -262,7 +262,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
 
     def cache_fingerprint(self, data=None) -> dict:
         """What a cache for this run depends on: sources, tokenizers, the fusion corpus, K, T and,
-        with unlabelled prompts, how they are answered."""
+        with unlabeled prompts, how they are answered."""
         s, data = self.settings, data or self.trainer.datamodule
         paths = {name: resolve_model_path(path, f"model.sources[{i}]") for i, (name, path) in enumerate(zip(s.source_names, s.sources))}
         tokenizers = {name: load_tokenizer(path, s.trust_remote_code) for name, path in paths.items()}
@@ -285,7 +285,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         return []
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """Every source on every labelled row of the fusion corpus; then each unlabelled prompt
+        """Every source on every labelled row of the fusion corpus; then each unlabeled prompt
         answered as the method answers it, with the sources that run along that answer."""
         if dataloader_idx == 0 and all(batch["labelled"].tolist()):
             selected = torch.arange(len(self.settings.sources), device=self.device).expand(batch["input_ids"].shape[0], -1)
@@ -297,11 +297,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
     # ---------------------------------------------------------------- the training step
 
     def answer_prompts(self, batch: dict) -> dict:
-        """Give every unlabelled row of the batch the answer of the source the method picks.
+        """Give every unlabeled row of the batch the answer of the source the method picks.
 
         Online, the sources that will run along the answer are chosen first (the selector: its
         top-k from the prompt alone, without exploration noise, since nothing is observed on an
-        unlabelled row), then the writer answers in its own tokens (`answers.write_answers`).
+        unlabeled row), then the writer answers in its own tokens (`answers.write_answers`).
         Cached, the answer and its sources are read from the cache.
 
         Returns the batch re-encoded in student tokens along the answers (labelled rows along
@@ -495,9 +495,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         data = self.trainer.datamodule if self.trainer else None
         if data is not None:
             self.max_length = data.hparams.max_length
-        unlabelled = data.load()["unlabeled"] if data is not None and stage in ("fit", "predict") else []
-        if unlabelled and s.method.uses_sources:
-            s.check_unlabelled(unlabelled)
+        unlabeled = data.load()["unlabeled"] if data is not None and stage in ("fit", "predict") else []
+        if unlabeled and s.method.uses_sources:
+            s.check_unlabeled(unlabeled)
         if stage == "predict":
             if not s.method.uses_sources or not s.cache_dir:
                 raise ValueError("predict writes the offline cache: set model.cache_dir and a fusion method with sources")

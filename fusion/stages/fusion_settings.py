@@ -143,7 +143,7 @@ class FusionSettings:
         return {"none": 0, "single": 1, "domain": 1, "top_k": self.top_k}.get(self.method.runs, len(self.sources))
 
     def answer_settings(self) -> dict:
-        """What an answer to an unlabelled prompt depends on: who answers, who runs along it, decoding
+        """What an answer to an unlabeled prompt depends on: who answers, who runs along it, decoding
         (the `ANSWER_SETTINGS`)."""
         settings = {"fusion": self.fusion, "max_new_tokens": self.response_max_new_tokens, "sampling": self.response_sampling}
         if self.response_sampling:
@@ -175,14 +175,14 @@ class FusionSettings:
 
     # ---------------------------------------------------------------- checks against the data
 
-    def check_unlabelled(self, rows: list[dict]) -> None:
+    def check_unlabeled(self, rows: list[dict]) -> None:
         """A corpus with prompts without gold needs a method that answers them (and, routing by
         domain, a specialist for every domain among them)."""
         if not self.method.learns_from_unlabeled:
             raise ValueError(
                 f"model.fusion {self.fusion!r} weighs sources by their CE on gold answers, and the fusion corpus has "
                 f"{len(rows)} prompts without one (data.unlabeled_size, data.unlabeled_file or data.missing_response): use "
-                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabelled prompts out"
+                "'confidence' (the label-free AvgCE), 'selector', 'uniform' or 'oracle', or leave the unlabeled prompts out"
             )
         if self.method.runs == "domain":
             self.check_oracle_domains({row["domain"] for row in rows})

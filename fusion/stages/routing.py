@@ -39,7 +39,7 @@ class PromptFeatures:
     while the adapter learns, so what the selector learned on the labelled rows stays valid for
     every later prompt. (With the trained student's own features, an online selector that
     observes only what it selects lost track of every source it had stopped selecting, and
-    routed unlabelled prompts to a distractor.) Causal attention: the prompt positions of the
+    routed unlabeled prompts to a distractor.) Causal attention: the prompt positions of the
     right-padded sequences are the prompt's alone, so only those are run. Since they never
     change, each row's features are computed once and kept, up to `memory` bytes; rows beyond
     it, and batches without their rows, are computed again each time.
@@ -123,7 +123,7 @@ class Router:
     def sources_for_answers(self, batch: dict, rows: list[int]) -> list[list[int]]:
         """The sources that will run along the answers to the batch's `rows` (prompts without gold):
         the selector's top-k from the prompt alone, without exploration noise (nothing is observed
-        on an unlabelled row), or the method's rule."""
+        on an unlabeled row), or the method's rule."""
         s = self.settings
         if s.method.runs == "top_k":
             subset = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "prompt_mask")}
@@ -196,7 +196,7 @@ class Router:
             result = fit_selector(self.selector, features, ce, observed, s.selector_prefit_steps, s.selector_learning_rate, s.selector_loss)
         self.prefitted = True
         rank_zero_info(
-            f"selector: fitted on {len(features)} labelled rows before routing unlabelled prompts: {result['steps']} steps "
+            f"selector: fitted on {len(features)} labelled rows before routing unlabeled prompts: {result['steps']} steps "
             f"(held-out regression loss {result['held_out_loss']:.3f}), top-1 agreement with the lowest CE "
             f"{result['top1_agreement']:.2f}"
         )
