@@ -237,6 +237,7 @@ def test_bench_selector(bench_config, tmp_path):
 
     report = _read_json(tmp_path / "selector" / "report.json")
     assert report["seeds"] == [0] and set(report["pools"]) == {"A", "B"}
+    assert report["provenance"]["command"].startswith("python -m fusion.bench selector --config ")  # the page names its command
     for pool, entry in report["pools"].items():
         assert entry["sources"] == list(SOURCES[: 2 if pool == "A" else 3])
         assert entry["labelled_rows"] == 8 * len(DOMAINS) and entry["unlabeled_prompts"] == 8 * len(DOMAINS)

@@ -106,9 +106,9 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
     return summary
 
 
-def provenance(arguments: list[str]) -> dict[str, str]:
-    """What a results page names: the command, the commit (with "+changes" when the work tree
-    differs from it) and the machine."""
+def provenance(arguments: list[str], prog: str = "python -m fusion.bench quality") -> dict[str, str]:
+    """What a results page names: the command (`prog` and its `arguments`), the commit (with
+    "+changes" when the work tree differs from it) and the machine."""
     import platform
     import subprocess
 
@@ -126,7 +126,7 @@ def provenance(arguments: list[str]) -> dict[str, str]:
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+changes"
     return {
-        "command": " ".join(["python -m fusion.bench quality", *(a for a in arguments if a != "--report_only")]),
+        "command": " ".join([prog, *(a for a in arguments if a != "--report_only")]),
         "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
     }

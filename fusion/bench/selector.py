@@ -120,6 +120,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Does balancing bias the selector?",
         "",
+        *([f"`{p['command']}` at commit `{p['commit']}`, on {p['machine']}.", ""] if (p := report.get("provenance")) else []),
         "The selector fitted on the labelled rows (every source observed) with the feedback loss at each weight; "
         f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabeled prompts whose "
         "top-1 source is their domain's specialist, or a distractor. Bias: mean u_i + CE_i on the labelled rows "
@@ -158,12 +159,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="model.selector_loss values to compare (likelihood: onto each response's probability)",
     )
     parser.add_argument("--output", default="checkpoints/bench/selector")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(arguments)
     with open(args.config) as f:
         bench = yaml.safe_load(f)
     torch.set_num_threads(2)
     started = time.time()
-    report = {"config": args.config, "seeds": args.seeds, "pools": {}}
+    from fusion.bench._quality_report import provenance
+
+    report = {
+        "provenance": provenance(arguments, "python -m fusion.bench selector"),
+        "config": args.config,
+        "seeds": args.seeds,
+        "pools": {},
+    }
     for pool in bench["pools"]:
         report["pools"][pool] = measure_pool(bench, pool, args.feedback_weights, args.seeds, args.selector_losses)
     report["runtime_seconds"] = time.time() - started
