@@ -220,6 +220,8 @@ def test_bench_target(bench_config, tmp_path):
 
     report = _read_json(tmp_path / "target" / "report.json")
     assert report["pool"] == "B" and sorted(report["results"]) == ["spell + noise", "spell + sum", "sum + noise"]
+    assert report["provenance"]["command"].startswith("python -m fusion.bench target --config ")
+    assert (tmp_path / "target" / "report.md").read_text().count("\n| spell + ") == 2  # the page: one row per pair
     for pair in report["results"].values():
         assert pair["positions"] > 0
         mass, kl = pair["misplaced_mass"], pair["kl_exact_to_cached"]

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from fusion.utils.io import atomic_write_json
+from fusion.utils.io import atomic_write_json, atomic_write_text
 
 
 def _quantiles(values: torch.Tensor) -> dict[str, float]:
@@ -96,23 +96,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool", default="A")
     parser.add_argument("--rows", type=int | None, default=None, help="labelled rows per pair (default: all)")
     parser.add_argument("--output", default="checkpoints/bench/target")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(arguments)
     with open(args.config) as f:
         bench = yaml.safe_load(f)
     torch.set_num_threads(2)
+    from fusion.bench._quality_report import provenance
+
+    origin = provenance(arguments, "python -m fusion.bench target")
     results = measure(bench, args.pool, args.rows)
-    print(
+    lines = [
+        "# What a cached target loses",
+        "",
+        f"`{origin['command']}` at commit `{origin['commit']}`, on {origin['machine']}.",
+        "",
         f"pool {args.pool}, K = {bench['train']['model'].get('source_top_k', 10)}, pairs of sources with equal weights, "
-        "per trained position where both speak:\n"
-    )
-    print("| sources | positions | misplaced mass: mean | p95 | max | KL(exact || cached): mean | p95 | max |")
-    print("|---|---|---|---|---|---|---|---|")
+        "per trained position where both speak:",
+        "",
+        "| sources | positions | misplaced mass: mean | p95 | max | KL(exact || cached): mean | p95 | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         m, k = r["misplaced_mass"], r["kl_exact_to_cached"]
-        print(
+        lines.append(
             f"| {name} | {r['positions']} | {m['mean']:.4f} | {m['p95']:.4f} | {m['max']:.4f} | {k['mean']:.4f} | {k['p95']:.4f} | {k['max']:.4f} |"
         )
-    atomic_write_json(os.path.join(args.output, "report.json"), {"config": args.config, "pool": args.pool, "results": results})
+    text = "\n".join(lines) + "\n"
+    print(text)
+    report = {"provenance": origin, "config": args.config, "pool": args.pool, "results": results}
+    atomic_write_json(os.path.join(args.output, "report.json"), report)
+    atomic_write_text(os.path.join(args.output, "report.md"), text)
     return results
 
 
