@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"pool {args.pool}, K = {bench['train']['model'].get('source_top_k', 10)}, pairs of sources with equal weights, "
         "per trained position where both speak:",
         "",
-        "| sources | positions | misplaced mass: mean | p95 | max | KL(exact || cached): mean | p95 | max |",
+        "| sources | positions | misplaced mass: mean | p95 | max | KL(exact ‖ cached), nats: mean | p95 | max |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
