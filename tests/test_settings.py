@@ -56,6 +56,7 @@ ALTERNATIVES = {  # a second valid value of each setting
     "weight_decay": 0.1,
     "warmup_steps": 1,
     "lr_decay_fraction": 0.5,
+    "lora_b_lr_ratio": 4.0,
     "max_new_tokens": 3,
     "response_max_new_tokens": 3,
     "response_sampling": True,

@@ -65,3 +65,34 @@ def test_no_warmup_and_not_transformers_schedule():
     values = [theirs.lr_lambdas[0](s) for s in (0, 4, 50)]
     assert values == pytest.approx([0.0, 0.4, 0.5 * (1 + math.cos(math.pi * 40 / 90))], abs=1e-12)
     assert _factors(10, 100, [0, 4, 50]) != pytest.approx(values, abs=1e-3)
+
+
+def test_lora_b_matrices_learn_at_their_own_rate():
+    """LoRA+: with `lora_b_lr_ratio` 8 the B matrices take AdamW steps 8 times those of A. Adam's
+    first step moves every weight with a gradient by the rate itself (m / sqrt(v) = +-1), and B
+    starts at zero, so after one step each B entry has moved by 8 * lr and A not at all."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fusion.stages.student import StudentStage
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    student = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    lr = 1e-3
+    for ratio, groups in ((1.0, 1), (8.0, 2)):
+        stage = SimpleNamespace(student=student, settings=SimpleNamespace(learning_rate=lr, lora_b_lr_ratio=ratio))
+        param_groups = StudentStage.parameter_groups(stage)
+        assert len(param_groups) == groups
+        assert sum(len(g["params"]) for g in param_groups) == sum(p.requires_grad for p in student.parameters()) == 4
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0, eps=1e-12)
+    student(input_ids=torch.randint(0, 32, (2, 6)), labels=torch.randint(0, 32, (2, 6))).loss.backward()
+    optimizer.step()
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            moved = (p.detach() - before[name]).abs()
+            expected = 8 * lr if ".lora_B." in name else 0.0
+            assert moved.max().item() == pytest.approx(expected, rel=1e-4, abs=1e-9), name

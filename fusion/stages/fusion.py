@@ -107,6 +107,9 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         learning_rate, selector_learning_rate, warmup_steps: AdamW with warmup and cosine decay.
         lr_decay_fraction: the cosine decay spans the last fraction of the run; before it the rate
             holds (1.0, the default: the cosine spans the whole run).
+        lora_b_lr_ratio: the adapter's B matrices learn at this multiple of `learning_rate`, its A
+            matrices at `learning_rate` (LoRA+, Hayou et al. 2024: B starts at zero and, with one
+            rate for both, moves too slowly for the product BA to learn at its best pace).
         max_new_tokens: greedy decoding budget at evaluation.
         response_max_new_tokens, response_sampling, response_temperature: how a source answers an
             unlabeled prompt: greedy (default) or sampled at this temperature, at most this many
@@ -175,6 +178,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         lr_decay_fraction: float = 1.0,
+        lora_b_lr_ratio: float = 1.0,
         max_new_tokens: int = 24,
         response_max_new_tokens: int = 32,
         response_sampling: bool = False,

@@ -77,6 +77,7 @@ class FusionSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     lr_decay_fraction: float = 1.0
+    lora_b_lr_ratio: float = 1.0
     max_new_tokens: int = 24
     response_max_new_tokens: int = 32
     response_sampling: bool = False
@@ -219,6 +220,8 @@ class FusionSettings:
             raise ValueError("model.source_mode is 'cached' but model.cache_dir is not set")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not self.lora_b_lr_ratio > 0:
+            raise ValueError(f"model.lora_b_lr_ratio must be positive, got {self.lora_b_lr_ratio}")
         if self.curriculum_floor is not None:
             DomainCurriculum([], self.curriculum_floor, self.curriculum_momentum)  # checks the two settings
         if self.response_max_new_tokens < 1 or self.response_temperature <= 0 or self.selector_prefit_steps < 0:

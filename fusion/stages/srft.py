@@ -63,6 +63,7 @@ class SRFTSettings:
     dtype: str = "float32"
     trust_remote_code: bool = False
     lr_decay_fraction: ClassVar[float] = 1.0  # the cosine always spans the whole run (`warmup_cosine`)
+    lora_b_lr_ratio: ClassVar[float] = 1.0  # one rate for the whole adapter
 
     def __post_init__(self) -> None:
         choices = {"mode": srft_losses.MODES, "weights": srft_losses.WEIGHTS, "entropy_granularity": srft_losses.GRANULARITIES}

@@ -293,8 +293,15 @@ class StudentStage:
     # ---------------------------------------------------------------- optimization and checkpoints
 
     def parameter_groups(self) -> list[dict]:
-        """The optimizer's parameter groups: the adapter at `learning_rate`."""
-        return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.settings.learning_rate}]
+        """The optimizer's parameter groups: the adapter at `learning_rate`, its LoRA B matrices
+        at `lora_b_lr_ratio` times that (one group when the ratio is 1)."""
+        lr, ratio = self.settings.learning_rate, self.settings.lora_b_lr_ratio
+        trainable = [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
+        if ratio == 1.0:
+            return [{"params": [p for _, p in trainable], "lr": lr}]
+        b = [p for name, p in trainable if ".lora_B." in name]
+        rest = [p for name, p in trainable if ".lora_B." not in name]
+        return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * ratio}]
 
     def configure_optimizers(self):
         settings = self.settings
