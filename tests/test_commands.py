@@ -43,6 +43,11 @@ def _read_json(path) -> dict:
         return json.load(f)
 
 
+def report_line(origin: dict) -> str:
+    """The line a bench's report.md opens with, after its title."""
+    return f"`{origin['command']}` at commit `{origin['commit']}`, on {origin['machine']}."
+
+
 def _fraction(value: float) -> bool:
     return 0.0 <= value <= 1.0
 
@@ -276,6 +281,8 @@ def test_bench_srft_quick(tiny_zoo, tmp_path):
             assert all(_fraction(point[k]) for k in ("acc_id_mean", "acc_ood_mean", "score_id_mean", "score_ood_mean"))
     assert report["runs"][0]["points"][0]["score_id_mean"] > 0  # the specialist's partial credit: the evaluation reads the model
     assert set(report["summary"]) == {"srft", "sft_only", "rl_only", "sft_then_rl"}
+    assert report["provenance"]["command"] == f"python -m fusion.bench srft --config {tmp_path / 'srft.yaml'} --quick --output {output}"
+    assert (output / "report.md").read_text().split("\n")[2] == report_line(report["provenance"])
     assert all((output / f"{name}.png").is_file() for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"))
 
 
@@ -302,6 +309,9 @@ def test_bench_alignment(tiny_zoo, tmp_path):
     assert sorted(report["top_k_mass"]) == ["noise", "sum"]  # the zoo's sources with another tokenizer than the student's
     for row in report["top_k_mass"].values():
         assert 0.0 <= row["boundary_top"] <= row["boundary_whole"] + 1e-5 <= 1 + 1e-4
+    page = (output / "report.md").read_text()  # what it printed, after its command, commit and machine
+    assert page.split("\n")[2].startswith("`python -m fusion.bench alignment --train_size 2 --batch_size 8 ") and " at commit `" in page
+    assert "vocabulary maps source -> student" in page and "student vocabulary  151936:" in page
 
 
 @pytest.mark.slow
@@ -310,10 +320,14 @@ def test_bench_memory(tmp_path, monkeypatch):
     measurements in a fresh interpreter (`python -m fusion.bench memory --child ...`, about 12 s of
     imports each); here `subprocess.run` runs that child command in this process, after handing the
     free heap pages back to the system, so the whole command runs but the MiB are this process's,
-    not a fresh one's: only their shape and sign are checked."""
+    not a fresh one's: only their shape and sign are checked. Git, for the report's commit, runs."""
     from fusion.bench import memory
 
-    def in_process(command, env, capture_output, text):
+    run = subprocess.run
+
+    def in_process(command, env=None, **kwargs):
+        if command[0] == "git":  # the report's commit
+            return run(command, env=env, **kwargs)
         assert command[:4] == [sys.executable, "-m", "fusion.bench", "memory"] and env["MALLOC_MMAP_THRESHOLD_"] == "65536"
         argv = command[4:]
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages back to the system, as a fresh process has none
@@ -324,9 +338,12 @@ def test_bench_memory(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(command, 0, stdout="\n".join(printed) + "\n", stderr="")
 
     monkeypatch.setattr(memory.subprocess, "run", in_process)
-    bench(["memory", "--vocab", "64", "--batch_size", "2", "--output", str(tmp_path / "memory.json")])
+    bench(["memory", "--vocab", "64", "--batch_size", "2", "--output", str(tmp_path / "memory")])
 
-    report = _read_json(tmp_path / "memory.json")
+    report = _read_json(tmp_path / "memory" / "report.json")
+    assert report["provenance"]["command"] == f"python -m fusion.bench memory --vocab 64 --batch_size 2 --output {tmp_path / 'memory'}"
+    page = (tmp_path / "memory" / "report.md").read_text()
+    assert page.split("\n")[2] == report_line(report["provenance"]) and "\n| 64 | " in page
     assert report["batch_size"] == 2 and list(report["mib"]) == ["64"]
     assert list(report["mib"]["64"]) == list(memory.METHODS)
     assert all(math.isfinite(mib) and mib > 0 for mib in report["mib"]["64"].values())
@@ -338,7 +355,7 @@ def test_bench_throughput(tmp_path):
     batches of 2 and 1 timed step."""
     from fusion.bench.throughput import METHODS
 
-    output = tmp_path / "throughput.json"
+    output = tmp_path / "throughput"
     bench(
         [
             "throughput",
@@ -357,7 +374,9 @@ def test_bench_throughput(tmp_path):
         ]
     )
 
-    report = _read_json(output)
+    report = _read_json(output / "report.json")
+    page = (output / "report.md").read_text()
+    assert page.split("\n")[2] == report_line(report["provenance"]) and "\n| selector-online | " in page
     assert (report["vocab"], report["steps"], report["batch_size"], report["hidden_size"], report["layers"]) == (64, 1, 2, 16, 1)
     assert list(report["seconds_per_step"]) == list(METHODS) and all(s > 0 for s in report["seconds_per_step"].values())
     assert report["ratio_to_sft"]["sft"] == 1.0 and report["source_forward_seconds"] > 0

@@ -7,11 +7,15 @@ selection_by_domain ({domain: {source: share}}) and log_dir (its CSV logs).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import itertools
 import os
 import statistics
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
 
 from fusion.utils.io import atomic_open, atomic_write_json, atomic_write_text
 
@@ -130,6 +134,44 @@ def provenance(arguments: list[str], prog: str = "python -m fusion.bench quality
         "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
     }
+
+
+def provenance_line(origin: dict[str, str]) -> str:
+    """The sentence a report opens with: its command, commit and machine (see `provenance`)."""
+    return f"`{origin['command']}` at commit `{origin['commit']}`, on {origin['machine']}."
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def printed_report(prog: str, arguments: list[str], title: str) -> Iterator[dict]:
+    """The report.md of a bench that prints its tables. Yields {"provenance": ...} (taken before
+    the block runs); the block sets "output", a directory. Everything printed inside the block
+    still goes to stdout and, once the block succeeds, `<output>/report.md` holds `title`, the
+    provenance line and what was printed: runs of Markdown table rows as tables, the rest in text
+    blocks, as printed."""
+    report = {"provenance": provenance(arguments, prog)}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+        yield report
+    lines = [f"# {title}", "", provenance_line(report["provenance"]), ""]
+    for is_table, run in itertools.groupby(printed.getvalue().rstrip("\n").split("\n"), key=lambda line: line.startswith("|")):
+        run = "\n".join(run).strip("\n")
+        if run:
+            lines += [run, ""] if is_table else ["```text", run, "```", ""]
+    atomic_write_text(os.path.join(report["output"], "report.md"), "\n".join(lines))
 
 
 def add_ratios(summary: dict, runs: list[dict], sources: dict[str, dict[str, float]], pools: dict[str, list[str]]) -> dict:
@@ -403,7 +445,7 @@ def markdown(report: dict, config_yaml: str) -> str:
     if report.get("provenance"):
         p = report["provenance"]
         rewritten = " The report was rewritten from the stored runs (`--report_only`)." if report.get("report_only") else ""
-        lines += [f"`{p['command']}` at commit `{p['commit']}`, on {p['machine']}.{rewritten}", ""]
+        lines += [provenance_line(p) + rewritten, ""]
     lines += [
         f"Test accuracy (exact match) per domain, mean over seeds {report['seeds']}; "
         "`mean` is the mean over domains, ± its std over seeds; interference = mean over domains of "

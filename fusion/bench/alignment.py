@@ -25,6 +25,8 @@ of them splitting every digit (as Qwen's tokenizers do). Printed:
 - the offline cache's size on disk in bytes per trained token per source at K = 10, written by
   `fusion.sources.cache.write_shard` for these rows, for a small and a large student vocabulary
   (FuseLLM stores 60: K float16 log-probs and K int32 ids for every token).
+
+Everything printed is also written to `--output`/report.md, after its command, commit and machine.
 """
 
 from __future__ import annotations
@@ -169,9 +171,9 @@ def run(
     seed: int = 0,
     output: str = "checkpoints/bench/alignment",
     zoo: str | None = None,
-) -> None:
+) -> str:
     """Measure on `train_size` suite examples per domain, batches of `batch_size`, rows of `max_length` tokens;
-    with `zoo` (a model zoo's directory), also the top-K mass of its sources."""
+    with `zoo` (a model zoo's directory), also the top-K mass of its sources. Returns `output`."""
     rows = tasks.build_splits(tasks.DEFAULT_DOMAINS, {"train": train_size}, seed)["train"]
     student = build_char_tokenizer()
     texts = [r["prompt"] + r["response"] for r in rows]
@@ -271,6 +273,7 @@ def run(
             f"  student vocabulary {vocab_size:>7}: {per_token:.1f} bytes per trained token per source ({per_token / 60:.2f} x FuseLLM's 60), "
             f"{per_token * trained / tokens:.1f} per corpus token ({per_token * trained / tokens / 60:.2f} x)"
         )
+    return output
 
 
 def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, top_k: int) -> float:
@@ -300,4 +303,7 @@ def cache_bytes_per_token(batches: list[dict], vocab_size: int, sources: int, to
 
 
 def main(argv: list[str]) -> None:
-    CLI(run, args=argv)
+    from fusion.bench._quality_report import printed_report
+
+    with printed_report("python -m fusion.bench alignment", argv, "Alignment: speed, coverage, vocabulary maps, cache size") as report:
+        report["output"] = CLI(run, args=argv)

@@ -13,6 +13,8 @@ Each measurement runs in a fresh process. On CPU the step's peak is the peak res
 during the step (VmHWM, reset through /proc/self/clear_refs) above the resident memory before
 it, with glibc's mmap threshold fixed so that large tensors are returned to the system when
 freed; on a GPU it is `torch.cuda.max_memory_allocated` above the allocation before the step.
+Writes `report.json` and `report.md` (what is printed, after its command, commit and machine)
+under `--output`.
 """
 
 from __future__ import annotations
@@ -100,56 +102,62 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vocab", type=int, nargs="+", default=[1000, 32000, 50000])
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--output", default="checkpoints/bench/memory.json")
+    parser.add_argument("--output", default="checkpoints/bench/memory", help="directory of report.json and report.md")
     parser.add_argument("--child", nargs=2, metavar=("ROOT", "METHOD"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(arguments)
     if args.child:
         args.root, args.method = args.child
         args.vocab = args.vocab[0]
         return _child(args)
 
-    from fusion.bench import _synthetic as syn
+    from fusion.bench._quality_report import printed_report
 
-    results = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    with tempfile.TemporaryDirectory() as root:
-        for vocab in args.vocab:
-            setup = os.path.join(root, f"v{vocab}")
-            paths = syn.make_setup(setup, vocab)  # built once, then the cache is written once
-            module = syn.fusion_module(paths, "selector", source_top_k=10, cache_dir=os.path.join(setup, "cache"))
-            syn.write_cache(module, syn.data_module(paths, args.batch_size))
-            del module
-            results[vocab] = {}
-            for method in METHODS:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "fusion.bench",
-                    "memory",
-                    "--vocab",
-                    str(vocab),
-                    "--batch_size",
-                    str(args.batch_size),
-                    "--child",
-                    setup,
-                    method,
-                ]
-                out = subprocess.run(command, env=env, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"memory bench child failed ({vocab}, {method}):\n{out.stderr[-3000:]}")
-                results[vocab][method] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
-                print(f"vocab {vocab:>6}  {method:<16} {results[vocab][method]:8.1f} MiB", flush=True)
-    lines = [
-        "| vocabulary | " + " | ".join(f"{m} MiB" for m in METHODS) + " | online / sft | cached / sft |",
-        "|---" * (len(METHODS) + 3) + "|",
-    ]
-    for vocab, row in results.items():
-        cells = " | ".join(f"{row[m]:.0f}" for m in METHODS)
-        lines.append(f"| {vocab} | {cells} | {row['selector-online'] / row['sft']:.2f} | {row['selector-cached'] / row['sft']:.2f} |")
-    print(f"\nPeak memory of one training step above the loaded models (N = 4, k = 2, K = 10, batch {args.batch_size}):")
-    print("\n".join(lines))
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    atomic_write_json(args.output, {"batch_size": args.batch_size, "mib": results})
+    with printed_report("python -m fusion.bench memory", arguments, "Peak memory of a training step") as report:
+        report["output"] = args.output
+        from fusion.bench import _synthetic as syn
+
+        results = {}
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        with tempfile.TemporaryDirectory() as root:
+            for vocab in args.vocab:
+                setup = os.path.join(root, f"v{vocab}")
+                paths = syn.make_setup(setup, vocab)  # built once, then the cache is written once
+                module = syn.fusion_module(paths, "selector", source_top_k=10, cache_dir=os.path.join(setup, "cache"))
+                syn.write_cache(module, syn.data_module(paths, args.batch_size))
+                del module
+                results[vocab] = {}
+                for method in METHODS:
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "fusion.bench",
+                        "memory",
+                        "--vocab",
+                        str(vocab),
+                        "--batch_size",
+                        str(args.batch_size),
+                        "--child",
+                        setup,
+                        method,
+                    ]
+                    out = subprocess.run(command, env=env, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"memory bench child failed ({vocab}, {method}):\n{out.stderr[-3000:]}")
+                    results[vocab][method] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
+                    print(f"vocab {vocab:>6}  {method:<16} {results[vocab][method]:8.1f} MiB", flush=True)
+        lines = [
+            "| vocabulary | " + " | ".join(f"{m} MiB" for m in METHODS) + " | online / sft | cached / sft |",
+            "|---" * (len(METHODS) + 3) + "|",
+        ]
+        for vocab, row in results.items():
+            cells = " | ".join(f"{row[m]:.0f}" for m in METHODS)
+            lines.append(f"| {vocab} | {cells} | {row['selector-online'] / row['sft']:.2f} | {row['selector-cached'] / row['sft']:.2f} |")
+        print(f"\nPeak memory of one training step above the loaded models (N = 4, k = 2, K = 10, batch {args.batch_size}):")
+        print("\n".join(lines))
+        atomic_write_json(
+            os.path.join(args.output, "report.json"), {"provenance": report["provenance"], "batch_size": args.batch_size, "mib": results}
+        )
 
 
 if __name__ == "__main__":

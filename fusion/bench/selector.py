@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from fusion.bench._quality_report import provenance, provenance_line
 from fusion.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -120,7 +121,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Does balancing bias the selector?",
         "",
-        *([f"`{p['command']}` at commit `{p['commit']}`, on {p['machine']}.", ""] if (p := report.get("provenance")) else []),
+        *([provenance_line(p), ""] if (p := report.get("provenance")) else []),
         "The selector fitted on the labelled rows (every source observed) with the feedback loss at each weight; "
         f"mean ± std over selector initializations {report['seeds']}. Routed: the share of unlabeled prompts whose "
         "top-1 source is their domain's specialist, or a distractor. Bias: mean u_i + CE_i on the labelled rows "
@@ -165,8 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
         bench = yaml.safe_load(f)
     torch.set_num_threads(2)
     started = time.time()
-    from fusion.bench._quality_report import provenance
-
     report = {
         "provenance": provenance(arguments, "python -m fusion.bench selector"),
         "config": args.config,

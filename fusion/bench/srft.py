@@ -12,7 +12,8 @@ generates the same number of sequences; only the loss uses them differently):
 Accuracy is greedy exact match judged by each task's scorer, in distribution (the suite's test
 split) and out of distribution (the same generators at `tasks.HARDER_SETTINGS`), measured
 along training; the entropy curve is the mean token entropy of the training rollouts. Writes
-`report.json`, `report.md` and PNG plots to `--output`, each atomically, after every run.
+`report.json`, `report.md` (after its command, commit and machine) and PNG plots to `--output`,
+each atomically, after every run.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import lightning as L
 import torch
 import yaml
 
+from fusion.bench._quality_report import provenance, provenance_line
 from fusion.data import tasks
 from fusion.data.datamodule import FusionDataModule, collate, encode
 from fusion.stages.evaluation import greedy_answers
@@ -155,6 +158,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# SRFT bench: {s['steps']} optimizer steps, {s['batch_size']} prompts x {s['num_generations']} rollouts per step, seeds {s['seeds']}",
         "",
+        *([provenance_line(p), ""] if (p := report.get("provenance")) else []),
         f"Start: `{s['init_from']}`.",
         "Accuracy: greedy exact match, mean over domains; score: the task scorers' partial credit, mean over domains;",
         "mean ± std over seeds. Entropy: mean token entropy of the training rollouts over the last tenth of the steps",
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch threads; tiny models decode faster on one (and the machine is shared)"
     )
     parser.add_argument("--output", default="checkpoints/bench/srft")
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(arguments)
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.eval_size = args.seeds[:1], 20, 10, 25
     torch.set_num_threads(args.threads)
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = os.path.join(args.output, "phases")
     os.makedirs(workdir, exist_ok=True)
     report = {
+        "provenance": provenance(arguments, "python -m fusion.bench srft"),
         "settings": {
             "steps": args.steps,
             "eval_every": args.eval_every,

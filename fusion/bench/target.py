@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.config) as f:
         bench = yaml.safe_load(f)
     torch.set_num_threads(2)
-    from fusion.bench._quality_report import provenance
+    from fusion.bench._quality_report import provenance, provenance_line
 
     origin = provenance(arguments, "python -m fusion.bench target")
     results = measure(bench, args.pool, args.rows)
     lines = [
         "# What a cached target loses",
         "",
-        f"`{origin['command']}` at commit `{origin['commit']}`, on {origin['machine']}.",
+        provenance_line(origin),
         "",
         f"pool {args.pool}, K = {bench['train']['model'].get('source_top_k', 10)}, pairs of sources with equal weights, "
         "per trained position where both speak:",
