@@ -134,6 +134,77 @@ def test_validation_monitored_checkpoint_needs_a_validation_split():
     assert best_checkpoint(SimpleNamespace(checkpoint_callbacks=[last])) is None
 
 
+def test_checkpoints_are_saved_and_loaded_with_weights_only_set(tmp_path):
+    """The bench's path through Lightning (fit with StartCheckpoint and a validation-monitored
+    ModelCheckpoint, test from the best checkpoint, the adapter saved for a chained stage) on a
+    one-layer module: every save and load says `weights_only`, so Lightning never logs that it
+    defaulted it, and the step-0 checkpoint loads with `torch.load(weights_only=True)`."""
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fusion.utils.callbacks import StartCheckpoint
+
+    class Scores:
+        def compute(self):
+            return {"acc_mean": 0.5}
+
+        def reset(self):
+            pass
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.eval_metrics = torch.nn.Linear(2, 1), Scores()
+
+        def training_step(self, batch, index):
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch, index):
+            self.log("val/acc_mean", 0.5)
+
+        def test_step(self, batch, index):
+            self.log("test/loss", self.layer(batch).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=4)
+
+        val_dataloader = test_dataloader = train_dataloader
+
+    notices = []
+    catcher = logging.Handler(logging.DEBUG)
+    catcher.emit = notices.append
+    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in lightning_loggers:
+        logger.addHandler(catcher)
+    try:
+        checkpoint = ModelCheckpoint(monitor="val/acc_mean", mode="max", filename="best")
+        trainer = L.Trainer(
+            max_steps=2,
+            default_root_dir=str(tmp_path),
+            logger=False,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[checkpoint, StartCheckpoint()],
+        )
+        module = Tiny()
+        trainer.fit(module, datamodule=Data())
+        start = torch.load(checkpoint.best_model_path, weights_only=True)
+        assert start["global_step"] == 0 and "state_dict" in start
+        trainer.test(module, datamodule=Data(), verbose=False, ckpt_path=best_checkpoint(trainer), weights_only=True)
+        trainer.save_checkpoint(str(tmp_path / "adapter.ckpt"), weights_only=True)
+    finally:
+        for logger in lightning_loggers:
+            logger.removeHandler(catcher)
+    assert [r.getMessage() for r in notices if "weights_only" in r.getMessage()] == []
+
+
 def test_learning_curves_from_validation_logs(tmp_path):
     """Ratio on the validation split at each validation step, from the runs' metrics.csv, mean over seeds."""
     logs = []

@@ -529,15 +529,48 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
 
 
 def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_only: bool = False, arguments: list[str] = ()) -> dict:
+    """Run the whole bench and write its report: the source caches, every method's runs, the
+    baselines (the untrained student, the weight merges, each source alone) and the chained
+    stages, then report.json, report.md and the plots under `bench.output`. A run whose config is
+    unchanged is reused; `report_only` runs nothing and reports the stored runs. -> the report."""
     started = time.time()
     planner = Planner(bench, bench.threads)
     os.makedirs(bench.output, exist_ok=True)
     jobs = planner.training_jobs()
-    cache_seconds: dict[str, float] = {}
-    if planner.caches:
-        built = [_stored_cache(job) for job in planner.cache_jobs()] if report_only else _run_all(planner.cache_jobs(), bench.workers)
-        cache_seconds = {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
-        print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
+    cache_seconds = _build_caches(planner, report_only, started)
+    methods = _method_rows(planner, cache_seconds)
+    tests = _baseline_jobs(planner, methods)
+    results = _run_all(jobs + tests, bench.workers, report_only)
+    sources = {r["source"]: r["acc"] for r in results if "source" in r}
+    sources_val = {r["source"]: r["val_acc"] for r in results if "source" in r}
+    results = [r for r in results if "source" not in r]
+    results += _run_chained(planner, jobs, results, report_only)
+    runs = _pool_rows(results, methods)
+    report = _report(
+        bench, methods, results, runs, sources, sources_val, quick=quick, report_only=report_only, arguments=arguments, started=started
+    )
+    written = report_lib.write_report(report, runs, config_yaml, bench.output)
+    print(report_lib.markdown(report, "").split("## Configuration")[0])
+    print("wrote " + ", ".join(written))
+    return report
+
+
+def _build_caches(planner: Planner, report_only: bool, started: float) -> dict[str, float]:
+    """Write each pool's source cache that the planned runs read (or, with `report_only`, take the
+    stored ones). -> the seconds each cache took to write, by its directory."""
+    if not planner.caches:
+        return {}
+    jobs = planner.cache_jobs()
+    built = [_stored_cache(job) for job in jobs] if report_only else _run_all(jobs, planner.bench.workers)
+    print(f"quality: caches ready after {time.time() - started:.0f} s ({[round(r['seconds']) for r in built]} s)", flush=True)
+    return {os.path.normpath(r["cache_dir"]): r["seconds"] for r in built}
+
+
+def _method_rows(planner: Planner, cache_seconds: dict[str, float]) -> dict[str, dict]:
+    """The report's description of each method: its settings (a chained method's are its fusion
+    stage's), its source forwards per sequence in each pool, what writing its cache cost (cached
+    label-scarce runs), and whether one run serves both pools."""
+    bench = planner.bench
     resolved = {
         name: bench.methods[s["after"]] | s.get("fusion_stage", {}).get("model", {}) | s if "after" in s else s
         for name, s in bench.methods.items()
@@ -559,6 +592,14 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
                 "shared_with": "pool A run",
                 "note": "independent of the pool (runs no source, or only the domain's specialist): trained once per seed, reported for both pools",
             }
+    return methods
+
+
+def _baseline_jobs(planner: Planner, methods: dict[str, dict]) -> list[dict]:
+    """The test runs the methods are compared with: the student's base model untrained, each weight
+    merge of LoRA specialists (built here), and each source answering alone. Adds the rows of the
+    base and the merges to `methods`."""
+    bench = planner.bench
     tests = [planner.test_job("base-student", bench.train["model"]["student"], {"method": BASE, "pool": "A", "seed": 0})]
     methods[BASE] = {
         "fusion": None,
@@ -580,45 +621,78 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
                 },
             )
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
-    tests += planner.source_jobs()
-    results = _run_all(jobs + tests, bench.workers, report_only)
-    sources = {r["source"]: r["acc"] for r in results if "source" in r}
-    sources_val = {r["source"]: r["val_acc"] for r in results if "source" in r}
-    results = [r for r in results if "source" not in r]
+    return tests + planner.source_jobs()
+
+
+def _run_chained(planner: Planner, jobs: list[dict], results: list[dict], report_only: bool) -> list[dict]:
+    """Run each chained method's second stage from its fusion run's adapter (after those have run).
+    -> its results, each row's wall time both stages'."""
     chained = planner.chained_jobs(jobs)
-    if chained:  # each from its fusion run's adapter: the row's wall time is both stages'
-        fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
-        after = {name: s["after"] for name, s in bench.methods.items() if "after" in s}
-        results += [
-            r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]}
-            for r in _run_all(chained, bench.workers, report_only)
-        ]
-    runs, consistency = [], None
+    if not chained:
+        return []
+    fused = {(r["method"], r["pool"], r["seed"]): r["seconds"] for r in results if not r.get("online")}
+    after = {name: s["after"] for name, s in planner.bench.methods.items() if "after" in s}
+    return [
+        r | {"seconds": r["seconds"] + fused[(after[r["method"]], r["pool"], r["seed"])]}
+        for r in _run_all(chained, planner.bench.workers, report_only)
+    ]
+
+
+def _pool_rows(results: list[dict], methods: dict[str, dict]) -> list[dict]:
+    """The rows the report summarizes: every run but the online consistency run, and a pool B
+    copy of each run of a method that one run serves for both pools."""
+    runs = []
     for result in results:
         if result.get("online"):
             continue
         runs.append(result)
         if methods[result["method"]].get("shared_with"):
             runs.append(dict(result, pool="B"))
-    if bench.consistency and bench.source_mode == "cached":
-        c = bench.consistency
-        online = next(r for r in results if r.get("online"))
-        cached = next(r for r in runs if (r["method"], r["pool"], r["seed"]) == (c["method"], c["pool"], c["seed"]))
-        consistency = {
-            **c,
-            "cached": {"acc": cached["acc"], "acc_mean": cached["acc_mean"]},
-            "online": {"acc": online["acc"], "acc_mean": online["acc_mean"]},
-            "difference": online["acc_mean"] - cached["acc_mean"],
-            "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
-            "cached_seconds": cached["seconds"],
-            "online_seconds": online["seconds"],
-        }
+    return runs
+
+
+def _consistency(bench: QualityBench, results: list[dict], runs: list[dict]) -> dict | None:
+    """The consistency check: the run trained online against the same run trained from the cache
+    (accuracy, its difference, wall time); None when the bench has none."""
+    if not (bench.consistency and bench.source_mode == "cached"):
+        return None
+    c = bench.consistency
+    online = next(r for r in results if r.get("online"))
+    cached = next(r for r in runs if (r["method"], r["pool"], r["seed"]) == (c["method"], c["pool"], c["seed"]))
+    return {
+        **c,
+        "cached": {"acc": cached["acc"], "acc_mean": cached["acc_mean"]},
+        "online": {"acc": online["acc"], "acc_mean": online["acc_mean"]},
+        "difference": online["acc_mean"] - cached["acc_mean"],
+        "max_domain_difference": max(abs(online["acc"][d] - cached["acc"][d]) for d in cached["acc"]),
+        "cached_seconds": cached["seconds"],
+        "online_seconds": online["seconds"],
+    }
+
+
+def _report(
+    bench: QualityBench,
+    methods: dict[str, dict],
+    results: list[dict],
+    runs: list[dict],
+    sources: dict[str, dict],
+    sources_val: dict[str, dict],
+    *,
+    quick: bool,
+    report_only: bool,
+    arguments: list[str],
+    started: float,
+) -> dict:
+    """The report (what report.json holds): the settings, each method's results per pool with its
+    ratio to the best source, the learning curves, the consistency check, the pass/fail criteria
+    and the runs' wall times."""
+    consistency = _consistency(bench, results, runs)
     summary = report_lib.summarize(runs, methods)
     pool_names = {pool: [os.path.basename(os.path.normpath(p)) for p in paths] for pool, paths in bench.pools.items()}
     best = report_lib.add_ratios(summary, runs, sources, pool_names)
     curves = report_lib.learning_curves(runs, sources_val, pool_names)
     oracle = bench.train["model"].get("oracle") or {}
-    report = {
+    return {
         "quick": quick,
         "provenance": report_lib.provenance(list(arguments)),
         "report_only": report_only,
@@ -641,10 +715,6 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
         "runs": len(results),
         "run_seconds": {f"{r['pool']}/{r['method']}/seed{r['seed']}": round(r["seconds"], 1) for r in results},
     }
-    written = report_lib.write_report(report, runs, config_yaml, bench.output)
-    print(report_lib.markdown(report, "").split("## Configuration")[0])
-    print("wrote " + ", ".join(written))
-    return report
 
 
 def main(argv: list[str] | None = None) -> dict:

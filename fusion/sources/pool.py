@@ -212,120 +212,157 @@ class SourcePool:
 
         Everything after the forward runs on trained positions only (the response, not the prompt).
         """
-        aligner, vocab_map, prefixes = self.aligners[index], self.vocab_maps[index], self.prefixes[index]
         trained = targets != IGNORE_INDEX  # [R, T]
-        from_prefix = None  # [R, T] shared boundaries read from the text before them (`boundary: prefix`)
-        if aligner is None:  # the student's tokenizer: position t is position t
-            source_ids, source_mask, source_targets, position_map = input_ids, attention_mask, targets, None
-        else:
-            side = aligner(input_ids, attention_mask, targets)
-            source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
-            position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
-            if prefixes is not None:  # positions inside a source token, read from the position before it
-                inside_offset = side.inside_offset.to(input_ids.device)
-                inside_position = side.inside_position.to(input_ids.device)
-                spelled_token = source_ids.gather(1, (inside_position + 1).clamp(min=0))  # [R, T] the token c is inside of
-                inside = trained & (inside_position >= 0) & (prefixes.length[spelled_token] > inside_offset)
-                position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
-                if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.sources.marginal`)
-                    ending = source_ids.gather(1, position_map.clamp(min=0))  # [R, T] the source token that ends there
-                    from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0)  # not a special token
-        source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
-        keep = source_trained.clone()  # the source positions whose logits are needed
-        if position_map is not None:
-            mapped = trained & (position_map >= 0)
-            keep[mapped.nonzero(as_tuple=True)[0], position_map[mapped]] = True
-            if from_prefix is not None:
-                keep[from_prefix.nonzero(as_tuple=True)[0], position_map[from_prefix] - 1] = True
-        logits = _logits_at(model, source_ids, source_mask, keep)  # [Q', V_source], row-major over `keep`
-        if aligner is None:
-            logits = logits[:, : self.vocab_size]  # rows past the tokenizer (padded embeddings)
-        slot = torch.full(keep.shape, -1, dtype=torch.long, device=logits.device)
-        slot[keep] = torch.arange(len(logits), device=logits.device)
-        logp = torch.log_softmax(logits, -1)  # [Q', V_source] at T = 1
-        del logits
+        view = self._source_view(index, input_ids, attention_mask, targets, trained)
+        logp, slot = self._source_logprobs(model, view, trained)  # [Q', V_source] at T = 1
         # NaN or +inf anywhere in a position's logits makes its whole log-softmax NaN; a -inf
         # logit alone is a legitimate zero probability. topk ranks NaN above every number, so a
         # position's first top-K entry is NaN exactly when its log-softmax holds one.
-        top_logprobs, top_ids = logp.topk(self.top_k, dim=-1) if position_map is None and temperature == 1.0 else (None, None)
-        broken_at = torch.isnan(top_logprobs[:, 0] if top_logprobs is not None else logp.amax(-1))  # [Q']
-        rows_q = source_trained.nonzero(as_tuple=True)[0]  # the Q trained source positions, row-major
-        at_q = slot[source_trained]  # their rows of `logp`
-        broken = torch.zeros(len(input_ids), device=logp.device).index_add(0, rows_q, broken_at[at_q].float())
-        finite = broken == 0  # [R]: usable where it is trained
-        gold = logp[at_q, source_targets[source_trained]]  # [Q]
-        # CE of the response text in the source's own tokens, per student trained token: the
-        # same number as the token-mean CE when the tokenizers agree, comparable when they do not.
-        nll = torch.zeros(len(input_ids), device=logp.device).index_add(0, rows_q, torch.where(finite[rows_q], -gold, 0.0))
-        ce = torch.where(finite, nll / trained.sum(-1).clamp(min=1), 0.0)
+        top = logp.topk(self.top_k, dim=-1) if view.position_map is None and temperature == 1.0 else None
+        finite, ce = _source_ce(view, logp, slot, trained, top)
         if temperature != 1.0:
             logp = torch.log_softmax(logp / temperature, -1)  # softmax(z / T): log p / T differs from z / T by a constant per row
-        if position_map is None:  # `keep` is the trained positions: `logp` rows are theirs, in order
-            usable = trained & finite[:, None]  # [R, T]; the trained source positions are the student's
-            keep_rows = finite[rows_q]
-            dense = logp if bool(keep_rows.all()) else logp[keep_rows]
-            if top_logprobs is None:
-                top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
-            elif not bool(keep_rows.all()):
-                top_logprobs, top_ids = top_logprobs[keep_rows], top_ids[keep_rows]
+        if view.position_map is None:  # the student's tokenizer: `logp` rows are the trained positions, in order
+            usable, (top_logprobs, top_ids), dense = self._read_in_place(logp, top, trained, finite, view.trained_rows)
         else:
-            usable = trained & (position_map >= 0) & finite[:, None]
-            rows, positions = usable.nonzero(as_tuple=True)
-            read = slot[rows, position_map[rows, positions]]  # [P] each position's row of `logp`
-            at = inside[rows, positions].nonzero(as_tuple=True)[0] if prefixes is not None else rows[:0]  # [P'] of the P
-            boundary = rows[:0] if len(at) == 0 else (~inside[rows, positions]).nonzero(as_tuple=True)[0]
-            if len(at):
-                tokens, spelled = spelled_token[rows[at], positions[at]], inside_offset[rows[at], positions[at]]
-            spans = (
-                self._spanning(index, side, source_ids, source_targets, logp, slot, targets, rows, positions)
-                if prefixes is not None
-                else None
-            )
-            mix = rows[:0] if from_prefix is None else from_prefix[rows, positions].nonzero(as_tuple=True)[0]  # [P''] of the P
-            if len(mix):  # the token ending at the boundary, whole, read before it
-                ended_token = ending[rows[mix], positions[mix]]
-                mix_read = slot[rows[mix], position_map[rows[mix], positions[mix]] - 1]
+            usable = trained & (view.position_map >= 0) & finite[:, None]
+            reads = self._aligned_reads(index, view, logp, slot, targets, usable)
             if table:  # exact: every source token's mass carried to its student token
-                dense = project_dense(logp[read], vocab_map, self.vocab_size)
-                if len(at):
-                    dense[at] = marginal_dense(prefixes, logp, read[at], tokens, spelled, self.vocab_size)
-                if len(mix):
-                    dense[mix] = marginal_dense(
-                        prefixes, logp, mix_read, ended_token, prefixes.length[ended_token], self.vocab_size, ended=dense[mix]
-                    )
-                if spans is not None:
-                    where, first, spanning, log_mass = spans
-                    dense[where] = move_mass_dense(dense[where], first, spanning, log_mass)
+                dense = self._dense_at(index, reads, logp)
                 top_logprobs, top_ids = dense.topk(self.top_k, dim=-1)
             else:
                 dense = None
-                if len(at) == 0:
-                    top_ids, top_logprobs = project_topk(logp[read], vocab_map, self.top_k)
-                else:
-                    top_ids = torch.full((len(rows), self.top_k), -1, device=logp.device)
-                    top_logprobs = torch.full((len(rows), self.top_k), -math.inf, device=logp.device)
-                    top_ids[boundary], top_logprobs[boundary] = project_topk(logp[read[boundary]], vocab_map, self.top_k)
-                    top_ids[at], top_logprobs[at] = marginal_topk(prefixes, logp, read[at], tokens, spelled, self.top_k)
-                if len(mix):
-                    top_ids[mix], top_logprobs[mix] = marginal_topk(
-                        prefixes,
-                        logp,
-                        mix_read,
-                        ended_token,
-                        prefixes.length[ended_token],
-                        self.top_k,
-                        ended=(top_ids[mix], top_logprobs[mix]),
-                    )
-                if spans is not None:
-                    where, first, spanning, log_mass = spans
-                    top_ids[where], top_logprobs[where] = move_mass(
-                        top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k
-                    )
-        device = logp.device
-        out_ids = torch.full((*usable.shape, self.top_k), -1, device=device)
-        out_logprobs = torch.full((*usable.shape, self.top_k), -math.inf, device=device)
-        out_ids[usable], out_logprobs[usable] = torch.where(top_logprobs > -math.inf, top_ids, -1), top_logprobs
+                top_logprobs, top_ids = self._topk_at(index, reads, logp)
+        out_ids, out_logprobs = _spread(usable, top_ids, top_logprobs, self.top_k)
         return SourceOutputs(out_ids, out_logprobs, ce, finite, usable), (dense if table else None)
+
+    def _source_view(self, index: int, input_ids, attention_mask, targets, trained) -> _SourceView:
+        """Source `index`'s view of the rows: the rows in its own tokens, and (with another tokenizer)
+        the source position each student position reads, inside a source token or at a boundary."""
+        aligner, prefixes = self.aligners[index], self.prefixes[index]
+        if aligner is None:  # the student's tokenizer: position t is position t
+            return _SourceView(input_ids, attention_mask, targets, trained, trained.nonzero(as_tuple=True)[0])
+        side = aligner(input_ids, attention_mask, targets)
+        source_ids, source_mask, source_targets = (t.to(input_ids.device) for t in (side.input_ids, side.attention_mask, side.targets))
+        position_map = side.position_map.to(input_ids.device)  # [R, T] source position or -1
+        inside = inside_offset = spelled_token = from_prefix = ending = None
+        if prefixes is not None:  # positions inside a source token, read from the position before it
+            inside_offset = side.inside_offset.to(input_ids.device)
+            inside_position = side.inside_position.to(input_ids.device)
+            spelled_token = source_ids.gather(1, (inside_position + 1).clamp(min=0))  # [R, T] the token c is inside of
+            inside = trained & (inside_position >= 0) & (prefixes.length[spelled_token] > inside_offset)
+            position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
+            if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.sources.marginal`)
+                ending = source_ids.gather(1, position_map.clamp(min=0))  # [R, T] the source token that ends there
+                from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0)  # not a special token
+        source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
+        rows = source_trained.nonzero(as_tuple=True)[0]  # the Q trained source positions' rows, row-major
+        return _SourceView(
+            source_ids,
+            source_mask,
+            source_targets,
+            source_trained,
+            rows,
+            side,
+            position_map,
+            inside,
+            inside_offset,
+            spelled_token,
+            from_prefix,
+            ending,
+        )
+
+    def _source_logprobs(self, model, view: _SourceView, trained) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's forward, its output layer only where it is read: its trained positions and
+        those the student's positions read. -> log-probabilities at T = 1 [Q', V_source], row-major
+        over those positions, and `slot` [R, T_source]: each position's row of them (-1 unread)."""
+        keep = view.trained.clone()  # the source positions whose logits are needed
+        if view.position_map is not None:
+            mapped = trained & (view.position_map >= 0)
+            keep[mapped.nonzero(as_tuple=True)[0], view.position_map[mapped]] = True
+            if view.from_prefix is not None:
+                keep[view.from_prefix.nonzero(as_tuple=True)[0], view.position_map[view.from_prefix] - 1] = True
+        logits = _logits_at(model, view.ids, view.mask, keep)  # [Q', V_source], row-major over `keep`
+        if view.position_map is None:  # the student's tokenizer
+            logits = logits[:, : self.vocab_size]  # rows past the tokenizer (padded embeddings)
+        slot = torch.full(keep.shape, -1, dtype=torch.long, device=logits.device)
+        slot[keep] = torch.arange(len(logits), device=logits.device)
+        return torch.log_softmax(logits, -1), slot
+
+    def _read_in_place(self, logp, top, trained, finite, trained_rows):
+        """A source with the student's tokenizer, read position by position on its finite rows.
+        -> usable [R, T], (top-K log-probs, ids) [P, K], and the log-probabilities there [P, V]."""
+        usable = trained & finite[:, None]  # [R, T]; the trained source positions are the student's
+        keep_rows = finite[trained_rows]
+        dense = logp if bool(keep_rows.all()) else logp[keep_rows]
+        if top is None:
+            top = dense.topk(self.top_k, dim=-1)
+        elif not bool(keep_rows.all()):
+            top = (top[0][keep_rows], top[1][keep_rows])
+        return usable, top, dense
+
+    def _aligned_reads(self, index: int, view: _SourceView, logp, slot, targets, usable) -> _AlignedReads:
+        """Where each usable student position (another tokenizer) reads the source's log-probabilities:
+        at a shared boundary, inside a source token, before the token ending at a boundary
+        (`boundary: prefix`), and where the student's token spans several source tokens."""
+        rows, positions = usable.nonzero(as_tuple=True)
+        read = slot[rows, view.position_map[rows, positions]]  # [P] each position's row of `logp`
+        prefixes = self.prefixes[index]
+        at = view.inside[rows, positions].nonzero(as_tuple=True)[0] if prefixes is not None else rows[:0]  # [P'] of the P
+        boundary = rows[:0] if len(at) == 0 else (~view.inside[rows, positions]).nonzero(as_tuple=True)[0]
+        tokens = spelled = ended_token = mix_read = None
+        if len(at):
+            tokens, spelled = view.spelled_token[rows[at], positions[at]], view.inside_offset[rows[at], positions[at]]
+        spans = (
+            self._spanning(index, view.side, view.ids, view.targets, logp, slot, targets, rows, positions) if prefixes is not None else None
+        )
+        mix = rows[:0] if view.from_prefix is None else view.from_prefix[rows, positions].nonzero(as_tuple=True)[0]  # [P''] of the P
+        if len(mix):  # the token ending at the boundary, whole, read before it
+            ended_token = view.ending[rows[mix], positions[mix]]
+            mix_read = slot[rows[mix], view.position_map[rows[mix], positions[mix]] - 1]
+        return _AlignedReads(read, at, boundary, tokens, spelled, mix, ended_token, mix_read, spans)
+
+    def _dense_at(self, index: int, reads: _AlignedReads, logp) -> torch.Tensor:
+        """The source's exact log-probabilities over the student's vocabulary at the usable positions
+        [P, V]: every source token's mass carried to its student token (the online union's table)."""
+        prefixes, r = self.prefixes[index], reads
+        dense = project_dense(logp[r.read], self.vocab_maps[index], self.vocab_size)
+        if len(r.at):
+            dense[r.at] = marginal_dense(prefixes, logp, r.read[r.at], r.tokens, r.spelled, self.vocab_size)
+        if len(r.mix):
+            dense[r.mix] = marginal_dense(
+                prefixes, logp, r.mix_read, r.ended_token, prefixes.length[r.ended_token], self.vocab_size, ended=dense[r.mix]
+            )
+        if r.spans is not None:
+            where, first, spanning, log_mass = r.spans
+            dense[where] = move_mass_dense(dense[where], first, spanning, log_mass)
+        return dense
+
+    def _topk_at(self, index: int, reads: _AlignedReads, logp) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's top-K over the student's vocabulary at the usable positions, without the dense
+        [P, V] table (what the cache stores). -> (log-probabilities, student ids) [P, K]."""
+        prefixes, vocab_map, r = self.prefixes[index], self.vocab_maps[index], reads
+        if len(r.at) == 0:
+            top_ids, top_logprobs = project_topk(logp[r.read], vocab_map, self.top_k)
+        else:
+            top_ids = torch.full((len(r.read), self.top_k), -1, device=logp.device)
+            top_logprobs = torch.full((len(r.read), self.top_k), -math.inf, device=logp.device)
+            top_ids[r.boundary], top_logprobs[r.boundary] = project_topk(logp[r.read[r.boundary]], vocab_map, self.top_k)
+            top_ids[r.at], top_logprobs[r.at] = marginal_topk(prefixes, logp, r.read[r.at], r.tokens, r.spelled, self.top_k)
+        if len(r.mix):
+            top_ids[r.mix], top_logprobs[r.mix] = marginal_topk(
+                prefixes,
+                logp,
+                r.mix_read,
+                r.ended_token,
+                prefixes.length[r.ended_token],
+                self.top_k,
+                ended=(top_ids[r.mix], top_logprobs[r.mix]),
+            )
+        if r.spans is not None:
+            where, first, spanning, log_mass = r.spans
+            top_ids[where], top_logprobs[where] = move_mass(top_ids[where], top_logprobs[where], first, spanning, log_mass, self.top_k)
+        return top_logprobs, top_ids
 
     def _spanning(self, index: int, side, source_ids, source_targets, logp, slot, targets, rows, positions):
         """Where the student's next token spans several source tokens from a shared boundary (of the
@@ -421,3 +458,62 @@ def _on_union(ids: torch.Tensor, aligned: torch.Tensor, tables: list) -> tuple[t
         logprobs[b, slot, positions] = table.gather(-1, wanted.clamp(min=0)).masked_fill(wanted < 0, -math.inf)
     union_ids = torch.where(aligned[..., None], union[:, None], -1)
     return union_ids, logprobs.masked_fill(union_ids < 0, -math.inf)
+
+
+class _SourceView(NamedTuple):
+    """One source's view of its rows (`SourcePool._source_view`): the rows in its own tokens
+    [R, T_source], and where each student position [R, T] reads it. With the student's tokenizer
+    the rows are the student's own and every field from `side` on is None."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+    trained: torch.Tensor  # [R, T_source] source positions that carry a target
+    trained_rows: torch.Tensor  # [Q] the row of each, row-major
+    side: object = None  # the aligner's output
+    position_map: torch.Tensor | None = None  # [R, T] the source position read, or -1
+    inside: torch.Tensor | None = None  # [R, T] positions inside a source token, read from the position before it
+    inside_offset: torch.Tensor | None = None  # [R, T] the bytes of that token before the position
+    spelled_token: torch.Tensor | None = None  # [R, T] the token the position is inside of
+    from_prefix: torch.Tensor | None = None  # [R, T] shared boundaries read from the text before them (`boundary: prefix`)
+    ending: torch.Tensor | None = None  # [R, T] the source token that ends at the boundary
+
+
+class _AlignedReads(NamedTuple):
+    """Where the P usable student positions read a source with another tokenizer
+    (`SourcePool._aligned_reads`); each index tensor selects some of the P."""
+
+    read: torch.Tensor  # [P] each position's row of the source's log-probabilities
+    at: torch.Tensor  # [P'] positions inside a source token
+    boundary: torch.Tensor  # the others (empty when no position is inside a token)
+    tokens: torch.Tensor | None  # [P'] the token each is inside of
+    spelled: torch.Tensor | None  # [P'] its bytes before the position
+    mix: torch.Tensor  # [P''] shared boundaries read from the text before them
+    ended_token: torch.Tensor | None  # [P''] the token ending there
+    mix_read: torch.Tensor | None  # [P''] the row of the position before it
+    spans: tuple | None  # `SourcePool._spanning`'s answer
+
+
+def _source_ce(view: _SourceView, logp: torch.Tensor, slot: torch.Tensor, trained: torch.Tensor, top) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows the source read with finite logits on every trained position, and its CE on the
+    gold response there. `top`: the top-K of `logp` where already taken, or None.
+    -> finite [R] and ce [R] (0 where not finite)."""
+    broken_at = torch.isnan(top[0][:, 0] if top is not None else logp.amax(-1))  # [Q']
+    rows_q = view.trained_rows  # the Q trained source positions, row-major
+    at_q = slot[view.trained]  # their rows of `logp`
+    broken = torch.zeros(len(trained), device=logp.device).index_add(0, rows_q, broken_at[at_q].float())
+    finite = broken == 0  # [R]: usable where it is trained
+    gold = logp[at_q, view.targets[view.trained]]  # [Q]
+    # CE of the response text in the source's own tokens, per student trained token: the
+    # same number as the token-mean CE when the tokenizers agree, comparable when they do not.
+    nll = torch.zeros(len(trained), device=logp.device).index_add(0, rows_q, torch.where(finite[rows_q], -gold, 0.0))
+    return finite, torch.where(finite, nll / trained.sum(-1).clamp(min=1), 0.0)
+
+
+def _spread(usable: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-K of the P usable positions laid out over every student position [R, T, K]
+    (-1 ids and -inf log-probabilities elsewhere, and for the empty entries of a top-K)."""
+    out_ids = torch.full((*usable.shape, top_k), -1, device=top_logprobs.device)
+    out_logprobs = torch.full((*usable.shape, top_k), -math.inf, device=top_logprobs.device)
+    out_ids[usable], out_logprobs[usable] = torch.where(top_logprobs > -math.inf, top_ids, -1), top_logprobs
+    return out_ids, out_logprobs

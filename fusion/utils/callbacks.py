@@ -108,10 +108,10 @@ class StartCheckpoint(L.Callback):
     returns its untrained adapter (for LoRA, the base model itself).
 
     Before the first step it runs the validation split through the module's own evaluation
-    (`validation_step`, then `eval_metrics`), saves a checkpoint under that callback's own file
-    name (e.g. `best.ckpt`) and makes it the callback's best (its public `best_model_path`, `best_model_score`,
-    `best_k_models`, `kth_best_model_path`, `kth_value`): a later validation that does better
-    replaces it as usual. A resumed run (past step 0) does nothing.
+    (`validation_step`, then `eval_metrics`), saves a checkpoint as that callback would (its
+    `save_weights_only`) under its own file name (e.g. `best.ckpt`) and makes it the callback's
+    best (its public `best_model_path`, `best_model_score`, `best_k_models`, `kth_best_model_path`,
+    `kth_value`): a later validation that does better replaces it as usual. A resumed run (past step 0) does nothing.
     """
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -130,7 +130,8 @@ class StartCheckpoint(L.Callback):
         pl_module.train(was_training)
         score = torch.tensor(float(results[checkpoint.monitor.removeprefix("val/")]))
         path = checkpoint.format_checkpoint_name({checkpoint.monitor: score, "step": torch.tensor(0), "epoch": torch.tensor(0)})
-        trainer.save_checkpoint(path)
+        # The same kind of file as the callback's own saves (Lightning logs a notice when this is left unset).
+        trainer.save_checkpoint(path, weights_only=checkpoint.save_weights_only)
         checkpoint.best_k_models = {path: score}
         checkpoint.best_model_path = checkpoint.kth_best_model_path = path
         checkpoint.best_model_score = checkpoint.kth_value = score
