@@ -219,7 +219,7 @@ def test_a_source_that_changes_the_text_is_named(char):
     source = build_char_tokenizer()
     source.backend_tokenizer.normalizer = normalizers.Lowercase()
     source.name_or_path = "zoo/lowercase-source"
-    with pytest.raises(ValueError, match=r"zoo/lowercase-source.*spell b'ab=c'"):
+    with pytest.raises(ValueError, match=r"zoo/lowercase-source.*spell b'ab='"):
         align(char, source, ("AB=", "c"))
 
 
@@ -342,3 +342,22 @@ def test_default_vocab_map_dir_is_the_per_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "/home/someone")
     assert default_cache_dir() == "/home/someone/.cache/fusion/vocab_maps"
+
+
+def test_the_source_tokenizes_prompt_and_response_apart(char):
+    """A source whose BPE merges `=` with `-` (its tokenizer saw whole rows) reads `8=` and `-3`
+    as `encode` built its training rows: `8`, `=` | `-`, `3`, never `=-`. The response's first
+    byte is then a shared boundary, read at the position of `=`, and the source's first target
+    is `-`."""
+    source = byte_bpe([("=", "-")])
+    batch, side = align(char, source, ("8=", "-3"))
+    ids = side.input_ids[0, : int(side.attention_mask[0].sum())].tolist()
+    pieces = source.convert_ids_to_tokens(ids)
+    assert pieces == ["<bos>", "8", "=", "-", "3", "<eos>"]
+    assert "=-" in source.get_vocab() and source("8=-3", add_special_tokens=False)["input_ids"] != ids[1:5]  # joint: 8, =-, 3
+    # Student positions: 0 <bos>, 1 '8', 2 '=', 3 '-', 4 '3', 5 <eos>; each predicts the next at the
+    # source's same position (read jointly, position 2 would predict '-' from inside `=-`: -1).
+    assert side.position_map[0, :5].tolist() == [0, 1, 2, 3, 4]
+    assert side.inside_position[0, :5].tolist() == [-1] * 5
+    assert source.convert_ids_to_tokens(side.targets[0, 2:5].tolist()) == ["-", "3", "<eos>"]
+    assert side.targets[0, :2].tolist() == [X, X]

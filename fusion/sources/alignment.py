@@ -185,9 +185,12 @@ class Aligner:
     """Aligns the student's batches with one source's tokenization of the same texts (rule: module docstring).
 
     `aligner(input_ids, attention_mask, targets)` takes a batch from fusion.data.datamodule.collate. Each
-    row's text is rebuilt from the student's tokens; the source's tokenization of each text is
-    cached (up to `cache_size` texts), so epochs after the first tokenize nothing. Everything else
-    is vectorized over the batch.
+    row's text is rebuilt from the student's tokens and split where the response starts (the first
+    trained position's next token); the source tokenizes the prompt and the response apart, as
+    `fusion.data.datamodule.encode` builds every row, so a source reads a row as it was trained and
+    as it answers: its last prompt token never merges with the answer's first bytes (`=` and `-3`,
+    not `=-` and `3`). Each piece's tokenization is cached (up to `cache_size` texts), so epochs
+    after the first tokenize nothing. Everything else is vectorized over the batch.
     """
 
     def __init__(self, student: PreTrainedTokenizerBase, source: PreTrainedTokenizerBase, cache_size: int = 200_000):
@@ -230,9 +233,19 @@ class Aligner:
                 )
             ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
             ends -= len(spelled) - len(data)  # a dummy prefix space (SentencePiece, add_prefix_space) is not text
-            starts = np.concatenate(([0], ends[:-1])).astype(np.int64)
+            starts = np.concatenate(([0], ends[:-1]))[: len(ends)].astype(np.int64)  # none for an empty text
             self.cache[text] = (np.array(ids, dtype=np.int64), np.maximum(starts, 0), np.maximum(ends, 0))
         return [self.cache[text] for text in texts]
+
+    def _split_tokens(self, texts: list[bytes], split: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per row: the source's tokens of the text before `split` and of the text from it on, one
+        after the other, with byte offsets in the whole text."""
+        heads = self.source_tokens([data[:cut].decode() for data, cut in zip(texts, split.tolist())])
+        tails = self.source_tokens([data[cut:].decode() for data, cut in zip(texts, split.tolist())])
+        return [
+            (np.concatenate((h[0], t[0])), np.concatenate((h[1], t[1] + cut)), np.concatenate((h[2], t[2] + cut)))
+            for h, t, cut in zip(heads, tails, split.tolist())
+        ]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> AlignedBatch:
         ids = input_ids.cpu().numpy()  # [B, T]
@@ -256,12 +269,16 @@ class Aligner:
             data = b"".join([self.student_text[i] for i in id_rows[b][int(has_bos[b]) : int(last[b]) + 1 - int(has_eos[b])]])
             trim[b], end = _utf8_span(data)
             text_size[b] = end - trim[b]
-            texts.append(data[trim[b] : end].decode())
+            texts.append(data[trim[b] : end])
         starts -= trim[:, None]
         starts[rows[has_eos], last[has_eos]] = text_size[has_eos]
+        # The response starts at the byte of the token the first trained position predicts.
+        trained = valid & (targets.cpu().numpy() != IGNORE_INDEX)  # [B, T]
+        first_trained = trained.argmax(1)
+        response_start = np.where(trained.any(1), starts[rows, np.minimum(first_trained + 1, length - 1)], np.iinfo(np.int64).max)
 
-        # The source's side: [bos] text tokens [eos], flattened over the batch ([M] arrays).
-        entries = self.source_tokens(texts)
+        # The source's side: [bos] prompt tokens, response tokens [eos], flattened over the batch ([M] arrays).
+        entries = self._split_tokens(texts, np.clip(response_start, 0, text_size))
         offset = int(self.source_bos is not None)
         counts = np.array([len(e[0]) for e in entries], dtype=np.int64)
         add_eos = has_eos & (self.source_eos is not None)
@@ -317,9 +334,6 @@ class Aligner:
             span_spelled[:, :-1] = np.where(spans, end - token_starts[np.maximum(holder, 0)], 0)
 
         # Source targets: the tokens overlapping [first trained student token, end], eos included.
-        trained = valid & (targets.cpu().numpy() != IGNORE_INDEX)  # [B, T]
-        first_trained = trained.argmax(1)
-        response_start = np.where(trained.any(1), starts[rows, np.minimum(first_trained + 1, length - 1)], np.iinfo(np.int64).max)
         width = int(source_length.max())
         source_ids = np.full((batch, width), self.source_pad, dtype=np.int64)
         source_targets = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)

@@ -48,7 +48,7 @@ from fusion.data import IGNORE_INDEX
 from fusion.sources.pool import SourceOutputs
 from fusion.utils.io import atomic_directory, atomic_write_json
 
-FORMAT_VERSION = 2  # 2: per-record sources, answers of unlabeled prompts
+FORMAT_VERSION = 3  # 2: per-record sources, answers of unlabeled prompts; 3: sources read prompt and response tokenized apart
 SHARD_NAME = re.compile(r"shard-r\d+-\d{5}")
 
 

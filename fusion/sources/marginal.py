@@ -37,7 +37,9 @@ before v*, u = all of v*'s bytes, the tokens that go on past u as above, plus th
 u with its probability times the boundary's distribution (`ended`): P(x | u) = sum_{v = u + r}
 p(v) [r lands on x] / P(u...) + p(u) / P(u...) * P_boundary(x). That is the exact next-token
 distribution along the source's canonical split before v*, and it expands the term (2) above
-where the forward after u exists.
+where the forward after u exists. At the response's first byte the boundary is certain (the
+prompt and the response are tokenized apart) and the `token_end` read is exact: the position
+before the prompt's last token was never trained (`SourcePool._source_view`).
 
 The other way round, a student token y spanning several source tokens from a shared boundary
 (a GPT-2 student, a character source): the source's distribution at the boundary is carried by

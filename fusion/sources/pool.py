@@ -254,7 +254,10 @@ class SourcePool:
             position_map = torch.where(inside, inside_position, position_map)  # exact boundaries keep theirs
             if self.boundary == "prefix":  # shared boundaries read from the text before them (`fusion.sources.marginal`)
                 ending = source_ids.gather(1, position_map.clamp(min=0))  # [R, T] the source token that ends there
-                from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0)  # not a special token
+                # The response's start is a boundary for certain (the prompt is tokenized apart), and the
+                # position before the prompt's last token was never trained: read it as it is.
+                in_response = source_targets.gather(1, (position_map - 1).clamp(min=0)) != IGNORE_INDEX
+                from_prefix = trained & ~inside & (position_map >= 1) & (prefixes.length[ending] > 0) & in_response  # not a special token
         source_trained = source_targets != IGNORE_INDEX  # [R, T_source]
         rows = source_trained.nonzero(as_tuple=True)[0]  # the Q trained source positions' rows, row-major
         return _SourceView(
