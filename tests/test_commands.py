@@ -107,7 +107,7 @@ def test_bench_without_a_name_lists_the_benchmarks():
         bench([])
     assert (
         str(exit_info.value)
-        == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,selector,srft,target,throughput} [options]"
+        == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,selector,srft,target,teacher,throughput} [options]"
     )
 
 
@@ -383,3 +383,40 @@ def test_bench_throughput(tmp_path):
     assert report["ideal_ratio"]["selector-cached"] == 1.0
     assert 0 < report["ideal_ratio"]["avgce-online"] < report["ideal_ratio"]["selector-online"] < 1
     assert set(report["source_cost_over_forward"]) == {"selector-online", "avgce-online"}
+
+
+def test_bench_teacher(tiny_zoo, tmp_path):
+    """`python -m fusion.bench teacher` on 6 spell_backward prompts: a source with the student's
+    tokenizer decoded per student token answers exactly as its own greedy decoding does, and the
+    pair's fused accuracy is reported against the better source alone."""
+    import os
+
+    output = tmp_path / "teacher"
+    sources = [os.path.join(tiny_zoo, name) for name in ("spell", "sum")]
+    bench(
+        [
+            "teacher",
+            "--domain",
+            "spell_backward",
+            "--sources",
+            *sources,
+            "--student",
+            os.path.join(tiny_zoo, "student"),
+            "--test_size",
+            "6",
+            "--max_new_tokens",
+            "12",
+            "--output",
+            str(output),
+        ]
+    )
+
+    report = _read_json(output / "report.json")
+    spell = report["sources"]["spell"]
+    assert spell["read_by_student_token"] == spell["own"]  # the student's own tokenizer: read exactly
+    ((names, pair),) = report["fused"].items()
+    assert names == "spell + sum" and pair["source_forwards_per_token"] == 2 and 0.0 <= pair["accuracy"] <= 1.0
+    best = max(s["own"] for s in report["sources"].values())
+    assert pair["ratio_to_best_source"] == (pytest.approx(pair["accuracy"] / best) if best > 0 else None)
+    assert report["provenance"]["command"].startswith("python -m fusion.bench teacher --domain spell_backward")
+    assert "| spell + sum |" in (output / "report.md").read_text()
