@@ -107,7 +107,7 @@ def test_bench_without_a_name_lists_the_benchmarks():
         bench([])
     assert (
         str(exit_info.value)
-        == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,selector,srft,target,teacher,throughput} [options]"
+        == "usage: python -m fusion.bench {alignment,lookahead,memory,quality,ray_cache,selector,srft,target,teacher,throughput} [options]"
     )
 
 

@@ -3,6 +3,7 @@
     plots        matplotlib   the benchmarks' PNG figures (`fusion.bench`)
     tensorboard  tensorboard  Lightning's TensorBoardLogger (`configs/real_models.yaml`)
     merge        mergekit     full-model weight merging (`fusion.merging.merge_models`)
+    ray          ray[data]    the offline cache built on Ray (`fusion.cache_ray`)
 
 `pip install 'fusion[dev]'` (what `make setup` installs) includes all of them. When one is missing, the
 code that needs it raises an ImportError naming the extra to install.
@@ -42,6 +43,19 @@ def mergekit_api():
     except ImportError as error:
         raise ImportError("full-model merging needs mergekit, which is not installed: pip install 'fusion[merge]'") from error
     return MergeConfiguration, MergeOptions, run_merge
+
+
+def ray_data():
+    """`ray` with Ray Data loaded (`fusion.cache_ray`)."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "building the offline cache on Ray (python -m fusion.cache_ray) needs ray[data], which is not installed: "
+            "pip install 'fusion[ray]' (from a clone: pip install -e '.[ray]')"
+        ) from error
+    return ray
 
 
 def _installed(name: str) -> bool:
