@@ -328,23 +328,12 @@ def load_source(index: int, path: str, student_tokenizer, settings):
     source, with its errors naming `model.sources[index]`."""
     from fusion.models import resolve_model_path
     from fusion.sources.pool import SourcePool
-    from fusion.sources.vocab_map import default_cache_dir
 
     key = f"model.sources[{index}]"
     path = resolve_model_path(path, key)
     s = settings
     try:
-        return SourcePool.load(
-            [path],
-            student_tokenizer,
-            s.dtype,
-            s.trust_remote_code,
-            top_k=s.source_top_k,
-            unaligned=s.unaligned,
-            vocab_map=s.vocab_map,
-            vocab_map_dir=s.vocab_map_dir or default_cache_dir(),
-            boundary=s.resolved_boundary,
-        )
+        return SourcePool.load([path], student_tokenizer, **s.pool_settings())
     except (OSError, ValueError) as error:
         message = str(error).replace("model.sources[0]", key)
         try:

@@ -50,7 +50,6 @@ from fusion.objectives.curriculum import DomainCurriculum, sequence_nll
 from fusion.objectives.selection import SourceSelector, noisy_top_k
 from fusion.sources.cache import CacheWriter, SourceCache, cache_fingerprint, model_fingerprint, rows_to_records
 from fusion.sources.pool import SourceOutputs, SourcePool
-from fusion.sources.vocab_map import default_cache_dir
 from fusion.stages.answers import along_answers, write_answers
 from fusion.stages.fusion_settings import FusionSettings
 from fusion.stages.on_policy import StepRows, is_on_policy_step
@@ -251,17 +250,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             s = self.settings
             if not s.method.uses_sources:
                 raise ValueError(f"model.fusion {s.fusion!r} runs no source")
-            self._pool = SourcePool.load(
-                s.sources,
-                self.tokenizer,
-                s.dtype,
-                s.trust_remote_code,
-                top_k=s.source_top_k,
-                unaligned=s.unaligned,
-                vocab_map=s.vocab_map,
-                vocab_map_dir=s.vocab_map_dir or default_cache_dir(),
-                boundary=s.resolved_boundary,
-            )
+            self._pool = SourcePool.load(s.sources, self.tokenizer, **s.pool_settings())
         return self._pool
 
     def cache_fingerprint(self, data=None) -> dict:

@@ -143,6 +143,21 @@ class FusionSettings:
         """Source forwards per training sequence when the sources run online."""
         return {"none": 0, "single": 1, "domain": 1, "top_k": self.top_k}.get(self.method.runs, len(self.sources))
 
+    def pool_settings(self) -> dict:
+        """How `SourcePool.load` reads the sources (its keyword arguments after the paths and the
+        student's tokenizer): the module's pool and each Ray actor load them the same way."""
+        from fusion.sources.vocab_map import default_cache_dir
+
+        return {
+            "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code,
+            "top_k": self.source_top_k,
+            "unaligned": self.unaligned,
+            "vocab_map": self.vocab_map,
+            "vocab_map_dir": self.vocab_map_dir or default_cache_dir(),
+            "boundary": self.resolved_boundary,
+        }
+
     def answer_settings(self) -> dict:
         """What an answer to an unlabeled prompt depends on: who answers, who runs along it, decoding
         (the `ANSWER_SETTINGS`)."""
