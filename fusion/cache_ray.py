@@ -557,6 +557,26 @@ class SourceStage(_Stage):
 # ------------------------------------------------------------------------------------ Ray
 
 
+def saved_signal_handlers() -> dict:
+    """The process's SIGTERM and SIGINT handlers, for `restore_signal_handlers` after
+    `ray.shutdown`. `ray.init` installs its own, which exit with the signal's number and outlive
+    Ray: a training run later in the same process (Lightning chains the handler it finds) would
+    exit on SIGTERM instead of writing its checkpoint."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signal_handlers(saved: dict) -> None:
+    import signal
+
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
 def connect(ray, settings: RaySettings) -> bool:
     """Start or join Ray as `--ray.address` says; returns whether this command started it (and
     so stops it). A Ray already started in this process (a test, a notebook) is used as it is."""
@@ -772,6 +792,7 @@ def build_cache(
     plan = plan_shards([len(item["batch"]["rows"]) for item in items], settings.shard_rows)
     keys = [[row_key(row) for j in shard for row in items[j]["batch"]["rows"]] for shard in plan]
     # Ray first: an address that does not answer stops the command before the directory is touched.
+    handlers = saved_signal_handlers()
     started_ray = connect(ray, settings)
     try:
         kept = prepare_directory(s.cache_dir, fingerprint, keys, settings.fresh)
@@ -860,6 +881,7 @@ def build_cache(
     finally:
         if started_ray:
             ray.shutdown()
+            restore_signal_handlers(handlers)
     writer.check_complete()
     result.seconds = time.perf_counter() - started
     log(

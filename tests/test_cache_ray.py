@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fusion import cache_ray
-from fusion.cache_ray import RaySettings, build_cache, plan_shards
+from fusion.cache_ray import RaySettings, build_cache, plan_shards, restore_signal_handlers, saved_signal_handlers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_WORKERS = RaySettings(actors_per_source=2, student_actors=1, cpus_per_actor=0.125)
@@ -141,6 +141,7 @@ def local_ray(tmp_path_factory):
     ray = pytest.importorskip("ray")
     faults = tmp_path_factory.mktemp("faults")
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    handlers = saved_signal_handlers()
     ray.init(
         num_cpus=2,
         object_store_memory=200 * 2**20,
@@ -152,6 +153,7 @@ def local_ray(tmp_path_factory):
     )
     yield faults
     ray.shutdown()
+    restore_signal_handlers(handlers)  # Ray's SIGTERM handler would end later tests' runs with exit code 15
 
 
 @pytest.fixture(scope="module")

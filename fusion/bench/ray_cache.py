@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pass the arguments `python -m fusion.train predict` runs with (at least --config)")
 
     from fusion.bench._quality_report import printed_report
-    from fusion.cache_ray import RaySettings, build_cache, parse_predict_command
+    from fusion.cache_ray import RaySettings, build_cache, parse_predict_command, restore_signal_handlers, saved_signal_handlers
     from fusion.train import main as train
     from fusion.utils.optional import ray_data
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         root = os.path.join(args.output, "caches")
         started = time.perf_counter()
         ours = not ray.is_initialized()  # a Ray started by the caller (a test) is used as it is
+        handlers = saved_signal_handlers()
         if ours:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - started
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if ours:
                 ray.shutdown()
+                restore_signal_handlers(handlers)
             shutil.rmtree(root, ignore_errors=True)
         builds = [min(column, key=lambda run: run["seconds"]) for column in zip(*runs)]  # each build's best round
         for build, column in zip(builds, zip(*runs)):
