@@ -449,10 +449,12 @@ class _Stage:
     name = "stage"  # the pool's name in `Build.busy`
 
     def setup(self, **kwargs) -> None:
-        raise NotImplementedError
+        """Load what the stage holds (each subclass: the student, or one source to answer or score)."""
+        raise NotImplementedError  # an abstract hook: StudentStage and SourceStage define it
 
     def process(self, item: dict) -> dict:
-        raise NotImplementedError
+        """One predict batch through this stage (each subclass)."""
+        raise NotImplementedError  # an abstract hook: StudentStage and SourceStage define it
 
     def __call__(self, rows: dict) -> dict:
         out = []
