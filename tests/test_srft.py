@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -215,15 +216,74 @@ def test_rewards_are_weighted_and_checked():
     rewards = Rewards({"fusion.stages.rewards.exact_match": 1.0, "tests.test_srft.length_reward": 0.5})
     total, means = rewards(["backward abc=", "3+4="], ["cba", "8"], rows)
     assert total.tolist() == [1.0 + 0.5 * 3, 0.0 + 0.5 * 1]
-    assert means == {"fusion.stages.rewards.exact_match": 0.5, "tests.test_srft.length_reward": 2.0}
-    with pytest.raises(RuntimeError, match=r"reward function 'tests.test_srft.raising_reward' raised KeyError: 'gold'"):
-        Rewards({"tests.test_srft.raising_reward": 1.0})(["p"], ["c"], {"response": ["r"]})
+    assert means == {"fusion.stages.rewards.exact_match": 0.5, "tests.test_srft.length_reward": 2.0, "errors": 0.0}
     with pytest.raises(ValueError, match=r"reward function 'tests.test_srft.short_reward' returned 1 values for 2 completions"):
         Rewards({"tests.test_srft.short_reward": 1.0})(["p", "q"], ["c", "d"], {"response": ["r", "s"]})
     with pytest.raises(ValueError, match=r"model.rewards\['tests.test_srft.no_such_reward'\]: cannot import reward function"):
         Rewards({"tests.test_srft.no_such_reward": 1.0})
     with pytest.raises(ValueError, match=r"model.rewards is empty"):
         Rewards({})
+
+
+def picky_verifier(prompts, completions, response, **columns):
+    """1 where the completion equals gold; raises on a completion that is not a number (malformed)."""
+    return [float(int(completion) == int(gold)) for completion, gold in zip(completions, response)]
+
+
+def test_a_raising_verifier_scores_that_rollout_0_counts_it_and_warns_once():
+    rewards = Rewards({"tests.test_srft.picky_verifier": 1.0, "tests.test_srft.length_reward": 0.5})
+    columns = {"response": ["7", "7", "8"], "domain": ["chain_sum"] * 3, "metadata": [None] * 3}
+    with pytest.warns(UserWarning, match=r"reward function 'tests.test_srft.picky_verifier' raised ValueError: .* on 1 of 3 completions"):
+        total, means = rewards(["3+4="] * 2 + ["4+4="], ["7", "7?", "8"], columns)
+    # The malformed "7?" scores 0 from the verifier; the other rollouts, and the other function, as ever.
+    assert total.tolist() == [1.0 + 0.5 * 1, 0.0 + 0.5 * 2, 1.0 + 0.5 * 1]
+    assert means == {
+        "tests.test_srft.picky_verifier": pytest.approx(2 / 3),
+        "tests.test_srft.length_reward": pytest.approx(4 / 3),
+        "errors": 1.0,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: a second malformed rollout is counted, not warned about
+        total, means = rewards(["3+4="], ["x"], {key: column[:1] for key, column in columns.items()})
+    assert total.tolist() == [0.0 + 0.5 * 1] and means["errors"] == 1.0
+    # Two raising functions on one rollout: two errors. A wrong return value is still an error that stops the step.
+    total, means = Rewards({"tests.test_srft.raising_reward": 1.0, "tests.test_srft.picky_verifier": 2.0})(
+        ["p"], ["c"], {"response": ["1"]}
+    )
+    assert total.tolist() == [0.0] and means["errors"] == 2.0
+
+
+def test_a_reward_that_needs_gold_is_refused_on_prompts_without_it_before_any_rollout(tiny_student, monkeypatch):
+    from fusion.stages.fusion_settings import FusionSettings
+    from fusion.stages.rewards import answer_format, exact_match, reads_gold
+
+    assert [reads_gold(f) for f in (task_score, task_correct, exact_match, answer_format, length_reward)] == [True] * 3 + [False] * 2
+    # SRFT: checked at the start of the step, before the student samples anything.
+    module = SRFTModule(student=tiny_student, num_generations=2, max_new_tokens=3)
+    _logged(module)
+    generated = []
+    monkeypatch.setattr(module.student, "generate", lambda *a, **kw: generated.append(1) or pytest.fail("generated a rollout"))
+    batch = _module_batch(module)
+    batch["rows"][1] = {"prompt": "3+4=", "response": None, "domain": "chain_sum", "metadata": None}
+    message = (
+        r"model.rewards\['fusion.stages.rewards.task_correct'\] compares answers with the gold one \(it reads response or metadata\), "
+        r"and the batch has 1 prompt\(s\) without gold: use a reward function that reads no gold"
+    )
+    with pytest.raises(ValueError, match=message):
+        module.training_step(batch, 0)
+    assert generated == []
+    # The fusion stage's selector rewards: checked with the corpus's prompts without gold, at setup.
+    rows = [{"prompt": "3+4=", "response": None, "domain": "chain_sum", "metadata": None}] * 2
+    settings = {"sources": ["zoo/spell", "zoo/sum"], "top_k": 1, "selector_signal": "rewards"}
+    with pytest.raises(
+        ValueError, match=r"model.selector_rewards\['fusion.stages.rewards.exact_match'\] .* the fusion corpus .* has 2 prompt"
+    ):
+        FusionSettings(**settings, selector_rewards={"fusion.stages.rewards.exact_match": 1.0}).check_unlabeled(rows)
+    FusionSettings(**settings).check_unlabeled(rows)  # the default, answer_format, reads no gold
+    # Called directly on a batch without gold, a gold reader is refused and a label-free function scores.
+    with pytest.raises(ValueError, match=r"model.rewards\['fusion.stages.rewards.exact_match'\] .* this batch has 1 prompt"):
+        Rewards({"fusion.stages.rewards.exact_match": 1.0})(["3+4="], ["7"], {"response": [None]})
+    assert Rewards({"tests.test_srft.length_reward": 1.0})(["3+4="], ["7"], {"response": [None]})[0].tolist() == [1.0]
 
 
 def test_task_rewards_use_the_reasoning_gym_scorer():

@@ -202,6 +202,18 @@ class FusionSettings:
             )
         if self.method.runs == "domain":
             self.check_oracle_domains({row["domain"] for row in rows})
+        self.check_selector_rewards(rows)
+
+    def check_selector_rewards(self, rows: list[dict]) -> None:
+        """With `selector_signal: rewards` the answers to every prompt are scored, those without gold
+        included: a reward function that compares with gold is refused here, before any answer is
+        written, naming its `model.selector_rewards` key."""
+        from fusion.stages.rewards import Rewards
+
+        if self.selector_signal == "rewards":
+            Rewards(self.selector_rewards, "model.selector_rewards").check_gold(
+                rows, "the fusion corpus (data.unlabeled_size, data.unlabeled_file or data.missing_response)"
+            )
 
     def check_oracle_domains(self, domains: set[str]) -> None:
         missing = sorted(domains - set(self.oracle))

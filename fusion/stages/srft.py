@@ -226,6 +226,7 @@ class SRFTModule(StudentStage, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h, rows = self.settings, batch["rows"]
         size, group = len(rows), h.num_generations
+        self.reward_functions.check_gold(rows, "the batch")  # before sampling: a refused reward costs no rollout
         rollouts = self.sample(batch)
         texts = self.tokenizer.batch_decode(rollouts["completion"], skip_special_tokens=True)
         rewards, demo_rewards, reward_means = self.score(rows, texts)
