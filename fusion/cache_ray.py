@@ -503,7 +503,7 @@ class StudentStage(_Stage):
                 item["selector_start"] = {k: v.cpu() for k, v in module.selector.state_dict().items()}
                 item["prefitted"] = module.router.prefitted
             return item
-        sources = module.router.sources_for_answers(batch, item["todo"])
+        sources, _ = module.router.sources_for_answers(batch, item["todo"])
         plan_answers(item, sources, module.tokenizer, module.settings)
         return item
 
@@ -770,6 +770,11 @@ def build_cache(
             "model.selector_signal 'rewards': the sources score answers written during training, which no cache holds; "
             "use selector_signal gold_ce with the cache"
         )
+    if s.answer_from == "fused":
+        raise ValueError(
+            "model.answer_from 'fused': the selected sources write each answer together, one token at a time, which "
+            "the Ray stages (one source per actor) do not do; build this cache with python -m fusion.train predict"
+        )
     student = resolve_model_path(s.student, "model.student")
     paths = [resolve_model_path(path, f"model.sources[{i}]") for i, path in enumerate(s.sources)]
     tokenizer = load_tokenizer(student, s.trust_remote_code)
@@ -819,7 +824,7 @@ def build_cache(
 
             router = Router(s, None, None)
             for item in answering:
-                plan_answers(item, router.sources_for_answers(item["batch"], item["todo"]), tokenizer, s)
+                plan_answers(item, router.sources_for_answers(item["batch"], item["todo"])[0], tokenizer, s)
 
         common = {"settings": s, "student": student, "max_length": data.hparams.max_length, "threads": settings.threads}
         common |= {"gpus": settings.gpus_per_actor, "answers": settings.answers}

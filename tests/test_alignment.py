@@ -85,18 +85,21 @@ def test_token_bytes_normalize_every_scheme(gpt2, char):
     assert 260 < len(bpe) <= 280 and len(ids) < 15 and b"".join(token_bytes(bpe)[i] for i in ids) == b"sort< cat, tac="
 
 
+class SlowChar(PreTrainedTokenizer):
+    """A slow (pure Python) character tokenizer: no byte offsets, so no alignment."""
+
+    def __init__(self, **kwargs):
+        self.vocab = {c: i for i, c in enumerate(["<unk>"] + [chr(i) for i in range(32, 127)])}
+        super().__init__(unk_token="<unk>", **kwargs)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def _tokenize(self, text):
+        return list(text)
+
+
 def test_slow_tokenizer_is_refused_by_name(char):
-    class SlowChar(PreTrainedTokenizer):
-        def __init__(self, **kwargs):
-            self.vocab = {c: i for i, c in enumerate(["<unk>"] + [chr(i) for i in range(32, 127)])}
-            super().__init__(unk_token="<unk>", **kwargs)
-
-        def get_vocab(self):
-            return dict(self.vocab)
-
-        def _tokenize(self, text):
-            return list(text)
-
     slow = SlowChar(name_or_path="zoo/slow-source")
     with pytest.raises(ValueError, match=r"zoo/slow-source.*slow tokenizer.*fast tokenizer"):
         Aligner(char, slow)

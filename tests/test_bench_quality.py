@@ -205,6 +205,7 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
         "bench_levers.yaml",
         "bench_unaligned.yaml",
         "bench_unaligned_unlabeled.yaml",
+        "bench_pool_c.yaml",
     ],
 )
 def test_bench_config_train_section_parses(capsys, name):
@@ -232,7 +233,10 @@ def test_bench_config_train_section_parses(capsys, name):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
-    assert ("unaligned: marginal" if name.startswith("bench_unaligned") else "fusion: oracle") in capsys.readouterr().out
+    expected = {"bench_pool_c.yaml": "answer_from: fused"}.get(
+        name, "unaligned: marginal" if name.startswith("bench_unaligned") else "fusion: oracle"
+    )
+    assert expected in capsys.readouterr().out
 
 
 def test_student_seed_does_not_follow_the_sources(monkeypatch, tmp_path):
@@ -355,6 +359,39 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
             pools={"A": ["a"], "B": ["a", "b"]},
             methods={"s": {"fusion": "selector"}, "x": {"after": "s", "fusion_stage": {"steps": 0}}},
         )
+
+
+def test_run_pools_and_the_fused_teacher_are_planned_and_reported(tmp_path, monkeypatch):
+    """`run_pools: [B]` trains every method in pool B only (a pool-independent one too, reported
+    there); `teacher` plans one job per domain over the named pool A sources and reports the
+    teacher beside the best source and each student's share of it."""
+    bench = quality.QualityBench(
+        train={"model": {"student": "s"}, "data": {"unlabeled_size": 4}, "trainer": {}},
+        pools={"A": ["zoo/a1", "zoo/a2", "zoo/b"], "B": ["zoo/a1", "zoo/a2", "zoo/b", "zoo/d"]},
+        seeds=[0],
+        output=str(tmp_path),
+        run_pools=["B"],
+        teacher={"da": ["a1", "a2"]},
+        methods={"none": {"fusion": "none"}, "selector k=1": {"fusion": "selector", "top_k": 1}},
+    )
+    monkeypatch.setattr(quality, "_weights", lambda path: "no weights")
+    planner = quality.Planner(bench, 1)
+    assert sorted((j["record"]["method"], j["record"]["pool"]) for j in planner.training_jobs()) == [("none", "B"), ("selector k=1", "B")]
+    (teacher,) = planner.teacher_jobs()
+    assert teacher["kind"] == "teacher" and teacher["record"] == {"teacher": "da"}
+    assert teacher["config"]["model"]["sources"] == ["zoo/a1", "zoo/a2"] and teacher["config"]["model"]["fusion"] == "none"
+    results = {"selector k=1": {"B": {"acc": {"da": 0.6}, "acc_std": {"da": 0.02}}}}
+    report = report_lib.fused_teachers(
+        bench.teacher, {"da": {"acc": 0.8, "source_forwards_per_token": 2}}, {"A": {"da": ("a1", 0.5)}}, results
+    )
+    assert report["da"]["ratio_to_best_source"] == pytest.approx(1.6)
+    assert report["da"]["students"]["selector k=1"]["B"]["of_teacher"] == pytest.approx(0.75)
+    table = "\n".join(report_lib.teacher_table(report))
+    assert "| da | 0.800 | a1 + a2 | a1 0.500 | 1.60 |" in table and "| selector k=1 | B | da | 0.600 ± 0.020 | 1.20 | 0.75 |" in table
+    with pytest.raises(ValueError, match=r"run_pools must list A, B or both, once each, got \['C'\]"):
+        quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]}, methods={}, run_pools=["C"])
+    with pytest.raises(ValueError, match=r"teacher.da must name sources of pools.A \['a'\], got \['b'\]"):
+        quality.QualityBench(train={}, pools={"A": ["a"], "B": ["a", "b"]}, methods={}, teacher={"da": ["b"]})
 
 
 def test_on_policy_criteria_and_sampled_tokens(tmp_path):

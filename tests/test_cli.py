@@ -57,6 +57,7 @@ def test_every_config_parses(path, capsys):
         "bench_on_policy.yaml": ["chain_sum: 6000", "response_from: student", "after: selector k=1", "output: checkpoints/bench/on_policy"],
         "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "bench_unaligned_unlabeled.yaml": ["pools:", "unaligned: marginal", "unlabeled_size: 1000"],
+        "bench_pool_c.yaml": ["run_pools:", "- B", "teacher:", "word_sorting-llama-bpe", "answer_from: fused", "selection_margin: 2.0"],
         "srft.yaml": ["class_path: fusion.stages.srft.SRFTModule", "entropy_granularity:"],
     }.get(name, ["class_path: fusion.stages.fusion.FusionDistillModule", "fusion:"])  # no class_path: the default
     assert all(part in printed for part in expected)

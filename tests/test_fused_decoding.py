@@ -11,7 +11,9 @@ import torch
 from fusion.data.tokenizer import build_char_tokenizer
 from fusion.sources.fused_decoding import fused_greedy
 from fusion.sources.pool import SourcePool
-from tests.test_alignment import byte_bpe
+from fusion.stages.answers import FUSED_WRITER, write_answers
+from fusion.stages.fusion_settings import FusionSettings
+from tests.test_alignment import SlowChar, byte_bpe
 
 
 class TableSource(torch.nn.Module):
@@ -93,3 +95,51 @@ def test_bad_settings_are_refused(char):
         fused_greedy(pool, ["8="], torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), char, 4)
     with pytest.raises(ValueError, match="non-negative with a positive sum"):
         fused(char, [source, source], [0.0, 0.0])
+
+
+def test_a_source_without_byte_offsets_is_refused_by_name_before_any_step(char):
+    """A slow tokenizer has no byte offsets to align by: the pool refuses it when built, naming the
+    source's key and tokenizer, so fused decoding never starts."""
+    slow = SlowChar(name_or_path="zoo/slow-source")
+    source = TableSource(char, {}, {"<eos>": 1.0})
+    with pytest.raises(ValueError, match=r"model.sources\[1\]: tokenizer 'zoo/slow-source'.*fast tokenizer"):
+        SourcePool([source, source], [char, slow], ["s0", "s1"], char, unaligned="marginal", boundary="prefix")
+
+
+def test_a_pool_read_another_way_shares_its_models(char):
+    """`reading` gives the training pool's sources (`mask`, `token_end`) read from the text so far:
+    the BPE source of the test above answers `0` through it, as through a pool built so, and the
+    training pool keeps its own settings."""
+    bpe = byte_bpe([("=", "-")])
+    source = TableSource(bpe, {"=": {"0": 0.9, "-": 0.1}, "8": {"=": 0.5, "=-": 0.5}, "0": {"<eos>": 1.0}}, {"<eos>": 1.0})
+    pool = SourcePool([source], [bpe], ["s0"], char, top_k=8, unaligned="mask", boundary="token_end")
+    view = pool.reading("marginal", "prefix")
+    answers, _ = fused_greedy(view, ["8="], torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), char, 6)
+    assert answers == ["0"] and view.models[0] is source
+    assert (pool.unaligned, pool.boundary, pool.prefixes) == ("mask", "token_end", [None])
+    assert pool.reading("marginal", "prefix") is view and pool.reading("mask", "token_end") is pool
+
+
+def test_fused_answers_are_written_by_the_weighed_sources_together(char):
+    """`answer_from: fused`: each prompt's weighed sources decode together with equal weights. At
+    `=`: a says 4 (0.6) or 7 (0.4), b says 7 (0.9), and c, a distractor, says 9 (1.0). Prompt 1
+    weighs a and b: 7 (0.65). Prompt 2 weighs a alone: 4. Prompt 3 weighs all three: 7 (0.43)
+    over 9 (0.33) and 4 (0.23). Writer -2 (the sources together), one generation per weighed
+    source."""
+    a = TableSource(char, {"=": {"4": 0.6, "7": 0.4}}, {"<eos>": 1.0})
+    b = TableSource(char, {"=": {"7": 0.9, "4": 0.1}}, {"<eos>": 1.0})
+    c = TableSource(char, {"=": {"9": 1.0}}, {"<eos>": 1.0})
+    pool = SourcePool([a, b, c], [char] * 3, ["a", "b", "c"], char, top_k=8, unaligned="mask")
+    settings = FusionSettings(
+        sources=["zoo/a", "zoo/b", "zoo/c"], fusion="selector", top_k=3, answer_from="fused", response_max_new_tokens=4
+    )
+    rows = [{"prompt": p, "response": None} for p in ("1=", "2=", "3=")]
+    sources = [[0, 1, 2], [0, 2, 1], [2, 1, 0]]
+    weighed = [[True, True, False], [True, False, False], [True, True, True]]
+    answers = write_answers(rows, sources, pool, char, settings, weighed)
+    assert [a["text"] for a in answers] == ["7", "4", "7"]
+    assert [(a["writer"], a["generations"], a["sources"]) for a in answers] == [
+        (FUSED_WRITER, 2, [0, 1, 2]),
+        (FUSED_WRITER, 1, [0, 2, 1]),
+        (FUSED_WRITER, 3, [2, 1, 0]),
+    ]

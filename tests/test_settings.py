@@ -32,6 +32,7 @@ ALTERNATIVES = {  # a second valid value of each setting
     "student": "zoo/other",
     "sources": ["zoo/a", "zoo/b", "zoo/c", "zoo/d"],
     "top_k": 1,
+    "selection_margin": 5.0,
     "single_source": "b",
     "oracle": {"d1": "b"},
     "lam": 0.5,
@@ -62,6 +63,7 @@ ALTERNATIVES = {  # a second valid value of each setting
     "response_sampling": True,
     "response_temperature": 0.5,
     "response_from": "student",
+    "answer_from": "fused",
     "sample_temperature": 0.5,
     "sample_max_new_tokens": 3,
     "on_policy_fraction": 0.5,
@@ -82,7 +84,7 @@ BASES = [  # every method, answers sampled or not
     {"fusion": fusion, "sources": SOURCES, "single_source": "a", "oracle": {"d1": "a"}, "response_sampling": sampling, "top_k": 2}
     for fusion in ("none", "uniform", "avgce", "mince", "confidence", "single", "oracle", "selector")
     for sampling in (False, True)
-]
+] + [{"fusion": "selector", "sources": SOURCES, "top_k": 2, "answer_from": "fused"}]
 
 
 def test_cache_keys_are_the_settings_the_cache_depends_on():
@@ -123,3 +125,17 @@ def test_what_the_settings_imply():
     assert FusionSettings(sources=SOURCES).resolved_boundary == "token_end"
     with pytest.raises(dataclasses.FrozenInstanceError):
         selector.top_k = 1
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"fusion": "uniform", "answer_from": "fused"}, "model.answer_from acts on the selector's top-k: it needs model.fusion 'selector'"),
+        ({"fusion": "oracle", "oracle": {"d": "a"}, "selection_margin": 2.0}, "model.selection_margin acts on the selector's top-k"),
+        ({"selection_margin": -1.0}, r"model.selection_margin must be at least 0 \(or null"),
+        ({"answer_from": "vote"}, r"model.answer_from must be one of \('top', 'fused'\), got 'vote'"),
+    ],
+)
+def test_answer_settings_are_refused_by_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FusionSettings(**{"sources": SOURCES, **settings})

@@ -18,6 +18,7 @@ from fusion.sources.cache import row_key
 from fusion.stages.answers import write_answers
 from fusion.stages.fusion import FusionDistillModule
 from fusion.stages.fusion_settings import FusionSettings
+from fusion.stages.routing import Router
 from fusion.train import main
 from tests.conftest import DOMAINS, tiny_config
 
@@ -198,6 +199,18 @@ def test_the_selectors_top_source_writes_alone():
     assert pool.calls == [(1, ["p2"]), (2, ["p1", "p3"])]
 
 
+def test_a_selection_margin_weighs_the_sources_near_the_top():
+    """With `selection_margin: 5`, of the top-3 only the sources whose predicted quality is within 5
+    of the best selected one's are weighed: row 1 (-2, -4, -40 nats): the first two; row 2
+    (-1, -9, -30): the top alone; the order of `selected` is kept. Without a margin, all three."""
+    quality = torch.tensor([[-2.0, -40.0, -4.0, -90.0], [-9.0, -1.0, -30.0, -70.0]])
+    selected = torch.tensor([[0, 2, 1], [1, 0, 2]])
+    margin = Router(FusionSettings(sources=["zoo/a", "zoo/b", "zoo/c", "zoo/d"], top_k=3, selection_margin=5.0), None, None)
+    assert margin.weighed(quality, selected).tolist() == [[True, True, False], [True, False, False]]
+    assert Router(_settings("selector"), None, None).weighed(quality, selected).all()
+    assert margin.weighed(None, selected).all()  # a rule-routed method weighs what its rule runs
+
+
 def test_source_answer_and_its_log_probability(tiny_zoo):
     """`SourcePool.answer` decodes greedily in the source's own tokens and returns the log-probability
     of exactly the tokens it wrote (eos included), as a teacher-forced forward computes it."""
@@ -337,6 +350,35 @@ def test_fit_selector_stops_before_it_memorizes_noise():
 
 
 # ------------------------------------------------------------------ through the CLI, cached
+
+
+def test_fused_answers_are_decoded_by_the_weighed_sources_and_the_margin_weighs(tiny_zoo):
+    """`answer_from: fused` with `selection_margin: 2`: the selector prefers spell (-1), then sum (-2),
+    then noise (-5), so every prompt runs all three and weighs spell and sum. The answer is their
+    equal-weight fused decoding (no source `generate`s), and in the step noise gets weight 0."""
+    from fusion.sources.fused_decoding import fused_greedy
+
+    module = _module(tiny_zoo, fusion="selector", top_k=3, answer_from="fused", selection_margin=2.0)
+    with torch.no_grad():
+        module.selector.net[-1].weight.zero_()
+        module.selector.net[-1].bias.copy_(torch.tensor([-1.0, -2.0, -5.0]))
+    calls = _count_generations(module)
+    batch = module.answer_prompts(_batch(module))
+    prompts = ["backward dog=", "3 + 4="]
+    expected, _ = fused_greedy(
+        module.pool.reading("marginal", "prefix"),
+        prompts,
+        torch.tensor([[0, 1, 2]] * 2),
+        torch.tensor([[1.0, 1.0, 0.0]] * 2),
+        module.tokenizer,
+        8,
+    )
+    assert calls == [] and [batch["answers"][b]["text"] for b in (1, 2)] == [text.strip() for text in expected]
+    assert [(batch["answers"][b]["writer"], batch["answers"][b]["generations"]) for b in (1, 2)] == [(-2, 2), (-2, 2)]
+    assert batch["answer_sources"].tolist() == [[-1, -1, -1], [0, 1, 2], [0, 1, 2]]
+    loss = module.training_step(_batch(module), 0)
+    assert torch.isfinite(loss) and module.logged["train/weighed_sources"] == 2.0 and module.logged["weight/noise"] == 0.0
+    assert module.logged["weight/spell"] > 0 and module.logged["weight/sum"] > 0
 
 
 @pytest.fixture(scope="module")

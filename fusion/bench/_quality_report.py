@@ -303,7 +303,7 @@ def _selectors(summary: dict, methods: dict[str, dict], learns_on_policy: bool =
 def _interference_at_most_half(summary: dict, by_fusion: dict, entry: dict, bases: tuple[str, ...]) -> dict | None:
     """The selector's interference against half of each base method's, or None where not measured."""
     own = entry.get(SPECIALISTS, {}).get("interference")
-    bounds = {base: summary[by_fusion[base]][SPECIALISTS].get("interference") for base in bases if base in by_fusion}
+    bounds = {base: summary[by_fusion[base]].get(SPECIALISTS, {}).get("interference") for base in bases if base in by_fusion}
     bounds = {base: v for base, v in bounds.items() if v is not None}
     if own is None or not bounds:
         return None
@@ -485,6 +485,8 @@ def markdown(report: dict, config_yaml: str) -> str:
             )
     if report.get("sources"):
         lines += ["", *ratio_table(report, domains)]
+    if report.get("fused_teacher"):
+        lines += ["", *teacher_table(report["fused_teacher"])]
     if report.get("learning_curves"):
         lines += ["", *curve_table(report["learning_curves"])]
     notes = [f"- {m}: {e[p]['note']}" for m, e in summary.items() for p in sorted(e)[:1] if e[p].get("note")]
@@ -561,6 +563,66 @@ def ratio_table(report: dict, domains: list[str]) -> list[str]:
                 f"| {method} | {pool} | {cells} | {_ratio_cell(r['ratio_mean'], r['ratio_mean_std'])} | "
                 f"{_ratio_cell(r['ratio_min'], r['ratio_min_std'])} |"
             )
+    return lines
+
+
+def fused_teachers(groups: dict[str, list[str]], teachers: dict[str, dict], best: dict, results: dict) -> dict:
+    """Per teacher domain: its sources, the fused teacher's accuracy and its ratio to pool A's best
+    source there, its forwards per token; and per method and pool, the student's accuracy there
+    (mean ± std over seeds) and the share of the teacher's accuracy it reaches."""
+    report = {}
+    for domain, names in groups.items():
+        if domain not in teachers:
+            continue
+        teacher = teachers[domain]["acc"]
+        source = best.get("A", {}).get(domain, (None, 0.0))
+        students = {
+            method: {
+                pool: {
+                    "acc": r["acc"][domain],
+                    "acc_std": r["acc_std"][domain],
+                    "of_teacher": r["acc"][domain] / teacher if teacher else None,
+                }
+                for pool, r in sorted(entry.items())
+                if domain in r.get("acc", {})
+            }
+            for method, entry in results.items()
+        }
+        report[domain] = {
+            "sources": names,
+            "acc": teacher,
+            "best_source": list(source),
+            "ratio_to_best_source": teacher / source[1] if source[1] else None,
+            "source_forwards_per_token": teachers[domain]["source_forwards_per_token"],
+            "students": students,
+        }
+    return report
+
+
+def teacher_table(teachers: dict) -> list[str]:
+    """The fused teacher of each domain beside its best source, and what each student reaches of it."""
+    lines = [
+        "## Against the fused teacher",
+        "",
+        "The named sources decoding the domain's test prompts together, greedily from their mixture with equal "
+        "weights (a source forward of each per generated token): the accuracy a student distilled from them could "
+        "reach. Then each method's accuracy there (± std over seeds), divided by the best source's and by the teacher's.",
+        "",
+        "| domain | fused teacher | its sources | best source alone | teacher / best source |",
+        "|---|---|---|---|---|",
+    ]
+    for domain, t in teachers.items():
+        ratio = "n/a" if t["ratio_to_best_source"] is None else f"{t['ratio_to_best_source']:.2f}"
+        lines.append(
+            f"| {domain} | {t['acc']:.3f} | {' + '.join(t['sources'])} | {t['best_source'][0]} {t['best_source'][1]:.3f} | {ratio} |"
+        )
+    lines += ["", "| method | pool | domain | accuracy | / best source | / fused teacher |", "|---|---|---|---|---|---|"]
+    for domain, t in teachers.items():
+        for method, pools in t["students"].items():
+            for pool, r in pools.items():
+                best = f"{r['acc'] / t['best_source'][1]:.2f}" if t["best_source"][1] else "n/a"
+                share = "n/a" if r["of_teacher"] is None else f"{r['of_teacher']:.2f}"
+                lines.append(f"| {method} | {pool} | {domain} | {_cell(r['acc'], r['acc_std'])} | {best} | {share} |")
     return lines
 
 

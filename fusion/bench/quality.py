@@ -104,6 +104,10 @@ class QualityBench:
     threads: torch threads of each run (more threads than free cores slow tiny models down many
         times over: they spin waiting for each other).
     output: where runs, caches, merged models and the report go.
+    run_pools: the pools the methods train in (both by default; the sources of both are measured).
+    teacher: domain -> names of sources of pool A that know it: each group decodes the domain's test
+        prompts together (`fusion.sources.fused_decoding`, equal weights), the accuracy a student
+        distilled from their mixture could reach, reported beside the sources; or null.
     quick_settings: what `--quick` merges over these (nested dicts merge key by key).
     """
 
@@ -118,6 +122,8 @@ class QualityBench:
     workers: int = 2
     threads: int = 1
     output: str = "checkpoints/bench/quality"
+    run_pools: list[str] = field(default_factory=lambda: ["A", "B"])
+    teacher: dict[str, list[str]] | None = None
     quick_settings: dict = field(default_factory=dict)
 
     @property
@@ -133,6 +139,12 @@ class QualityBench:
             raise ValueError(f"pools must be exactly A (specialists) and B (A plus distractors), got {sorted(self.pools)}")
         if not set(self.pools["A"]) < set(self.pools["B"]):
             raise ValueError("pools.B must hold every source of pools.A and at least one distractor")
+        if not self.run_pools or set(self.run_pools) - {"A", "B"} or len(set(self.run_pools)) != len(self.run_pools):
+            raise ValueError(f"run_pools must list A, B or both, once each, got {self.run_pools}")
+        names = [os.path.basename(os.path.normpath(p)) for p in self.pools["A"]]
+        for domain, group in (self.teacher or {}).items():
+            if not group or set(group) - set(names):
+                raise ValueError(f"teacher.{domain} must name sources of pools.A {names}, got {group}")
         if self.source_mode not in ("cached", "online"):
             raise ValueError(f"source_mode must be 'cached' or 'online', got {self.source_mode!r}")
         for name, settings in self.methods.items():
@@ -196,6 +208,15 @@ def _run_job(job: dict) -> dict:
             for split in ("test", "val")
         }
         result = {**job["record"], "acc": accuracy["test"], "val_acc": accuracy["val"], "seconds": time.time() - started}
+        atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
+        return result
+    if job["kind"] == "teacher":  # the named sources decoding one domain's test prompts together
+        from fusion.bench.teacher import fused_teacher
+
+        h, domain = run.model.hparams, job["record"]["teacher"]
+        rows = [row for row in run.datamodule.load()["test"] if row["domain"] == domain]
+        accuracy, record = fused_teacher(h.sources, h.student, rows, h.max_new_tokens, dtype=h.dtype, trust_remote_code=h.trust_remote_code)
+        result = {**job["record"], "acc": accuracy, **record, "seconds": time.time() - started}
         atomic_write_json(job["result_path"], {"config_hash": job["config_hash"], "result": result})
         return result
     best = None
@@ -336,7 +357,7 @@ class Planner:
             for method, settings in b.methods.items():
                 if "after" in settings:
                     continue
-                pools = ["A"] if self.fusion_settings(settings, "A").pool_independent else ["A", "B"]
+                pools = b.run_pools[:1] if self.fusion_settings(settings, "A").pool_independent else b.run_pools
                 for pool in pools:
                     run = self.fusion_settings(settings, pool)
                     mode = "online" if not run.method.uses_sources or run.online_only else b.source_mode
@@ -421,6 +442,16 @@ class Planner:
                 1.0,
             )
             for name, (pool, overrides) in self.caches.items()
+        ]
+
+    def teacher_jobs(self) -> list[dict]:
+        """Per domain of `teacher`, its sources decoding the domain's test prompts together."""
+        paths = {os.path.basename(os.path.normpath(p)): p for p in self.bench.pools["A"]}
+        return [
+            self.job(
+                "teacher", f"teacher-{_slug(domain)}", 0, {"fusion": "none", "sources": [paths[n] for n in group]}, {"teacher": domain}, 1.0
+            )
+            for domain, group in (self.bench.teacher or {}).items()
         ]
 
     def test_job(self, name: str, student: str, record: dict) -> dict:
@@ -513,8 +544,8 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
     if not run.method.uses_sources:
         return {"generations_per_prompt": {p: 0.0 for p in planner.bench.pools}, "cache_seconds": {p: 0.0 for p in planner.bench.pools}}
     costs: dict[str, dict] = {"generations_per_prompt": {}, "answers": {}, "cache_seconds": {}}
-    for pool in planner.bench.pools:
-        pool_run = "A" if run.pool_independent else pool
+    for pool in planner.bench.run_pools:
+        pool_run = planner.bench.run_pools[0] if run.pool_independent else pool
         directory = planner.cache_dir(pool_run, settings)
         summary = answer_summary(directory)
         names = [os.path.basename(os.path.normpath(p)) for p in planner.bench.pools[pool_run]]
@@ -543,12 +574,14 @@ def run(bench: QualityBench, quick: bool = False, config_yaml: str = "", report_
     results = _run_all(jobs + tests, bench.workers, report_only)
     sources = {r["source"]: r["acc"] for r in results if "source" in r}
     sources_val = {r["source"]: r["val_acc"] for r in results if "source" in r}
-    results = [r for r in results if "source" not in r]
+    teachers = {r["teacher"]: r for r in results if "teacher" in r}
+    results = [r for r in results if "source" not in r and "teacher" not in r]
     results += _run_chained(planner, jobs, results, report_only)
-    runs = _pool_rows(results, methods)
+    runs = _pool_rows(results, methods, bench.run_pools)
     report = _report(
         bench, methods, results, runs, sources, sources_val, quick=quick, report_only=report_only, arguments=arguments, started=started
     )
+    report["fused_teacher"] = report_lib.fused_teachers(bench.teacher or {}, teachers, report["best_source"], report["results"])
     written = report_lib.write_report(report, runs, config_yaml, bench.output)
     print(report_lib.markdown(report, "").split("## Configuration")[0])
     print("wrote " + ", ".join(written))
@@ -621,7 +654,7 @@ def _baseline_jobs(planner: Planner, methods: dict[str, dict]) -> list[dict]:
                 },
             )
         print(f"quality: LoRA zoo and merges ready after {time.time() - merge_started:.0f} s", flush=True)
-    return tests + planner.source_jobs()
+    return tests + planner.source_jobs() + planner.teacher_jobs()
 
 
 def _run_chained(planner: Planner, jobs: list[dict], results: list[dict], report_only: bool) -> list[dict]:
@@ -638,15 +671,15 @@ def _run_chained(planner: Planner, jobs: list[dict], results: list[dict], report
     ]
 
 
-def _pool_rows(results: list[dict], methods: dict[str, dict]) -> list[dict]:
+def _pool_rows(results: list[dict], methods: dict[str, dict], run_pools: list[str]) -> list[dict]:
     """The rows the report summarizes: every run but the online consistency run, and a pool B
-    copy of each run of a method that one run serves for both pools."""
+    copy of each run of a method that one pool A run serves for both pools."""
     runs = []
     for result in results:
         if result.get("online"):
             continue
         runs.append(result)
-        if methods[result["method"]].get("shared_with"):
+        if methods[result["method"]].get("shared_with") and result["pool"] == "A" and "B" in run_pools:
             runs.append(dict(result, pool="B"))
     return runs
 

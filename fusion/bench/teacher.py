@@ -21,22 +21,40 @@ import os
 import torch
 
 
+def group_accuracy(pool, group: tuple[int, ...], rows: list[dict], student_tokenizer, max_new_tokens: int) -> tuple[float, dict]:
+    """The exact-match accuracy on `rows` of the sources `group` of `pool` decoding together with
+    equal weights (`fused_greedy`), and its record (steps, renormalised, forwards per token)."""
+    from fusion.sources.fused_decoding import fused_greedy
+    from fusion.stages.evaluation import correct
+
+    selected = torch.tensor(group).repeat(len(rows), 1)
+    prompts = [r["prompt"] for r in rows]
+    answers, record = fused_greedy(pool, prompts, selected, torch.ones(selected.shape), student_tokenizer, max_new_tokens)
+    return sum(correct(answers, rows)) / len(rows), record
+
+
+def fused_teacher(sources: list[str], student: str, rows: list[dict], max_new_tokens: int, **load) -> tuple[float, dict]:
+    """`group_accuracy` of all `sources` (paths; `load`: `SourcePool.load`'s dtype, trust_remote_code)."""
+    from fusion.data.tokenizer import load_tokenizer
+    from fusion.sources.pool import SourcePool
+
+    student_tokenizer = load_tokenizer(student)
+    pool = SourcePool.load(sources, student_tokenizer, unaligned="marginal", boundary="prefix", **load)
+    return group_accuracy(pool, tuple(range(len(sources))), rows, student_tokenizer, max_new_tokens)
+
+
 def measure(sources: list[str], student: str, domain: str, test_size: int, max_new_tokens: int, seed: int = 0) -> dict:
     from fusion.data import tasks
     from fusion.data.tokenizer import load_tokenizer
-    from fusion.sources.fused_decoding import fused_greedy
     from fusion.sources.pool import SourcePool, source_name
-    from fusion.stages.evaluation import correct, model_accuracy
+    from fusion.stages.evaluation import model_accuracy
 
     student_tokenizer = load_tokenizer(student)
     rows = tasks.build_splits([domain], {"test": test_size}, seed)["test"]
-    prompts = [r["prompt"] for r in rows]
     pool = SourcePool.load(sources, student_tokenizer, unaligned="marginal", boundary="prefix")
 
     def fused_accuracy(group: tuple[int, ...]) -> tuple[float, dict]:
-        selected = torch.tensor(group).repeat(len(rows), 1)
-        answers, record = fused_greedy(pool, prompts, selected, torch.ones(selected.shape), student_tokenizer, max_new_tokens)
-        return sum(correct(answers, rows)) / len(rows), record
+        return group_accuracy(pool, group, rows, student_tokenizer, max_new_tokens)
 
     alone = {}
     for index, name in enumerate(map(source_name, sources)):

@@ -62,6 +62,7 @@ def fused_greedy(
         )
     if bool((weights < 0).any()) or bool((weights.sum(-1) <= 0).any()):
         raise ValueError("fused_greedy: weights must be non-negative with a positive sum per prompt")
+    selected, weights = selected.to(pool.device), weights.to(pool.device)
     eos, pad = student_tokenizer.eos_token_id, student_tokenizer.pad_token_id
     pad = eos if pad is None else pad
     prompt_ids = _prompt_ids(student_tokenizer, prompts, None)
@@ -75,14 +76,11 @@ def fused_greedy(
         # The end-of-sequence token stands where the next token goes: the sources read only what precedes it.
         features = [_assemble(prompt_ids[r], answers[r], eos, max_length) | {"row": None} for r in open_rows]
         batch = collate(features, pad)
-        rows = torch.tensor(open_rows)
-        out = pool.run(
-            selected[rows].to(pool.device),
-            {key: batch[key].to(pool.device) for key in ("input_ids", "attention_mask", "targets")},
-            union=k > 1,
-        )
+        rows = torch.tensor(open_rows, device=pool.device)
+        out = pool.run(selected[rows], {key: batch[key].to(pool.device) for key in ("input_ids", "attention_mask", "targets")}, union=k > 1)
         position = batch["attention_mask"].sum(-1) - 2  # the position that predicts the last token (eos)
-        at = torch.arange(len(open_rows))
+        position = position.to(pool.device)
+        at = torch.arange(len(open_rows), device=pool.device)
         ids = out.ids[at, :, position]  # [R, k, U]
         logprobs = out.logprobs[at, :, position]  # [R, k, U]
         has = out.aligned[at, :, position] & out.valid & (weights[rows] > 0)  # [R, k]

@@ -5,6 +5,7 @@ through `fusion.models`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -139,6 +140,7 @@ class SourcePool:
             self.prefixes.append(prefixes)
         self.device = torch.device("cpu")
         self.coverage: dict[str, float] = {}  # trained student positions with the source's distribution, in the last run
+        self._readings: dict[tuple[str, str], SourcePool] = {}  # (unaligned, boundary) -> a view (`reading`)
 
     @classmethod
     def load(
@@ -161,6 +163,32 @@ class SourcePool:
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def reading(self, unaligned: str, boundary: str) -> SourcePool:
+        """The same sources (the same models in memory), read with other `unaligned` and `boundary`
+        settings: fused decoding (`fusion.sources.fused_decoding`) reads every source from the
+        text so far, whatever the training pool reads."""
+        if (unaligned, boundary) == (self.unaligned, self.boundary):
+            return self
+        kept = self._readings.get((unaligned, boundary))
+        if kept is not None and kept.device == self.device:
+            return kept
+        check_boundary(boundary, unaligned)
+        if unaligned not in UNALIGNED_POLICIES:
+            raise ValueError(f"model.unaligned must be one of {UNALIGNED_POLICIES}, got {unaligned!r}")
+        view = copy.copy(self)
+        view.unaligned, view.boundary, view.coverage = unaligned, boundary, {}
+        if unaligned == "marginal":
+            view.prefixes = [
+                prefixes if prefixes is not None or aligner is None else TokenPrefixes(aligner.source_bytes, aligner.student_text, rows)
+                for prefixes, aligner, rows in zip(
+                    self.prefixes, self.aligners, (m.get_output_embeddings().weight.shape[0] for m in self.models)
+                )
+            ]
+            view.prefixes = [p.to(self.device) if p is not None else None for p in view.prefixes]
+        view._readings = {}
+        self._readings[(unaligned, boundary)] = view
+        return view
 
     def to(self, device: torch.device) -> SourcePool:
         if device != self.device:

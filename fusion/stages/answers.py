@@ -10,8 +10,11 @@ Who writes a prompt's answer is the method's `answers` column (`fusion.objective
                     AvgCE: N generations)
 
 The answer is written in the writer's own tokens (`SourcePool.answer`), then re-encoded for the
-student and trained on exactly as gold is (`along_answers`). With the offline cache, the answers
-were written by `predict` and are read from the cache instead.
+student and trained on exactly as gold is (`along_answers`). With the selector and `answer_from:
+fused`, the writer is the weighed sources of the top-k together (`FUSED_WRITER`): greedy decoding
+from their mixture with equal weights, in student tokens (`fusion.sources.fused_decoding`), one
+forward of each of them per answer token. With the offline cache, the answers were written by
+`predict` and are read from the cache instead.
 """
 
 from __future__ import annotations
@@ -20,18 +23,31 @@ import torch
 
 from fusion.data.datamodule import collate, encode
 from fusion.sources.cache import row_key
+from fusion.sources.fused_decoding import fused_greedy
 from fusion.sources.pool import SourcePool
 from fusion.stages.fusion_settings import FusionSettings
 
+FUSED_WRITER = -2  # an answer's writer when the weighed sources wrote it together (-1: gold, in the cache)
+
 
 @torch.no_grad()
-def write_answers(rows: list[dict], sources: list[list[int]], pool: SourcePool, tokenizer, settings: FusionSettings) -> list[dict]:
+def write_answers(
+    rows: list[dict],
+    sources: list[list[int]],
+    pool: SourcePool,
+    tokenizer,
+    settings: FusionSettings,
+    weighed: list[list[bool]] | None = None,
+) -> list[dict]:
     """Online: who writes the answer to each of the `rows` (prompts without gold), and the answer.
 
-    sources: per row, the sources that will run along its answer. -> per row: text (without
-    surrounding white space, as gold is trained on), writer, generations (how many sources
-    wrote an answer), sources. An empty answer loses to any other (`most_confident`).
+    sources: per row, the sources that will run along its answer; weighed: which of them are
+    weighed (`Router.weighed`; None: all). -> per row: text (without surrounding white space,
+    as gold is trained on), writer, generations (how many sources wrote an answer), sources. An
+    empty answer loses to any other (`most_confident`).
     """
+    if settings.answer_from == "fused":
+        return fused_answers(rows, sources, pool, tokenizer, settings, weighed)
     n, method = len(settings.sources), settings.method
     if method.answers == "most_confident":
         writers = [list(range(n)) for _ in rows]
@@ -55,6 +71,22 @@ def write_answers(rows: list[dict], sources: list[list[int]], pool: SourcePool, 
         writer = max(writers[i], key=lambda s: (bool(texts[(i, s)][0]), texts[(i, s)][1]))
         answers.append({"text": texts[(i, writer)][0], "writer": writer, "generations": len(writers[i]), "sources": chosen})
     return answers
+
+
+def fused_answers(
+    rows: list[dict], sources: list[list[int]], pool: SourcePool, tokenizer, settings: FusionSettings, weighed: list[list[bool]] | None
+) -> list[dict]:
+    """The weighed sources of each row's top-k write its answer together (`write_answers` with
+    `answer_from: fused`): greedy from their equal-weight mixture, every source read from the text
+    so far. `generations` is the number of sources that decoded it."""
+    selected = torch.tensor(sources)
+    weights = torch.ones(selected.shape) if weighed is None else torch.tensor(weighed, dtype=torch.float)
+    reader = pool.reading("marginal", "prefix")
+    texts, _ = fused_greedy(reader, [row["prompt"] for row in rows], selected, weights, tokenizer, settings.response_max_new_tokens)
+    return [
+        {"text": text.strip(), "writer": FUSED_WRITER, "generations": int(w.sum()), "sources": chosen}
+        for text, w, chosen in zip(texts, weights, sources)
+    ]
 
 
 def along_answers(batch: dict, answers: dict[int, dict], tokenizer, max_length: int) -> dict:

@@ -67,6 +67,12 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         fusion: how the target is built, one of none, uniform, avgce, mince, confidence, single,
             oracle, selector (`fusion.objectives.methods`).
         top_k: sources run per sequence with `selector` (1 <= top_k <= N).
+        selection_margin: with `selector`, a k that adapts per prompt: of the top-k, only the
+            sources whose predicted quality u is within this margin of the top source's are
+            weighed (the others get weight 0 in the target and take no part in a fused answer).
+            With `selector_loss: likelihood`, u is a log-probability of the whole response, so
+            the margin is in nats: a source that knows nothing of the prompt's domain trails by
+            tens. null (default): every one of the top-k.
         single_source: the source name used by `single`.
         oracle: domain -> source name, used by `oracle`.
         lam: weight of the gold CE; 1 - lam weighs the KL to the fused target.
@@ -115,6 +121,11 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             of its own tokens.
         response_from: what the student learns along: "source" (off-policy: the gold answer, else
             the answer of the source the method picks) or "student" (on-policy: its own sample).
+        answer_from: with `selector`, who writes the answer to a prompt without gold: "top" (the
+            selector's top source, in its own tokens: one generation) or "fused" (the weighed
+            sources of the top-k decoding together, greedily, from their mixture with equal
+            weights, read across tokenizers from the text so far: `fusion.sources.fused_decoding`;
+            one forward of each such source per answer token, without a key-value cache).
         sample_temperature, sample_max_new_tokens: the student's sampling with `response_from:
             student` (pure sampling at this temperature, at most this many tokens).
         on_policy_fraction: GKD's lambda, the share of steps that are on-policy (the rest are
@@ -153,6 +164,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         sources: list[str] = [],
         fusion: str = "selector",
         top_k: int = 2,
+        selection_margin: float | None = None,
         single_source: str | None = None,
         oracle: dict[str, str] | None = None,
         lam: float = 0.9,
@@ -183,6 +195,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         response_sampling: bool = False,
         response_temperature: float = 1.0,
         response_from: str = "source",
+        answer_from: str = "top",
         sample_temperature: float = 1.0,
         sample_max_new_tokens: int = 32,
         on_policy_fraction: float = 1.0,
@@ -309,8 +322,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         if self.cache is not None:
             answers = [self.cache.answer(rows[b]) for b in todo]
         else:
-            sources = self.router.sources_for_answers(batch, todo)
-            answers = write_answers([rows[b] for b in todo], sources, self.pool.to(self.device), self.tokenizer, self.settings)
+            sources, weighed = self.router.sources_for_answers(batch, todo)
+            answers = write_answers([rows[b] for b in todo], sources, self.pool.to(self.device), self.tokenizer, self.settings, weighed)
         return along_answers(batch, dict(zip(todo, answers)), self.tokenizer, self.max_length)
 
     def on_policy(self, step: int) -> bool:
@@ -364,7 +377,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
         # A source with non-finite logits on a sequence is skipped there: weight 0, not observed.
         # A sequence left with no usable source gets no target, so no divergence, only gold CE.
         ce, valid = rows.weighing(out.ce), rows.weighing(out.valid)  # [B, k]
-        alpha = self.router.weights(quality.gather(1, selected) if quality is not None else None, ce, valid)  # [B, k]
+        weighed = valid & self.router.weighed(quality, selected)  # with a selection margin, a k per prompt
+        alpha = self.router.weights(quality.gather(1, selected) if quality is not None else None, ce, weighed)  # [B, k]
         fused = rows.fused_target(out, alpha)
         # The student runs after the sources: their [positions, V] buffers are freed by now, so
         # the step's peak memory is the student's, as in plain SFT.
@@ -376,6 +390,7 @@ class FusionDistillModule(StudentStage, L.LightningModule):
             self._update_curriculum(batch, logits, (alpha * torch.where(valid, ce, 0.0)).sum(-1))
         total = terms["loss"]
         logs |= self._step_logs(terms, alpha, selected, valid, batch)
+        logs["train/weighed_sources"] = weighed.sum(-1).float().mean()  # per sequence: top_k, fewer with a selection margin
         if quality is not None:
             selector_terms, selector_logs = self.router.loss(quality, observed_ce, observed, batch, selected, valid, self.explores)
             total = total + selector_terms["selector"] + selector_terms["feedback"]

@@ -23,6 +23,7 @@ FUSION_METHODS = tuple(METHODS)
 RESPONSES = ("source", "student")  # model.response_from
 ON_POLICY_MIXES = ("alternate", "joint")  # model.on_policy_mix
 SELECTOR_SIGNALS = ("gold_ce", "rewards")  # model.selector_signal
+ANSWER_FROM = ("top", "fused")  # model.answer_from
 
 # The settings the offline cache's distributions depend on (`FusionSettings.source_output_settings`):
 # runs that differ in one of them cannot share a cache.
@@ -32,6 +33,8 @@ SOURCE_OUTPUT_SETTINGS = ("source_top_k", "temperature", "unaligned", "vocab_map
 ANSWER_SETTINGS = (
     "fusion",
     "top_k",
+    "selection_margin",
+    "answer_from",
     "single_source",
     "oracle",
     "response_max_new_tokens",
@@ -53,6 +56,7 @@ class FusionSettings:
     sources: list[str] = field(default_factory=list)
     fusion: str = "selector"
     top_k: int = 2
+    selection_margin: float | None = None
     single_source: str | None = None
     oracle: dict[str, str] | None = None
     lam: float = 0.9
@@ -83,6 +87,7 @@ class FusionSettings:
     response_sampling: bool = False
     response_temperature: float = 1.0
     response_from: str = "source"
+    answer_from: str = "top"
     sample_temperature: float = 1.0
     sample_max_new_tokens: int = 32
     on_policy_fraction: float = 1.0
@@ -165,6 +170,8 @@ class FusionSettings:
         if self.response_sampling:
             settings["temperature"] = self.response_temperature
         if self.method.runs == "top_k":  # the selector fitted on the labelled rows routes every prompt
+            if self.answer_from == "fused":  # the weighed sources write together: the margin decides which
+                settings |= {"answer_from": self.answer_from, "selection_margin": self.selection_margin}
             settings |= {
                 "top_k": self.top_k,
                 "selector": [
@@ -289,6 +296,13 @@ class FusionSettings:
                 "model.selector_loss 'likelihood' reads a probability from CE along gold: use 'mse' or 'huber' with "
                 "model.selector_signal 'rewards'"
             )
+        if self.answer_from not in ANSWER_FROM:
+            raise ValueError(f"model.answer_from must be one of {ANSWER_FROM}, got {self.answer_from!r}")
+        for key, needs in (("answer_from", self.answer_from != "top"), ("selection_margin", self.selection_margin is not None)):
+            if needs and self.fusion != "selector":
+                raise ValueError(f"model.{key} acts on the selector's top-k: it needs model.fusion 'selector', got {self.fusion!r}")
+        if self.selection_margin is not None and not self.selection_margin >= 0:
+            raise ValueError(f"model.selection_margin must be at least 0 (or null: every one of the top-k), got {self.selection_margin}")
         if self.selector_signal == "rewards" and self.fusion != "selector":
             raise ValueError(f"model.selector_signal 'rewards' trains the selector: it needs model.fusion 'selector', got {self.fusion!r}")
 

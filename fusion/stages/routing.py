@@ -119,18 +119,31 @@ class Router:
             return torch.tensor(index, device=device).unsqueeze(1)
         return torch.arange(n, device=device).expand(batch_size, n)  # uniform, avgce, mince, confidence
 
+    def weighed(self, quality: torch.Tensor | None, selected: torch.Tensor) -> torch.Tensor:
+        """Which of the selected sources are weighed: with `selection_margin`, those whose predicted
+        quality is within the margin of the best selected one's (a k that adapts per prompt);
+        otherwise all. quality [B, N] (None: a rule-routed method), selected [B, k] -> [B, k] bool"""
+        margin = self.settings.selection_margin
+        if quality is None or margin is None:
+            return torch.ones(selected.shape, dtype=torch.bool, device=selected.device)
+        chosen = quality.detach().gather(1, selected)
+        return chosen >= chosen.max(-1, keepdim=True).values - margin
+
     @torch.no_grad()
-    def sources_for_answers(self, batch: dict, rows: list[int]) -> list[list[int]]:
+    def sources_for_answers(self, batch: dict, rows: list[int]) -> tuple[list[list[int]], list[list[bool]]]:
         """The sources that will run along the answers to the batch's `rows` (prompts without gold):
         the selector's top-k from the prompt alone, without exploration noise (nothing is observed
-        on an unlabeled row), or the method's rule."""
+        on an unlabeled row), or the method's rule; and which of them are weighed (`weighed`)."""
         s = self.settings
         if s.method.runs == "top_k":
             subset = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "prompt_mask")}
-            return noisy_top_k(self.selector(self.features(subset)), s.top_k).tolist()
+            quality = self.selector(self.features(subset))
+            selected = noisy_top_k(quality, s.top_k)
+            return selected.tolist(), self.weighed(quality, selected).tolist()
         index = torch.tensor(rows, device=batch["input_ids"].device)
         subset = {"input_ids": batch["input_ids"][index], "rows": [batch["rows"][b] for b in rows]}
-        return self.by_rule(subset).tolist()
+        selected = self.by_rule(subset)
+        return selected.tolist(), self.weighed(None, selected).tolist()
 
     def weights(self, selected_quality: torch.Tensor | None, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """alpha over the selected sources, 0 on a skipped one (`fusion_rule.fusion_weights`). [B, k] x3 -> [B, k]"""
