@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -19,11 +20,11 @@ from fusion.data import IGNORE_INDEX
 from fusion.data.datamodule import collate, encode
 from fusion.objectives import srft_losses as S
 from fusion.stages.fusion import FusionDistillModule
-from fusion.stages.rewards import Rewards, task_correct, task_score
+from fusion.stages.rewards import Rewards, task_correct, task_score, verified_or_agreement
 from fusion.stages.srft import SRFTModule
 from fusion.stages.student import pack_rollouts
 from fusion.train import main
-from tests.conftest import reference_test_metrics, tiny_config
+from tests.conftest import DOMAINS, reference_test_metrics, tiny_config
 
 
 def approx(value, expected, abs: float = 1e-6) -> bool:
@@ -161,6 +162,29 @@ def test_equal_rewards_leave_only_the_sft_term():
     terms = S.srft_loss(*_rollouts(rewards=[[1.0, 1.0]], demo_rewards=[1.0]))
     assert float(terms["rl_demo"]) == 0.0 and float(terms["rl_self"]) == 0.0
     assert approx(terms["loss"], terms["sft_demo"]) and approx(terms["zero_std_groups"], 1.0)
+
+
+def test_a_prompt_without_a_demo_token_has_no_demo_terms_and_its_rollouts_train_alone():
+    """Two prompts with rollout rewards [1, 0]; the second's demo is empty (mask 0). Prompt 0: the
+    augmented group [1, 0 | 1], A = [1/sqrt 3, -2/sqrt 3], A* = 1/sqrt 3. Prompt 1: its rollouts
+    alone, A = [1/sqrt 2, -1/sqrt 2], A* = 0; the demo means are over prompt 0 only."""
+    one = _rollouts(rewards=[[1.0, 0.0]], demo_rewards=[1.0])
+    demo_logp, demo_mask, demo_h, rollout_logp, rollout_mask, rollout_h, _, _ = one
+    two = (
+        demo_logp.repeat(2, 1),
+        torch.tensor([[1.0, 1.0], [0.0, 0.0]]),
+        demo_h.repeat(2, 1),
+        rollout_logp.repeat(2, 1, 1),
+        rollout_mask.repeat(2, 1, 1),
+        rollout_h.repeat(2, 1, 1),
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+        torch.tensor([1.0, 0.0]),
+    )
+    terms, alone = S.srft_loss(*two, eps=0.0), S.srft_loss(*one, eps=0.0)
+    assert approx(terms["advantage"], [[1 / math.sqrt(3), -2 / math.sqrt(3)], [1 / math.sqrt(2), -1 / math.sqrt(2)]], abs=1e-5)
+    assert approx(terms["demo_advantage"], [1 / math.sqrt(3), 0.0], abs=1e-5)
+    assert approx(terms["sft_demo"], alone["sft_demo"]) and approx(terms["rl_demo"], alone["rl_demo"])
+    assert approx(terms["zero_std_groups"], 0.0)
 
 
 def _rollouts(rewards=((1.0, 0.0),), demo_rewards=(1.0,), entropy: float = 0.5):
@@ -515,6 +539,137 @@ def test_bad_settings_fail_early(settings, message):
 
 
 # ---------------------------------------------------------------------------------------------
+# prompts without gold: the routed source's cached answer as the demonstration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verified_or_agreement_verifies_gold_and_agrees_with_the_routed_source_elsewhere():
+    from fusion.stages.rewards import reads_gold
+
+    prompts = ["3+4=", "3+4=", "backward abc=", "backward abc=", "backward dog="]
+    columns = {
+        "domain": ["chain_sum"] * 2 + ["spell_backward"] * 3,
+        "response": ["7", "7", None, None, None],
+        "metadata": [None] * 5,
+        "demonstration": ["7", "7", "cba", "cba", ""],  # the gold, then the routed source's answers
+    }
+    completions = ["7", "8", " cba\n", "abc", ""]
+    assert verified_or_agreement(prompts[:4], completions[:4], **{k: v[:4] for k, v in columns.items()}) == [1.0, 0.0, 1.0, 0.0]
+    assert verified_or_agreement(prompts[4:], completions[4:], **{k: v[4:] for k, v in columns.items()}) == [
+        0.0
+    ]  # an empty answer: nothing to agree with
+    # Accepted on prompts without gold; task_correct still refused there.
+    assert not reads_gold(verified_or_agreement) and reads_gold(task_correct)
+    rows = [{"prompt": p, "response": r, "domain": d} for p, r, d in zip(prompts, columns["response"], columns["domain"])]
+    rewards = Rewards({"fusion.stages.rewards.verified_or_agreement": 1.0})
+    rewards.check_gold(rows, "the batch")
+    assert rewards(prompts[:4], completions[:4], {k: v[:4] for k, v in columns.items()})[0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(
+        ValueError, match=r"model.rewards\['fusion.stages.rewards.task_correct'\] .* the batch has 3 prompt\(s\) without gold"
+    ):
+        Rewards({"fusion.stages.rewards.task_correct": 1.0}).check_gold(rows, "the batch")
+
+
+def _answer_cache(directory, rows: list[dict], answers: list[str]) -> str:
+    """A cache directory as `predict` writes it, holding only what `read_answers` reads: one record
+    per prompt without gold with its answer (written by source 1), no trained position."""
+    from fusion.sources.cache import row_key, write_shard
+
+    records = [
+        {
+            "key": row_key(row),
+            "positions": 0,
+            "sources": [1],
+            "ce": [0.0],
+            "valid": [True],
+            "ids": torch.zeros(1, 0, 2, dtype=torch.long),
+            "logprobs": torch.zeros(1, 0, 2),
+            "aligned": torch.zeros(1, 0, dtype=torch.bool),
+            "answer": answer,
+            "writer": 1,
+            "generations": 1,
+        }
+        for row, answer in zip(rows, answers)
+    ]
+    os.makedirs(directory, exist_ok=True)
+    write_shard(str(directory), "shard-r0-00000", records, vocab_size=100)
+    return str(directory)
+
+
+def _unlabeled_data(student: str):
+    from fusion.data.datamodule import FusionDataModule
+
+    data = FusionDataModule(tokenizer=student, domains=DOMAINS, train_size=4, val_size=2, test_size=2, unlabeled_size=3, batch_size=64)
+    return data, data.load()["unlabeled"]
+
+
+def test_demonstrations_from_the_cache_are_the_routed_sources_answers(tiny_student, tmp_path):
+    """8 gold rows and 6 prompts without gold, one of whose cached answers is empty: the loader
+    hands the stage all 14; each prompt without gold learns along its cached answer, the empty
+    one along nothing, and the step logs the shares."""
+    from types import SimpleNamespace
+
+    data, unlabeled = _unlabeled_data(tiny_student)
+    answers = [f"a{i}" for i in range(5)] + [""]
+    cache = _answer_cache(tmp_path / "cache", unlabeled, answers)
+    module = SRFTModule(
+        student=tiny_student,
+        demonstrations=cache,
+        rewards={"fusion.stages.rewards.verified_or_agreement": 1.0},
+        num_generations=2,
+        max_new_tokens=3,
+    )
+    assert module.learns_from_unlabeled and not SRFTModule(student=tiny_student).learns_from_unlabeled
+    module.load_demonstrations(data)
+    data.trainer = SimpleNamespace(lightning_module=module, world_size=1, global_rank=0)
+    batch = next(iter(data.train_dataloader()))
+    assert len(batch["rows"]) == 14 and int(batch["labelled"].sum()) == 8
+    demonstrated = module.demonstrate(batch)
+    expected = {row["prompt"]: answer for row, answer in zip(unlabeled, answers)}
+    for b, row in enumerate(demonstrated["rows"]):
+        demo = row["response"] if row["response"] is not None else expected[row["prompt"]]
+        assert row["demonstration"] == demo
+        encoded = encode(module.tokenizer, row["prompt"], demo or None, data.hparams.max_length)
+        width = len(encoded["input_ids"])
+        assert demonstrated["input_ids"][b, :width].tolist() == encoded["input_ids"]
+        assert int((demonstrated["targets"][b] != IGNORE_INDEX).sum()) == (len(encoded["input_ids"]) - encoded["prompt_length"])
+    logged = _logged(module)
+    torch.manual_seed(0)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    assert logged["train/demos_from_sources"] == pytest.approx(5 / 13) and logged["train/empty_demos"] == 1.0
+    assert "reward/gold_rows" in logged and "reward/answer_rows" in logged
+
+
+def test_demonstrations_errors_name_the_setting_before_any_rollout(tiny_student, tmp_path):
+    data, unlabeled = _unlabeled_data(tiny_student)
+    student = tiny_student
+    agreement = {"fusion.stages.rewards.verified_or_agreement": 1.0}
+
+    def load(path, rewards=agreement):
+        SRFTModule(student=student, demonstrations=str(path), rewards=rewards).load_demonstrations(data)
+
+    with pytest.raises(FileNotFoundError, match=r"model.demonstrations '.*nowhere': no such directory; .* fusion.train predict"):
+        load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"model.demonstrations '.*empty' holds no answers for prompts without gold"):
+        load(tmp_path / "empty")
+    partial = _answer_cache(tmp_path / "partial", unlabeled[1:], ["x"] * 5)
+    missing = (
+        rf"model.demonstrations '.*partial' has no answer for 1 of the data's 6 prompts without gold "
+        rf"\(e.g. {re.escape(repr(unlabeled[0]['prompt']))}\)"
+    )
+    with pytest.raises(ValueError, match=missing):
+        load(partial)
+    whole = _answer_cache(tmp_path / "whole", unlabeled, ["x"] * 6)
+    with pytest.raises(
+        ValueError, match=r"model.rewards\['fusion.stages.rewards.task_correct'\] .* the data \(model.demonstrations\) has 6 prompt"
+    ):
+        load(whole, rewards={"fusion.stages.rewards.task_correct": 1.0})
+    load(whole)
+
+
+# ---------------------------------------------------------------------------------------------
 # through the CLI
 # ---------------------------------------------------------------------------------------------
 
@@ -573,6 +728,57 @@ def test_fit_and_test_through_the_cli(tiny_zoo, tmp_path):
     assert metrics["perplexity"] != pytest.approx(
         reference_test_metrics(start.student, start.tokenizer, config["data"], 6)["perplexity"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_fit_on_prompts_without_gold_along_a_predicted_cache(tiny_zoo, tmp_path, monkeypatch):
+    """`predict` answers 6 prompts without gold with the selector's top source; SRFT with
+    model.demonstrations trains on the 32 gold rows and those 6 prompts, in one batch, and runs
+    no source."""
+    import csv
+
+    import fusion.sources.pool
+    from fusion.sources.cache import read_answers
+
+    fusion_config = tiny_config(
+        tiny_zoo,
+        str(tmp_path / "fusion"),
+        source_mode="cached",
+        cache_dir=str(tmp_path / "cache"),
+        response_max_new_tokens=8,
+        selector_prefit_steps=50,
+    )
+    fusion_config["data"]["unlabeled_size"] = 3
+    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(fusion_config))
+    main(["predict", "--config", str(tmp_path / "fusion.yaml")])
+    answers = read_answers(str(tmp_path / "cache"))
+    empty = sum(not a["text"] for a in answers.values())
+    assert len(answers) == 6
+
+    runs = str(tmp_path / "runs")
+    config = tiny_config(tiny_zoo, runs)
+    config["trainer"]["max_steps"] = 2
+    config["model"] = {
+        "class_path": "fusion.stages.srft.SRFTModule",
+        "init_args": {
+            "student": os.path.join(tiny_zoo, "student"),
+            "demonstrations": str(tmp_path / "cache"),
+            "rewards": {"fusion.stages.rewards.verified_or_agreement": 1.0},
+            "num_generations": 2,
+            "max_new_tokens": 6,
+        },
+    }
+    config["data"] |= {"unlabeled_size": 3, "batch_size": 64}
+    (tmp_path / "srft.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(fusion.sources.pool, "load_frozen", lambda *a, **k: pytest.fail("a source was loaded"))
+    main(["fit", "--config", str(tmp_path / "srft.yaml")])
+    with open(os.path.join(runs, "run", "version_0", "metrics.csv")) as f:
+        steps = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["train/empty_demos"] == empty
+        assert step["train/demos_from_sources"] == pytest.approx((6 - empty) / (32 + 6 - empty))
+        assert {"reward/gold_rows", "reward/answer_rows", "train/sft_demo", "train/rl_demo", "train/rl_self"} <= set(step)
 
 
 def test_bench_report_from_runs(tmp_path):

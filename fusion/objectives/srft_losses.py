@@ -16,6 +16,10 @@ Per prompt x with demonstration y* and rollouts y_1..y_G scored r_1..r_G (r* for
 `sft_only` keeps L_SFT_demo alone; `rl_only` (GRPO-style) keeps L_RL_self with the advantage
 over the rollouts alone. `constant` weights evaluate the same formulas at H = 0. The sequence
 and batch means are of per-sequence token means (each sequence counts once, as in GRPO).
+
+A prompt whose demo has no trained token (an empty answer of a source, `model.demonstrations`)
+has no demo: no demo terms (the demo means are over the prompts with one) and the advantage of
+its rollouts over the rollouts alone, as in `rl_only`.
 """
 
 from __future__ import annotations
@@ -99,13 +103,14 @@ def luffy_shaping(p: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
 
 
 def sft_demo_loss(demo_logp: torch.Tensor, demo_mask: torch.Tensor, w_sft: torch.Tensor) -> torch.Tensor:
-    """L_SFT_demo = mean_b mean_t w_SFT * -log p(y*_t). [B, T] x3 -> scalar"""
-    return masked_mean(-w_sft * demo_logp, demo_mask, dim=-1).mean()
+    """L_SFT_demo = mean_b mean_t w_SFT * -log p(y*_t), over the demos with a trained token. [B, T] x3 -> scalar"""
+    return masked_mean(masked_mean(-w_sft * demo_logp, demo_mask, dim=-1), demo_mask.bool().any(-1))
 
 
 def rl_demo_loss(demo_logp: torch.Tensor, demo_mask: torch.Tensor, demo_advantage: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
-    """L_RL_demo = -mean_b A_demo,b * mean_t f(p(y*_t)). [B, T], [B, T], [B] -> scalar"""
-    return -(demo_advantage.detach() * masked_mean(luffy_shaping(demo_logp.exp(), gamma), demo_mask, dim=-1)).mean()
+    """L_RL_demo = -mean_b A_demo,b * mean_t f(p(y*_t)), over the demos with a trained token. [B, T], [B, T], [B] -> scalar"""
+    per_demo = demo_advantage.detach() * masked_mean(luffy_shaping(demo_logp.exp(), gamma), demo_mask, dim=-1)
+    return -masked_mean(per_demo, demo_mask.bool().any(-1))
 
 
 def rl_self_loss(rollout_logp: torch.Tensor, rollout_mask: torch.Tensor, advantage: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -179,13 +184,17 @@ def srft_loss(
     demo_h, rollout_h = entropy_levels(demo_entropy, rollout_entropy, rollout_mask, granularity)
     if weights == "constant":
         demo_h, rollout_h = torch.zeros_like(demo_h), torch.zeros_like(rollout_h)
+    alone = group_advantages(rewards, eps)
+    group_std = rewards.std(-1, correction=0)
     if mode == "rl_only":  # GRPO: the group is the rollouts alone
-        group = rewards
-        advantage, demo_advantage = group_advantages(rewards, eps), torch.zeros_like(demo_rewards)
+        advantage, demo_advantage = alone, torch.zeros_like(demo_rewards)
     else:
         group = torch.cat([rewards, demo_rewards[:, None]], dim=1)  # [B, G + 1], the demo last
         augmented = group_advantages(group, eps)
-        advantage, demo_advantage = augmented[:, :-1], augmented[:, -1]
+        has_demo = demo_mask.bool().any(-1)  # [B]; a prompt without a demo: its rollouts alone
+        advantage = torch.where(has_demo[:, None], augmented[:, :-1], alone)
+        demo_advantage = torch.where(has_demo, augmented[:, -1], torch.zeros_like(demo_rewards))
+        group_std = torch.where(has_demo, group.std(-1, correction=0), group_std)
     w_sft = sft_weight(demo_h, sft_coefficient, sft_sign)  # [B, T]
     c = rl_weight(rollout_h, advantage[..., None], rl_coefficient)  # [B, G, T]
     zero = rollout_logp.sum() * 0.0
@@ -206,5 +215,5 @@ def srft_loss(
         "w_sft": masked_mean(w_sft, demo_mask),
         # The weight a positive-advantage rollout token gets (logged even when none is positive).
         "w_rl": masked_mean(rl_coefficient * torch.exp(rollout_h), rollout_mask),
-        "zero_std_groups": (group.std(-1, correction=0) == 0).float().mean(),
+        "zero_std_groups": (group_std == 0).float().mean(),
     }

@@ -396,16 +396,24 @@ def summarize_answers(answers: list[dict], num_sources: int) -> dict:
 
 def answer_summary(directory: str) -> dict:
     """`summarize_answers` of a cache on disk, reading only the answer columns (for reports)."""
-    answers, seen, num_sources = [], set(), 0
     with open(os.path.join(directory, "fingerprint.json")) as f:
         num_sources = len(json.load(f)["sources"])
+    return summarize_answers(list(read_answers(directory).values()), num_sources)
+
+
+def read_answers(directory: str) -> dict[str, dict]:
+    """The answers of a cache on disk by row key (`row_key`): {"text", "writer", "generations",
+    "sources"}, as `SourceCache.answer` gives them, for the answered prompts only. Reads only the
+    answer columns and checks no fingerprint: for a stage that learns along the answers without
+    the sources' numbers (`fusion.stages.srft`'s `model.demonstrations`)."""
+    answers: dict[str, dict] = {}
     for shard in list_shards(directory):
-        table = _open_shard(shard).select_columns(["key", "answer", "writer", "generations"])
-        for record in table:
-            if record["answer"] is not None and record["key"] not in seen:
-                seen.add(record["key"])
-                answers.append({"text": record["answer"], "writer": record["writer"], "generations": record["generations"]})
-    return summarize_answers(answers, num_sources)
+        columns = ("key", "answer", "writer", "generations", "sources")
+        table = _open_shard(shard).select_columns(list(columns)).to_dict()
+        for key, text, writer, generations, sources in zip(*(table[name] for name in columns)):
+            if text is not None and key not in answers:  # DDP pads the last batch with repeats
+                answers[key] = {"text": text, "writer": writer, "generations": generations, "sources": sources}
+    return answers
 
 
 def _flat(column) -> tuple:

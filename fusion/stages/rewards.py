@@ -14,7 +14,9 @@ In the config, several functions with weights; the reward of a completion is the
           my_package.rewards.brevity: 0.1
 
 The columns of the embedded suite are `response` (the gold answer), `domain` and `metadata`; on a
-prompt without gold (see `fusion.data.datamodule`) `response` and `metadata` are None. A function
+prompt without gold (see `fusion.data.datamodule`) `response` and `metadata` are None. The SRFT
+stage adds `demonstration`: the gold answer, or on a prompt without gold the cached answer of the
+source it was routed to (`model.demonstrations`; "" where that source wrote nothing). A function
 that takes a `response` or `metadata` parameter (or sets `reads_gold = True` on itself) compares
 with gold: `Rewards.check_gold` refuses it on prompts without gold, before anything is generated.
 """
@@ -70,6 +72,45 @@ def answer_format(prompts: list[str], completions: list[str], domain: list[str],
     selector's default reward, `model.selector_rewards`).
     """
     return [float(tasks.well_formed(d, prompt, completion)) for prompt, completion, d in zip(prompts, completions, domain)]
+
+
+def verified_or_agreement(
+    prompts: list[str],
+    completions: list[str],
+    domain: list[str],
+    response: list[str | None],
+    demonstration: list[str | None],
+    metadata: list | None = None,
+    **columns,
+) -> list[float]:
+    """`task_correct` on a row with gold; on a row without gold, 1 where the completion equals the
+    row's demonstration (the answer of the source the fusion method routed the prompt to, see
+    `fusion.stages.srft`'s `model.demonstrations`; surrounding whitespace ignored), else 0, and 0
+    where that answer is empty (nothing to agree with).
+
+    It reads gold only where a row has it, so it is accepted on prompts without gold
+    (`reads_gold = False`): there the reward is agreement with the routed source, a proxy for
+    correctness as good as that source is on the prompt's domain.
+    """
+    metadata = metadata if metadata is not None else [None] * len(completions)
+    rewards = [0.0] * len(completions)
+    gold = [i for i, answer in enumerate(response) if answer is not None]
+    verified = task_correct(
+        [prompts[i] for i in gold],
+        [completions[i] for i in gold],
+        [domain[i] for i in gold],
+        [response[i] for i in gold],
+        [metadata[i] for i in gold],
+    )
+    for i, value in zip(gold, verified):
+        rewards[i] = value
+    for i, answer in enumerate(response):
+        if answer is None and demonstration[i]:
+            rewards[i] = float(completions[i].strip() == demonstration[i].strip())
+    return rewards
+
+
+verified_or_agreement.reads_gold = False
 
 
 def resolve(path: str, key: str) -> RewardFunction:
@@ -134,7 +175,8 @@ class Rewards:
         raise ValueError(
             f"{self.key}[{path!r}] compares answers with the gold one (it reads {' or '.join(GOLD_COLUMNS)}), and {where} has "
             f"{missing} prompt(s) without gold: use a reward function that reads no gold (e.g. "
-            "'fusion.stages.rewards.answer_format') or leave out the prompts without gold"
+            "'fusion.stages.rewards.answer_format', or in SRFT 'fusion.stages.rewards.verified_or_agreement') "
+            "or leave out the prompts without gold"
         )
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> tuple[torch.Tensor, dict[str, float]]:

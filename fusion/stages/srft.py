@@ -4,7 +4,10 @@
 Per training step, for each of the batch's B prompts: G rollouts are sampled from the student,
 every rollout and the demonstration (the gold response) are scored by the reward functions,
 and one forward over the B demos and B * G rollouts gives the three loss terms of
-`fusion.objectives.srft_losses`. Each batch of rollouts is used for one optimizer step (on-policy) and is
+`fusion.objectives.srft_losses`. With `demonstrations` (a fusion stage's offline cache), the
+stage also trains on the corpus's prompts without gold, each with the cached answer of the
+source the fusion method routed it to as its demonstration (`SRFTModule.demonstrate`); no source
+runs. Each batch of rollouts is used for one optimizer step (on-policy) and is
 scored at the temperature it was sampled at, so the importance ratio between the policy trained
 on and the one that sampled is 1 and nothing is clipped, as long as the training forward equals
 the sampling one: sampling runs in eval mode, so that holds with no dropout (`lora.lora_dropout`
@@ -25,12 +28,15 @@ from typing import ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fusion.data import IGNORE_INDEX
+from fusion.data.datamodule import collate, encode, is_labelled
 from fusion.data.tokenizer import load_tokenizer
 from fusion.models import DTYPES, named_load, resolve_model_path
 from fusion.objectives import srft_losses
+from fusion.sources.cache import read_answers, row_key
 from fusion.stages.rewards import Rewards
 from fusion.stages.student import StudentStage, pad_right, sample_responses, start_student, stop_if_nonfinite
 
@@ -43,6 +49,7 @@ class SRFTSettings:
 
     student: str = "checkpoints/zoo/student"
     init_from: str | None = None
+    demonstrations: str | None = None
     mode: str = "srft"
     weights: str = "entropy"
     entropy_granularity: str = "batch"
@@ -99,6 +106,12 @@ class SRFTModule(StudentStage, L.LightningModule):
         init_from: where the student starts: a fusion checkpoint (`.ckpt`, its LoRA adapter is
             loaded and trained on), a model directory (e.g. `fusion.export`'s output; a fresh
             adapter on it), a glob (its newest match), or null (a fresh adapter on `student`).
+        demonstrations: null (the gold rows alone), or the directory of a fusion stage's offline
+            cache (`model.cache_dir` of `python -m fusion.train predict` on a corpus with prompts
+            without gold): the stage then trains on those prompts too, each with the cached
+            answer of the source the fusion method routed it to as its demonstration (gold stays
+            the demonstration of a row that has it). Every prompt without gold in the data must
+            have an answer there; read once in `setup`, no source runs.
         mode: srft (all three terms), sft_only (L_SFT_demo), rl_only (L_RL_self, GRPO-style).
         weights: entropy (w_SFT = sft_weight * exp(sft_sign * H), c = rl_weight * exp(H) on
             positive advantages) or constant (the same at H = 0).
@@ -124,6 +137,7 @@ class SRFTModule(StudentStage, L.LightningModule):
         self,
         student: str = "checkpoints/zoo/student",
         init_from: str | None = None,
+        demonstrations: str | None = None,
         mode: str = "srft",
         weights: str = "entropy",
         entropy_granularity: str = "batch",
@@ -156,6 +170,10 @@ class SRFTModule(StudentStage, L.LightningModule):
         self.reference = self._start_reference() if kl_weight > 0 else None
         self.vocab_size = len(self.tokenizer)
         self.eval_metrics = None  # built in `setup`, with the data's domains
+        # With `demonstrations`: the cache's answers by row key, and how the data encodes a row
+        # (read in `setup` by `load_demonstrations`).
+        self.answers: dict[str, dict] | None = None
+        self.max_length, self.chat = None, None
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
     def _start_reference(self) -> str:
@@ -196,6 +214,74 @@ class SRFTModule(StudentStage, L.LightningModule):
         finally:
             self.student.train(was_training)
 
+    # ---------------------------------------------------------------- demonstrations
+
+    @property
+    def learns_from_unlabeled(self) -> bool:
+        """Whether the train loader hands this stage the prompts without gold (`FusionDataModule`):
+        only with `demonstrations`, which gives each of them one."""
+        return self.settings.demonstrations is not None
+
+    def load_demonstrations(self, data) -> None:
+        """Read the answers of `demonstrations` for the prompts without gold of `data` (a
+        `FusionDataModule`), or stop before any rollout: no such directory, no answer in it, or a
+        prompt without gold that it has no answer for. Also refuses, here, a reward function that
+        compares with gold while the data has prompts without it (`Rewards.check_gold`)."""
+        path = self.settings.demonstrations
+        if path is None:
+            return
+        self.max_length, self.chat = data.hparams.max_length, data.chat
+        hint = "write it with `python -m fusion.train predict` (model.source_mode: cached) on a corpus with prompts without gold"
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model.demonstrations {path!r}: no such directory; it is a fusion stage's offline cache: {hint}")
+        try:
+            answers = read_answers(path)
+        except ValueError as error:  # a shard that is incomplete or corrupted
+            raise ValueError(f"model.demonstrations {path!r}: {error}") from error
+        if not answers:
+            raise ValueError(f"model.demonstrations {path!r} holds no answers for prompts without gold; {hint}")
+        unlabeled = data.load()["unlabeled"]
+        missing = [row for row in unlabeled if row_key(row) not in answers]
+        if missing:
+            raise ValueError(
+                f"model.demonstrations {path!r} has no answer for {len(missing)} of the data's {len(unlabeled)} prompts "
+                f"without gold (e.g. {missing[0]['prompt']!r}); write the cache with `python -m fusion.train predict` "
+                "on the same data settings"
+            )
+        if not unlabeled:
+            rank_zero_warn(f"model.demonstrations {path!r}: the data has no prompt without gold; the stage trains on the gold rows alone")
+        self.reward_functions.check_gold(unlabeled, "the data (model.demonstrations)")
+        self.answers = answers
+
+    def demonstrate(self, batch: dict) -> dict:
+        """The batch with each row's demonstration: its gold answer, or on a prompt without gold
+        the cached answer of the source it was routed to ("" where that source wrote nothing:
+        no demo terms for the prompt, its rollouts still train). Rows get a `demonstration`
+        column (the reward functions' `demonstration`); a batch with prompts without gold is
+        re-encoded along the demonstrations (as `fusion.stages.answers.along_answers` does for
+        the fusion stage), a batch of gold rows is returned as it is."""
+        rows = [row | {"demonstration": row["response"]} for row in batch["rows"]]
+        todo = [b for b, row in enumerate(rows) if not is_labelled(row)]
+        if not todo:
+            return batch | {"rows": rows}
+        if self.answers is None:
+            raise ValueError(
+                f"the batch has {len(todo)} prompt(s) without gold and no demonstration for them: set model.demonstrations "
+                "to the fusion stage's offline cache of this data"
+            )
+        for b in todo:
+            answer = self.answers.get(row_key(rows[b]))
+            if answer is None:
+                raise ValueError(
+                    f"model.demonstrations {self.settings.demonstrations!r} has no answer for the prompt {rows[b]['prompt']!r}"
+                )
+            rows[b]["demonstration"] = answer["text"] or ""
+        features = [
+            encode(self.tokenizer, row["prompt"], row["demonstration"] or None, self.max_length, self.chat) | {"row": row} for row in rows
+        ]
+        collated = collate(features, self.tokenizer.pad_token_id)
+        return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in collated.items()}
+
     # ---------------------------------------------------------------- rollouts and rewards
 
     def sample(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -212,21 +298,23 @@ class SRFTModule(StudentStage, L.LightningModule):
         )
 
     def score(self, rows: list[dict], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Rewards of the rollouts [B, G] and of the demos [B], in one call of each function."""
+        """Rewards of the rollouts [B, G] and of the demos [B] (`demonstrate`'s rows), in one call of each function."""
         group = self.settings.num_generations
         expanded = [row for row in rows for _ in range(group)] + rows
         columns = {key: [row.get(key) for row in expanded] for key in rows[0] if key != "prompt"}
         prompts = [row["prompt"] for row in expanded]
-        rewards, means = self.reward_functions(prompts, completions + [row["response"] for row in rows], columns)
+        rewards, means = self.reward_functions(prompts, completions + [row["demonstration"] for row in rows], columns)
         rewards = rewards.to(self.device)
         return rewards[: len(rows) * group].view(len(rows), group), rewards[len(rows) * group :], means
 
     # ---------------------------------------------------------------- the SRFT step
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        h, rows = self.settings, batch["rows"]
+        h = self.settings
+        self.reward_functions.check_gold(batch["rows"], "the batch")  # before sampling: a refused reward costs no rollout
+        batch = self.demonstrate(batch)
+        rows = batch["rows"]
         size, group = len(rows), h.num_generations
-        self.reward_functions.check_gold(rows, "the batch")  # before sampling: a refused reward costs no rollout
         rollouts = self.sample(batch)
         texts = self.tokenizer.batch_decode(rollouts["completion"], skip_special_tokens=True)
         rewards, demo_rewards, reward_means = self.score(rows, texts)
@@ -276,17 +364,25 @@ class SRFTModule(StudentStage, L.LightningModule):
             kl = srft_losses.masked_mean(rollout["kl"], mask[size:])
             total = total + h.kl_weight * kl
             logs["train/kl"] = kl
+        has_demo = demo_mask.any(-1)  # [B]; False: an empty answer of a source
+        labelled = torch.tensor([is_labelled(row) for row in rows], device=self.device)
+        from_sources = int((has_demo & ~labelled).sum())
         logs |= {
             "train/loss": total,
             "train/reward_mean": rewards.mean(),
             "train/reward_std": rewards.std(correction=0),
-            "train/demo_reward": demo_rewards.mean(),
-            "train/demo_advantage": terms["demo_advantage"].mean(),
+            "train/demo_reward": srft_losses.masked_mean(demo_rewards, has_demo),
+            "train/demo_advantage": srft_losses.masked_mean(terms["demo_advantage"], has_demo),
+            "train/demos_from_sources": from_sources / max(int(has_demo.sum()), 1),  # of the demos trained on
+            "train/empty_demos": float((~has_demo & ~labelled).sum()),
             "train/demo_nll": -srft_losses.masked_mean(demo_logp.detach(), demo_mask),
             "train/response_length": rollouts["length"].float().mean(),
             "train/generated_tokens": rollouts["length"].sum().float(),
         }
         logs |= {f"reward/{path}": value for path, value in reward_means.items()}
+        for name, where in (("gold_rows", labelled), ("answer_rows", ~labelled)):  # the rollouts' mean reward
+            if where.any():
+                logs[f"reward/{name}"] = rewards[where].mean()
         stop_if_nonfinite(self, total, {k: terms[k] for k in ("sft_demo", "rl_demo", "rl_self")})
         self.log_dict(logs, batch_size=size)
         self.log("loss", total, prog_bar=True, logger=False, batch_size=size)
@@ -295,8 +391,10 @@ class SRFTModule(StudentStage, L.LightningModule):
     # ---------------------------------------------------------------- evaluation (StudentStage's)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.datamodule is not None:
+            self.load_demonstrations(self.trainer.datamodule)
         self.setup_eval_metrics([])
 
     def run_record(self) -> dict:
         h = self.settings
-        return {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path}
+        return {"stage": "srft", "mode": h.mode, "weights": h.weights, "init_from": self.init_path, "demonstrations": h.demonstrations}
