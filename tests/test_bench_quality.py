@@ -206,6 +206,7 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
         "bench_unaligned.yaml",
         "bench_unaligned_unlabeled.yaml",
         "bench_pool_c.yaml",
+        "bench_pool_c_srft.yaml",
     ],
 )
 def test_bench_config_train_section_parses(capsys, name):
@@ -215,7 +216,8 @@ def test_bench_config_train_section_parses(capsys, name):
 
     configs = os.path.join(os.path.dirname(__file__), "..", "configs")
     bench = {}
-    for part in (["bench_unlabeled.yaml"] if name == "bench_on_policy.yaml" else []) + [name]:
+    over = {"bench_on_policy.yaml": "bench_unlabeled.yaml", "bench_pool_c_srft.yaml": "bench_pool_c.yaml"}
+    for part in ([over[name]] if name in over else []) + [name]:
         with open(os.path.join(configs, part)) as f:
             bench |= yaml.safe_load(f)
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
@@ -233,7 +235,7 @@ def test_bench_config_train_section_parses(capsys, name):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
-    expected = {"bench_pool_c.yaml": "answer_from: fused"}.get(
+    expected = {"bench_pool_c.yaml": "answer_from: fused", "bench_pool_c_srft.yaml": "answer_from: fused"}.get(
         name, "unaligned: marginal" if name.startswith("bench_unaligned") else "fusion: oracle"
     )
     assert expected in capsys.readouterr().out
@@ -302,7 +304,7 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
         methods={
             "selector k=1": {"fusion": "selector", "top_k": 1},
             "on_policy selector k=1": {"fusion": "selector", "top_k": 1, "response_from": "student"},
-            "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2}}},
+            "on_policy srft": {"after": "selector k=1", "srft": {"steps": 5, "model": {"num_generations": 2, "demonstrations": "cache"}}},
             "on_policy after": {
                 "after": "selector k=1",
                 "fusion_stage": {"steps": 7, "model": {"response_from": "student", "learning_rate": 0.5}},
@@ -332,6 +334,8 @@ def test_on_policy_rows_run_online_and_chains_start_from_their_fusion_run(tmp_pa
             "student": "s",
             "init_from": adapters[(job["record"]["pool"], job["record"]["seed"])],
             "num_generations": 2,
+            # the answers the fusion run learned along: its own cache, of its pool
+            "demonstrations": jobs[0]["config"]["model"]["cache_dir"].replace("/cache/A", f"/cache/{job['record']['pool']}"),
         }
     stages = {(job["record"]["pool"], job["record"]["seed"]): job for job in chained if job["record"]["method"] == "on_policy after"}
     assert sorted(stages) == sorted(adapters)
@@ -441,3 +445,29 @@ def test_on_policy_criteria_and_sampled_tokens(tmp_path):
     assert on["at_least_off_policy_continued"]["A"]["selector k=1 continued"] == pytest.approx(0.5)
     report = {"quick": True, "seeds": [0], "results": summary, "criteria": checks, "runtime_seconds": 1.0}
     assert "| sampled tokens / step |" in report_lib.markdown(report, "") and "| 267 |" in report_lib.markdown(report, "")
+
+
+def test_the_answers_to_prompts_without_gold_are_scored_against_the_generators_gold():
+    """The suite draws the prompts without gold again with their answers: the same prompts, in the
+    same order, as the data module gives the run; a right and a wrong answer score 1 and 0. The
+    answers table prints the shares and the forwards each way of answering costs."""
+    from fusion.data.datamodule import FusionDataModule
+    from fusion.sources.cache import row_key
+    from fusion.stages.evaluation import correct
+
+    data = {"dataset": "suite", "domains": ["spell_backward", "word_sorting"], "train_size": 4, "val_size": 2, "test_size": 3}
+    data["unlabeled_size"] = {"spell_backward": 3, "word_sorting": 5}
+    gold = quality._suite_gold(json.dumps(data, sort_keys=True))
+    unlabeled = FusionDataModule(**data).load()["unlabeled"]
+    assert [row_key(row) for row in unlabeled] == list(gold) and len(gold) == 8
+    row = gold[row_key(unlabeled[0])]
+    assert correct([row["response"], row["response"] + "x"], [row, row]) == [True, False]
+    assert quality._suite_gold(json.dumps({**data, "unlabeled_size": 0}, sort_keys=True)) is None
+    summary = {
+        "top": {"B": {"answer_accuracy": {"d": 0.5}, "generations_per_prompt": 1.0, "source_forwards_per_seq": 3}},
+        "fused": {
+            "B": {"answer_accuracy": {"d": 0.75}, "generations_per_prompt": 2.5, "source_forwards_per_seq": 3, "answer_from": "fused"}
+        },
+    }
+    table = "\n".join(report_lib.answers_table(summary))
+    assert "| top | B | 0.500 | 1.00 | 1 | 3 |" in table and "| fused | B | 0.750 | 2.50 | 2.50 (whole text) | 3 |" in table

@@ -70,9 +70,16 @@ def summarize(runs: list[dict], methods: dict[str, dict]) -> dict[str, dict[str,
             sampled = [sampled_tokens_per_step(r.get("log_dir") or "") for r in group]
             if all(v is not None for v in sampled):
                 entry[pool]["sampled_tokens_per_step"] = statistics.fmean(sampled)
-            for key in ("generations_per_prompt", "answers", "cache_seconds"):  # the label-scarce regime's costs
+            for key in (
+                "generations_per_prompt",
+                "answers",
+                "answer_accuracy",
+                "cache_seconds",
+            ):  # the costs of answering prompts without gold
                 if pool in methods[method].get(key, {}):
                     entry[pool][key] = methods[method][key][pool]
+            if methods[method].get("answer_from"):
+                entry[pool]["answer_from"] = methods[method]["answer_from"]
             biases = [selector_bias(r.get("log_dir") or "") for r in group]
             if all(biases):
                 entry[pool]["selector_bias"] = {name: statistics.fmean(b[name] for b in biases) for name in biases[0]}
@@ -485,6 +492,8 @@ def markdown(report: dict, config_yaml: str) -> str:
             )
     if report.get("sources"):
         lines += ["", *ratio_table(report, domains)]
+    if answers := answers_table(summary):
+        lines += ["", *answers]
     if report.get("fused_teacher"):
         lines += ["", *teacher_table(report["fused_teacher"])]
     if report.get("learning_curves"):
@@ -597,6 +606,34 @@ def fused_teachers(groups: dict[str, list[str]], teachers: dict[str, dict], best
             "students": students,
         }
     return report
+
+
+def answers_table(summary: dict) -> list[str]:
+    """What each method's student learns along on the prompts without gold: how often those answers
+    are right per domain, and what writing them costs in source forwards."""
+    rows = [(m, p, r) for m, e in summary.items() for p, r in sorted(e.items()) if "answer_accuracy" in r]
+    if not rows:
+        return []
+    domains = sorted({d for _, _, r in rows for d in r["answer_accuracy"]})
+    lines = [
+        "## The answers the student learns along",
+        "",
+        "On the prompts without gold: the share of the answers the task's scorer accepts (the seeded generators "
+        "draw those prompts again with their gold), sources that wrote each answer, and source forwards: per "
+        "answer token (the top source generates with a key-value cache, one forward per token; sources that "
+        "answer together run every one of them over the whole text at every token) and per trained token (the "
+        "sources that run along the answer, once, when the cache is written).",
+        "",
+        "| method | pool | " + " | ".join(f"answers right: {d}" for d in domains) + " | sources per answer | "
+        "source forwards / answer token | source forwards / trained token |",
+        "|---|---|" + "---|" * (len(domains) + 3),
+    ]
+    for method, pool, r in rows:
+        fused = r.get("answer_from") == "fused"
+        per_token = f"{r['generations_per_prompt']:.2f} (whole text)" if fused else "1"
+        cells = " | ".join(f"{r['answer_accuracy'].get(d, 0.0):.3f}" for d in domains)
+        lines.append(f"| {method} | {pool} | {cells} | {r['generations_per_prompt']:.2f} | {per_token} | {r['source_forwards_per_seq']} |")
+    return lines
 
 
 def teacher_table(teachers: dict) -> list[str]:

@@ -398,10 +398,12 @@ class Planner:
                 pool, name = record["pool"], f"{record['pool']}-{_slug(method)}-seed{record['seed']}"
                 if kind == "srft":
                     config, log_dir = self.config(name, record["seed"], {})
-                    config["model"] = {
-                        "class_path": "fusion.stages.srft.SRFTModule",
-                        "init_args": {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})},
-                    }
+                    init_args = {"student": job["config"]["model"]["student"], "init_from": job["adapter"], **stage.get("model", {})}
+                    if "lora" in self.bench.train["model"]:  # the adapter it trains on further
+                        init_args.setdefault("lora", self.bench.train["model"]["lora"])
+                    if init_args.get("demonstrations") == "cache":  # the answers its fusion run learned along
+                        init_args["demonstrations"] = self.cache_dir(pool, self.bench.methods[settings["after"]])
+                    config["model"] = {"class_path": "fusion.stages.srft.SRFTModule", "init_args": init_args}
                 else:
                     merged = self.bench.methods[settings["after"]] | stage.get("model", {})
                     mode = (
@@ -534,16 +536,48 @@ def build_merged(bench: QualityBench) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------------ the bench
 
 
+@functools.cache
+def _suite_gold(data_json: str) -> dict[str, dict] | None:
+    """The gold rows of the prompts without gold of a `train.data` config (JSON), by row key: the
+    embedded suite's seeded generators draw them again with their answers. None for other data."""
+    from fusion.data import tasks
+    from fusion.data.datamodule import FusionDataModule, unlabeled_row
+    from fusion.sources.cache import row_key
+
+    data = FusionDataModule(**json.loads(data_json))
+    if data.hparams.dataset != "suite" or not data.hparams.unlabeled_size:
+        return None
+    rows = tasks.build_splits(data.hparams.domains, data.suite_sizes(), data.hparams.seed)["unlabeled"]
+    return {row_key(unlabeled_row(row["prompt"], row["domain"])): row for row in rows}
+
+
+def answer_accuracy(directory: str, data: dict) -> dict[str, float] | None:
+    """Per domain, the share of a cache's answers to the prompts without gold that the task's
+    scorer accepts: how often what the student learns along is right (suite data only)."""
+    from fusion.sources.cache import read_answers
+    from fusion.stages.evaluation import correct
+
+    gold = _suite_gold(json.dumps(data, sort_keys=True))
+    if gold is None:
+        return None
+    right: dict[str, list[bool]] = {}
+    for key, answer in read_answers(directory).items():
+        row = gold[key]
+        right.setdefault(row["domain"], []).append(correct([answer["text"]], [row])[0])
+    return {domain: sum(v) / len(v) for domain, v in sorted(right.items())}
+
+
 def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dict[str, float]) -> dict:
     """Per pool, as measured when the cache was written: sources that wrote an answer per
-    unlabeled prompt, empty answers, each source's share of the answers used, and the seconds
-    the cache took (its labelled rows included)."""
+    unlabeled prompt, empty answers, each source's share of the answers used, how often the
+    answers are right per domain (suite data), and the seconds the cache took (its labelled rows
+    included)."""
     from fusion.sources.cache import answer_summary
 
     run = planner.fusion_settings(settings, "A")
     if not run.method.uses_sources:
         return {"generations_per_prompt": {p: 0.0 for p in planner.bench.pools}, "cache_seconds": {p: 0.0 for p in planner.bench.pools}}
-    costs: dict[str, dict] = {"generations_per_prompt": {}, "answers": {}, "cache_seconds": {}}
+    costs: dict[str, dict] = {"generations_per_prompt": {}, "answers": {}, "answer_accuracy": {}, "cache_seconds": {}}
     for pool in planner.bench.run_pools:
         pool_run = planner.bench.run_pools[0] if run.pool_independent else pool
         directory = planner.cache_dir(pool_run, settings)
@@ -556,6 +590,9 @@ def answer_costs(planner: Planner, name: str, settings: dict, cache_seconds: dic
             "writers": {n: c / max(1, summary["prompts"]) for n, c in zip(names, summary["writers"]) if c},
         }
         costs["cache_seconds"][pool] = round(cache_seconds.get(os.path.normpath(directory), 0.0), 1)
+        accuracy = answer_accuracy(directory, planner.bench.train.get("data", {}))
+        if accuracy is not None:
+            costs["answer_accuracy"][pool] = accuracy
     return costs
 
 

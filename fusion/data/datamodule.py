@@ -425,6 +425,15 @@ class FusionDataModule(L.LightningDataModule):
             self._chat = ChatFormat(self.tokenizer)
         return self._chat
 
+    def suite_sizes(self) -> dict[str, int | dict[str, int]]:
+        """The embedded suite's split sizes, in the order they are drawn (`tasks.build_splits`): the
+        prompts without gold after the others, so the labelled splits do not depend on them."""
+        h = self.hparams
+        sizes = {"test": h.test_size, "val": h.val_size, "train": h.train_size}
+        if h.unlabeled_size:
+            sizes["unlabeled"] = h.unlabeled_size
+        return sizes
+
     def load(self) -> dict[str, list[dict[str, Any]]]:
         """Read (or generate) every split once; validates columns before any training.
 
@@ -433,10 +442,7 @@ class FusionDataModule(L.LightningDataModule):
         if not self.rows:
             h = self.hparams
             if h.dataset == "suite":
-                sizes = {"test": h.test_size, "val": h.val_size, "train": h.train_size}
-                if h.unlabeled_size:  # drawn after the others: the labelled splits do not change
-                    sizes["unlabeled"] = h.unlabeled_size
-                rows = tasks.build_splits(h.domains, sizes, h.seed)
+                rows = tasks.build_splits(h.domains, self.suite_sizes(), h.seed)
                 rows["unlabeled"] = [unlabeled_row(r["prompt"], r["domain"]) for r in rows.get("unlabeled", [])]
             else:
                 rows = {}
