@@ -206,7 +206,6 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
         "bench_unaligned.yaml",
         "bench_unaligned_unlabeled.yaml",
         "bench_pool_c.yaml",
-        "bench_pool_c_srft.yaml",
     ],
 )
 def test_bench_config_train_section_parses(capsys, name):
@@ -216,8 +215,7 @@ def test_bench_config_train_section_parses(capsys, name):
 
     configs = os.path.join(os.path.dirname(__file__), "..", "configs")
     bench = {}
-    over = {"bench_on_policy.yaml": "bench_unlabeled.yaml", "bench_pool_c_srft.yaml": "bench_pool_c.yaml"}
-    for part in ([over[name]] if name in over else []) + [name]:
+    for part in (["bench_unlabeled.yaml"] if name == "bench_on_policy.yaml" else []) + [name]:
         with open(os.path.join(configs, part)) as f:
             bench |= yaml.safe_load(f)
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
@@ -235,7 +233,7 @@ def test_bench_config_train_section_parses(capsys, name):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
-    expected = {"bench_pool_c.yaml": "answer_from: fused", "bench_pool_c_srft.yaml": "answer_from: fused"}.get(
+    expected = {"bench_pool_c.yaml": "answer_from: fused"}.get(
         name, "unaligned: marginal" if name.startswith("bench_unaligned") else "fusion: oracle"
     )
     assert expected in capsys.readouterr().out
