@@ -61,7 +61,7 @@ def test_one_source_is_its_own_greedy_answer(char):
     table = {"=": {"4": 0.6, "-": 0.4}, "4": {"2": 0.7, "<eos>": 0.3}, "2": {"<eos>": 0.9, "4": 0.1}}
     source = TableSource(char, table, {"<eos>": 1.0})
     answers, record = fused(char, [source], [1.0])
-    assert answers == ["42"] and record == {"steps": 3, "renormalised": 0, "source_forwards_per_token": 1}
+    assert answers == ["42"] and record == {"steps": 3, "renormalised": 0, "source_forwards_per_token": 1, "renormalised_per_prompt": [0]}
     assert fused(char, [source, source], [0.2, 0.8])[0] == ["42"]
 
 
@@ -74,6 +74,16 @@ def test_the_mixture_decides_where_the_sources_disagree(char):
     assert fused(char, [a, b], [0.9, 0.1])[0] == ["4"]
     assert fused(char, [a, b], [1.0, 0.0])[0] == ["4"]  # a weight of zero leaves the source out
     assert fused(char, [a], [1.0])[0] == ["4"] and fused(char, [b], [1.0])[0] == ["7"]
+
+
+def test_a_source_with_nothing_to_say_is_left_out_and_counted(char):
+    """Source a gives non-finite logits after `=`, so on that text it has no distribution: each step
+    fuses b alone (7, then eos), and both steps count as renormalised for the prompt."""
+    a = TableSource(char, {"=": {"4": 1.0}}, {"<eos>": 1.0})
+    a.logits[char.convert_tokens_to_ids("=")] = float("nan")
+    b = TableSource(char, {"=": {"7": 0.9, "4": 0.1}}, {"<eos>": 1.0})
+    answers, record = fused(char, [a, b], [0.5, 0.5])
+    assert answers == ["7"] and record["renormalised"] == 2 and record["renormalised_per_prompt"] == [2]
 
 
 def test_a_source_with_another_tokenizer_is_read_from_the_prompt_end(char):

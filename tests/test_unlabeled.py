@@ -378,6 +378,7 @@ def test_fused_answers_are_decoded_by_the_weighed_sources_and_the_margin_weighs(
     assert batch["answer_sources"].tolist() == [[-1, -1, -1], [0, 1, 2], [0, 1, 2]]
     loss = module.training_step(_batch(module), 0)
     assert torch.isfinite(loss) and module.logged["train/weighed_sources"] == 2.0 and module.logged["weight/noise"] == 0.0
+    assert module.logged["train/fused_renormalised"] == 0.0 and module.logged["train/generations"] == 4.0  # 2 prompts x 2 sources
     assert module.logged["weight/spell"] > 0 and module.logged["weight/sum"] > 0
 
 

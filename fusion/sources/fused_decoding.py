@@ -52,7 +52,7 @@ def fused_greedy(
     selected [B, k]: each prompt's source indices in `pool`; weights [B, k]: their weights (need
     not sum to 1). Answers are in the student's tokens, decoded to text. -> (answers, record):
     "steps" (decoding steps run), "renormalised" (prompt-steps where a selected source had no
-    distribution), "source_forwards_per_token" (k).
+    distribution) and "renormalised_per_prompt", "source_forwards_per_token" (k).
     """
     fusable(pool)
     size, k = selected.shape
@@ -70,6 +70,7 @@ def fused_greedy(
     open_rows = list(range(size))
     log_weights = weights.clamp(min=0).log()
     record = {"steps": 0, "renormalised": 0, "source_forwards_per_token": k}
+    renormalised = torch.zeros(size, dtype=torch.long, device=pool.device)
     for _ in range(max_new_tokens):
         if not open_rows:
             break
@@ -85,7 +86,7 @@ def fused_greedy(
         logprobs = out.logprobs[at, :, position]  # [R, k, U]
         has = out.aligned[at, :, position] & out.valid & (weights[rows] > 0)  # [R, k]
         record["steps"] += 1
-        record["renormalised"] += int(((~has) & (weights[rows] > 0)).any(-1).sum())
+        renormalised[rows] += ((~has) & (weights[rows] > 0)).any(-1).long()
         mix = torch.where(has[..., None], logprobs + log_weights[rows][..., None], -math.inf)  # [R, k, U]
         # With k > 1 every source's log-probabilities are on the same union of ids; with one, its own top-K.
         shared = ids[:, 0] if k == 1 else ids.max(dim=1).values
@@ -99,4 +100,5 @@ def fused_greedy(
             answers[row].append(token)
             still_open.append(row)
         open_rows = still_open
+    record |= {"renormalised": int(renormalised.sum()), "renormalised_per_prompt": renormalised.tolist()}
     return student_tokenizer.batch_decode(answers, skip_special_tokens=True), record

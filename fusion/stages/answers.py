@@ -78,14 +78,15 @@ def fused_answers(
 ) -> list[dict]:
     """The weighed sources of each row's top-k write its answer together (`write_answers` with
     `answer_from: fused`): greedy from their equal-weight mixture, every source read from the text
-    so far. `generations` is the number of sources that decoded it."""
+    so far. `generations` is the number of sources that decoded it; `renormalised` the steps where
+    one of them had no distribution (left out of that step's mixture, the rest renormalised)."""
     selected = torch.tensor(sources)
     weights = torch.ones(selected.shape) if weighed is None else torch.tensor(weighed, dtype=torch.float)
     reader = pool.reading("marginal", "prefix")
-    texts, _ = fused_greedy(reader, [row["prompt"] for row in rows], selected, weights, tokenizer, settings.response_max_new_tokens)
+    texts, record = fused_greedy(reader, [row["prompt"] for row in rows], selected, weights, tokenizer, settings.response_max_new_tokens)
     return [
-        {"text": text.strip(), "writer": FUSED_WRITER, "generations": int(w.sum()), "sources": chosen}
-        for text, w, chosen in zip(texts, weights, sources)
+        {"text": text.strip(), "writer": FUSED_WRITER, "generations": int(w.sum()), "sources": chosen, "renormalised": steps}
+        for text, w, chosen, steps in zip(texts, weights, sources, record["renormalised_per_prompt"])
     ]
 
 

@@ -452,6 +452,8 @@ class FusionDistillModule(StudentStage, L.LightningModule):
                 "train/empty_answers": float(sum(not a["text"] for a in answers)),
                 "train/generations": float(sum(a["generations"] for a in answers)) if self.cache is None else 0.0,
             }
+            if self.settings.answer_from == "fused" and self.cache is None:  # answer steps where a source had nothing to say
+                logs["train/fused_renormalised"] = float(sum(a.get("renormalised", 0) for a in answers))
         return logs
 
     def _update_curriculum(self, batch: dict, logits: torch.Tensor, source_ce: torch.Tensor) -> None:
