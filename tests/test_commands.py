@@ -201,6 +201,45 @@ def test_bench_quality_quick(bench_config, tmp_path, monkeypatch):
     assert all((output / name).is_file() for name in ("accuracy.png", "report.md"))
 
 
+def test_bench_quality_pool_c_quick(tiny_zoo, tmp_path, monkeypatch):
+    """configs/bench_pool_c.yaml on the tiny zoo, quick: the methods train in pool B only, the
+    fused-answers selector writes its answers with its weighed sources together, the report scores
+    those answers against the suite's gold, the fused teacher decodes chain_sum, and SRFT starts
+    from the fused run reading its cache's answers."""
+    config = _load("bench_pool_c.yaml")
+    paths = {name: os.path.join(tiny_zoo, name) for name in SOURCES}
+    fused = config["methods"]["selector k<=3, fused answers"] | {"top_k": 2}
+    srft = config["methods"]["srft after fused answers"]
+    srft["srft"]["model"] |= {"num_generations": 2, "max_new_tokens": 6}  # its adapter: the train config's (the fused run's)
+    config.update(
+        output=str(tmp_path / "pool_c"),
+        seeds=[0],
+        steps=2,
+        workers=1,
+        pools={"A": [paths["spell"], paths["sum"]], "B": [paths[n] for n in SOURCES]},
+        teacher={"chain_sum": ["sum", "spell"]},
+        methods={"fused": fused, "srft after fused answers": srft | {"after": "fused"}},
+        quick_settings={},
+    )
+    srft["srft"]["steps"] = 1
+    train = config["train"]
+    train["trainer"]["val_check_interval"] = 2
+    train["model"].update(student=os.path.join(tiny_zoo, "student"), lora={**train["model"]["lora"], "r": 4})
+    train["model"].update(selector_prefit_steps=10, response_max_new_tokens=6, max_new_tokens=6, exploration_steps=2)
+    train["data"].update(domains=DOMAINS, train_size=8, unlabeled_size={d: 4 for d in DOMAINS}, val_size=4, test_size=4, batch_size=8)
+    monkeypatch.setattr(sys, "argv", ["fusion.bench"])
+    bench(["quality", "--config", _write(tmp_path / "bench.yaml", config)])
+    report = _read_json(tmp_path / "pool_c" / "report.json")
+    assert sorted(report["run_seconds"]) == ["A/student base (no training)/seed0", "B/fused/seed0", "B/srft after fused answers/seed0"]
+    fused_row = report["results"]["fused"]["B"]
+    assert set(fused_row["answer_accuracy"]) == set(DOMAINS) and all(_fraction(v) for v in fused_row["answer_accuracy"].values())
+    assert fused_row["answer_from"] == "fused" and 1.0 <= fused_row["generations_per_prompt"] <= 2.0
+    teacher = report["fused_teacher"]["chain_sum"]
+    assert teacher["sources"] == ["sum", "spell"] and _fraction(teacher["acc"]) and teacher["source_forwards_per_token"] == 2
+    markdown = (tmp_path / "pool_c" / "report.md").read_text()
+    assert "## The answers the student learns along" in markdown and "## Against the fused teacher" in markdown
+
+
 @pytest.mark.slow
 def test_bench_lookahead(bench_config, tmp_path):
     """`python -m fusion.bench lookahead --config <bench>` on 4 labelled rows, 2 changes each: the
