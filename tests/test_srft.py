@@ -570,6 +570,33 @@ def test_verified_or_agreement_verifies_gold_and_agrees_with_the_routed_source_e
         Rewards({"fusion.stages.rewards.task_correct": 1.0}).check_gold(rows, "the batch")
 
 
+def test_checked_or_agreement_checks_chain_sum_without_gold_and_agrees_elsewhere():
+    from fusion.data import tasks
+    from fusion.stages.rewards import checked_or_agreement, reads_gold
+
+    # The calculator agrees with the generator on every prompt, in and out of distribution.
+    rows = tasks.generate("chain_sum", 300, 11) + tasks.generate("chain_sum", 100, 12, harder=True)
+    assert all(tasks.check("chain_sum", r["prompt"], r["response"]) for r in rows)
+    assert not any(tasks.check("chain_sum", r["prompt"], str(int(r["response"]) - 1)) for r in rows)
+    assert tasks.check("word_sorting", "sort< cat, dog=", "cat, dog") is None  # no checker: only the sources know
+    prompts = ["15 - 43=", "15 - 43=", "15 - 43=", "backward abc=", "backward abc="]
+    columns = {
+        "domain": ["chain_sum"] * 3 + ["spell_backward"] * 2,
+        "response": ["-28", None, None, None, None],
+        "metadata": [None] * 5,
+        "demonstration": ["-28", "-27", "-27", "cba", "cba"],  # the routed source is wrong on the chain_sum prompt
+    }
+    completions = ["-28", "-28", "-27", "cba", "abc"]
+    # Gold verifies; without gold the calculator overrules the wrong routed answer; agreement elsewhere.
+    assert checked_or_agreement(prompts, completions, **columns) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert not reads_gold(checked_or_agreement)
+    # A prompt the calculator cannot read is a malformed row: reward 0 and counted, not a crash.
+    rewards, means = Rewards({"fusion.stages.rewards.checked_or_agreement": 1.0})(
+        ["15 - 43=", "fifteen="], ["-28", "15"], {k: v[1:3] for k, v in columns.items()}
+    )
+    assert rewards.tolist() == [1.0, 0.0] and means["errors"] == 1.0
+
+
 def _answer_cache(directory, rows: list[dict], answers: list[str]) -> str:
     """A cache directory as `predict` writes it, holding only what `read_answers` reads: one record
     per prompt without gold with its answer (written by source 1), no trained position."""
