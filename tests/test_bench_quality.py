@@ -202,6 +202,8 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
         "bench.yaml",
         "bench_unlabeled.yaml",
         "bench_on_policy.yaml",
+        "bench_unlabeled_srft.yaml",
+        "bench_unlabeled_srft_weak.yaml",
         "bench_levers.yaml",
         "bench_unaligned.yaml",
         "bench_unaligned_unlabeled.yaml",
@@ -210,12 +212,14 @@ def test_lora_zoo_merge_and_test_path(tiny_zoo, tmp_path, monkeypatch):
 )
 def test_bench_config_train_section_parses(capsys, name):
     """A bench config's `train` section, with a pool and each method, validates against fusion.train
-    (bench_on_policy.yaml over bench_unlabeled.yaml's settings, as its command reads it)."""
+    (an overlay such as bench_on_policy.yaml over bench_unlabeled.yaml's settings, as its command reads it)."""
     from fusion.train import main
 
     configs = os.path.join(os.path.dirname(__file__), "..", "configs")
     bench = {}
-    for part in (["bench_unlabeled.yaml"] if name == "bench_on_policy.yaml" else []) + [name]:
+    for part in (
+        ["bench_unlabeled.yaml"] if name in ("bench_on_policy.yaml", "bench_unlabeled_srft.yaml", "bench_unlabeled_srft_weak.yaml") else []
+    ) + [name]:
         with open(os.path.join(configs, part)) as f:
             bench |= yaml.safe_load(f)
     assert set(bench["pools"]) == {"A", "B"} and set(bench["pools"]["A"]) < set(bench["pools"]["B"])
@@ -233,7 +237,8 @@ def test_bench_config_train_section_parses(capsys, name):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", yaml.safe_dump(config), "--print_config"])
         assert exit_info.value.code == 0
-    expected = {"bench_pool_c.yaml": "answer_from: fused"}.get(
+    srft = "fusion.stages.rewards.checked_or_agreement: 1.0"
+    expected = {"bench_pool_c.yaml": "answer_from: fused", "bench_unlabeled_srft.yaml": srft, "bench_unlabeled_srft_weak.yaml": srft}.get(
         name, "unaligned: marginal" if name.startswith("bench_unaligned") else "fusion: oracle"
     )
     assert expected in capsys.readouterr().out

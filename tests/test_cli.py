@@ -23,6 +23,15 @@ from tests.conftest import reference_test_metrics
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 
+# bench configs read over another one's settings, as their commands give them: name -> the one it extends
+OVERLAYS = {
+    "bench_on_policy.yaml": "bench_unlabeled.yaml",
+    "bench_unlabeled_srft.yaml": "bench_unlabeled.yaml",
+    "bench_unlabeled_srft_weak.yaml": "bench_unlabeled.yaml",
+    "bench_levers_4800.yaml": "bench_levers.yaml",
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_parses(path, capsys):
     """Each YAML in configs/ validates against the code's signatures (printed, not run)."""
@@ -30,10 +39,8 @@ def test_every_config_parses(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         if name == "zoo.yaml":
             zoo.main(["--config", path, "--print_config"])
-        elif name == "bench_on_policy.yaml":  # read over the label-scarce benchmark's settings
-            quality.main(["--config", path.replace(name, "bench_unlabeled.yaml"), "--config", path, "--print_config"])
-        elif name == "bench_levers_4800.yaml":  # read over the levers benchmark's settings
-            quality.main(["--config", path.replace(name, "bench_levers.yaml"), "--config", path, "--print_config"])
+        elif name in OVERLAYS:  # read over the settings of the benchmark it extends
+            quality.main(["--config", path.replace(name, OVERLAYS[name]), "--config", path, "--print_config"])
         elif name.startswith("bench"):  # the quality benchmark's own settings (its train section: test_bench_quality.py)
             quality.main(["--config", path, "--print_config"])
         else:
@@ -55,6 +62,19 @@ def test_every_config_parses(path, capsys):
         "bench_levers.yaml": ["pools:", "lr_decay_fraction: 0.2", "use_rslora: true"],
         "bench_levers_4800.yaml": ["steps: 4800", "output: checkpoints/bench/levers-4800", "use_rslora: true"],
         "bench_on_policy.yaml": ["chain_sum: 6000", "response_from: student", "after: selector k=1", "output: checkpoints/bench/on_policy"],
+        "bench_unlabeled_srft.yaml": [
+            "chain_sum: 6000",
+            "demonstrations: cache",
+            "fusion.stages.rewards.checked_or_agreement: 1.0",
+            "mode: sft_only",
+            "output: checkpoints/bench/unlabeled_srft",
+        ],
+        "bench_unlabeled_srft_weak.yaml": [
+            "chain_sum: 6000",
+            "run_pools:",
+            "mode: rl_only",
+            "output: checkpoints/bench/unlabeled_srft_weak",
+        ],
         "bench_unaligned.yaml": ["pools:", "unaligned: marginal", "unaligned: gold_onehot"],
         "bench_unaligned_unlabeled.yaml": ["pools:", "unaligned: marginal", "unlabeled_size: 1000"],
         "bench_pool_c.yaml": [
