@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fusion.bench.__main__ import main as bench
-from tests.conftest import DOMAINS, tiny_zoo_recipe
+from tests.conftest import DOMAINS, tiny_config, tiny_zoo_recipe
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 SOURCES = ("spell", "sum", "noise")
@@ -300,17 +300,25 @@ def test_bench_selector(bench_config, tmp_path):
 def test_bench_srft_quick(tiny_zoo, tmp_path):
     """`python -m fusion.bench srft --quick`: configs/srft.yaml from the tiny zoo's spell_backward
     specialist (a student that knows a little), 2 prompts x 2 rollouts per step, each variant 20
-    steps, evaluated at steps 0, 10, 20."""
+    steps, evaluated at steps 0, 10, 20; the fusion control continues the tiny zoo's fusion stage
+    from the same start and samples nothing."""
     config = _load("srft.yaml")
     init = config["model"]["init_args"]
     init.update(student=os.path.join(tiny_zoo, "spell"), init_from=None, num_generations=2, max_new_tokens=6)
     config["data"].update(domains=DOMAINS, train_size=8, val_size=2, test_size=2, batch_size=2)
+    fusion = tiny_config(tiny_zoo, str(tmp_path / "runs"), student=os.path.join(tiny_zoo, "spell"), lora=init["lora"])
     output = tmp_path / "srft"
-    bench(["srft", "--config", _write(tmp_path / "srft.yaml", config), "--quick", "--output", str(output)])
+    arguments = ["--config", _write(tmp_path / "srft.yaml", config), "--quick", "--output", str(output)]
+    bench(["srft", *arguments, "--fusion_config", _write(tmp_path / "fusion.yaml", fusion)])
 
     report = _read_json(output / "report.json")
     assert report["settings"]["steps"] == 20 and report["settings"]["seeds"] == [0] and report["settings"]["eval_size"] == 25
-    assert [r["variant"] for r in report["runs"]] == ["srft", "sft_only", "rl_only", "sft_then_rl"]
+    assert [r["variant"] for r in report["runs"]] == ["srft", "sft_only", "rl_only", "sft_then_rl", "fusion_continued"]
+    control = report["runs"].pop()
+    assert [p["step"] for p in control["points"]] == [0, 10, 20] and control["entropy"] == [] and control["generated_tokens"] == 0
+    assert control["points"][0] == report["runs"][0]["points"][0]  # the same start, evaluated the same way
+    assert report["summary"]["fusion_continued"]["final_entropy"] is None
+    assert "| fusion_continued |" in (output / "report.md").read_text()
     for run in report["runs"]:
         assert [p["step"] for p in run["points"]] == [0, 10, 20]
         assert len(run["entropy"]) == 20 and all(e >= 0 for e in run["entropy"])
@@ -319,8 +327,10 @@ def test_bench_srft_quick(tiny_zoo, tmp_path):
             assert set(point["acc_id"]) == set(point["acc_ood"]) == set(DOMAINS)
             assert all(_fraction(point[k]) for k in ("acc_id_mean", "acc_ood_mean", "score_id_mean", "score_ood_mean"))
     assert report["runs"][0]["points"][0]["score_id_mean"] > 0  # the specialist's partial credit: the evaluation reads the model
-    assert set(report["summary"]) == {"srft", "sft_only", "rl_only", "sft_then_rl"}
-    assert report["provenance"]["command"] == f"python -m fusion.bench srft --config {tmp_path / 'srft.yaml'} --quick --output {output}"
+    assert set(report["summary"]) == {"srft", "sft_only", "rl_only", "sft_then_rl", "fusion_continued"}
+    assert (
+        report["provenance"]["command"] == f"python -m fusion.bench srft {' '.join(arguments)} --fusion_config {tmp_path / 'fusion.yaml'}"
+    )
     assert (output / "report.md").read_text().split("\n")[2] == report_line(report["provenance"])
     assert all((output / f"{name}.png").is_file() for name in ("accuracy_id", "accuracy_ood", "score_ood", "entropy"))
 

@@ -8,6 +8,9 @@ generates the same number of sequences; only the loss uses them differently):
     sft_only     L_SFT_demo alone, constant weight (plain SFT on the demonstrations)
     rl_only      L_RL_self alone over the rollouts, constant weights, c = 1 (GRPO)
     sft_then_rl  sft_only for the first half of the steps, then rl_only from its adapter
+    fusion_continued  the control: the fusion stage the start came from (`--fusion_config`'s
+                 model section: its sources, selector and losses) trained on for the same
+                 steps over the same data, at SRFT's learning rate; it samples nothing
 
 Accuracy is greedy exact match judged by each task's scorer, in distribution (the suite's test
 split) and out of distribution (the same generators at `tasks.HARDER_SETTINGS`), measured
@@ -43,8 +46,9 @@ VARIANTS = {  # name -> the settings of each phase (phases split the steps evenl
     "rl_only": [GRPO],
     "sft_then_rl": [SFT, GRPO],
     "srft_constant": [{"mode": "srft", "weights": "constant"}],  # an extra ablation, not run by default
+    "fusion_continued": [{"fusion": True}],  # FusionDistillModule, not SRFTModule (`fusion_module`)
 }
-DEFAULT_VARIANTS = ["srft", "sft_only", "rl_only", "sft_then_rl"]
+DEFAULT_VARIANTS = ["srft", "sft_only", "rl_only", "sft_then_rl", "fusion_continued"]
 
 
 class Curves(L.Callback):
@@ -55,20 +59,37 @@ class Curves(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
-        self.record["entropy"].append(float(metrics["train/entropy"]))
-        self.record["generated_tokens"] += int(metrics["train/generated_tokens"])
+        if "train/entropy" in metrics:  # a rollout step (the fusion control samples nothing)
+            self.record["entropy"].append(float(metrics["train/entropy"]))
+            self.record["generated_tokens"] += int(metrics["train/generated_tokens"])
         if trainer.global_step % self.every == 0:
             self.record["points"].append({"step": self.offset + trainer.global_step, **self.evaluate(module)})
 
 
-def run_variant(name: str, seed: int, model: dict, data: dict, steps: int, every: int, evaluate, workdir: str) -> dict:
+def fusion_module(fusion: dict, model: dict, init_from: str | None):
+    """The fusion control: the fusion stage of `fusion` (a fusion.train config's model section)
+    from `init_from`, at the SRFT stage's learning rate and warm-up."""
+    from fusion.stages.fusion import FusionDistillModule
+
+    settings = {"learning_rate": model.get("learning_rate", 2e-3), "warmup_steps": model.get("warmup_steps", 10)}
+    return FusionDistillModule(**{**fusion, **settings, "init_from": init_from})
+
+
+def run_variant(
+    name: str, seed: int, model: dict, data: dict, steps: int, every: int, evaluate, workdir: str, fusion: dict | None = None
+) -> dict:
     """One variant, one seed: its phases in sequence, each from the previous phase's adapter."""
     L.seed_everything(seed, verbose=False)
     record = {"variant": name, "seed": seed, "points": [], "entropy": [], "generated_tokens": 0}
     phases = VARIANTS[name]
     started, init_from = time.time(), model["init_from"]
     for index, settings in enumerate(phases):
-        module = SRFTModule(**{**model, **settings, "init_from": init_from})
+        if settings.get("fusion"):
+            if fusion is None:
+                raise ValueError(f"variant {name!r} needs --fusion_config: the fusion run that model.init_from comes from")
+            module = fusion_module(fusion, model, init_from)
+        else:
+            module = SRFTModule(**{**model, **settings, "init_from": init_from})
         if index == 0:
             record["points"].append({"step": 0, **evaluate(module)})
         phase_steps = steps // len(phases) if index < len(phases) - 1 else steps - (len(phases) - 1) * (steps // len(phases))
@@ -136,7 +157,7 @@ def summarize(runs: list[dict]) -> dict:
     summary = {}
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
-        last_entropy = [statistics.fmean(r["entropy"][-max(1, len(r["entropy"]) // 10) :]) for r in mine]
+        last_entropy = [statistics.fmean(r["entropy"][-max(1, len(r["entropy"]) // 10) :]) for r in mine if r["entropy"]]
         summary[name] = {
             "seeds": [r["seed"] for r in mine],
             "acc_id": mean_std([r["points"][-1]["acc_id_mean"] for r in mine]),
@@ -145,7 +166,7 @@ def summarize(runs: list[dict]) -> dict:
             "score_ood": mean_std([r["points"][-1]["score_ood_mean"] for r in mine]),
             "acc_id_by_domain": {d: mean_std([r["points"][-1]["acc_id"][d] for r in mine])[0] for d in mine[0]["points"][-1]["acc_id"]},
             "acc_ood_by_domain": {d: mean_std([r["points"][-1]["acc_ood"][d] for r in mine])[0] for d in mine[0]["points"][-1]["acc_ood"]},
-            "final_entropy": mean_std(last_entropy),
+            "final_entropy": mean_std(last_entropy) if last_entropy else None,  # None: nothing sampled
             "generated_tokens": mean_std([float(r["generated_tokens"]) for r in mine]),
             "seconds": mean_std([r["seconds"] for r in mine]),
         }
@@ -162,7 +183,8 @@ def markdown(report: dict) -> str:
         f"Start: `{s['init_from']}`.",
         "Accuracy: greedy exact match, mean over domains; score: the task scorers' partial credit, mean over domains;",
         "mean ± std over seeds. Entropy: mean token entropy of the training rollouts over the last tenth of the steps",
-        "(nats). Tokens: completion tokens sampled in all (every variant samples the same number of rollouts).",
+        "(nats). Tokens: completion tokens sampled in all (every SRFT variant samples the same number of rollouts; the",
+        "fusion control samples none: its sources score the same rows' answers).",
         "",
         "| variant | acc in distribution | acc out of distribution | score in distribution | score out of distribution | entropy | generated tokens | seconds |",
         "|---|---|---|---|---|---|---|---|",
@@ -172,7 +194,9 @@ def markdown(report: dict) -> str:
             f"| start | {start['acc_id_mean']:.3f} | {start['acc_ood_mean']:.3f} | {start['score_id_mean']:.3f} | {start['score_ood_mean']:.3f} | | | |"
         )
     for name, v in report["summary"].items():
-        cells = " | ".join(f"{v[k][0]:.3f} ± {v[k][1]:.3f}" for k in ("acc_id", "acc_ood", "score_id", "score_ood", "final_entropy"))
+        cells = " | ".join(
+            f"{v[k][0]:.3f} ± {v[k][1]:.3f}" if v[k] else "-" for k in ("acc_id", "acc_ood", "score_id", "score_ood", "final_entropy")
+        )
         lines.append(f"| {name} | {cells} | {v['generated_tokens'][0]:.0f} | {v['seconds'][0]:.0f} |")
     if report["summary"]:
         domains = list(next(iter(report["summary"].values()))["acc_id_by_domain"])
@@ -211,6 +235,8 @@ def plot(report: dict, output: str) -> list[str]:
         figure, axis = plt.subplots(figsize=(6, 4))
         for name in dict.fromkeys(r["variant"] for r in report["runs"]):
             mine = [r for r in report["runs"] if r["variant"] == name]
+            if key is None and not all(r["entropy"] for r in mine):
+                continue  # nothing sampled
             if key is None:
                 length = min(len(r["entropy"]) for r in mine)
                 values = np.array([r["entropy"][:length] for r in mine])
@@ -257,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--init_from", default=None, help="override the config's model.init_from")
     parser.add_argument(
+        "--fusion_config",
+        default="configs/quickstart.yaml",
+        help="the fusion.train config that model.init_from was trained with: its model section is the fusion_continued control",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads; tiny models decode faster on one (and the machine is shared)"
     )
     parser.add_argument("--output", default="checkpoints/bench/srft")
@@ -271,6 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.init_from is not None:
         model["init_from"] = args.init_from or None
     data = {k: v for k, v in config.get("data", {}).items() if k != "tokenizer"}
+    fusion = None
+    if "fusion_continued" in args.variants:
+        with open(args.fusion_config) as f:
+            fusion = dict(yaml.safe_load(f).get("model") or {})
+        fusion = dict(fusion.get("init_args", fusion))
+        if not fusion.get("sources"):
+            raise ValueError(f"--fusion_config {args.fusion_config}: model.sources is empty; the fusion control needs the start's sources")
     domains = data.get("domains", tasks.DEFAULT_DOMAINS)
     in_rows = tasks.build_splits(domains, {"test": args.eval_size}, data.get("seed", 0))["test"]
     out_rows = [row for domain in domains for row in tasks.generate(domain, args.eval_size, tasks._seed("ood", domain), harder=True)]
@@ -286,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seeds": args.seeds,
             "variants": {name: VARIANTS[name] for name in args.variants},
             "init_from": model.get("init_from"),
+            "fusion_config": args.fusion_config if fusion is not None else None,
             "batch_size": data.get("batch_size", 32),
             "num_generations": model.get("num_generations", 8),
             "threads": args.threads,
@@ -297,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     for seed in args.seeds:
         for name in args.variants:
-            run = run_variant(name, seed, model, data, args.steps, args.eval_every, evaluate, workdir)
+            run = run_variant(name, seed, model, data, args.steps, args.eval_every, evaluate, workdir, fusion)
             report["runs"].append(run)
             last = run["points"][-1]
             print(
