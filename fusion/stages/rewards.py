@@ -114,19 +114,13 @@ verified_or_agreement.reads_gold = False
 
 
 def checked_or_agreement(
-    prompts: list[str],
-    completions: list[str],
-    domain: list[str],
-    response: list[str | None],
-    demonstration: list[str | None],
-    metadata: list | None = None,
-    **columns,
+    prompts: list[str], completions: list[str], domain: list[str], response: list[str | None], **columns
 ) -> list[float]:
     """`verified_or_agreement`, except on a row without gold whose domain has a checker that
     needs none (`tasks.CHECKERS`, e.g. chain_sum's calculator): there the checker's {0, 1}
     verdict. A verifier on every prompt of such a domain, and agreement with the routed source
     where there is neither gold nor a checker."""
-    rewards = verified_or_agreement(prompts, completions, domain, response, demonstration, metadata)
+    rewards = verified_or_agreement(prompts, completions, domain, response, **columns)
     for i, (prompt, completion, d, gold) in enumerate(zip(prompts, completions, domain, response)):
         if gold is None and (verdict := tasks.check(d, prompt, completion)) is not None:
             rewards[i] = float(verdict)
