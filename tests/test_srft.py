@@ -6,6 +6,7 @@ Expected numbers are literals or math expressions a reader can check with pencil
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -666,6 +667,11 @@ def test_demonstrations_from_the_cache_are_the_routed_sources_answers(tiny_stude
     assert torch.isfinite(loss)
     assert logged["train/demos_from_sources"] == pytest.approx(5 / 13) and logged["train/empty_demos"] == 1.0
     assert "reward/gold_rows" in logged and "reward/answer_rows" in logged
+    # Each domain's mean reward, weighted by its rows, is the batch's.
+    counts = collections.Counter(row["domain"] for row in batch["rows"])
+    assert {k for k in logged if k.startswith("reward/domain/")} == {f"reward/domain/{d}" for d in counts}
+    weighted = sum(float(logged[f"reward/domain/{d}"]) * n for d, n in counts.items()) / sum(counts.values())
+    assert weighted == pytest.approx(float(logged["train/reward_mean"]), abs=1e-6)
 
 
 def test_demonstrations_errors_name_the_setting_before_any_rollout(tiny_student, tmp_path):

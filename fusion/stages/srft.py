@@ -380,7 +380,10 @@ class SRFTModule(StudentStage, L.LightningModule):
             "train/generated_tokens": rollouts["length"].sum().float(),
         }
         logs |= {f"reward/{path}": value for path, value in reward_means.items()}
-        for name, where in (("gold_rows", labelled), ("answer_rows", ~labelled)):  # the rollouts' mean reward
+        domains = [row.get("domain") for row in rows]
+        groups = [("gold_rows", labelled), ("answer_rows", ~labelled)]  # the rollouts' mean reward on each kind of row
+        groups += [(f"domain/{d}", torch.tensor([x == d for x in domains], device=self.device)) for d in dict.fromkeys(domains) if d]
+        for name, where in groups:
             if where.any():
                 logs[f"reward/{name}"] = rewards[where].mean()
         stop_if_nonfinite(self, total, {k: terms[k] for k in ("sft_demo", "rl_demo", "rl_self")})
