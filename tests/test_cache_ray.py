@@ -315,7 +315,8 @@ def test_a_source_a_worker_cannot_read_stops_the_build_naming_its_key(local_ray,
     started = time.perf_counter()
     with pytest.raises(OSError, match=r"^model\.sources\[1\]: could not load '.*sum'"):
         build_cache(args, ONE_WORKER)
-    assert time.perf_counter() - started < 120
+    # A guard against retrying forever, not a speed goal: on a loaded 2-core machine the stop took 224 s.
+    assert time.perf_counter() - started < 600
 
 
 @pytest.mark.slow
